@@ -1,0 +1,142 @@
+"""The contract every bus transport implements: publish, subscribe, request-reply and task intake.
+
+Channels are written in NATS subject form everywhere (`forseti.jobs.<job_id>`); each transport maps
+them onto its own addressing (see `channels.py` for Kafka's topic + key).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+
+class Settle(StrEnum):
+    """How a task delivery ends: done, hand it back for another try, or drop it for good."""
+
+    ACK = "ack"
+    NAK = "nak"
+    TERM = "term"
+
+
+@dataclass
+class Message:
+    """A message handed to a subscriber."""
+
+    channel: str
+    data: bytes
+    key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    reply: Callable[[bytes], Awaitable[None]] | None = None
+
+    async def respond(self, data: bytes) -> None:
+        """Answer a request; an error when the message was not a request."""
+        if self.reply is None:
+            raise RuntimeError(f"message on {self.channel} expects no reply")
+        await self.reply(data)
+
+
+MessageHandler = Callable[[Message], Awaitable[None]]
+
+
+class Delivery(ABC):
+    """A task taken from durable intake; it must be settled exactly once (ack, nak or term)."""
+
+    def __init__(self, channel: str, data: bytes, attempt: int) -> None:
+        self.channel = channel
+        self.data = data
+        self.attempt = attempt
+        self.settled: Settle | None = None
+
+    async def ack(self) -> None:
+        """The job reached a terminal state: never deliver this task again."""
+        await self._settle(Settle.ACK, 0.0)
+
+    async def nak(self, delay: float = 0.0) -> None:
+        """Hand the task back; it is delivered again after `delay` seconds."""
+        await self._settle(Settle.NAK, delay)
+
+    async def term(self) -> None:
+        """Drop the task for good (it was recorded in the dead-letter channel)."""
+        await self._settle(Settle.TERM, 0.0)
+
+    async def in_progress(self) -> None:
+        """Tell the server the task is still being worked on, so it is not handed to another worker."""
+
+    async def _settle(self, how: Settle, delay: float) -> None:
+        if self.settled is not None:
+            return
+        self.settled = how
+        await self._do_settle(how, delay)
+
+    @abstractmethod
+    async def _do_settle(self, how: Settle, delay: float) -> None: ...
+
+
+class Subscription(Protocol):
+    """A live subscription."""
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving."""
+
+
+class TaskIntake(Protocol):
+    """Durable, load-shared task intake from one channel for one consumer group."""
+
+    async def next(self, timeout: float) -> Delivery | None:
+        """The next task, or None when none arrived within `timeout` seconds."""
+
+    async def close(self) -> None:
+        """Stop taking tasks; unsettled deliveries go to another consumer."""
+
+
+class Bus(Protocol):
+    """A connection to the message bus."""
+
+    url: str
+    transport: str
+
+    async def connect(self) -> None:
+        """Open the connection (idempotent)."""
+
+    async def close(self) -> None:
+        """Close it, ending every subscription and intake."""
+
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+        """Send one message; task channels are stored durably until a worker takes them."""
+
+    async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
+        """Call `handler` for every message on `channel`; with `queue`, once per group instead of per subscriber."""
+
+    async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
+        """Send a request and wait for the first reply; RequestTimeout when none comes in time."""
+
+    async def intake(self, channel: str, *, group: str) -> TaskIntake:
+        """Take tasks from a task channel, shared with every other member of `group`."""
+
+
+class ClosedSubscription:
+    """A subscription that runs a callback on unsubscribe; transports build theirs from it."""
+
+    def __init__(self, stop: Callable[[], Awaitable[None]]) -> None:
+        self._stop: Callable[[], Awaitable[None]] | None = stop
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving (idempotent)."""
+        stop, self._stop = self._stop, None
+        if stop is not None:
+            await stop()
+
+
+async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:
+    """Cancel a background task and wait for it to end."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

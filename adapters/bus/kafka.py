@@ -1,0 +1,314 @@
+"""`kafka://`: aiokafka on any Apache-Kafka-compatible broker (Kafka, Redpanda, Tansu).
+
+- Channels with a trailing id (`forseti.jobs.<id>`) become the topic `forseti.jobs` keyed by the id.
+- Plain subscribers read every partition from the end, with no group; `queue` subscribers share a
+  consumer group.
+- Task intake is the consumer group `forseti-workers.<topic>` (or the caller's); an offset is committed only
+  when every task before it in its partition has settled, so a worker that dies loses nothing.
+  A nak publishes the task again with its attempt count raised, then lets the offset pass.
+- Request-reply: each client owns a reply topic `forseti.replies.<client id>`; a request carries
+  `forseti-reply-to` and `forseti-correlation-id` headers, the answer carries the correlation id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+
+from forseti.schemas.errors import BusError, RequestTimeout
+
+from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription, cancel_and_wait
+from .channels import is_task_channel, topic_and_key
+from .settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+REPLY_TO = "forseti-reply-to"
+CORRELATION = "forseti-correlation-id"
+ATTEMPT = "forseti-attempt"
+
+
+def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
+    return {k: v.decode() for k, v in (record.headers or ())}
+
+
+def group_id(group: str, topic: str) -> str:
+    """The Kafka consumer group for a Forseti group on one topic (`forseti-workers.forseti.tasks.rl`)."""
+    return f"{group}.{topic}"
+
+
+class _OffsetTracker:
+    """Per partition, the offsets taken but not settled; the commit point is the lowest of them."""
+
+    def __init__(self) -> None:
+        self.open: dict[TopicPartition, set[int]] = {}
+        self.high: dict[TopicPartition, int] = {}
+
+    def take(self, tp: TopicPartition, offset: int) -> None:
+        self.open.setdefault(tp, set()).add(offset)
+        self.high[tp] = max(self.high.get(tp, -1), offset)
+
+    def settle(self, tp: TopicPartition, offset: int) -> int:
+        """Mark one offset settled; returns the offset to commit for its partition."""
+        pending = self.open.get(tp, set())
+        pending.discard(offset)
+        return min(pending) if pending else self.high[tp] + 1
+
+
+class _KafkaDelivery(Delivery):
+    def __init__(self, intake: _KafkaIntake, record: ConsumerRecord[bytes, bytes], channel: str) -> None:
+        headers = _headers(record)
+        super().__init__(channel, record.value or b"", int(headers.get(ATTEMPT, "1")))
+        self._intake, self._record, self._key = intake, record, record.key
+
+    async def _do_settle(self, how: Settle, delay: float) -> None:
+        if how is Settle.NAK:
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await self._intake.bus.send(self._record.topic, self.data, key=self._key,
+                                        headers={ATTEMPT: str(self.attempt + 1)})
+        await self._intake.settle(self._record)
+
+
+class _KafkaIntake:
+    def __init__(self, bus: KafkaBus, channel: str, consumer: AIOKafkaConsumer) -> None:
+        self.bus, self.channel, self.consumer = bus, channel, consumer
+        self.tracker = _OffsetTracker()
+
+    async def next(self, timeout: float) -> Delivery | None:
+        try:
+            batch = await self.consumer.getmany(timeout_ms=int(timeout * 1000), max_records=1)
+        except KafkaError as exc:
+            raise BusError(f"task intake on {self.channel} failed: {exc}") from exc
+        for tp, records in batch.items():
+            for record in records:
+                self.tracker.take(tp, record.offset)
+                return _KafkaDelivery(self, record, self.channel)
+        return None
+
+    async def settle(self, record: ConsumerRecord[bytes, bytes]) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        commit_at = self.tracker.settle(tp, record.offset)
+        if tp not in self.consumer.assignment():
+            return  # the partition moved to another member during a rebalance; it redelivers
+        try:
+            await self.consumer.commit({tp: commit_at})
+        except KafkaError as exc:
+            raise BusError(f"commit on {self.channel} failed: {exc}") from exc
+
+    async def close(self) -> None:
+        await self.consumer.stop()
+
+
+class KafkaBus:
+    """An aiokafka client: one producer, consumers per subscription and intake."""
+
+    transport = "kafka"
+
+    def __init__(self, url: str = "kafka://127.0.0.1:9092", *, settings: BusSettings | None = None) -> None:
+        self.url = url
+        self.settings = settings or BusSettings()
+        self.bootstrap = urlsplit(url).netloc
+        self.client_id = f"forseti-{uuid.uuid4().hex[:12]}"
+        self._producer: AIOKafkaProducer | None = None
+        self._admin: AIOKafkaAdminClient | None = None
+        self._topics: set[str] = set()
+        self._closers: list[Callable[[], Awaitable[None]]] = []
+        self._replies: dict[str, asyncio.Future[bytes]] = {}
+        self._reply_topic: str | None = None
+        self._reply_lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        """Start the producer and the admin client."""
+        if self._producer is not None:
+            return
+        try:
+            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
+            await self._admin.start()
+            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, client_id=self.client_id,
+                                              linger_ms=0, acks=1)
+            await self._producer.start()
+        except (KafkaConnectionError, KafkaError, OSError) as exc:
+            await self.close()
+            raise BusError(f"cannot reach Kafka at {self.url}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Stop every consumer, drop the reply topic, stop the producer."""
+        for closer in reversed(self._closers):
+            await closer()
+        self._closers.clear()
+        if self._reply_topic and self._admin is not None:
+            try:
+                await self._admin.delete_topics([self._reply_topic])
+            except KafkaError as exc:
+                log.debug("reply topic %s not deleted: %s", self._reply_topic, exc)
+        for part in (self._producer, self._admin):
+            if part is not None:
+                await part.close() if isinstance(part, AIOKafkaAdminClient) else await part.stop()
+        self._producer, self._admin = None, None
+
+    async def ensure_topic(self, topic: str, partitions: int | None = None) -> None:
+        """Create a topic unless it exists."""
+        if topic in self._topics:
+            return
+        if self._admin is None:
+            raise BusError("Kafka bus is not connected")
+        try:
+            await self._admin.create_topics([NewTopic(topic, partitions or self.settings.partitions, 1)])
+        except TopicAlreadyExistsError:
+            pass  # another client made it first, which is what we wanted
+        self._topics.add(topic)
+
+    async def send(self, topic: str, data: bytes, *, key: bytes | str | None = None,
+                   headers: dict[str, str] | None = None) -> None:
+        """Produce one record and wait for the broker's ack."""
+        if self._producer is None:
+            raise BusError("Kafka bus is not connected")
+        await self.ensure_topic(topic)
+        raw_key = key.encode() if isinstance(key, str) else key
+        try:
+            await self._producer.send_and_wait(topic, data, key=raw_key,
+                                               headers=[(k, v.encode()) for k, v in (headers or {}).items()])
+        except KafkaError as exc:
+            raise BusError(f"publish to {topic} failed: {exc}") from exc
+
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+        """Produce to the channel's topic, keyed by the channel's id (or `key`)."""
+        topic, channel_key = topic_and_key(channel)
+        await self.send(topic, data, key=key or channel_key)
+
+    def _consumer(self, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=group,
+            enable_auto_commit=False, auto_offset_reset="earliest" if earliest else "latest",
+            session_timeout_ms=self.settings.session_timeout_ms,
+            heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
+            rebalance_timeout_ms=self.settings.session_timeout_ms,
+        )
+
+    async def _start_consumer(self, topic: str, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:
+        await self.ensure_topic(topic)
+        # One Kafka group per (group, topic): members of a group that spans topics rebalance together,
+        # so a worker joining for one task kind would stall every other kind.
+        consumer = self._consumer(group_id(group, topic) if group else None, earliest=earliest)
+        try:
+            await consumer.start()
+            if group is None:
+                assert self._producer is not None
+                partitions = await self._producer.partitions_for(topic)
+                tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+                consumer.assign(tps)
+                await consumer.seek_to_end(*tps)
+                for tp in tps:  # resolve positions now, so nothing published after we return is missed
+                    await consumer.position(tp)
+            else:
+                consumer.subscribe([topic])
+                await self._wait_assigned(consumer, topic)
+        except KafkaError as exc:
+            await consumer.stop()
+            raise BusError(f"cannot consume {topic}: {exc}") from exc
+        return consumer
+
+    async def _wait_assigned(self, consumer: AIOKafkaConsumer, topic: str) -> None:
+        deadline = asyncio.get_running_loop().time() + self.settings.session_timeout_ms / 1000 * 3
+        while not consumer.assignment():
+            if asyncio.get_running_loop().time() > deadline:
+                raise BusError(f"no partitions of {topic} were assigned to this consumer")
+            await asyncio.sleep(0.05)
+
+    def _pump(self, consumer: AIOKafkaConsumer, want_key: str | None,
+              handle: Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        async def loop() -> None:
+            async for record in consumer:
+                if want_key is not None and (record.key or b"").decode() != want_key:
+                    continue
+                try:
+                    await handle(record)
+                except Exception:  # a subscriber's bug must not end the subscription
+                    log.exception("handler for %s failed", record.topic)
+
+        task = asyncio.get_running_loop().create_task(loop())
+
+        async def stop() -> None:
+            await cancel_and_wait(task)  # type: ignore[arg-type]
+            await consumer.stop()
+
+        self._closers.append(stop)
+        return stop
+
+    async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
+        """Consume the channel's topic from now on, filtered to the channel's key."""
+        topic, want_key = topic_and_key(channel)
+        consumer = await self._start_consumer(topic, queue)
+
+        async def handle(record: ConsumerRecord[bytes, bytes]) -> None:
+            headers = _headers(record)
+            reply = None
+            if REPLY_TO in headers:
+                reply_topic, correlation = headers[REPLY_TO], headers.get(CORRELATION, "")
+
+                async def reply(data: bytes) -> None:
+                    await self.send(reply_topic, data, headers={CORRELATION: correlation})
+            key = record.key.decode() if record.key else None
+            name = f"{topic}.{key}" if want_key is not None and key else topic
+            await handler(Message(channel=name, data=record.value or b"", key=key, headers=headers, reply=reply))
+
+        stop = self._pump(consumer, want_key, handle)
+
+        async def unsubscribe() -> None:
+            if stop in self._closers:
+                self._closers.remove(stop)
+                await stop()
+
+        return ClosedSubscription(unsubscribe)
+
+    async def _ensure_reply_consumer(self) -> str:
+        async with self._reply_lock:
+            if self._reply_topic is None:
+                topic = f"forseti.replies.{self.client_id}"
+                await self.ensure_topic(topic, partitions=1)
+                consumer = await self._start_consumer(topic, None)
+
+                async def on_reply(record: ConsumerRecord[bytes, bytes]) -> None:
+                    future = self._replies.pop(_headers(record).get(CORRELATION, ""), None)
+                    if future is not None and not future.done():
+                        future.set_result(record.value or b"")
+
+                self._pump(consumer, None, on_reply)
+                self._reply_topic = topic
+            return self._reply_topic
+
+    async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
+        """Produce with reply headers and wait for the answer on this client's reply topic."""
+        reply_topic = await self._ensure_reply_consumer()
+        correlation = uuid.uuid4().hex
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._replies[correlation] = future
+        topic, key = topic_and_key(channel)
+        try:
+            await self.send(topic, data, key=key, headers={REPLY_TO: reply_topic, CORRELATION: correlation})
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
+        finally:
+            self._replies.pop(correlation, None)
+
+    async def intake(self, channel: str, *, group: str) -> _KafkaIntake:
+        """Join the consumer group on the task topic, reading from the oldest uncommitted offset."""
+        if not is_task_channel(channel):
+            raise ValueError(f"{channel!r} is not a task channel")
+        consumer = await self._start_consumer(channel, group, earliest=True)
+        intake = _KafkaIntake(self, channel, consumer)
+
+        async def close() -> None:
+            await consumer.stop()
+
+        self._closers.append(close)
+        return intake

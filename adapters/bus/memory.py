@@ -1,0 +1,189 @@
+"""`memory://`: an in-process bus with the same semantics as the real ones, for tests and embedding.
+
+Several `MemoryBus` objects that share one `MemoryBroker` talk to each other, as clients of one
+server would; nothing is durable beyond the broker's lifetime.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections import defaultdict, deque
+from dataclasses import dataclass
+
+from forseti.schemas.errors import BusError, RequestTimeout
+
+from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription
+from .channels import is_task_channel, subject_matches
+
+
+@dataclass
+class _Stored:
+    data: bytes
+    attempt: int = 1
+
+
+@dataclass
+class _Sub:
+    pattern: str
+    handler: MessageHandler
+    queue: str | None
+    owner: MemoryBus
+
+
+class _TaskQueue:
+    """One durable task channel: pending messages and a wake-up for waiting consumers."""
+
+    def __init__(self) -> None:
+        self.pending: deque[_Stored] = deque()
+        self.ready = asyncio.Condition()
+
+    async def put(self, item: _Stored, *, front: bool = False) -> None:
+        async with self.ready:
+            (self.pending.appendleft if front else self.pending.append)(item)
+            self.ready.notify()
+
+
+class MemoryBroker:
+    """The shared in-process server that MemoryBus clients connect to."""
+
+    def __init__(self) -> None:
+        self.subs: list[_Sub] = []
+        self.queues: dict[str, _TaskQueue] = defaultdict(_TaskQueue)
+        self._round_robin = itertools.count()
+
+    async def route(self, channel: str, message: Message) -> None:
+        if is_task_channel(channel):
+            await self.queues[channel].put(_Stored(message.data))
+        plain = [s for s in self.subs if s.queue is None and subject_matches(s.pattern, channel)]
+        groups: dict[tuple[str, str], list[_Sub]] = defaultdict(list)
+        for sub in self.subs:
+            if sub.queue is not None and subject_matches(sub.pattern, channel):
+                groups[(sub.pattern, sub.queue)].append(sub)
+        chosen = plain + [members[next(self._round_robin) % len(members)] for members in groups.values()]
+        for sub in chosen:
+            sub.owner.dispatch(sub.handler, message)
+
+
+class _MemoryDelivery(Delivery):
+    def __init__(self, queue: _TaskQueue, item: _Stored, channel: str, intake: _MemoryIntake) -> None:
+        super().__init__(channel, item.data, item.attempt)
+        self._queue, self._item, self._intake = queue, item, intake
+
+    async def _do_settle(self, how: Settle, delay: float) -> None:
+        self._intake.unsettled.discard(self)
+        if how is Settle.NAK:
+            retry = _Stored(self._item.data, self._item.attempt + 1)
+            if delay > 0:
+                self._intake.owner.dispatch_later(delay, self._queue.put(retry, front=True))
+            else:
+                await self._queue.put(retry, front=True)
+
+
+class _MemoryIntake:
+    def __init__(self, owner: MemoryBus, channel: str, queue: _TaskQueue) -> None:
+        self.owner, self.channel, self.queue = owner, channel, queue
+        self.unsettled: set[_MemoryDelivery] = set()
+
+    async def next(self, timeout: float) -> Delivery | None:
+        async with self.queue.ready:
+            try:
+                await asyncio.wait_for(self.queue.ready.wait_for(lambda: bool(self.queue.pending)), timeout)
+            except TimeoutError:
+                return None
+            item = self.queue.pending.popleft()
+        delivery = _MemoryDelivery(self.queue, item, self.channel, self)
+        self.unsettled.add(delivery)
+        return delivery
+
+    async def close(self) -> None:
+        for delivery in list(self.unsettled):
+            await delivery.nak()
+
+
+class MemoryBus:
+    """A client of a MemoryBroker."""
+
+    transport = "memory"
+
+    def __init__(self, broker: MemoryBroker | None = None, *, url: str = "memory://") -> None:
+        self.url = url
+        self.broker = broker or MemoryBroker()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._intakes: list[_MemoryIntake] = []
+        self._connected = False
+
+    async def connect(self) -> None:
+        """Nothing to open; marks the client usable."""
+        self._connected = True
+
+    async def close(self) -> None:
+        """Drop this client's subscriptions and hand back its unsettled tasks."""
+        self._connected = False
+        self.broker.subs = [s for s in self.broker.subs if s.owner is not self]
+        for intake in self._intakes:
+            await intake.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _check(self) -> None:
+        if not self._connected:
+            raise BusError("memory bus is not connected")
+
+    def dispatch(self, handler: MessageHandler, message: Message) -> None:
+        """Run a handler in the background, as a network client's callback would run."""
+        task = asyncio.get_running_loop().create_task(handler(message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def dispatch_later(self, delay: float, coro: object) -> None:
+        """Run a coroutine after a delay in the background."""
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            await coro  # type: ignore[misc]
+
+        task = asyncio.get_running_loop().create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+        """Deliver to every matching subscriber (one per queue group) and store task messages."""
+        self._check()
+        await self.broker.route(channel, Message(channel=channel, data=data, key=key))
+
+    async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
+        """Receive matching messages; NATS wildcards work."""
+        self._check()
+        sub = _Sub(channel, handler, queue, self)
+        self.broker.subs.append(sub)
+
+        async def stop() -> None:
+            if sub in self.broker.subs:
+                self.broker.subs.remove(sub)
+
+        return ClosedSubscription(stop)
+
+    async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
+        """Send to one subscriber (one per queue group) and wait for the first answer."""
+        self._check()
+        answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+        async def reply(payload: bytes) -> None:
+            if not answer.done():
+                answer.set_result(payload)
+
+        await self.broker.route(channel, Message(channel=channel, data=data, reply=reply))
+        try:
+            return await asyncio.wait_for(answer, timeout)
+        except TimeoutError as exc:
+            raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
+
+    async def intake(self, channel: str, *, group: str) -> _MemoryIntake:
+        """Take tasks from a task channel; every intake of the channel shares its queue."""
+        self._check()
+        if not is_task_channel(channel):
+            raise ValueError(f"{channel!r} is not a task channel")
+        intake = _MemoryIntake(self, channel, self.broker.queues[channel])
+        self._intakes.append(intake)
+        return intake

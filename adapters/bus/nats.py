@@ -1,0 +1,185 @@
+"""`nats://`: core NATS for events and request-reply, a JetStream work-queue stream for tasks.
+
+Tasks live in the stream `FORSETI_TASKS` (subjects `forseti.tasks.>`, work-queue retention, file
+storage). Each task kind has one durable pull consumer that every worker of a group pulls from, so a
+task goes to one worker; it is acked only when its job ends, and delivered again after `ack_wait`
+if the worker dies first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import ConnectionClosedError, NoRespondersError, NoServersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from forseti.schemas.errors import BusError, RequestTimeout
+
+from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription
+from .channels import TASKS_PREFIX, is_task_channel
+from .settings import BusSettings
+
+log = logging.getLogger(__name__)
+
+STREAM = "FORSETI_TASKS"
+
+
+class _NatsDelivery(Delivery):
+    def __init__(self, msg: Msg) -> None:
+        super().__init__(msg.subject, msg.data, msg.metadata.num_delivered)
+        self._msg = msg
+
+    async def in_progress(self) -> None:
+        """Reset the server's ack timer."""
+        if self.settled is None:
+            await self._msg.in_progress()
+
+    async def _do_settle(self, how: Settle, delay: float) -> None:
+        try:
+            if how is Settle.ACK:
+                await self._msg.ack()
+            elif how is Settle.NAK:
+                await self._msg.nak(delay=delay or None)
+            else:
+                await self._msg.term()
+        except (ConnectionClosedError, NatsTimeout) as exc:
+            raise BusError(f"could not {how} task on {self.channel}: {exc}") from exc
+
+
+class _NatsIntake:
+    def __init__(self, sub: JetStreamContext.PullSubscription, channel: str) -> None:
+        self._sub, self.channel = sub, channel
+
+    async def next(self, timeout: float) -> Delivery | None:
+        try:
+            msgs = await self._sub.fetch(1, timeout=timeout)
+        except NatsTimeout:
+            return None
+        except (ConnectionClosedError, NoServersError) as exc:
+            raise BusError(f"task intake on {self.channel} lost the server: {exc}") from exc
+        return _NatsDelivery(msgs[0])
+
+    async def close(self) -> None:
+        try:
+            await self._sub.unsubscribe()
+        except ConnectionClosedError:
+            log.debug("intake on %s closed after its connection", self.channel)
+
+
+def durable_name(group: str, channel: str) -> str:
+    """The JetStream consumer name for a group on a task channel."""
+    return f"{group}-{channel.removeprefix(TASKS_PREFIX)}".replace(".", "_")
+
+
+class NatsBus:
+    """A NATS client with JetStream task intake."""
+
+    transport = "nats"
+
+    def __init__(self, url: str = "nats://127.0.0.1:4222", *, settings: BusSettings | None = None,
+                 name: str = "forseti") -> None:
+        self.url = url
+        self.settings = settings or BusSettings()
+        self._name = name
+        self._nc: Client | None = None
+        self._js: JetStreamContext | None = None
+
+    @property
+    def nc(self) -> Client:
+        """The live connection."""
+        if self._nc is None:
+            raise BusError("NATS bus is not connected")
+        return self._nc
+
+    async def connect(self) -> None:
+        """Connect (reconnecting forever after a drop) and make sure the task stream exists."""
+        if self._nc is not None:
+            return
+        try:
+            self._nc = await nats.connect(
+                self.url, name=self._name, connect_timeout=max(1, int(self.settings.connect_timeout)),
+                reconnect_time_wait=0.25, max_reconnect_attempts=-1, allow_reconnect=True,
+                error_cb=self._on_error, disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
+            )
+        except (NoServersError, OSError, NatsTimeout) as exc:
+            raise BusError(f"cannot reach NATS at {self.url}: {exc}") from exc
+        self._js = self._nc.jetstream()
+        config = StreamConfig(name=STREAM, subjects=[f"{TASKS_PREFIX}>"], retention=RetentionPolicy.WORK_QUEUE,
+                              storage=StorageType.FILE, duplicate_window=120)
+        try:
+            await self._js.stream_info(STREAM)
+        except NotFoundError:
+            await self._js.add_stream(config)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("nats: %s", exc)
+
+    async def _on_disconnect(self) -> None:
+        log.warning("nats: disconnected from %s, reconnecting", self.url)
+
+    async def _on_reconnect(self) -> None:
+        log.info("nats: reconnected to %s", self.url)
+
+    async def close(self) -> None:
+        """Drain and close."""
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None and not nc.is_closed:
+            await nc.close()
+
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+        """Publish; task channels go through JetStream and wait for the stream's ack."""
+        try:
+            if is_task_channel(channel):
+                assert self._js is not None
+                await self._js.publish(channel, data, timeout=self.settings.connect_timeout)
+            else:
+                await self.nc.publish(channel, data)
+        except (ConnectionClosedError, NatsTimeout, NoRespondersError) as exc:
+            raise BusError(f"publish to {channel} failed: {exc}") from exc
+
+    async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
+        """Subscribe with core NATS; `queue` makes it a queue group."""
+        async def on_msg(msg: Msg) -> None:
+            reply = None
+            if msg.reply:
+                reply_to = msg.reply
+
+                async def reply(data: bytes) -> None:
+                    await self.nc.publish(reply_to, data)
+            await handler(Message(channel=msg.subject, data=msg.data, headers=dict(msg.headers or {}), reply=reply))
+
+        sub = await self.nc.subscribe(channel, queue=queue or "", cb=on_msg)
+        await self.nc.flush()
+
+        async def stop() -> None:
+            if not self.nc.is_closed:
+                await sub.unsubscribe()
+
+        return ClosedSubscription(stop)
+
+    async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
+        """Core NATS request-reply."""
+        try:
+            msg = await self.nc.request(channel, data, timeout=timeout)
+        except (NatsTimeout, NoRespondersError, asyncio.TimeoutError) as exc:
+            raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
+        return msg.data
+
+    async def intake(self, channel: str, *, group: str) -> _NatsIntake:
+        """A pull subscription on the group's durable consumer for this task channel."""
+        if not is_task_channel(channel):
+            raise ValueError(f"{channel!r} is not a task channel")
+        assert self._js is not None
+        durable = durable_name(group, channel)
+        config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, filter_subject=channel,
+                                ack_wait=self.settings.ack_wait, max_deliver=self.settings.max_deliver,
+                                max_ack_pending=10_000)
+        sub = await self._js.pull_subscribe(channel, durable=durable, stream=STREAM, config=config)
+        return _NatsIntake(sub, channel)

@@ -1,0 +1,36 @@
+"""Transport settings, read from the bus URL's query string (`nats://host:4222?ack_wait=5`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
+
+
+@dataclass(frozen=True, kw_only=True)
+class BusSettings:
+    """Knobs shared by the transports; each ignores the ones it has no use for."""
+
+    ack_wait: float = 30.0
+    """Seconds a taken task may go without an ack or a heartbeat before it is delivered again."""
+    max_deliver: int = 10
+    """Deliveries of one task before the server gives up on it (NATS)."""
+    partitions: int = 8
+    """Partitions for topics Forseti creates (Kafka)."""
+    session_timeout_ms: int = 10_000
+    """Consumer-group session timeout (Kafka)."""
+    heartbeat_interval_ms: int = 1_000
+    """Consumer-group heartbeat (Kafka)."""
+    connect_timeout: float = 5.0
+    """Seconds to wait for the server at start."""
+
+    @classmethod
+    def from_url(cls, url: str) -> tuple[str, BusSettings]:
+        """The URL without its query, and the settings the query names; unknown names are an error."""
+        parts = urlsplit(url)
+        known = {f.name: f.type for f in fields(cls)}
+        values: dict[str, float | int] = {}
+        for name, raw in parse_qsl(parts.query, strict_parsing=False):
+            if name not in known:
+                raise ValueError(f"unknown bus setting {name!r} in {url!r}; known: {', '.join(known)}")
+            values[name] = float(raw) if known[name] == "float" else int(raw)
+        return urlunsplit(parts._replace(query="")), cls(**values)  # type: ignore[arg-type]

@@ -1,0 +1,86 @@
+"""Every event type Forseti speaks: its payload model, its channel, and who sends it to whom.
+
+The catalog drives decoding, the generated JSON Schemas and the AsyncAPI document, so a new event
+is added here once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .base import Strict
+from .capabilities import Capabilities, CapabilitiesQuery
+from .control import CancelJob, PauseJob, ResumeJob
+from .deadletter import DeadLetter
+from .env import EnvClose, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
+from .jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress, JobStatus, JobStatusQuery
+from .models import ModelAvailable, ModelLoaded, ModelRollback
+from .tasks import TASK_MODELS, task_channel, task_type
+
+
+@dataclass(frozen=True)
+class EventSpec:
+    """One event type on the wire."""
+
+    type: str
+    model: type[Strict]
+    channel: str
+    summary: str
+
+
+JOBS = "forseti.jobs.{job_id}"
+CONTROL = "forseti.control"
+MODELS = "forseti.models"
+ENV = "forseti.env.{executor_id}"
+CAPABILITIES = "forseti.capabilities"
+STATUS = "forseti.status"
+DEADLETTER = "forseti.deadletter"
+
+
+def jobs_channel(job_id: str) -> str:
+    """The progress channel of one job."""
+    return JOBS.format(job_id=job_id)
+
+
+def env_channel(executor_id: str) -> str:
+    """The request channel of one executor."""
+    return ENV.format(executor_id=executor_id)
+
+
+_SPECS: list[EventSpec] = [
+    *(EventSpec(task_type(kind), model, task_channel(kind), f"Client asks for {kind.value} work.")
+      for kind, model in TASK_MODELS.items()),
+    EventSpec("forseti.job.accepted.v1", JobAccepted, JOBS, "A worker took the task."),
+    EventSpec("forseti.job.progress.v1", JobProgress, JOBS, "How far the job has come."),
+    EventSpec("forseti.job.completed.v1", JobCompleted, JOBS, "The job finished, with its result."),
+    EventSpec("forseti.job.failed.v1", JobFailed, JOBS, "The job ended with an error."),
+    EventSpec("forseti.job.cancelled.v1", JobCancelled, JOBS, "The job stopped on request."),
+    EventSpec("forseti.control.cancel.v1", CancelJob, CONTROL, "Stop a job."),
+    EventSpec("forseti.control.pause.v1", PauseJob, CONTROL, "Hold a job at its next safe point."),
+    EventSpec("forseti.control.resume.v1", ResumeJob, CONTROL, "Continue a paused job."),
+    EventSpec("forseti.model.available.v1", ModelAvailable, MODELS, "A new artifact is ready."),
+    EventSpec("forseti.model.rollback.v1", ModelRollback, MODELS, "Serve an earlier version again."),
+    EventSpec("forseti.model.loaded.v1", ModelLoaded, MODELS, "A consumer loaded (or failed to load) a version."),
+    EventSpec("forseti.env.open.v1", EnvOpen, ENV, "Open an env session (request)."),
+    EventSpec("forseti.env.reset.v1", EnvReset, ENV, "Reset a session (request)."),
+    EventSpec("forseti.env.step.v1", EnvStep, ENV, "Step all sub-envs (request)."),
+    EventSpec("forseti.env.close.v1", EnvClose, ENV, "Close a session (request)."),
+    EventSpec("forseti.env.spec.v1", EnvSpec, ENV, "The session's spaces (reply to open)."),
+    EventSpec("forseti.env.transition.v1", EnvTransition, ENV, "Observations and rewards (reply)."),
+    EventSpec("forseti.capabilities.query.v1", CapabilitiesQuery, CAPABILITIES, "Ask what workers can do."),
+    EventSpec("forseti.capabilities.v1", Capabilities, CAPABILITIES, "One worker's capabilities (reply)."),
+    EventSpec("forseti.job.status.query.v1", JobStatusQuery, STATUS, "Ask where a job stands."),
+    EventSpec("forseti.job.status.v1", JobStatus, STATUS, "A job's stored record (reply)."),
+    EventSpec("forseti.deadletter.v1", DeadLetter, DEADLETTER, "A message that could not become a job."),
+]
+
+BY_TYPE: dict[str, EventSpec] = {spec.type: spec for spec in _SPECS}
+"""Event specs by CloudEvents type."""
+
+TYPE_OF: dict[type[Strict], str] = {spec.model: spec.type for spec in _SPECS}
+"""CloudEvents type by payload model."""
+
+
+def all_specs() -> list[EventSpec]:
+    """Every event type, in catalog order."""
+    return list(_SPECS)

@@ -1,0 +1,68 @@
+"""Error codes carried on the wire, and the one exception family that carries them.
+
+Adapters translate third-party errors into these at their boundary (``raise ... from exc``); the
+worker reads ``retriable`` to decide between handing a task back and failing its job.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorCode(StrEnum):
+    """Why a job failed or a record went to the dead-letter channel."""
+
+    INVALID_TASK = "invalid_task"
+    UNKNOWN_KIND = "unknown_kind"
+    OVERSIZED = "oversized"
+    MALFORMED_JSON = "malformed_json"
+    HANDLER_ERROR = "handler_error"
+    TIMEOUT = "timeout"
+    BUS_UNAVAILABLE = "bus_unavailable"
+    STORE_ERROR = "store_error"
+    EXECUTOR_TIMEOUT = "executor_timeout"
+    INVALID_DATA = "invalid_data"
+    EXPORT_MISMATCH = "export_mismatch"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    SHUTDOWN = "shutdown"
+
+
+class ForsetiError(Exception):
+    """The root of every error Forseti raises on purpose."""
+
+    code: ErrorCode = ErrorCode.HANDLER_ERROR
+    retriable: bool = False
+
+    def __init__(self, message: str, *, code: ErrorCode | None = None, retriable: bool | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if retriable is not None:
+            self.retriable = retriable
+
+
+class InvalidTask(ForsetiError):
+    """A task event that cannot become a job: bad JSON, schema errors, unknown kind, too large."""
+
+    code = ErrorCode.INVALID_TASK
+
+
+class BusError(ForsetiError):
+    """A transport failed; usually worth another try."""
+
+    code = ErrorCode.BUS_UNAVAILABLE
+    retriable = True
+
+
+class RequestTimeout(BusError):
+    """Nobody answered a request within its timeout."""
+
+    code = ErrorCode.TIMEOUT
+
+
+class StoreError(ForsetiError):
+    """The registry store failed."""
+
+    code = ErrorCode.STORE_ERROR
+    retriable = True

@@ -1,0 +1,201 @@
+"""Job events on `forseti.jobs.<job_id>`, and the results they carry (the seed's ForsetiResponse)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from .base import FiniteFloat, Id, LongText, MetricMap, ShortText, Strict
+from .errors import ErrorCode
+from .tasks import TaskKind
+
+
+class JobState(StrEnum):
+    """Where a job is in its lifecycle."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    PAUSED = "paused"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        """True once the job can change no more."""
+        return self in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+
+
+class TrainingMetrics(Strict):
+    """Supervised training figures (the seed's TrainingMetrics)."""
+
+    final_loss: FiniteFloat | None = None
+    """Loss at the end of training."""
+    final_accuracy: FiniteFloat | None = None
+    """Accuracy at the end of training, for classifiers."""
+    total_epochs: int = Field(default=0, ge=0)
+    """Epochs actually run."""
+    training_time_ms: int = Field(default=0, ge=0)
+    """Wall time spent training."""
+    custom_metrics: MetricMap = Field(default_factory=dict)
+    """Every other figure by name."""
+
+
+class TrainingResult(Strict):
+    """What a training job produced."""
+
+    model_id: Id
+    """The registry id of the trained model."""
+    export_path: Annotated[str, Field(max_length=4096)]
+    """Where the exported model lies."""
+    metrics: TrainingMetrics
+    """Training figures."""
+
+
+class RLMetrics(Strict):
+    """RL evaluation figures (the seed's RLMetrics)."""
+
+    mean_reward: FiniteFloat
+    """Mean return over the evaluation episodes."""
+    std_reward: FiniteFloat
+    """Standard deviation of that return."""
+    total_episodes: int = Field(ge=0)
+    """Evaluation episodes run."""
+    training_time_ms: int = Field(ge=0)
+    """Wall time spent training."""
+    custom_metrics: MetricMap = Field(default_factory=dict)
+    """Every other figure by name."""
+
+
+class RLResult(Strict):
+    """What an RL job produced."""
+
+    agent_id: Id
+    """The registry id of the agent."""
+    policy_path: Annotated[str, Field(max_length=4096)]
+    """Where the exported policy lies."""
+    metrics: RLMetrics
+    """Evaluation figures."""
+
+
+class InferenceResult(Strict):
+    """What an inference job produced."""
+
+    outputs: list[Any] = Field(max_length=1_000_000)
+    """One prediction per input row."""
+    inference_time_ms: int = Field(ge=0)
+    """Wall time spent predicting."""
+    batch_size: int = Field(ge=1)
+    """Rows per batch used."""
+
+
+class GenericResult(Strict):
+    """A result for handlers whose output has no dedicated model yet."""
+
+    summary: LongText = ""
+    """One line on what was done."""
+    metrics: MetricMap = Field(default_factory=dict)
+    """Figures by name."""
+    artifacts: dict[ShortText, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict, max_length=64)
+    """Produced files by role."""
+
+
+JobResult = TrainingResult | RLResult | InferenceResult | GenericResult
+
+
+class JobEvent(Strict):
+    """Fields every job event carries."""
+
+    job_id: Id
+    """The job this event is about."""
+    kind: TaskKind
+    """The kind of task the job runs."""
+
+
+class JobAccepted(JobEvent):
+    """`forseti.job.accepted.v1`: a worker took the task."""
+
+    worker: ShortText
+    """Which worker took it."""
+    attempt: int = Field(ge=1)
+    """1 for the first delivery, more when the task was delivered again."""
+    resumed: bool = False
+    """True when the job continues from a checkpoint."""
+
+
+class JobProgress(JobEvent):
+    """`forseti.job.progress.v1`: how far a running job has come."""
+
+    state: JobState
+    """running, or paused."""
+    fraction: float = Field(ge=0, le=1)
+    """Share of the work done."""
+    step: int = Field(default=0, ge=0)
+    """Steps, epochs or batches done, by the handler's unit."""
+    total: int | None = Field(default=None, ge=0)
+    """Steps in all, where known."""
+    message: LongText = ""
+    """What is happening now."""
+    metrics: MetricMap = Field(default_factory=dict)
+    """Current figures (loss, reward, throughput, ...)."""
+
+
+class JobCompleted(JobEvent):
+    """`forseti.job.completed.v1`: the job finished and this is what it produced."""
+
+    result: JobResult
+    """The result."""
+    duration_ms: int = Field(ge=0)
+    """Wall time from start to end."""
+    replayed: bool = False
+    """True when this announces a stored result again for a duplicate task."""
+
+
+class JobFailed(JobEvent):
+    """`forseti.job.failed.v1`: the job ended with an error."""
+
+    code: ErrorCode
+    """Machine-readable reason."""
+    message: LongText
+    """What went wrong, for people."""
+    retriable: bool = False
+    """Whether submitting the same task again may succeed."""
+
+
+class JobCancelled(JobEvent):
+    """`forseti.job.cancelled.v1`: the job stopped on request."""
+
+    reason: LongText = ""
+    """Why it stopped."""
+
+
+class JobStatusQuery(Strict):
+    """`forseti.job.status.query.v1`: ask the workers where a job stands."""
+
+    job_id: Id
+    """The job to look up."""
+
+
+class JobStatus(Strict):
+    """`forseti.job.status.v1`: one job's stored record."""
+
+    job_id: Id
+    """The job."""
+    kind: TaskKind
+    """Its task kind."""
+    state: JobState
+    """Where it stands."""
+    attempt: int = Field(ge=0)
+    """Deliveries so far."""
+    error_code: ErrorCode | None = None
+    """Failure reason, when failed."""
+    error_message: LongText | None = None
+    """Failure text, when failed."""
+    result: JobResult | None = None
+    """The result, when completed."""
+    created_at: ShortText
+    """When the job was first seen (ISO 8601)."""
+    updated_at: ShortText
+    """When it last changed (ISO 8601)."""

@@ -1,0 +1,75 @@
+"""Model events on `forseti.models`: a new artifact, a rollback, a load report."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints
+
+from .base import Id, LongText, MetricMap, Name, ShortText, Strict
+
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+ArtifactFormat = Literal["gguf", "gguf-lora", "onnx", "safetensors", "peft"]
+
+
+class ModelAvailable(Strict):
+    """`forseti.model.available.v1`: a new artifact is ready to fetch."""
+
+    model_id: Id
+    """Registry id of the model version."""
+    name: Name
+    """Model name; versions are kept per name."""
+    version: Annotated[str, StringConstraints(min_length=1, max_length=64)]
+    """Version of this name."""
+    format: ArtifactFormat
+    """File format."""
+    uri: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    """Where to fetch it."""
+    sha256: Sha256
+    """Digest of the file, checked by whoever loads it."""
+    size_bytes: int = Field(ge=0)
+    """File size."""
+    base_model: ShortText | None = None
+    """The model this one was derived from, if any."""
+    quantization: ShortText | None = None
+    """Quantization type, if any (f16, q8_0, int8, ...)."""
+    kind: ShortText
+    """What the model is: llm, policy, classifier, regressor, ..."""
+    metrics: MetricMap = Field(default_factory=dict)
+    """Quality and parity figures."""
+    job_id: Id | None = None
+    """The job that produced it."""
+    created_at: ShortText
+    """When it was registered (ISO 8601)."""
+
+
+class ModelRollback(Strict):
+    """`forseti.model.rollback.v1`: go back to an earlier version of a name."""
+
+    name: Name
+    """Model name."""
+    from_version: ShortText
+    """The version being left."""
+    to_version: ShortText
+    """The version to serve again."""
+    model_id: Id
+    """Registry id of the version to serve."""
+    reason: LongText = ""
+    """Why."""
+
+
+class ModelLoaded(Strict):
+    """`forseti.model.loaded.v1`: a consumer reports loading (or failing to load) a version."""
+
+    model_id: Id
+    """Registry id of the version."""
+    name: Name
+    """Model name."""
+    version: ShortText
+    """Version that was tried."""
+    consumer: ShortText
+    """Who loaded it: an LLM service or edge device id."""
+    ok: bool
+    """Whether it is now serving."""
+    message: LongText = ""
+    """The error when not ok."""

@@ -1,0 +1,276 @@
+"""Task payloads: the `data` of `forseti.task.<kind>.v1`, after the seed's ForsetiRequest."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from .base import FiniteFloat, Id, Name, ShortText, Strict
+
+LearningRate = Annotated[float, Field(gt=0, lt=10)]
+Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Cell = str | FiniteFloat | int | bool | None
+
+
+class TaskKind(StrEnum):
+    """The four kinds of work, one task channel each."""
+
+    TRAINING = "training"
+    RL = "rl"
+    FINETUNE = "finetune"
+    INFERENCE = "inference"
+
+
+class TaskBase(Strict):
+    """Fields every task carries (the seed's ForsetiRequest header)."""
+
+    request_id: Id | None = None
+    """The job id: client-chosen so resubmissions are idempotent; a uuid when omitted."""
+    user_id: ShortText | None = None
+    """Who asked, for the registry and audit."""
+    device_id: ShortText | None = None
+    """The device the result is meant for, if any."""
+
+
+class EarlyStopping(Strict):
+    """Stop when a validation metric stops improving."""
+
+    metric: ShortText = "val_loss"
+    """The validation metric to watch."""
+    patience: int = Field(default=5, ge=1, le=10_000)
+    """Epochs without improvement before stopping."""
+    min_delta: float = Field(default=0.0, ge=0)
+    """The smallest change that counts as an improvement."""
+
+
+class TrainingConfig(Strict):
+    """Supervised training settings (the seed's TrainingConfig)."""
+
+    epochs: int = Field(default=10, ge=1, le=100_000)
+    """Passes over the training data."""
+    batch_size: int = Field(default=32, ge=1, le=1_000_000)
+    """Samples per optimizer step."""
+    learning_rate: LearningRate = 1e-3
+    """Optimizer step size."""
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    """Which optimizer."""
+    loss_function: ShortText | None = None
+    """Loss name; the model type's usual loss when omitted."""
+    metrics: list[ShortText] = Field(default_factory=list, max_length=32)
+    """Metrics to report each epoch."""
+    distributed: bool = False
+    """Ask for data-parallel training across devices."""
+    num_gpus: int = Field(default=0, ge=0, le=64)
+    """GPUs to use; 0 trains on the CPU."""
+    early_stopping: EarlyStopping | None = None
+    """Stop early when validation stops improving."""
+    lr_scheduler: Literal["step", "cosine", "plateau"] | None = None
+    """Learning-rate schedule."""
+    checkpoint_interval: int = Field(default=1, ge=1, le=1_000_000)
+    """Epochs between checkpoints."""
+
+
+class DataSource(Strict):
+    """Where training or inference rows come from: a file under the data root, or inline rows."""
+
+    uri: Uri | None = None
+    """A `file://` URI relative to, and confined to, the worker's data root."""
+    rows: list[dict[ColumnName, Cell]] | None = Field(default=None, max_length=100_000)
+    """Inline rows, column name to value."""
+    target: ColumnName | None = None
+    """The column to predict."""
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.uri is None) == (self.rows is None):
+            raise ValueError("give exactly one of 'uri' or 'rows'")
+        return self
+
+
+class TrainingTask(TaskBase):
+    """`forseti.task.training.v1`: train a supervised model."""
+
+    framework: Literal["pytorch"] = "pytorch"
+    """The training framework."""
+    model_type: Literal["classifier", "regressor", "autoencoder", "forecaster"]
+    """What to train."""
+    name: Name | None = None
+    """Registry name of the model; derived from the job when omitted."""
+    config: TrainingConfig = Field(default_factory=TrainingConfig)
+    """Training settings."""
+    data_sources: list[DataSource] = Field(min_length=1, max_length=16)
+    """Training data."""
+
+
+class RLConfig(Strict):
+    """RL settings (the seed's RLConfig)."""
+
+    total_timesteps: int = Field(default=100_000, ge=1, le=10**10)
+    """Environment steps to train for."""
+    num_envs: int = Field(default=1, ge=1, le=1024)
+    """Parallel environments."""
+    gamma: float = Field(default=0.99, gt=0, le=1)
+    """Discount factor."""
+    learning_rate: LearningRate = 3e-4
+    """Optimizer step size."""
+    n_steps: int = Field(default=2048, ge=1, le=1_000_000)
+    """Rollout length per env for on-policy algorithms."""
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    """Random seed for reproducible runs."""
+    checkpoint_interval: int = Field(default=10_000, ge=1, le=10**10)
+    """Timesteps between checkpoints."""
+
+
+class PolicyConfig(Strict):
+    """The policy network."""
+
+    net_arch: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(default_factory=lambda: [64, 64], max_length=16)
+    """Hidden layer sizes."""
+    activation: Literal["tanh", "relu", "elu", "gelu"] = "tanh"
+    """Hidden activation."""
+
+
+class EvaluationConfig(Strict):
+    """Evaluation after training."""
+
+    episodes: int = Field(default=10, ge=0, le=100_000)
+    """Deterministic evaluation episodes."""
+
+
+class RLTask(TaskBase):
+    """`forseti.task.rl.v1`: train an RL policy."""
+
+    algorithm: Literal["ppo", "sac", "dqn", "a2c"]
+    """The stable-baselines3 algorithm."""
+    environment: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_./:-]{1,128}$")]
+    """A registered gymnasium environment id."""
+    executor: Id | None = None
+    """Null runs the env inside the worker; an executor id runs it remotely over the bus."""
+    name: Name | None = None
+    """Registry name of the agent."""
+    config: RLConfig = Field(default_factory=RLConfig)
+    """RL settings."""
+    policy: PolicyConfig = Field(default_factory=PolicyConfig)
+    """Policy network."""
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    """Evaluation after training."""
+
+
+class LoraConfig(Strict):
+    """LoRA adapter shape."""
+
+    r: int = Field(default=16, ge=1, le=1024)
+    """Adapter rank."""
+    alpha: float = Field(default=32.0, gt=0, le=65_536)
+    """Scaling numerator (scale = alpha / r)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[ShortText] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1, max_length=64)
+    """Module names that get adapters."""
+
+
+class EwcConfig(Strict):
+    """Elastic weight consolidation against forgetting."""
+
+    lambda_: float = Field(default=0.0, ge=0, le=1e9, alias="lambda")
+    """Penalty strength; 0 turns EWC off."""
+    fisher_samples: int = Field(default=64, ge=1, le=1_000_000)
+    """Examples used to estimate the Fisher information."""
+
+
+class FinetuneConfig(Strict):
+    """Fine-tuning loop settings."""
+
+    epochs: int = Field(default=1, ge=1, le=1000)
+    """Passes over the dataset."""
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    """Sequences per micro-batch."""
+    learning_rate: LearningRate = 2e-4
+    """Optimizer step size."""
+    grad_accum: int = Field(default=1, ge=1, le=4096)
+    """Micro-batches per optimizer step."""
+    max_seq_len: int = Field(default=512, ge=8, le=131_072)
+    """Tokens per sequence after truncation."""
+
+
+class ExportConfig(Strict):
+    """What a fine-tune exports."""
+
+    gguf: list[Literal["f32", "f16", "q8_0"]] = Field(default_factory=list, max_length=3)
+    """Merged-model GGUF types to write."""
+    adapter_gguf: bool = False
+    """Also write the adapter as a GGUF LoRA."""
+
+
+class FinetuneTask(TaskBase):
+    """`forseti.task.finetune.v1`: fine-tune an LLM with LoRA."""
+
+    base_model: Uri
+    """A local Hugging Face model folder under the data root, or a registry id."""
+    dataset: Uri
+    """A JSONL file under the data root."""
+    name: Name
+    """Adapter name; versions are kept per name."""
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    """Adapter shape."""
+    ewc: EwcConfig = Field(default_factory=EwcConfig)
+    """Forgetting protection."""
+    config: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    """Loop settings."""
+    export: ExportConfig = Field(default_factory=ExportConfig)
+    """Exports."""
+
+
+class InferenceConfig(Strict):
+    """Inference settings."""
+
+    batch_size: int = Field(default=1024, ge=1, le=1_000_000)
+    """Rows per batch."""
+
+
+class InferenceTask(TaskBase):
+    """`forseti.task.inference.v1`: run a registered model on rows."""
+
+    model_id: Id
+    """The registry id of the model."""
+    inputs: list[dict[ColumnName, Cell]] | None = Field(default=None, max_length=100_000)
+    """Rows to predict on."""
+    uri: Uri | None = None
+    """A file under the data root, instead of inline rows."""
+    config: InferenceConfig = Field(default_factory=InferenceConfig)
+    """Inference settings."""
+
+    @model_validator(mode="after")
+    def _one_input(self) -> InferenceTask:
+        if (self.inputs is None) == (self.uri is None):
+            raise ValueError("give exactly one of 'inputs' or 'uri'")
+        return self
+
+
+Task = TrainingTask | RLTask | FinetuneTask | InferenceTask
+
+TASK_MODELS: dict[TaskKind, type[TaskBase]] = {
+    TaskKind.TRAINING: TrainingTask,
+    TaskKind.RL: RLTask,
+    TaskKind.FINETUNE: FinetuneTask,
+    TaskKind.INFERENCE: InferenceTask,
+}
+"""The payload model of each task kind."""
+
+
+def task_type(kind: TaskKind) -> str:
+    """The CloudEvents type of a task kind."""
+    return f"forseti.task.{kind.value}.v1"
+
+
+def task_channel(kind: TaskKind) -> str:
+    """The channel a task kind is published on."""
+    return f"forseti.tasks.{kind.value}"
+
+
+def dump_task(task: TaskBase) -> dict[str, Any]:
+    """A task as JSON-ready data, with wire aliases such as `lambda`."""
+    return task.model_dump(mode="json", by_alias=True, exclude_none=True)

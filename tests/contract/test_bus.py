@@ -1,0 +1,205 @@
+"""The bus contract, written once and run against memory, real nats-server and real Tansu."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from forseti.adapters.bus import Bus, Delivery, Message
+from forseti.adapters.bus.nats import NatsBus
+from forseti.adapters.bus.servers import NatsServer
+from forseti.schemas.errors import RequestTimeout
+
+Connect = Callable[[], Any]
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}.{uuid.uuid4().hex[:10]}"
+
+
+async def collect(received: list[bytes], count: int, timeout: float = 20.0) -> None:
+    async def enough() -> None:
+        while len(received) < count:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(enough(), timeout)
+
+
+async def next_task(intake: Any, timeout: float = 20.0) -> Delivery:
+    delivery = await intake.next(timeout)
+    assert delivery is not None, "no task delivered in time"
+    return delivery  # type: ignore[no-any-return]
+
+
+async def test_every_subscriber_receives_every_message(connect: Connect) -> None:
+    a, b, sender = await connect(), await connect(), await connect()
+    channel = unique("forseti.jobs")
+    got_a: list[bytes] = []
+    got_b: list[bytes] = []
+
+    async def on_a(msg: Message) -> None:
+        got_a.append(msg.data)
+
+    async def on_b(msg: Message) -> None:
+        got_b.append(msg.data)
+
+    await a.subscribe(channel, on_a)
+    await b.subscribe(channel, on_b)
+    for i in range(3):
+        await sender.publish(channel, f"m{i}".encode())
+    await collect(got_a, 3)
+    await collect(got_b, 3)
+    assert got_a == got_b == [b"m0", b"m1", b"m2"]
+
+
+async def test_queue_group_shares_the_load_and_delivers_each_message_once(connect: Connect) -> None:
+    members: list[Bus] = [await connect(), await connect()]
+    sender: Bus = await connect()
+    channel = "forseti." + uuid.uuid4().hex[:10]
+    got: dict[int, list[bytes]] = {0: [], 1: []}
+    for i, bus in enumerate(members):
+        async def handler(msg: Message, i: int = i) -> None:
+            got[i].append(msg.data)
+
+        await bus.subscribe(channel, handler, queue="workers")
+    sent = [f"m{i}".encode() for i in range(40)]
+    for i, data in enumerate(sent):
+        await sender.publish(channel, data, key=f"k{i}")
+    merged: list[bytes] = []
+
+    async def all_in() -> None:
+        while len(got[0]) + len(got[1]) < len(sent):
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(all_in(), 20)
+    await asyncio.sleep(0.2)  # a duplicate would arrive right behind the originals
+    merged = got[0] + got[1]
+    assert sorted(merged) == sorted(sent)
+    assert got[0] and got[1], "both group members should take part"
+
+
+async def test_tasks_are_shared_by_a_group_and_each_is_handled_once(connect: Connect) -> None:
+    a, b, sender = await connect(), await connect(), await connect()
+    channel = unique("forseti.tasks")
+    intakes = [await a.intake(channel, group="workers"), await b.intake(channel, group="workers")]
+    sent = [f"t{i}".encode() for i in range(30)]
+    for i, data in enumerate(sent):
+        await sender.publish(channel, data, key=f"k{i}")
+    handled: dict[int, list[bytes]] = {0: [], 1: []}
+
+    async def work(i: int) -> None:
+        while len(handled[0]) + len(handled[1]) < len(sent):
+            delivery = await intakes[i].next(0.2)
+            if delivery is not None:
+                handled[i].append(delivery.data)
+                await delivery.ack()
+
+    await asyncio.wait_for(asyncio.gather(work(0), work(1)), 30)
+    assert sorted(handled[0] + handled[1]) == sorted(sent)
+    assert handled[0] and handled[1], "both workers should take tasks"
+    assert await intakes[0].next(0.5) is None and await intakes[1].next(0.5) is None
+
+
+async def test_request_reply_and_its_timeout(connect: Connect) -> None:
+    server, client = await connect(), await connect()
+    channel = unique("forseti.svc")
+
+    async def echo(msg: Message) -> None:
+        await msg.respond(b"re:" + msg.data)
+
+    await server.subscribe(channel, echo, queue="svc")
+    assert await client.request(channel, b"ping", timeout=10) == b"re:ping"
+    with pytest.raises(RequestTimeout, match="no reply"):
+        await client.request(unique("forseti.nobody"), b"ping", timeout=0.5)
+
+
+async def test_a_task_handed_back_is_delivered_again(connect: Connect) -> None:
+    worker, sender = await connect(), await connect()
+    channel = unique("forseti.tasks")
+    intake = await worker.intake(channel, group="workers")
+    await sender.publish(channel, b"job")
+    first = await next_task(intake)
+    assert (first.data, first.attempt) == (b"job", 1)
+    await first.nak()
+    second = await next_task(intake)
+    assert (second.data, second.attempt) == (b"job", 2)
+    await second.ack()
+    assert await intake.next(0.5) is None
+
+
+async def test_a_task_whose_consumer_dies_before_acking_is_delivered_again(connect: Connect) -> None:
+    doomed, survivor, sender = await connect(), await connect(), await connect()
+    channel = unique("forseti.tasks")
+    doomed_intake = await doomed.intake(channel, group="workers")
+    await sender.publish(channel, b"job")
+    taken = await next_task(doomed_intake)
+    assert taken.data == b"job"
+    await doomed.close()  # dies holding the task, without ack or nak
+    again = await next_task(await survivor.intake(channel, group="workers"), timeout=30)
+    assert again.data == b"job"
+    await again.ack()
+
+
+async def test_messages_with_one_key_arrive_in_order(connect: Connect) -> None:
+    listener, sender = await connect(), await connect()
+    channel = unique("forseti.jobs")
+    got: list[bytes] = []
+
+    async def on_msg(msg: Message) -> None:
+        got.append(msg.data)
+
+    await listener.subscribe(channel, on_msg)
+    sent = [str(i).encode() for i in range(100)]
+    for data in sent:
+        await sender.publish(channel, data)
+    await collect(got, len(sent))
+    assert got == sent
+
+
+async def test_tasks_with_one_key_are_taken_in_order(connect: Connect) -> None:
+    worker, sender = await connect(), await connect()
+    channel = unique("forseti.tasks")
+    intake = await worker.intake(channel, group="workers")
+    sent = [str(i).encode() for i in range(20)]
+    for data in sent:
+        await sender.publish(channel, data, key="same")
+    taken = []
+    for _ in sent:
+        delivery = await next_task(intake)
+        taken.append(delivery.data)
+        await delivery.ack()
+    assert taken == sent
+
+
+async def test_nats_client_reconnects_after_a_server_restart(fresh_nats: NatsServer) -> None:
+    bus = NatsBus(fresh_nats.url)
+    await bus.connect()
+    try:
+        channel = unique("forseti.jobs")
+        tasks = unique("forseti.tasks")
+        got: list[bytes] = []
+
+        async def on_msg(msg: Message) -> None:
+            got.append(msg.data)
+
+        await bus.subscribe(channel, on_msg)
+        await bus.publish(tasks, b"kept across the restart")
+        await asyncio.to_thread(fresh_nats.restart)
+
+        async def reconnected() -> None:
+            while not bus.nc.is_connected:
+                await asyncio.sleep(0.05)
+
+        await asyncio.wait_for(reconnected(), 20)
+        await bus.publish(channel, b"after")
+        await collect(got, 1)
+        assert got == [b"after"]
+        delivery = await next_task(await bus.intake(tasks, group="workers"))
+        assert delivery.data == b"kept across the restart"
+        await delivery.ack()
+    finally:
+        await bus.close()
