@@ -7,7 +7,21 @@ from .jobs import JobState
 from .tasks import TASK_MODELS, TaskKind, task_channel, task_type
 
 __all__ = [
-    "BY_TYPE", "TASK_MODELS", "Envelope", "ErrorCode", "Event", "ForsetiError", "InvalidTask", "JobState",
-    "TaskKind", "all_specs", "decode", "encode", "env_channel", "jobs_channel", "peek_job_id", "task_channel",
+    "BY_TYPE",
+    "TASK_MODELS",
+    "Envelope",
+    "ErrorCode",
+    "Event",
+    "ForsetiError",
+    "InvalidTask",
+    "JobState",
+    "TaskKind",
+    "all_specs",
+    "decode",
+    "encode",
+    "env_channel",
+    "jobs_channel",
+    "peek_job_id",
+    "task_channel",
     "task_type",
 ]

@@ -6,6 +6,7 @@ is added here once.
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass
 
 from .base import Strict
@@ -23,7 +24,7 @@ class EventSpec:
     """One event type on the wire."""
 
     type: str
-    model: type[Strict]
+    model: builtins.type[Strict]
     channel: str
     summary: str
 
@@ -48,8 +49,10 @@ def env_channel(executor_id: str) -> str:
 
 
 _SPECS: list[EventSpec] = [
-    *(EventSpec(task_type(kind), model, task_channel(kind), f"Client asks for {kind.value} work.")
-      for kind, model in TASK_MODELS.items()),
+    *(
+        EventSpec(task_type(kind), model, task_channel(kind), f"Client asks for {kind.value} work.")
+        for kind, model in TASK_MODELS.items()
+    ),
     EventSpec("forseti.job.accepted.v1", JobAccepted, JOBS, "A worker took the task."),
     EventSpec("forseti.job.progress.v1", JobProgress, JOBS, "How far the job has come."),
     EventSpec("forseti.job.completed.v1", JobCompleted, JOBS, "The job finished, with its result."),

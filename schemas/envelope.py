@@ -7,7 +7,7 @@ import socket
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar, cast
 
 import orjson
 from pydantic import Field, StringConstraints, ValidationError
@@ -55,8 +55,9 @@ class Event(Generic[M]):
     data: M
 
 
-def encode(data: Strict, *, source: str = DEFAULT_SOURCE, subject: str | None = None,
-           type_: str | None = None) -> bytes:
+def encode(
+    data: Strict, *, source: str = DEFAULT_SOURCE, subject: str | None = None, type_: str | None = None
+) -> bytes:
     """Serialise a payload model as a CloudEvent; its type comes from the catalog unless given."""
     event_type = type_ or TYPE_OF[type(data)]
     doc: dict[str, Any] = {
@@ -103,14 +104,22 @@ def decode(raw: bytes, expect: type[M] | None = None) -> Event[M]:
     if spec is None:
         raise InvalidTask(f"unknown event type {envelope.type!r}", code=ErrorCode.UNKNOWN_KIND)
     if expect is not None and not issubclass(spec.model, expect):
-        raise InvalidTask(f"expected a {TYPE_OF.get(expect, expect.__name__)} event, got {envelope.type!r}",
-                          code=ErrorCode.UNKNOWN_KIND)
+        raise InvalidTask(
+            f"expected a {TYPE_OF.get(expect, expect.__name__)} event, got {envelope.type!r}",
+            code=ErrorCode.UNKNOWN_KIND,
+        )
     try:
         data = spec.model.model_validate(envelope.data)
     except ValidationError as exc:
         raise InvalidTask(f"invalid {envelope.type} data: {_summary(exc)}") from exc
-    return Event(type=envelope.type, id=envelope.id, source=envelope.source, subject=envelope.subject,
-                 time=envelope.time, data=data)  # type: ignore[arg-type]
+    return Event(
+        type=envelope.type,
+        id=envelope.id,
+        source=envelope.source,
+        subject=envelope.subject,
+        time=envelope.time,
+        data=cast(M, data),  # spec.model is `expect` or a subclass of it, checked above
+    )
 
 
 def _summary(exc: ValidationError, limit: int = 5) -> str:

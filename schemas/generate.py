@@ -1,7 +1,7 @@
 """Write (or check) the JSON Schema of every event and the AsyncAPI 3.0 document.
 
-    python -m forseti.schemas.generate          # rewrite schemas/json/*.json and schemas/asyncapi.yaml
-    python -m forseti.schemas.generate --check  # exit 1 when the files on disk are stale
+python -m forseti.schemas.generate          # rewrite schemas/json/*.json and schemas/asyncapi.yaml
+python -m forseti.schemas.generate --check  # exit 1 when the files on disk are stale
 """
 
 from __future__ import annotations
@@ -74,8 +74,8 @@ def asyncapi() -> dict[str, Any]:
             "title": "Forseti",
             "version": "1.0.0",
             "description": "Event-driven ML / RL worker. Every message is a CloudEvents 1.0 event in JSON "
-                           "structured mode. Kafka uses a channel without its trailing {id} as the topic "
-                           "and the id as the message key.",
+            "structured mode. Kafka uses a channel without its trailing {id} as the topic "
+            "and the id as the message key.",
         },
         "defaultContentType": "application/cloudevents+json",
         "servers": {
@@ -91,8 +91,7 @@ def asyncapi() -> dict[str, Any]:
 def rendered() -> dict[Path, bytes]:
     """Every generated file and its content."""
     files = {
-        JSON_DIR / f"{spec.type}.json": orjson.dumps(event_schema(spec.type), option=orjson.OPT_INDENT_2)
-        + b"\n"
+        JSON_DIR / f"{spec.type}.json": orjson.dumps(event_schema(spec.type), option=orjson.OPT_INDENT_2) + b"\n"
         for spec in all_specs()
     }
     files[ASYNCAPI] = yaml.safe_dump(asyncapi(), sort_keys=False, width=100).encode()

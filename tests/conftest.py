@@ -41,7 +41,7 @@ def transport(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def bus_factory(transport: str, request: pytest.FixtureRequest) -> Iterator[Callable[..., Bus]]:
+def bus_factory(transport: str, request: pytest.FixtureRequest) -> Callable[..., Bus]:
     """Makes unconnected clients of one server of the current transport (tight timeouts for tests)."""
     broker = MemoryBroker()
     if transport == "memory":
@@ -54,7 +54,7 @@ def bus_factory(transport: str, request: pytest.FixtureRequest) -> Iterator[Call
     def make() -> Bus:
         return create_bus(url, broker=broker)
 
-    yield make
+    return make
 
 
 @pytest.fixture

@@ -29,6 +29,15 @@ def create_bus(url: str, *, broker: MemoryBroker | None = None) -> Bus:
 
 
 __all__ = [
-    "Bus", "BusSettings", "Delivery", "MemoryBroker", "MemoryBus", "Message", "MessageHandler", "Settle",
-    "Subscription", "TaskIntake", "create_bus",
+    "Bus",
+    "BusSettings",
+    "Delivery",
+    "MemoryBroker",
+    "MemoryBus",
+    "Message",
+    "MessageHandler",
+    "Settle",
+    "Subscription",
+    "TaskIntake",
+    "create_bus",
 ]

@@ -7,6 +7,7 @@ them onto its own addressing (see `channels.py` for Kafka's topic + key).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -65,6 +66,7 @@ class Delivery(ABC):
 
     async def in_progress(self) -> None:
         """Tell the server the task is still being worked on, so it is not handed to another worker."""
+        return None  # transports without an ack timer need no heartbeat
 
     async def _settle(self, how: Settle, delay: float) -> None:
         if self.settled is not None:
@@ -136,7 +138,5 @@ async def cancel_and_wait(task: asyncio.Task[object] | None) -> None:
     if task is None or task.done():
         return
     task.cancel()
-    try:
+    with contextlib.suppress(asyncio.CancelledError):
         await task
-    except asyncio.CancelledError:
-        pass

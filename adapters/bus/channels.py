@@ -18,7 +18,7 @@ def topic_and_key(channel: str) -> tuple[str, str | None]:
     """The Kafka topic and key for a channel; a key of None means any key (or none)."""
     for prefix in KEYED_PREFIXES:
         if channel.startswith(prefix):
-            rest = channel[len(prefix):]
+            rest = channel[len(prefix) :]
             return prefix.rstrip("."), (None if rest in (">", "*") else rest)
     if "*" in channel or ">" in channel:
         raise ValueError(f"wildcards are only supported after a keyed prefix on Kafka: {channel!r}")

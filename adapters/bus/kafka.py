@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
@@ -72,8 +73,9 @@ class _KafkaDelivery(Delivery):
         if how is Settle.NAK:
             if delay > 0:
                 await asyncio.sleep(delay)
-            await self._intake.bus.send(self._record.topic, self.data, key=self._key,
-                                        headers={ATTEMPT: str(self.attempt + 1)})
+            await self._intake.bus.send(
+                self._record.topic, self.data, key=self._key, headers={ATTEMPT: str(self.attempt + 1)}
+            )
         await self._intake.settle(self._record)
 
 
@@ -132,8 +134,9 @@ class KafkaBus:
         try:
             self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
             await self._admin.start()
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.bootstrap, client_id=self.client_id,
-                                              linger_ms=0, acks=1)
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self.bootstrap, client_id=self.client_id, linger_ms=0, acks=1
+            )
             await self._producer.start()
         except (KafkaConnectionError, KafkaError, OSError) as exc:
             await self.close()
@@ -160,22 +163,22 @@ class KafkaBus:
             return
         if self._admin is None:
             raise BusError("Kafka bus is not connected")
-        try:
+        with contextlib.suppress(TopicAlreadyExistsError):  # another client made it first: what we wanted
             await self._admin.create_topics([NewTopic(topic, partitions or self.settings.partitions, 1)])
-        except TopicAlreadyExistsError:
-            pass  # another client made it first, which is what we wanted
         self._topics.add(topic)
 
-    async def send(self, topic: str, data: bytes, *, key: bytes | str | None = None,
-                   headers: dict[str, str] | None = None) -> None:
+    async def send(
+        self, topic: str, data: bytes, *, key: bytes | str | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         """Produce one record and wait for the broker's ack."""
         if self._producer is None:
             raise BusError("Kafka bus is not connected")
         await self.ensure_topic(topic)
         raw_key = key.encode() if isinstance(key, str) else key
         try:
-            await self._producer.send_and_wait(topic, data, key=raw_key,
-                                               headers=[(k, v.encode()) for k, v in (headers or {}).items()])
+            await self._producer.send_and_wait(
+                topic, data, key=raw_key, headers=[(k, v.encode()) for k, v in (headers or {}).items()]
+            )
         except KafkaError as exc:
             raise BusError(f"publish to {topic} failed: {exc}") from exc
 
@@ -186,8 +189,11 @@ class KafkaBus:
 
     def _consumer(self, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:
         return AIOKafkaConsumer(
-            bootstrap_servers=self.bootstrap, client_id=self.client_id, group_id=group,
-            enable_auto_commit=False, auto_offset_reset="earliest" if earliest else "latest",
+            bootstrap_servers=self.bootstrap,
+            client_id=self.client_id,
+            group_id=group,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest" if earliest else "latest",
             session_timeout_ms=self.settings.session_timeout_ms,
             heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
             rebalance_timeout_ms=self.settings.session_timeout_ms,
@@ -223,8 +229,12 @@ class KafkaBus:
                 raise BusError(f"no partitions of {topic} were assigned to this consumer")
             await asyncio.sleep(0.05)
 
-    def _pump(self, consumer: AIOKafkaConsumer, want_key: str | None,
-              handle: Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+    def _pump(
+        self,
+        consumer: AIOKafkaConsumer,
+        want_key: str | None,
+        handle: Callable[[ConsumerRecord[bytes, bytes]], Awaitable[None]],
+    ) -> Callable[[], Awaitable[None]]:
         async def loop() -> None:
             async for record in consumer:
                 if want_key is not None and (record.key or b"").decode() != want_key:
@@ -237,7 +247,7 @@ class KafkaBus:
         task = asyncio.get_running_loop().create_task(loop())
 
         async def stop() -> None:
-            await cancel_and_wait(task)  # type: ignore[arg-type]
+            await cancel_and_wait(task)
             await consumer.stop()
 
         self._closers.append(stop)
@@ -256,6 +266,7 @@ class KafkaBus:
 
                 async def reply(data: bytes) -> None:
                     await self.send(reply_topic, data, headers={CORRELATION: correlation})
+
             key = record.key.decode() if record.key else None
             name = f"{topic}.{key}" if want_key is not None and key else topic
             await handler(Message(channel=name, data=record.value or b"", key=key, headers=headers, reply=reply))

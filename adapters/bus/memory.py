@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 from collections import defaultdict, deque
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from forseti.schemas.errors import BusError, RequestTimeout
 
@@ -133,15 +135,20 @@ class MemoryBus:
 
     def dispatch(self, handler: MessageHandler, message: Message) -> None:
         """Run a handler in the background, as a network client's callback would run."""
-        task = asyncio.get_running_loop().create_task(handler(message))
+
+        async def call() -> None:
+            await handler(message)
+
+        task = asyncio.get_running_loop().create_task(call())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def dispatch_later(self, delay: float, coro: object) -> None:
+    def dispatch_later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
         """Run a coroutine after a delay in the background."""
+
         async def later() -> None:
             await asyncio.sleep(delay)
-            await coro  # type: ignore[misc]
+            await coro
 
         task = asyncio.get_running_loop().create_task(later())
         self._tasks.add(task)

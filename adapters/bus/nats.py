@@ -83,13 +83,16 @@ class NatsBus:
 
     transport = "nats"
 
-    def __init__(self, url: str = "nats://127.0.0.1:4222", *, settings: BusSettings | None = None,
-                 name: str = "forseti") -> None:
+    def __init__(
+        self, url: str = "nats://127.0.0.1:4222", *, settings: BusSettings | None = None, name: str = "forseti"
+    ) -> None:
         self.url = url
         self.settings = settings or BusSettings()
         self._name = name
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self.reconnected = asyncio.Event()
+        """Set each time the client reconnects after losing the server."""
 
     @property
     def nc(self) -> Client:
@@ -104,15 +107,26 @@ class NatsBus:
             return
         try:
             self._nc = await nats.connect(
-                self.url, name=self._name, connect_timeout=max(1, int(self.settings.connect_timeout)),
-                reconnect_time_wait=0.25, max_reconnect_attempts=-1, allow_reconnect=True,
-                error_cb=self._on_error, disconnected_cb=self._on_disconnect, reconnected_cb=self._on_reconnect,
+                self.url,
+                name=self._name,
+                connect_timeout=max(1, int(self.settings.connect_timeout)),
+                reconnect_time_wait=0.25,
+                max_reconnect_attempts=-1,
+                allow_reconnect=True,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
             )
         except (NoServersError, OSError, NatsTimeout) as exc:
             raise BusError(f"cannot reach NATS at {self.url}: {exc}") from exc
         self._js = self._nc.jetstream()
-        config = StreamConfig(name=STREAM, subjects=[f"{TASKS_PREFIX}>"], retention=RetentionPolicy.WORK_QUEUE,
-                              storage=StorageType.FILE, duplicate_window=120)
+        config = StreamConfig(
+            name=STREAM,
+            subjects=[f"{TASKS_PREFIX}>"],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            duplicate_window=120,
+        )
         try:
             await self._js.stream_info(STREAM)
         except NotFoundError:
@@ -126,6 +140,7 @@ class NatsBus:
 
     async def _on_reconnect(self) -> None:
         log.info("nats: reconnected to %s", self.url)
+        self.reconnected.set()
 
     async def close(self) -> None:
         """Drain and close."""
@@ -146,6 +161,7 @@ class NatsBus:
 
     async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
         """Subscribe with core NATS; `queue` makes it a queue group."""
+
         async def on_msg(msg: Msg) -> None:
             reply = None
             if msg.reply:
@@ -153,6 +169,7 @@ class NatsBus:
 
                 async def reply(data: bytes) -> None:
                     await self.nc.publish(reply_to, data)
+
             await handler(Message(channel=msg.subject, data=msg.data, headers=dict(msg.headers or {}), reply=reply))
 
         sub = await self.nc.subscribe(channel, queue=queue or "", cb=on_msg)
@@ -168,7 +185,7 @@ class NatsBus:
         """Core NATS request-reply."""
         try:
             msg = await self.nc.request(channel, data, timeout=timeout)
-        except (NatsTimeout, NoRespondersError, asyncio.TimeoutError) as exc:
+        except (NatsTimeout, NoRespondersError, TimeoutError) as exc:
             raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
         return msg.data
 
@@ -178,8 +195,13 @@ class NatsBus:
             raise ValueError(f"{channel!r} is not a task channel")
         assert self._js is not None
         durable = durable_name(group, channel)
-        config = ConsumerConfig(durable_name=durable, ack_policy=AckPolicy.EXPLICIT, filter_subject=channel,
-                                ack_wait=self.settings.ack_wait, max_deliver=self.settings.max_deliver,
-                                max_ack_pending=10_000)
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            filter_subject=channel,
+            ack_wait=self.settings.ack_wait,
+            max_deliver=self.settings.max_deliver,
+            max_ack_pending=10_000,
+        )
         sub = await self._js.pull_subscribe(channel, durable=durable, stream=STREAM, config=config)
         return _NatsIntake(sub, channel)

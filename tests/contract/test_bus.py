@@ -14,19 +14,13 @@ from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer
 from forseti.schemas.errors import RequestTimeout
 
+from ..helpers import Inbox
+
 Connect = Callable[[], Any]
 
 
 def unique(prefix: str) -> str:
     return f"{prefix}.{uuid.uuid4().hex[:10]}"
-
-
-async def collect(received: list[bytes], count: int, timeout: float = 20.0) -> None:
-    async def enough() -> None:
-        while len(received) < count:
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(enough(), timeout)
 
 
 async def next_task(intake: Any, timeout: float = 20.0) -> Delivery:
@@ -38,48 +32,34 @@ async def next_task(intake: Any, timeout: float = 20.0) -> Delivery:
 async def test_every_subscriber_receives_every_message(connect: Connect) -> None:
     a, b, sender = await connect(), await connect(), await connect()
     channel = unique("forseti.jobs")
-    got_a: list[bytes] = []
-    got_b: list[bytes] = []
-
-    async def on_a(msg: Message) -> None:
-        got_a.append(msg.data)
-
-    async def on_b(msg: Message) -> None:
-        got_b.append(msg.data)
-
-    await a.subscribe(channel, on_a)
-    await b.subscribe(channel, on_b)
+    inbox_a, inbox_b = Inbox(), Inbox()
+    await a.subscribe(channel, inbox_a.on_message)
+    await b.subscribe(channel, inbox_b.on_message)
     for i in range(3):
         await sender.publish(channel, f"m{i}".encode())
-    await collect(got_a, 3)
-    await collect(got_b, 3)
-    assert got_a == got_b == [b"m0", b"m1", b"m2"]
+    assert await inbox_a.wait_count(3) == await inbox_b.wait_count(3) == [b"m0", b"m1", b"m2"]
 
 
 async def test_queue_group_shares_the_load_and_delivers_each_message_once(connect: Connect) -> None:
     members: list[Bus] = [await connect(), await connect()]
     sender: Bus = await connect()
     channel = "forseti." + uuid.uuid4().hex[:10]
-    got: dict[int, list[bytes]] = {0: [], 1: []}
+    both = Inbox()
+    per_member: dict[int, int] = {0: 0, 1: 0}
     for i, bus in enumerate(members):
+
         async def handler(msg: Message, i: int = i) -> None:
-            got[i].append(msg.data)
+            per_member[i] += 1
+            await both.on_message(msg)
 
         await bus.subscribe(channel, handler, queue="workers")
     sent = [f"m{i}".encode() for i in range(40)]
     for i, data in enumerate(sent):
         await sender.publish(channel, data, key=f"k{i}")
-    merged: list[bytes] = []
-
-    async def all_in() -> None:
-        while len(got[0]) + len(got[1]) < len(sent):
-            await asyncio.sleep(0.01)
-
-    await asyncio.wait_for(all_in(), 20)
-    await asyncio.sleep(0.2)  # a duplicate would arrive right behind the originals
-    merged = got[0] + got[1]
-    assert sorted(merged) == sorted(sent)
-    assert got[0] and got[1], "both group members should take part"
+    await both.wait_count(len(sent))
+    await asyncio.sleep(0.2)  # not waiting for anything: a duplicate would arrive within this window
+    assert sorted(both.items) == sorted(sent)
+    assert per_member[0] and per_member[1], "both group members should take part"
 
 
 async def test_tasks_are_shared_by_a_group_and_each_is_handled_once(connect: Connect) -> None:
@@ -147,17 +127,12 @@ async def test_a_task_whose_consumer_dies_before_acking_is_delivered_again(conne
 async def test_messages_with_one_key_arrive_in_order(connect: Connect) -> None:
     listener, sender = await connect(), await connect()
     channel = unique("forseti.jobs")
-    got: list[bytes] = []
-
-    async def on_msg(msg: Message) -> None:
-        got.append(msg.data)
-
-    await listener.subscribe(channel, on_msg)
+    inbox = Inbox()
+    await listener.subscribe(channel, inbox.on_message)
     sent = [str(i).encode() for i in range(100)]
     for data in sent:
         await sender.publish(channel, data)
-    await collect(got, len(sent))
-    assert got == sent
+    assert await inbox.wait_count(len(sent)) == sent
 
 
 async def test_tasks_with_one_key_are_taken_in_order(connect: Connect) -> None:
@@ -181,23 +156,13 @@ async def test_nats_client_reconnects_after_a_server_restart(fresh_nats: NatsSer
     try:
         channel = unique("forseti.jobs")
         tasks = unique("forseti.tasks")
-        got: list[bytes] = []
-
-        async def on_msg(msg: Message) -> None:
-            got.append(msg.data)
-
-        await bus.subscribe(channel, on_msg)
+        inbox = Inbox()
+        await bus.subscribe(channel, inbox.on_message)
         await bus.publish(tasks, b"kept across the restart")
         await asyncio.to_thread(fresh_nats.restart)
-
-        async def reconnected() -> None:
-            while not bus.nc.is_connected:
-                await asyncio.sleep(0.05)
-
-        await asyncio.wait_for(reconnected(), 20)
+        await asyncio.wait_for(bus.reconnected.wait(), 20)
         await bus.publish(channel, b"after")
-        await collect(got, 1)
-        assert got == [b"after"]
+        assert await inbox.wait_count(1) == [b"after"]
         delivery = await next_task(await bus.intake(tasks, group="workers"))
         assert delivery.data == b"kept across the restart"
         await delivery.ack()

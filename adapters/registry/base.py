@@ -1,0 +1,213 @@
+"""The registry: jobs, models, training runs, RL agents and artifacts, behind one store protocol.
+
+Tables follow the seed (`models`, `training_runs`, `rl_agents`) plus `jobs` (the worker's lifecycle
+record, which makes intake idempotent) and `artifacts` (every exported file with its digest).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from forseti.schemas.errors import ErrorCode
+from forseti.schemas.jobs import JobState
+from forseti.schemas.tasks import TaskKind
+
+
+def utcnow() -> str:
+    """Now, as ISO 8601 in UTC."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Record(BaseModel):
+    """A registry row."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+
+class JobRecord(Record):
+    """One job as the worker last saw it."""
+
+    job_id: str
+    """The job id (the task's request_id)."""
+    kind: TaskKind
+    """Task kind."""
+    state: JobState = JobState.PENDING
+    """Lifecycle state."""
+    attempt: int = 0
+    """Deliveries that reached a handler."""
+    task: dict[str, Any] = Field(default_factory=dict)
+    """The validated task payload."""
+    result: dict[str, Any] | None = None
+    """The result, once completed."""
+    error_code: ErrorCode | None = None
+    """Why it failed."""
+    error_message: str | None = None
+    """What failed, for people."""
+    worker: str | None = None
+    """The worker that ran it last."""
+    created_at: str = Field(default_factory=utcnow)
+    """First seen."""
+    updated_at: str = Field(default_factory=utcnow)
+    """Last change."""
+
+
+class ModelRecord(Record):
+    """A registered model version (the seed's `models`)."""
+
+    id: str
+    """Registry id of this version."""
+    name: str
+    """Model name; versions count per name."""
+    version: int = 0
+    """Version number, assigned by the store (1, 2, ...)."""
+    framework: str = "pytorch"
+    """Framework that trained it."""
+    model_type: str
+    """classifier, regressor, policy, llm, ..."""
+    base_model: str | None = None
+    """What it was derived from."""
+    export_path: str
+    """Main exported file."""
+    export_format: str
+    """Its format."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Quality figures."""
+    user_id: str | None = None
+    """Who asked for it."""
+    device_id: str | None = None
+    """Device it is meant for."""
+    job_id: str | None = None
+    """The job that produced it."""
+    created_at: str = Field(default_factory=utcnow)
+    """Registered at."""
+    updated_at: str = Field(default_factory=utcnow)
+    """Last change."""
+
+
+class TrainingRun(Record):
+    """One training run (the seed's `training_runs`)."""
+
+    id: str
+    """Run id (the job id)."""
+    model_id: str | None = None
+    """The model it produced, once it did."""
+    framework: str = "pytorch"
+    """Framework."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """The training config."""
+    status: JobState = JobState.RUNNING
+    """Run state."""
+    progress: float = 0.0
+    """Share done."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Latest figures."""
+    user_id: str | None = None
+    """Who asked."""
+    device_id: str | None = None
+    """Target device."""
+    started_at: str = Field(default_factory=utcnow)
+    """Start."""
+    completed_at: str | None = None
+    """End."""
+
+
+class RLAgent(Record):
+    """A trained RL agent (the seed's `rl_agents`)."""
+
+    id: str
+    """Agent id."""
+    name: str
+    """Agent name."""
+    algorithm: str
+    """ppo, sac, dqn, a2c."""
+    environment: str
+    """Env id."""
+    policy_path: str
+    """Exported policy."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Evaluation figures."""
+    user_id: str | None = None
+    """Who asked."""
+    device_id: str | None = None
+    """Target device."""
+    job_id: str | None = None
+    """The job that trained it."""
+    created_at: str = Field(default_factory=utcnow)
+    """Registered at."""
+    updated_at: str = Field(default_factory=utcnow)
+    """Last change."""
+
+
+class Artifact(Record):
+    """One exported file."""
+
+    id: str
+    """Artifact id."""
+    model_id: str
+    """The model version it belongs to."""
+    format: str
+    """onnx, safetensors, gguf, gguf-lora, peft."""
+    uri: str
+    """Where it lies."""
+    sha256: str
+    """Digest."""
+    size_bytes: int
+    """Size."""
+    quantization: str | None = None
+    """Quantization type, if any."""
+    created_at: str = Field(default_factory=utcnow)
+    """Written at."""
+
+
+class RegistryStore(Protocol):
+    """What the worker and the CLI need from a registry; SQLite now, PostgreSQL to follow."""
+
+    async def open(self) -> None:
+        """Connect and apply pending migrations."""
+
+    async def close(self) -> None:
+        """Disconnect."""
+
+    async def schema_version(self) -> int:
+        """The newest applied migration."""
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        """One job, or None."""
+
+    async def put_job(self, job: JobRecord) -> JobRecord:
+        """Insert or replace a job; stamps updated_at."""
+
+    async def list_jobs(
+        self, *, state: JobState | None = None, kind: TaskKind | None = None, limit: int = 50
+    ) -> list[JobRecord]:
+        """Newest jobs first, optionally filtered."""
+
+    async def add_model(self, model: ModelRecord) -> ModelRecord:
+        """Register a model version; the store assigns the next version of its name."""
+
+    async def get_model(self, model_id: str) -> ModelRecord | None:
+        """One model version, or None."""
+
+    async def list_models(self, *, name: str | None = None, limit: int = 50) -> list[ModelRecord]:
+        """Newest versions first."""
+
+    async def put_training_run(self, run: TrainingRun) -> None:
+        """Insert or replace a training run."""
+
+    async def list_training_runs(self, *, status: JobState | None = None, limit: int = 50) -> list[TrainingRun]:
+        """Newest runs first."""
+
+    async def add_rl_agent(self, agent: RLAgent) -> None:
+        """Register an agent."""
+
+    async def list_rl_agents(self, *, algorithm: str | None = None, limit: int = 50) -> list[RLAgent]:
+        """Newest agents first."""
+
+    async def add_artifact(self, artifact: Artifact) -> None:
+        """Register an exported file."""
+
+    async def list_artifacts(self, model_id: str) -> list[Artifact]:
+        """Files of one model version."""

@@ -1,0 +1,318 @@
+"""The worker runtime on the memory bus: lifecycle, idempotency, invalid input, control, retries, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from forseti.adapters.bus import MemoryBroker, MemoryBus
+from forseti.adapters.registry import SqliteStore
+from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
+from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, STATUS
+from forseti.schemas.control import CancelJob, PauseJob, ResumeJob
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.jobs import JobState, JobStatus, JobStatusQuery
+from forseti.schemas.tasks import RLTask, TaskKind, task_channel
+
+from ..helpers import (
+    EchoHandler,
+    FailingHandler,
+    StepHandler,
+    Watcher,
+    inference,
+    running_worker,
+    submit,
+    training,
+    watch,
+)
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker()
+
+
+@pytest.fixture
+async def client(broker: MemoryBroker) -> AsyncIterator[MemoryBus]:
+    bus = MemoryBus(broker)
+    await bus.connect()
+    yield bus
+    await bus.close()
+
+
+async def dead_letters(client: MemoryBus) -> Watcher:
+    watcher = Watcher()
+    await client.subscribe(DEADLETTER, watcher.on_message)
+    return watcher
+
+
+async def test_a_job_is_accepted_run_and_completed_with_its_result(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    async with running_worker(MemoryBus(broker), [EchoHandler()], tmp_path) as worker:
+        task = inference(rows=3)
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        done = await watcher.wait_for("completed")
+        assert watcher.types == ["accepted", "completed"]
+        assert done.data.result.metrics == {"rows": 3.0}
+        assert done.subject == task.request_id
+        job = await worker.store.get_job(task.request_id or "")
+        assert job is not None and job.state is JobState.COMPLETED and job.attempt == 1
+
+
+async def test_progress_arrives_in_order_while_the_loop_stays_free(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    async with running_worker(MemoryBus(broker), [StepHandler(delay=0.05)], tmp_path):
+        task = training(steps=8)
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        await watcher.wait_for("progress")
+        # the handler computes in a thread: a request is answered while it runs
+        reply = decode(await client.request(CAPABILITIES, encode(CapabilitiesQuery()), timeout=2), expect=Capabilities)
+        assert reply.data.running_jobs == 1
+        await watcher.wait_for("completed")
+        steps = [e.data.step for e in watcher.events if e.type.endswith("progress.v1")]
+        assert steps == list(range(1, 9))
+
+
+async def test_a_repeated_request_id_replays_the_stored_result(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    handler = EchoHandler()
+    async with running_worker(MemoryBus(broker), [handler], tmp_path):
+        task = inference(rows=2)
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        first = await watcher.wait_for("completed")
+        await submit(client, task)
+        second = await watcher.wait_for("completed", count=2)
+        assert handler.runs == 1
+        assert (first.data.replayed, second.data.replayed) == (False, True)
+        assert second.data.result == first.data.result
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", "malformed_json"),
+        (
+            orjson.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "e1",
+                    "source": "t",
+                    "type": "forseti.task.inference.v1",
+                    "data": {"request_id": "bad-schema-1", "model_id": "m", "inputs": [], "surprise": 1},
+                }
+            ),
+            "invalid_task",
+        ),
+        (
+            orjson.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "e2",
+                    "source": "t",
+                    "type": "forseti.task.rl.v1",
+                    "data": {"request_id": "wrong-channel-1", "algorithm": "ppo", "environment": "CartPole-v1"},
+                }
+            ),
+            "unknown_kind",
+        ),
+        (
+            orjson.dumps(
+                {
+                    "specversion": "1.0",
+                    "id": "e3",
+                    "source": "t",
+                    "type": "forseti.task.teleport.v1",
+                    "data": {"request_id": "unknown-type-1"},
+                }
+            ),
+            "unknown_kind",
+        ),
+        (b"[" + b"1," * 200_000 + b"1]", "oversized"),
+    ],
+)
+async def test_invalid_tasks_are_dead_lettered_and_the_worker_keeps_serving(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, raw: bytes, reason: str
+) -> None:
+    letters = await dead_letters(client)
+    job_id = peeked = None
+    doc = orjson.loads(raw) if reason not in ("malformed_json", "oversized") else None
+    if doc is not None:
+        job_id = doc["data"]["request_id"]
+        peeked = await watch(client, job_id)
+    async with running_worker(MemoryBus(broker), [EchoHandler()], tmp_path, max_task_bytes=64 * 1024):
+        await client.publish(task_channel(TaskKind.INFERENCE), raw)
+        letter = (await letters.wait_for("deadletter")).data
+        assert letter.reason == reason
+        assert letter.channel == "forseti.tasks.inference"
+        assert letter.original_size == len(raw)
+        assert base64.b64decode(letter.original_b64) == raw[: 64 * 1024]
+        if peeked is not None:
+            failed = (await peeked.wait_for("failed")).data
+            assert failed.code == "invalid_task" and reason in failed.message
+        good = inference()
+        watcher = await watch(client, good.request_id or "")
+        await submit(client, good)
+        await watcher.wait_for("completed")
+
+
+async def test_cancel_stops_a_running_job(broker: MemoryBroker, client: MemoryBus, tmp_path: Path) -> None:
+    async with running_worker(MemoryBus(broker), [StepHandler(delay=0.05)], tmp_path) as worker:
+        task = training(steps=1000)
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        await watcher.wait_for("progress")
+        await client.publish(CONTROL, encode(CancelJob(job_id=task.request_id or "", reason="enough")))
+        cancelled = await watcher.wait_for("cancelled", timeout=5)
+        assert cancelled.data.reason == "enough"
+        job = await worker.store.get_job(task.request_id or "")
+        assert job is not None and job.state is JobState.CANCELLED
+
+
+async def test_a_cancel_that_arrives_first_cancels_the_job_before_it_runs(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    handler = EchoHandler()
+    async with running_worker(MemoryBus(broker), [handler], tmp_path):
+        task = inference()
+        watcher = await watch(client, task.request_id or "")
+        await client.publish(CONTROL, encode(CancelJob(job_id=task.request_id or "")))
+        await asyncio.sleep(0)  # the control message is delivered before the task is published
+        await submit(client, task)
+        await watcher.wait_for("cancelled")
+        assert handler.runs == 0
+
+
+async def test_pause_holds_a_job_and_resume_lets_it_finish(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    async with running_worker(MemoryBus(broker), [StepHandler(delay=0.02)], tmp_path) as worker:
+        task = training(steps=40)
+        job_id = task.request_id or ""
+        watcher = await watch(client, job_id)
+        await submit(client, task)
+        await watcher.wait_for("progress")
+        await client.publish(CONTROL, encode(PauseJob(job_id=job_id)))
+
+        await watcher.wait_until(
+            lambda events: [e for e in events if e.type.endswith("progress.v1") and e.data.state == "paused"]
+        )
+        job = await worker.store.get_job(job_id)
+        assert job is not None and job.state is JobState.PAUSED
+        await asyncio.sleep(0.3)  # while paused no step may finish
+        held = [e.data.step for e in watcher.events if e.type.endswith("progress.v1") and e.data.step]
+        await asyncio.sleep(0.3)
+        assert [e.data.step for e in watcher.events if e.type.endswith("progress.v1") and e.data.step] == held
+        assert max(held) < 40
+        await client.publish(CONTROL, encode(ResumeJob(job_id=job_id)))
+        await watcher.wait_for("completed")
+
+
+async def test_the_concurrency_limit_holds(broker: MemoryBroker, client: MemoryBus, tmp_path: Path) -> None:
+    async with running_worker(MemoryBus(broker), [StepHandler(delay=0.02)], tmp_path, concurrency=1):
+        first, second = training(steps=5), training(steps=5)
+        everything = Watcher()
+        await client.subscribe("forseti.jobs.>", everything.on_message)
+        await submit(client, first)
+        await submit(client, second)
+        await everything.wait_for("completed", count=2)
+        order = [(e.subject, Watcher.short(e.type)) for e in everything.events if not e.type.endswith("progress.v1")]
+        assert order == [
+            (first.request_id, "accepted"),
+            (first.request_id, "completed"),
+            (second.request_id, "accepted"),
+            (second.request_id, "completed"),
+        ]
+
+
+@pytest.mark.parametrize(
+    ("environment", "code", "runs"),
+    [
+        ("retriable", "retries_exhausted", 3),
+        ("fatal", "handler_error", 1),
+        ("bug", "handler_error", 1),
+    ],
+)
+async def test_failures_are_retried_only_when_retriable(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, environment: str, code: str, runs: int
+) -> None:
+    handler = FailingHandler()
+    async with running_worker(MemoryBus(broker), [handler], tmp_path, max_attempts=3):
+        task = RLTask(request_id=uuid.uuid4().hex, algorithm="ppo", environment=environment)
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        failed = (await watcher.wait_for("failed")).data
+        assert failed.code == code
+        assert handler.runs == runs
+        if environment == "bug":
+            assert "ValueError: a bug in the handler" in failed.message
+
+
+async def test_shutdown_hands_running_jobs_back_and_the_next_worker_resumes(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    task = training(steps=30)
+    job_id = task.request_id or ""
+    watcher = await watch(client, job_id)
+    handler = StepHandler(delay=0.02)
+    async with running_worker(MemoryBus(broker), [handler], tmp_path, shutdown_grace=0.0):
+        await submit(client, task)
+        await watcher.wait_for("progress", count=3)
+    # the worker stopped mid-job: the job is pending again, its checkpoint on disk
+    store = SqliteStore(tmp_path / "registry.db")
+    await store.open()
+    job = await store.get_job(job_id)
+    await store.close()
+    assert job is not None and job.state is JobState.PENDING
+    async with running_worker(MemoryBus(broker), [StepHandler(delay=0.02)], tmp_path):
+        done = (await watcher.wait_for("completed")).data
+    assert done.result.metrics["started_from"] >= 3
+    accepted = [e.data for e in watcher.events if e.type.endswith("accepted.v1")]
+    assert [(a.attempt, a.resumed) for a in accepted] == [(1, False), (2, True)]
+
+
+async def test_capabilities_and_status_are_answered(broker: MemoryBroker, client: MemoryBus, tmp_path: Path) -> None:
+    async with running_worker(MemoryBus(broker), [EchoHandler(), StepHandler()], tmp_path, concurrency=3) as worker:
+        caps = decode(await client.request(CAPABILITIES, encode(CapabilitiesQuery()), timeout=5), expect=Capabilities)
+        assert set(caps.data.task_kinds) == {TaskKind.INFERENCE, TaskKind.TRAINING}
+        assert caps.data.concurrency == 3 and "cpu" in caps.data.devices
+        assert {(c.area, c.name) for c in caps.data.capabilities} == {("inference", "echo"), ("training", "steps")}
+        task = inference()
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        await watcher.wait_for("completed")
+        status = decode(
+            await client.request(STATUS, encode(JobStatusQuery(job_id=task.request_id or "")), timeout=5),
+            expect=JobStatus,
+        )
+        assert status.data.state is JobState.COMPLETED and status.data.result is not None
+        assert worker.settings.worker_id.startswith("w-")
+
+
+async def test_burst_mode_ends_once_the_queue_is_empty(broker: MemoryBroker, client: MemoryBus, tmp_path: Path) -> None:
+    from forseti.worker.runtime import Worker
+
+    from ..helpers import settings
+
+    for _ in range(3):
+        await submit(client, inference())
+    handler = EchoHandler()
+    worker = Worker(
+        bus=MemoryBus(broker),
+        store=SqliteStore(tmp_path / "r.db"),
+        handlers=[handler],
+        settings=settings(tmp_path, burst=True),
+    )
+    await asyncio.wait_for(worker.run(), 10)
+    assert handler.runs == 3

@@ -1,0 +1,5 @@
+"""`python -m forseti.worker` runs the `forseti` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,288 @@
+"""The `forseti` command: worker, submit, watch, jobs, capabilities, up."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Annotated, Any
+
+import orjson
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from forseti.adapters.bus import Bus, create_bus
+from forseti.adapters.registry import create_store
+from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
+from forseti.schemas.catalog import CAPABILITIES
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.errors import ForsetiError, InvalidTask, RequestTimeout
+from forseti.schemas.jobs import JobState
+from forseti.schemas.tasks import TASK_MODELS, TaskBase, TaskKind, task_channel
+
+from .context import Handler
+from .follow import ExitCode, JobStream, follow
+from .logs import setup_logging
+from .plugins import installed_handlers, load_handler
+from .runtime import Worker, forseti_version
+from .settings import DEFAULT_BUS_URL, WorkerSettings, default_data_dir
+
+DEFAULT_DATA_DIR = default_data_dir()
+
+app = typer.Typer(
+    help="Forseti: an event-driven ML / RL worker on NATS or Kafka.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+BusOpt = Annotated[
+    str, typer.Option("--bus", envvar="FORSETI_BUS_URL", help="memory://, nats://HOST:PORT or kafka://HOST:PORT.")
+]
+DataDirOpt = Annotated[
+    Path,
+    typer.Option("--data-dir", envvar="FORSETI_DATA_DIR", help="Registry, checkpoints and the embedded NATS store."),
+]
+LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line.")]
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+async def _connected(url: str) -> Bus:
+    bus = create_bus(url)
+    try:
+        await bus.connect()
+    except ForsetiError as exc:
+        raise _fail(f"{exc.message}\nstart the embedded stack with `forseti up`, or pass --bus") from exc
+    return bus
+
+
+def _handlers(specs: list[str]) -> list[Handler]:
+    try:
+        return [load_handler(s) for s in specs] if specs else installed_handlers()
+    except (ImportError, ValueError) as exc:
+        raise _fail(f"cannot load handler: {exc}") from exc
+
+
+async def serve(settings: WorkerSettings, handlers: list[Handler]) -> None:
+    """Run a worker until SIGTERM or SIGINT."""
+    worker = Worker(
+        bus=create_bus(settings.bus_url), store=create_store(settings.registry), handlers=handlers, settings=settings
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    await worker.run()
+
+
+@app.command("worker")
+def worker_cmd(
+    bus: BusOpt = DEFAULT_BUS_URL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    data_root: Annotated[Path | None, typer.Option(help="Input files must lie here [<data-dir>/datasets].")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Jobs run at once.")] = 2,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on this port.")] = None,
+    handler: Annotated[
+        list[str],
+        typer.Option(help="A handler as package.module:factory (repeatable); default: installed `forseti.handlers`."),
+    ] = [],  # noqa: B006
+    group: Annotated[str, typer.Option(help="Workers of one group share tasks.")] = "forseti-workers",
+    worker_id: Annotated[str | None, typer.Option(help="Name in events and logs [host-pid].")] = None,
+    shutdown_grace: Annotated[float, typer.Option(help="Seconds running jobs get on SIGTERM.")] = 30.0,
+    burst: Annotated[bool, typer.Option(help="Exit once the queue is empty and nothing runs.")] = False,
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Run a worker: take tasks for every installed handler, until SIGTERM."""
+    setup_logging(json_lines=log_json)
+    overrides: dict[str, Any] = {"worker_id": worker_id} if worker_id else {}
+    settings = WorkerSettings(
+        bus_url=bus,
+        data_dir=data_dir,
+        data_root=data_root,
+        concurrency=concurrency,
+        metrics_port=metrics_port,
+        group=group,
+        shutdown_grace=shutdown_grace,
+        burst=burst,
+        **overrides,
+    )
+    try:
+        asyncio.run(serve(settings, _handlers(handler)))
+    except ForsetiError as exc:
+        raise _fail(exc.message) from exc
+
+
+def read_task_file(path: str, kind: TaskKind | None) -> tuple[TaskKind, TaskBase]:
+    """A task from a file (or `-`): a whole CloudEvent, or just its `data` with `--kind`."""
+    raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _fail(f"{path}: not valid JSON: {exc}") from exc
+    if isinstance(doc, dict) and "specversion" in doc:
+        try:
+            event = decode(raw, expect=TaskBase)
+        except InvalidTask as exc:
+            raise _fail(f"{path}: {exc.message}") from exc
+        kind = TaskKind(event.type.split(".")[2])
+        task = event.data
+    else:
+        if kind is None:
+            raise _fail(f"{path} holds a bare payload: say which kind with --kind")
+        try:
+            task = TASK_MODELS[kind].model_validate(doc)
+        except ValueError as exc:
+            raise _fail(f"{path}: invalid {kind.value} task:\n{exc}") from exc
+    if task.request_id is None:
+        task = task.model_copy(update={"request_id": uuid.uuid4().hex})
+    return kind, task
+
+
+@app.command()
+def submit(
+    file: Annotated[str, typer.Argument(help="Task JSON (a CloudEvent, or its data with --kind); - for stdin.")],
+    kind: Annotated[TaskKind | None, typer.Option(help="Task kind of a bare payload.")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
+    bus: BusOpt = DEFAULT_BUS_URL,
+) -> None:
+    """Publish a task and print its job id."""
+    task_kind, task = read_task_file(file, kind)
+    job_id = task.request_id or ""
+
+    async def go() -> int:
+        client = await _connected(bus)
+        try:
+            stream = await JobStream.open(client, job_id) if watch else None
+            await client.publish(task_channel(task_kind), encode(task, subject=job_id))
+            print(job_id, flush=True)
+            return int(await follow(client, stream, console=err)) if stream else 0
+        finally:
+            await client.close()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+@app.command()
+def watch(
+    job_id: Annotated[str, typer.Argument(help="The job to follow.")],
+    timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 3).")] = None,
+    bus: BusOpt = DEFAULT_BUS_URL,
+) -> None:
+    """Show a job's progress until it ends: exit 0 completed, 1 failed, 2 cancelled."""
+
+    async def go() -> ExitCode:
+        client = await _connected(bus)
+        try:
+            return await follow(client, await JobStream.open(client, job_id), console=err, timeout=timeout)
+        finally:
+            await client.close()
+
+    raise typer.Exit(int(asyncio.run(go())))
+
+
+@app.command()
+def jobs(
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
+) -> None:
+    """List the jobs in this machine's registry."""
+
+    async def go() -> None:
+        store = create_store(f"sqlite:///{data_dir / 'registry.db'}")
+        await store.open()
+        try:
+            rows = await store.list_jobs(state=state, limit=limit)
+        finally:
+            await store.close()
+        if as_json:
+            for row in rows:
+                print(row.model_dump_json())
+            return
+        table = Table("job", "kind", "state", "attempt", "error", "updated")
+        for row in rows:
+            table.add_row(row.job_id, row.kind, row.state, str(row.attempt), row.error_code or "", row.updated_at)
+        out.print(table)
+
+    asyncio.run(go())
+
+
+@app.command()
+def capabilities(
+    bus: BusOpt = DEFAULT_BUS_URL,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for a worker.")] = 3.0,
+) -> None:
+    """Ask a worker what it can do (task kinds, algorithms, formats, devices)."""
+
+    async def go() -> Capabilities:
+        client = await _connected(bus)
+        try:
+            reply = await client.request(CAPABILITIES, encode(CapabilitiesQuery()), timeout=timeout)
+            return decode(reply, expect=Capabilities).data
+        except RequestTimeout as exc:
+            raise _fail(f"no worker answered on {bus} within {timeout:g}s") from exc
+        finally:
+            await client.close()
+
+    out.print_json(asyncio.run(go()).model_dump_json())
+
+
+@app.command()
+def up(
+    bus: BusOpt = DEFAULT_BUS_URL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    concurrency: Annotated[int, typer.Option(min=1)] = 2,
+    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on this port.")] = 9464,
+    handler: Annotated[list[str], typer.Option(help="Extra handler package.module:factory.")] = [],  # noqa: B006
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Start the embedded stack: a local nats-server (when nothing answers at --bus) and a worker."""
+    from .embedded import embedded_nats
+
+    setup_logging(json_lines=log_json)
+    handlers = _handlers(handler)
+    settings = WorkerSettings(bus_url=bus, data_dir=data_dir, concurrency=concurrency, metrics_port=metrics_port)
+    with embedded_nats(bus, data_dir) as started:
+        where = "started" if started else "found"
+        err.print(f"[bold]forseti {forseti_version()}[/bold]: {where} NATS at {bus}; data in {data_dir}")
+        kinds = ", ".join(h.kind.value for h in handlers) or "none installed yet"
+        err.print(f"worker task kinds: {kinds}")
+        if metrics_port:
+            err.print(f"metrics: http://127.0.0.1:{metrics_port}/metrics  health: /healthz")
+        err.print(
+            "next, in another terminal:\n"
+            f"  forseti capabilities --bus {bus}\n"
+            f"  forseti submit task.json --watch --bus {bus}\n"
+            "stop with Ctrl-C"
+        )
+        asyncio.run(serve(settings, handlers))
+
+
+def version_callback(value: bool) -> None:
+    """Print the version and exit."""
+    if value:
+        print(forseti_version())
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=version_callback, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """Forseti: an event-driven ML / RL worker on NATS or Kafka."""
+
+
+def main() -> None:
+    """Entry point of the `forseti` command."""
+    app()

@@ -1,0 +1,176 @@
+"""What a handler sees of its job: progress, cancellation and pause points, folders, the registry.
+
+Handlers run their heavy work in a thread (`await ctx.run(fn, ...)`), so the event loop keeps
+serving control events and progress while they compute. From that thread they call
+`ctx.progress(...)`, and `ctx.checkpoint_due()`-style hooks call `ctx.check()` or read
+`ctx.should_stop` (the SB3 `_on_step() -> bool` shape).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, ParamSpec, Protocol, TypeVar
+
+from forseti.adapters.registry import RegistryStore
+from forseti.schemas.capabilities import Capability
+from forseti.schemas.errors import ErrorCode, ForsetiError
+from forseti.schemas.jobs import JobProgress, JobResult, JobState
+from forseti.schemas.models import ModelAvailable
+from forseti.schemas.tasks import TaskBase, TaskKind
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+class StopReason(StrEnum):
+    """Why a job was asked to stop."""
+
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"
+
+
+class JobStopped(ForsetiError):
+    """Raised inside a handler at a safe point once the job was asked to stop."""
+
+    def __init__(self, reason: StopReason, detail: str = "") -> None:
+        code = ErrorCode.SHUTDOWN if reason is StopReason.SHUTDOWN else ErrorCode.HANDLER_ERROR
+        super().__init__(detail or f"job stopped: {reason}", code=code)
+        self.reason = reason
+
+
+class Announcer(Protocol):
+    """Where a context sends its events (the worker, in practice)."""
+
+    def progress(self, event: JobProgress) -> None:
+        """Queue a progress event for publishing, in order."""
+
+    async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
+        """Publish a model.available event."""
+
+
+class JobContext:
+    """One running job, as its handler sees it."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        kind: TaskKind,
+        attempt: int,
+        resumed: bool,
+        work_dir: Path,
+        inputs_root: Path,
+        store: RegistryStore,
+        announcer: Announcer,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.job_id, self.kind, self.attempt, self.resumed = job_id, kind, attempt, resumed
+        self.work_dir = work_dir
+        """Private folder of this job; survives redeliveries so a handler can resume."""
+        self.checkpoint_dir = work_dir / "checkpoints"
+        """Where checkpoints go; non-empty on a resumed job that checkpointed before."""
+        self.inputs_root = inputs_root
+        """Input files must lie under this folder."""
+        self.store = store
+        self._announcer = announcer
+        self._loop = loop
+        self._stop: StopReason | None = None
+        self._stop_detail = ""
+        self._unpaused = threading.Event()
+        self._unpaused.set()
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a cancel or a shutdown asked the job to stop."""
+        return self._stop is not None
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the job was asked to stop, if it was."""
+        return self._stop
+
+    @property
+    def paused(self) -> bool:
+        """True while a pause is in force."""
+        return not self._unpaused.is_set()
+
+    def request_stop(self, reason: StopReason, detail: str = "") -> None:
+        """Ask the job to stop at its next safe point (a cancel outranks a shutdown)."""
+        if self._stop is None or reason is StopReason.CANCEL:
+            self._stop, self._stop_detail = reason, detail
+        self._unpaused.set()  # a paused job must wake up to stop
+
+    def pause(self) -> None:
+        """Hold the job at its next pause point."""
+        self._unpaused.clear()
+
+    def resume(self) -> None:
+        """Let a paused job continue."""
+        self._unpaused.set()
+
+    def check(self) -> None:
+        """A safe point: block while paused, raise JobStopped when asked to stop. Call from the handler's thread."""
+        self._unpaused.wait()
+        if self._stop is not None:
+            raise JobStopped(self._stop, self._stop_detail)
+
+    async def acheck(self) -> None:
+        """`check()` for handlers that run on the event loop."""
+        if not self._unpaused.is_set():
+            await asyncio.to_thread(self._unpaused.wait)
+        if self._stop is not None:
+            raise JobStopped(self._stop, self._stop_detail)
+
+    def progress(
+        self,
+        fraction: float,
+        *,
+        step: int = 0,
+        total: int | None = None,
+        message: str = "",
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Report progress; safe from any thread, published in call order."""
+        event = JobProgress(
+            job_id=self.job_id,
+            kind=self.kind,
+            state=JobState.PAUSED if self.paused else JobState.RUNNING,
+            fraction=min(max(fraction, 0.0), 1.0),
+            step=step,
+            total=total,
+            message=message,
+            metrics=metrics or {},
+        )
+        self._loop.call_soon_threadsafe(self._announcer.progress, event)
+
+    async def announce_model(self, event: ModelAvailable) -> None:
+        """Publish `forseti.model.available.v1` for an artifact this job registered."""
+        await self._announcer.announce_model(event, self.job_id)
+
+    async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run blocking work in a thread, keeping the event loop free."""
+        return await asyncio.to_thread(fn, *args, **kwargs)
+
+
+class Handler(Protocol):
+    """Runs one kind of task. Registered with the worker per task kind."""
+
+    kind: TaskKind
+
+    def capabilities(self) -> list[Capability]:
+        """What this handler can do, for `forseti.capabilities`."""
+
+    async def run(self, task: Any, ctx: JobContext) -> JobResult:
+        """Run the job to its result; raise ForsetiError (or JobStopped via ctx.check) otherwise."""
+
+
+def handler_task_type(handler: Handler) -> type[TaskBase]:
+    """The task model a handler consumes."""
+    from forseti.schemas.tasks import TASK_MODELS
+
+    return TASK_MODELS[handler.kind]

@@ -1,0 +1,94 @@
+"""Prometheus metrics of one worker, on a registry the caller injects, and a bus wrapper that times it."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from forseti.adapters.bus import Bus, MessageHandler, Subscription, TaskIntake
+
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600)
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
+
+
+class Metrics:
+    """Every metric a worker exports, named after Prometheus conventions."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.tasks_received = Counter(
+            "forseti_tasks_received", "Task messages taken from intake.", ["kind"], registry=r
+        )
+        self.jobs = Counter(
+            "forseti_jobs",
+            "Jobs that ended, by outcome (completed, failed, cancelled, requeued, replayed).",
+            ["kind", "outcome"],
+            registry=r,
+        )
+        self.jobs_running = Gauge("forseti_jobs_running", "Jobs running now.", ["kind"], registry=r)
+        self.job_duration = Histogram(
+            "forseti_job_duration_seconds",
+            "Wall time of jobs from start to end.",
+            ["kind", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.deadletters = Counter(
+            "forseti_deadletters", "Messages sent to the dead-letter channel.", ["reason"], registry=r
+        )
+        self.bus_publish = Histogram(
+            "forseti_bus_publish_duration_seconds",
+            "Time to publish one message.",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.bus_request = Histogram(
+            "forseti_bus_request_duration_seconds",
+            "Round trip of one request-reply.",
+            ["transport"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+
+class MeteredBus:
+    """A Bus that records publish and request latency; everything else passes through."""
+
+    def __init__(self, inner: Bus, metrics: Metrics) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.transport = inner.transport
+        self._publish = metrics.bus_publish.labels(inner.transport)
+        self._request = metrics.bus_request.labels(inner.transport)
+
+    async def connect(self) -> None:
+        """Connect the inner bus."""
+        await self.inner.connect()
+
+    async def close(self) -> None:
+        """Close the inner bus."""
+        await self.inner.close()
+
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+        """Publish, timed."""
+        start = time.perf_counter()
+        await self.inner.publish(channel, data, key=key)
+        self._publish.observe(time.perf_counter() - start)
+
+    async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
+        """Subscribe on the inner bus."""
+        return await self.inner.subscribe(channel, handler, queue=queue)
+
+    async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
+        """Request, timed (successful round trips only)."""
+        start = time.perf_counter()
+        reply = await self.inner.request(channel, data, timeout=timeout)
+        self._request.observe(time.perf_counter() - start)
+        return reply
+
+    async def intake(self, channel: str, *, group: str) -> TaskIntake:
+        """Task intake on the inner bus."""
+        return await self.inner.intake(channel, group=group)

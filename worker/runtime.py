@@ -1,0 +1,382 @@
+"""The asyncio Worker: task intake per kind, control, capabilities, status, metrics, graceful shutdown.
+
+    worker = Worker(bus=create_bus(url), store=create_store(path), handlers=[...], settings=WorkerSettings())
+    await worker.run()          # until SIGTERM (request_stop), or until idle with settings.burst
+
+Read it like arq's worker: `run()` starts everything, the intake loops pull one task per free slot,
+`JobRunner` (jobs.py) owns each job, and `_shutdown()` stops pulling, waits a bounded time, hands
+back what still runs and closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import logging
+from collections import OrderedDict
+from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+from forseti.adapters.bus import Bus, Delivery, Message, Subscription, TaskIntake
+from forseti.adapters.registry import RegistryStore
+from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
+from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, STATUS, jobs_channel
+from forseti.schemas.control import CancelJob, ControlCommand, PauseJob
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.errors import BusError, ErrorCode, ForsetiError, InvalidTask
+from forseti.schemas.jobs import JobEvent, JobFailed, JobProgress, JobState, JobStatus, JobStatusQuery
+from forseti.schemas.models import ModelAvailable
+from forseti.schemas.tasks import TaskKind, task_channel
+
+from .context import Handler, StopReason
+from .http import MetricsServer
+from .intake import Refused, read_task
+from .jobs import JobRunner, load_result
+from .logs import job_id_var
+from .metrics import MeteredBus, Metrics
+from .settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+EARLY_CANCELS_KEPT = 10_000
+
+
+def forseti_version() -> str:
+    """The installed Forseti version."""
+    try:
+        return version("forseti")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def detect_devices() -> list[str]:
+    """`cpu`, plus `cuda:N` for each GPU torch sees (torch is optional)."""
+    devices = ["cpu"]
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return devices
+
+
+async def _all_done(tasks: Sequence[asyncio.Task[None]]) -> None:
+    await asyncio.gather(*tasks)
+
+
+class Worker:
+    """Consumes `forseti.tasks.<kind>` for each registered handler and runs the jobs."""
+
+    def __init__(
+        self,
+        *,
+        bus: Bus,
+        store: RegistryStore,
+        handlers: Sequence[Handler],
+        settings: WorkerSettings | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings or WorkerSettings()
+        self.metrics = metrics or Metrics()
+        self.bus = MeteredBus(bus, self.metrics)
+        self.store = store
+        self.handlers: dict[TaskKind, Handler] = {}
+        for handler in handlers:
+            if handler.kind in self.handlers:
+                raise ValueError(f"two handlers for task kind {handler.kind.value!r}")
+            self.handlers[handler.kind] = handler
+        self.running: dict[str, JobRunner] = {}
+        self.ready = asyncio.Event()
+        """Set once the worker is subscribed and pulling tasks."""
+        self._stopping = asyncio.Event()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._early_cancels: OrderedDict[str, str] = OrderedDict()
+        self._subs: list[Subscription] = []
+        self._intakes: list[TaskIntake] = []
+        self._bus_ok = False
+        self._devices: list[str] | None = None
+        self._http: MetricsServer | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve until asked to stop (or idle in burst mode), then shut down gracefully."""
+        await self.store.open()
+        await self.bus.connect()
+        try:
+            await self._start_http()
+            self._subs = [
+                await self.bus.subscribe(CONTROL, self._on_control),
+                await self.bus.subscribe(CAPABILITIES, self._on_capabilities),
+                await self.bus.subscribe(STATUS, self._on_status),
+            ]
+            loops = []
+            for kind in self.handlers:
+                intake = await self.bus.intake(task_channel(kind), group=self.settings.group)
+                self._intakes.append(intake)
+                loops.append(asyncio.create_task(self._intake_loop(kind, intake), name=f"intake-{kind.value}"))
+            self._bus_ok = True
+            self.ready.set()
+            log.info(
+                "worker %s pulling %s on %s (concurrency %d)",
+                self.settings.worker_id,
+                ", ".join(k.value for k in self.handlers) or "no task kinds",
+                self.bus.url,
+                self.settings.concurrency,
+            )
+            ends: list[asyncio.Task[Any]] = [asyncio.create_task(self._stopping.wait())]
+            if self.settings.burst:
+                ends.append(asyncio.create_task(_all_done(loops)))
+            await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
+            for end in ends:
+                end.cancel()
+            self._stopping.set()
+            await asyncio.gather(*loops, return_exceptions=True)
+            await self._shutdown()
+        finally:
+            await self._close()
+
+    def request_stop(self) -> None:
+        """Stop pulling and shut down (what SIGTERM calls)."""
+        self._stopping.set()
+
+    async def _shutdown(self) -> None:
+        if self._jobs:
+            log.info("waiting up to %.0fs for %d running job(s)", self.settings.shutdown_grace, len(self._jobs))
+            await asyncio.wait(self._jobs, timeout=self.settings.shutdown_grace)
+        if self._jobs:
+            for runner in list(self.running.values()):
+                if runner.ctx is not None:
+                    runner.ctx.request_stop(StopReason.SHUTDOWN, "worker shutting down")
+            await asyncio.wait(self._jobs, timeout=max(5.0, self.settings.shutdown_grace))
+        for task in list(self._jobs):  # stuck past every bound: leave it unsettled, the bus redelivers
+            log.warning("a job did not stop in time; its task goes back to the bus")
+            task.cancel()
+
+    async def _close(self) -> None:
+        for sub in self._subs:
+            await sub.unsubscribe()
+        for intake in self._intakes:
+            await intake.close()
+        if self._http is not None:
+            await self._http.close()
+        await self.bus.close()
+        await self.store.close()
+        log.info("worker %s stopped", self.settings.worker_id)
+
+    async def _start_http(self) -> None:
+        if self.settings.metrics_port is None:
+            return
+        self._http = MetricsServer(
+            self.metrics.registry, self.health, host=self.settings.metrics_host, port=self.settings.metrics_port
+        )
+        await self._http.start()
+
+    def health(self) -> tuple[bool, dict[str, object]]:
+        """Healthy while pulling tasks with a working bus."""
+        ok = self.ready.is_set() and self._bus_ok and not self._stopping.is_set()
+        return ok, {
+            "worker": self.settings.worker_id,
+            "bus": self.bus.url,
+            "bus_ok": self._bus_ok,
+            "running_jobs": len(self.running),
+            "stopping": self._stopping.is_set(),
+        }
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port /metrics is served on, once started."""
+        return self._http.port if self._http else None
+
+    # -- intake ----------------------------------------------------------------------------------
+
+    async def _intake_loop(self, kind: TaskKind, intake: TaskIntake) -> None:
+        while not self._stopping.is_set():
+            await self._slots.acquire()
+            try:
+                delivery = await intake.next(self.settings.poll_interval)
+            except BusError as exc:
+                self._slots.release()
+                self._bus_ok = False
+                log.warning("intake %s: %s; retrying", kind.value, exc)
+                await self._sleep_unless_stopping(1.0)
+                continue
+            except BaseException:
+                self._slots.release()
+                raise
+            self._bus_ok = True
+            if delivery is None:
+                self._slots.release()
+                if self.settings.burst and not self._jobs:
+                    return
+                continue
+            self.metrics.tasks_received.labels(kind.value).inc()
+            job = asyncio.create_task(self._handle(kind, delivery))
+            self._jobs.add(job)
+            job.add_done_callback(self._job_done)
+
+    def _job_done(self, job: asyncio.Task[None]) -> None:
+        self._jobs.discard(job)
+        self._slots.release()
+
+    async def _sleep_unless_stopping(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+        except TimeoutError:
+            return
+
+    async def _handle(self, kind: TaskKind, delivery: Delivery) -> None:
+        verdict = read_task(delivery.data, kind, max_bytes=self.settings.max_task_bytes)
+        if isinstance(verdict, Refused):
+            await self._refuse(delivery, kind, verdict)
+            return
+        job_id_var.set(verdict.job_id)
+        try:
+            await JobRunner(self, delivery, verdict, self.handlers[kind]).run()
+        except ForsetiError as exc:  # the store or the bus failed around the job: try again later
+            log.warning("job could not be run: %s; handing it back", exc)
+            await self._nak_quietly(delivery)
+        except Exception:
+            log.exception("job could not be run; handing it back")
+            await self._nak_quietly(delivery)
+
+    async def _nak_quietly(self, delivery: Delivery) -> None:
+        try:
+            await delivery.nak(self.settings.retry_delay)
+        except BusError as exc:
+            log.warning("could not hand the task back (%s); the bus redelivers it after ack_wait", exc)
+
+    async def _refuse(self, delivery: Delivery, kind: TaskKind, refused: Refused) -> None:
+        """Dead-letter an invalid task, fail its job where an id could be read, and drop it."""
+        log.warning("refused a task on %s: %s: %s", delivery.channel, refused.reason.value, refused.detail)
+        try:
+            await self.dead_letter(refused, delivery.data, channel=delivery.channel)
+            if refused.job_id is not None:
+                await self.publish_job(
+                    JobFailed(
+                        job_id=refused.job_id,
+                        kind=kind,
+                        code=ErrorCode.INVALID_TASK,
+                        message=f"{refused.reason.value}: {refused.detail}"[:4096],
+                    )
+                )
+        except BusError as exc:
+            log.warning("dead-letter not recorded (%s); handing the task back", exc)
+            await self._nak_quietly(delivery)
+            return
+        await delivery.term()
+
+    async def dead_letter(self, refused: Refused, raw: bytes, *, channel: str) -> None:
+        """Publish a `forseti.deadletter.v1` record."""
+        record = refused.dead_letter(
+            raw, channel=channel, worker=self.settings.worker_id, limit=self.settings.max_task_bytes
+        )
+        await self.bus.publish(DEADLETTER, encode(record, source=self._source))
+        self.metrics.deadletters.labels(refused.reason.value).inc()
+
+    # -- events out ------------------------------------------------------------------------------
+
+    @property
+    def _source(self) -> str:
+        return f"forseti/worker/{self.settings.worker_id}"
+
+    async def publish_job(self, event: JobEvent) -> None:
+        """Publish a job event on `forseti.jobs.<job_id>`."""
+        await self.bus.publish(jobs_channel(event.job_id), encode(event, source=self._source, subject=event.job_id))
+
+    def progress(self, event: JobProgress) -> None:
+        """Queue a progress event behind the job's earlier ones (Announcer)."""
+        runner = self.running.get(event.job_id)
+        if runner is not None:
+            runner.progress(event)
+
+    async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
+        """Publish `forseti.model.available.v1` (Announcer)."""
+        await self.bus.publish(MODELS, encode(event, source=self._source, subject=job_id))
+
+    def take_early_cancel(self, job_id: str) -> str | None:
+        """The reason of a cancel that arrived before the job did, consumed once."""
+        return self._early_cancels.pop(job_id, None)
+
+    # -- requests and control --------------------------------------------------------------------
+
+    async def _on_control(self, msg: Message) -> None:
+        try:
+            command = decode(msg.data, expect=ControlCommand).data
+        except InvalidTask as exc:
+            log.warning("refused a control message: %s", exc.message)
+            await self.dead_letter(Refused(exc.code, exc.message, None), msg.data, channel=CONTROL)
+            return
+        runner = self.running.get(command.job_id)
+        if isinstance(command, CancelJob):
+            if runner is None or runner.ctx is None:
+                self._early_cancels[command.job_id] = command.reason or "cancelled before it started"
+                while len(self._early_cancels) > EARLY_CANCELS_KEPT:
+                    self._early_cancels.popitem(last=False)
+                return
+            runner.ctx.request_stop(StopReason.CANCEL, command.reason or "cancelled on request")
+        elif runner is not None and runner.ctx is not None:
+            paused = isinstance(command, PauseJob)
+            (runner.ctx.pause if paused else runner.ctx.resume)()
+            state = JobState.PAUSED if paused else JobState.RUNNING
+            job = await self.store.get_job(command.job_id)
+            if job is not None:
+                await self.store.put_job(job.model_copy(update={"state": state}))
+            runner.progress(
+                JobProgress(
+                    job_id=command.job_id,
+                    kind=runner.kind,
+                    state=state,
+                    fraction=0.0,
+                    message="paused" if paused else "resumed",
+                )
+            )
+        else:
+            log.debug("control for job %s, which does not run here", command.job_id)
+
+    async def _on_capabilities(self, msg: Message) -> None:
+        query = CapabilitiesQuery()
+        if msg.data:
+            try:
+                query = decode(msg.data, expect=CapabilitiesQuery).data
+            except InvalidTask as exc:
+                log.warning("bad capabilities query: %s", exc.message)
+                return
+        if query.kind is not None and query.kind not in self.handlers:
+            return
+        if self._devices is None:
+            self._devices = await asyncio.to_thread(detect_devices)
+        caps: list[Capability] = [c for h in self.handlers.values() for c in h.capabilities()]
+        answer = Capabilities(
+            worker=self.settings.worker_id,
+            version=forseti_version(),
+            task_kinds=list(self.handlers),
+            capabilities=caps,
+            devices=self._devices,
+            concurrency=self.settings.concurrency,
+            running_jobs=len(self.running),
+        )
+        await msg.respond(encode(answer, source=self._source))
+
+    async def _on_status(self, msg: Message) -> None:
+        try:
+            query = decode(msg.data, expect=JobStatusQuery).data
+        except InvalidTask as exc:
+            log.warning("bad status query: %s", exc.message)
+            return
+        job = await self.store.get_job(query.job_id)
+        if job is None:
+            return  # another worker may know it; silence lets its answer through
+        status = JobStatus(
+            job_id=job.job_id,
+            kind=job.kind,
+            state=job.state,
+            attempt=job.attempt,
+            error_code=job.error_code,
+            error_message=job.error_message,
+            result=load_result(job.result) if job.result else None,
+            created_at=job.created_at,
+            updated_at=job.updated_at,
+        )
+        await msg.respond(encode(status, source=self._source, subject=job.job_id))

@@ -1,0 +1,67 @@
+"""Worker settings: keyword arguments, `FORSETI_*` environment variables, or CLI flags."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BUS_URL = "nats://127.0.0.1:4222"
+"""The embedded default: the nats-server that `forseti up` starts."""
+
+
+def default_data_dir() -> Path:
+    """`~/.forseti`, where the embedded stack keeps its registry, checkpoints and NATS store."""
+    return Path.home() / ".forseti"
+
+
+class WorkerSettings(BaseSettings):
+    """How one worker runs."""
+
+    model_config = SettingsConfigDict(env_prefix="FORSETI_", extra="forbid", use_attribute_docstrings=True)
+
+    bus_url: str = DEFAULT_BUS_URL
+    """memory://, nats://host:4222 or kafka://host:9092 (query parameters set transport knobs)."""
+    data_dir: Path = Field(default_factory=default_data_dir)
+    """Registry, checkpoints and job work folders live here."""
+    data_root: Path | None = None
+    """Input files (`file://` URIs) are confined to this folder; `<data_dir>/datasets` when unset."""
+    registry_url: str | None = None
+    """Registry store; `<data_dir>/registry.db` (SQLite) when unset."""
+    worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
+    """Name in job events and logs."""
+    group: str = "forseti-workers"
+    """Consumer group: workers of one group share tasks."""
+    concurrency: int = Field(default=2, ge=1, le=1024)
+    """Jobs run at once."""
+    max_task_bytes: int = Field(default=512 * 1024, ge=1024)
+    """Larger task messages are refused to the dead-letter channel."""
+    poll_interval: float = Field(default=1.0, gt=0)
+    """Seconds one intake poll waits for a task."""
+    heartbeat_interval: float = Field(default=10.0, gt=0)
+    """Seconds between 'still working' signals for a running task (keep under the bus's ack_wait)."""
+    retry_delay: float = Field(default=5.0, ge=0)
+    """Seconds before a task that failed with a retriable error is delivered again."""
+    max_attempts: int = Field(default=5, ge=1)
+    """Deliveries before a retriable failure becomes final."""
+    shutdown_grace: float = Field(default=30.0, ge=0)
+    """On SIGTERM, seconds running jobs may take to finish before they are stopped and handed back."""
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve /metrics and /healthz on this port (0 picks a free one)."""
+    metrics_host: str = "127.0.0.1"
+    """Address for /metrics and /healthz."""
+    burst: bool = False
+    """Exit once no task arrives within one poll and nothing is running (for tests and batch runs)."""
+
+    @property
+    def registry(self) -> str:
+        """The registry store URL in force."""
+        return self.registry_url or f"sqlite:///{self.data_dir / 'registry.db'}"
+
+    @property
+    def inputs_root(self) -> Path:
+        """The folder input URIs are confined to."""
+        return self.data_root or self.data_dir / "datasets"
