@@ -28,6 +28,7 @@ from forseti.schemas.tasks import (
     task_channel,
 )
 from forseti.worker.context import Handler, JobContext
+from forseti.worker.metrics import Metrics
 from forseti.worker.runtime import Worker
 from forseti.worker.settings import WorkerSettings
 
@@ -134,8 +135,13 @@ class Inbox:
             self._changed.notify_all()
 
     async def wait_count(self, count: int, timeout: float = 20.0) -> list[bytes]:
-        async with self._changed:
-            await asyncio.wait_for(self._changed.wait_for(lambda: len(self.items) >= count), timeout)
+        try:
+            async with self._changed:
+                await asyncio.wait_for(self._changed.wait_for(lambda: len(self.items) >= count), timeout)
+        except TimeoutError:
+            raise AssertionError(
+                f"{len(self.items)} of {count} messages arrived in {timeout:g}s: {self.items[:5]}...{self.items[-5:]}"
+            ) from None
         return list(self.items)
 
 
@@ -202,10 +208,16 @@ def settings(tmp: Path, **overrides: Any) -> WorkerSettings:
 
 
 @asynccontextmanager
-async def running_worker(bus: Bus, handlers: list[Handler], tmp: Path, **overrides: Any) -> AsyncIterator[Worker]:
+async def running_worker(
+    bus: Bus, handlers: list[Handler], tmp: Path, metrics: Metrics | None = None, **overrides: Any
+) -> AsyncIterator[Worker]:
     """A worker running in the background until the block ends."""
     worker = Worker(
-        bus=bus, store=SqliteStore(tmp / "registry.db"), handlers=handlers, settings=settings(tmp, **overrides)
+        bus=bus,
+        store=SqliteStore(tmp / "registry.db"),
+        handlers=handlers,
+        settings=settings(tmp, **overrides),
+        metrics=metrics,
     )
     task = asyncio.create_task(worker.run())
     ready = asyncio.create_task(worker.ready.wait())

@@ -1,4 +1,4 @@
-"""The `forseti` command: worker, submit, watch, jobs, capabilities, up."""
+"""The `forseti` command: worker, submit, watch, cancel, pause, resume, jobs, capabilities, up."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from rich.table import Table
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.registry import create_store
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
-from forseti.schemas.catalog import CAPABILITIES
+from forseti.schemas.catalog import CAPABILITIES, CONTROL
+from forseti.schemas.control import CancelJob, ControlCommand, PauseJob, ResumeJob
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ForsetiError, InvalidTask, RequestTimeout
 from forseti.schemas.jobs import JobState
@@ -186,6 +187,41 @@ def watch(
             await client.close()
 
     raise typer.Exit(int(asyncio.run(go())))
+
+
+def _control(command: type[ControlCommand], job_id: str, reason: str, bus: str) -> None:
+    async def go() -> None:
+        client = await _connected(bus)
+        try:
+            await client.publish(CONTROL, encode(command(job_id=job_id, reason=reason)))
+        finally:
+            await client.close()
+
+    asyncio.run(go())
+
+
+JobArg = Annotated[str, typer.Argument(help="The job id.")]
+ReasonOpt = Annotated[str, typer.Option(help="Why, for the job's history.")]
+
+
+@app.command()
+def cancel(
+    job_id: JobArg, reason: ReasonOpt = "cancelled from the command line", bus: BusOpt = DEFAULT_BUS_URL
+) -> None:
+    """Stop a job; it ends as cancelled (keeping its last checkpoint)."""
+    _control(CancelJob, job_id, reason, bus)
+
+
+@app.command()
+def pause(job_id: JobArg, reason: ReasonOpt = "", bus: BusOpt = DEFAULT_BUS_URL) -> None:
+    """Hold a running job at its next safe point."""
+    _control(PauseJob, job_id, reason, bus)
+
+
+@app.command()
+def resume(job_id: JobArg, reason: ReasonOpt = "", bus: BusOpt = DEFAULT_BUS_URL) -> None:
+    """Let a paused job continue."""
+    _control(ResumeJob, job_id, reason, bus)
 
 
 @app.command()

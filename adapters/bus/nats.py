@@ -136,7 +136,8 @@ class NatsBus:
         log.warning("nats: %s", exc)
 
     async def _on_disconnect(self) -> None:
-        log.warning("nats: disconnected from %s, reconnecting", self.url)
+        if self._nc is not None:  # None while close() runs: an intended disconnect
+            log.warning("nats: disconnected from %s, reconnecting", self.url)
 
     async def _on_reconnect(self) -> None:
         log.info("nats: reconnected to %s", self.url)
@@ -173,13 +174,21 @@ class NatsBus:
             await handler(Message(channel=msg.subject, data=msg.data, headers=dict(msg.headers or {}), reply=reply))
 
         sub = await self.nc.subscribe(channel, queue=queue or "", cb=on_msg)
-        await self.nc.flush()
+        await self._flush_subscriptions()
 
         async def stop() -> None:
             if not self.nc.is_closed:
                 await sub.unsubscribe()
 
         return ClosedSubscription(stop)
+
+    async def _flush_subscriptions(self) -> None:
+        # nats-py queues SUB for its flusher task but writes flush()'s PING straight to the socket, so
+        # one PONG can come back before the server has seen the SUB (traced: PUBs from another client
+        # arrived first and were lost). The first round trip lets the flusher write the SUB; the
+        # second PING is then behind it, so its PONG means the subscription is live.
+        await self.nc.flush()
+        await self.nc.flush()
 
     async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
         """Core NATS request-reply."""

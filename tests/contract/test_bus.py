@@ -59,7 +59,7 @@ async def test_queue_group_shares_the_load_and_delivers_each_message_once(connec
     await both.wait_count(len(sent))
     await asyncio.sleep(0.2)  # not waiting for anything: a duplicate would arrive within this window
     assert sorted(both.items) == sorted(sent)
-    assert per_member[0] and per_member[1], "both group members should take part"
+    assert per_member[0] and per_member[1], f"both group members should take part: {per_member}"
 
 
 async def test_tasks_are_shared_by_a_group_and_each_is_handled_once(connect: Connect) -> None:

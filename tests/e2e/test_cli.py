@@ -1,0 +1,172 @@
+"""The `forseti` command as separate processes over a real nats-server: submit, watch, cancel, jobs,
+capabilities, SIGTERM, and a worker killed mid-job whose successor resumes from the checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+
+from forseti.adapters.bus.nats import NatsBus
+from forseti.adapters.bus.servers import NatsServer
+
+from ..helpers import watch
+
+REPO = Path(__file__).resolve().parents[2]
+HANDLERS = ["--handler", "tests.helpers:StepHandler", "--handler", "tests.helpers:FailingHandler"]
+
+
+def forseti_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "forseti.worker", *args]
+
+
+def env(bus: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "FORSETI_BUS_URL": bus,
+        "FORSETI_HEARTBEAT_INTERVAL": "0.5",
+        "FORSETI_POLL_INTERVAL": "0.2",
+        "COLUMNS": "200",
+    }
+
+
+def run(bus: str, *args: str, stdin: bytes | None = None, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        forseti_cmd(*args), cwd=REPO, env=env(bus), input=stdin, capture_output=True, timeout=timeout, check=False
+    )
+
+
+class WorkerProcess:
+    """`forseti worker` in its own process; started() returns once it logs that it is pulling tasks."""
+
+    def __init__(self, bus: str, data_dir: Path, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            forseti_cmd("worker", "--data-dir", str(data_dir), "--shutdown-grace", "5", *HANDLERS, *extra),
+            cwd=REPO,
+            env=env(bus),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stderr is not None
+        self.lines: list[str] = []
+        for line in self.proc.stderr:
+            self.lines.append(line)
+            if "pulling" in line:
+                break
+        else:
+            raise AssertionError("worker exited before it was ready:\n" + "".join(self.lines))
+        # keep draining, or a full pipe would block the worker's logging
+        self._drain = threading.Thread(target=lambda: self.lines.extend(self.proc.stderr or ()), daemon=True)
+        self._drain.start()
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        code = self.proc.wait(30)
+        self._drain.join(10)
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+        return code
+
+
+@pytest.fixture
+def bus_url(nats_server: NatsServer) -> str:
+    return nats_server.url + "?ack_wait=2"
+
+
+@pytest.fixture
+def worker(bus_url: str, tmp_path: Path) -> Iterator[WorkerProcess]:
+    proc = WorkerProcess(bus_url, tmp_path / "data")
+    yield proc
+    assert proc.stop() == 0, "SIGTERM should end the worker cleanly"
+
+
+def training_task(steps: int, job_id: str | None = None) -> bytes:
+    data = {"model_type": "classifier", "config": {"epochs": steps}, "data_sources": [{"rows": [{"x": 1}]}]}
+    if job_id:
+        data["request_id"] = job_id
+    return orjson.dumps(data)
+
+
+def test_submit_watch_jobs_and_capabilities(worker: WorkerProcess, bus_url: str, tmp_path: Path) -> None:
+    done = run(bus_url, "submit", "-", "--kind", "training", "--watch", stdin=training_task(5))
+    assert done.returncode == 0, done.stderr.decode()
+    job_id = done.stdout.decode().splitlines()[0]
+    assert "completed" in done.stderr.decode()
+
+    failed = run(
+        bus_url,
+        "submit",
+        "-",
+        "--kind",
+        "rl",
+        "--watch",
+        stdin=orjson.dumps({"algorithm": "dqn", "environment": "fatal"}),
+    )
+    assert failed.returncode == 1
+    assert "the environment does not exist" in failed.stderr.decode()
+
+    again = run(bus_url, "watch", job_id, "--timeout", "10")  # already finished: answered from the registry
+    assert again.returncode == 0
+
+    listed = run(bus_url, "jobs", "--data-dir", str(tmp_path / "data"), "--json")
+    states = {row["job_id"]: row["state"] for row in map(json.loads, listed.stdout.decode().splitlines())}
+    assert states[job_id] == "completed"
+
+    caps = json.loads(run(bus_url, "capabilities").stdout)
+    assert sorted(caps["task_kinds"]) == ["rl", "training"]
+
+    bad = run(bus_url, "submit", "-", "--kind", "rl", stdin=b'{"algorithm": "ppo"}')
+    assert bad.returncode == 1
+    assert "environment" in bad.stderr.decode()
+
+
+def test_cancel_ends_a_watched_job_with_exit_code_2(worker: WorkerProcess, bus_url: str) -> None:
+    job_id = f"long-{uuid.uuid4().hex[:6]}"
+    submitted = run(bus_url, "submit", "-", "--kind", "training", stdin=training_task(2000, job_id))
+    assert submitted.stdout.decode().strip() == job_id
+    watcher = subprocess.Popen(
+        forseti_cmd("watch", job_id, "--timeout", "60"), cwd=REPO, env=env(bus_url), stderr=subprocess.DEVNULL
+    )
+    assert run(bus_url, "cancel", job_id, "--reason", "test").returncode == 0
+    assert watcher.wait(60) == 2
+
+
+def test_a_killed_worker_hands_its_job_to_the_next_one_which_resumes(bus_url: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        client = NatsBus(bus_url.split("?")[0])
+        await client.connect()
+        job_id = f"resume-{uuid.uuid4().hex[:6]}"
+        events = await watch(client, job_id)
+        first = WorkerProcess(bus_url, tmp_path / "data")
+        await client.publish("forseti.tasks.training", run_task_event(job_id))
+        await events.wait_for("progress", count=20, timeout=30)
+        first.stop(signal.SIGKILL)  # no ack, no nak: the server redelivers after ack_wait
+        second = WorkerProcess(bus_url, tmp_path / "data")
+        try:
+            done = (await events.wait_for("completed", timeout=60)).data
+        finally:
+            assert second.stop() == 0
+            await client.close()
+        assert done.result.metrics["started_from"] >= 20
+        accepted = [e.data for e in events.events if e.type.endswith("accepted.v1")]
+        assert [a.attempt for a in accepted] == [1, 2]
+
+    asyncio.run(scenario())
+
+
+def run_task_event(job_id: str) -> bytes:
+    from forseti.schemas.envelope import encode
+    from forseti.schemas.tasks import TrainingTask
+
+    return encode(TrainingTask.model_validate(orjson.loads(training_task(150, job_id))))

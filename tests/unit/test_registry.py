@@ -1,0 +1,99 @@
+"""The SQLite registry: migrations, jobs, model versions, runs, agents, artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from forseti.adapters.registry import (
+    Artifact,
+    JobRecord,
+    ModelRecord,
+    RLAgent,
+    SqliteStore,
+    TrainingRun,
+    create_store,
+)
+from forseti.adapters.registry.sqlite import MIGRATIONS
+from forseti.schemas.jobs import JobState
+from forseti.schemas.tasks import TaskKind
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    store = SqliteStore(tmp_path / "registry.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_migrations_apply_once(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    for _ in range(2):
+        store = SqliteStore(path)
+        await store.open()
+        assert await store.schema_version() == len(MIGRATIONS)
+        await store.close()
+
+
+async def test_jobs_round_trip_and_filter(store: SqliteStore) -> None:
+    await store.put_job(JobRecord(job_id="a", kind=TaskKind.RL, task={"algorithm": "ppo"}))
+    done = JobRecord(job_id="b", kind=TaskKind.TRAINING, state=JobState.COMPLETED, result={"summary": "ok"})
+    await store.put_job(done)
+    got = await store.get_job("b")
+    assert got is not None
+    assert got.result == {"summary": "ok"}
+    assert got.state is JobState.COMPLETED
+    assert [j.job_id for j in await store.list_jobs(state=JobState.PENDING)] == ["a"]
+    assert [j.job_id for j in await store.list_jobs(kind=TaskKind.TRAINING)] == ["b"]
+    assert await store.get_job("missing") is None
+
+
+async def test_model_versions_count_per_name(store: SqliteStore) -> None:
+    def model(model_id: str, name: str) -> ModelRecord:
+        return ModelRecord(
+            id=model_id,
+            name=name,
+            model_type="classifier",
+            export_path=f"/m/{model_id}.onnx",
+            export_format="onnx",
+            metrics={"accuracy": 0.9},
+        )
+
+    versions = [(await store.add_model(model(i, n))).version for i, n in [("1", "a"), ("2", "a"), ("3", "b")]]
+    assert versions == [1, 2, 1]
+    assert [m.version for m in await store.list_models(name="a")] == [2, 1]
+    fetched = await store.get_model("3")
+    assert fetched is not None
+    assert fetched.metrics == {"accuracy": 0.9}
+    await store.add_artifact(
+        Artifact(id="f1", model_id="1", format="onnx", uri="file:///m/1.onnx", sha256="0" * 64, size_bytes=10)
+    )
+    assert [a.id for a in await store.list_artifacts("1")] == ["f1"]
+
+
+async def test_runs_and_agents(store: SqliteStore) -> None:
+    await store.put_training_run(TrainingRun(id="r1", config={"epochs": 3}, progress=0.5))
+    await store.put_training_run(TrainingRun(id="r1", config={"epochs": 3}, status=JobState.COMPLETED, progress=1))
+    runs = await store.list_training_runs()
+    assert [(r.id, r.status, r.progress) for r in runs] == [("r1", JobState.COMPLETED, 1.0)]
+    await store.add_rl_agent(
+        RLAgent(
+            id="g1",
+            name="cart",
+            algorithm="ppo",
+            environment="CartPole-v1",
+            policy_path="/p.onnx",
+            metrics={"mean_reward": 500},
+        )
+    )
+    assert [a.id for a in await store.list_rl_agents(algorithm="ppo")] == ["g1"]
+    assert await store.list_rl_agents(algorithm="dqn") == []
+
+
+def test_store_urls() -> None:
+    assert isinstance(create_store("sqlite:////tmp/x.db"), SqliteStore)
+    with pytest.raises(ValueError, match="unsupported registry URL"):
+        create_store("postgresql://localhost/forseti")
