@@ -129,7 +129,7 @@ class JobProgress(JobEvent):
     """`forseti.job.progress.v1`: how far a running job has come."""
 
     state: JobState
-    """running, or paused."""
+    """running or paused; pending when the job was handed back for another try."""
     fraction: float = Field(ge=0, le=1)
     """Share of the work done."""
     step: int = Field(default=0, ge=0)

@@ -88,16 +88,26 @@ async def serve(settings: WorkerSettings, handlers: list[Handler]) -> None:
 def worker_cmd(
     bus: BusOpt = DEFAULT_BUS_URL,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
-    data_root: Annotated[Path | None, typer.Option(help="Input files must lie here [<data-dir>/datasets].")] = None,
-    concurrency: Annotated[int, typer.Option(min=1, help="Jobs run at once.")] = 2,
-    metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on this port.")] = None,
+    data_root: Annotated[
+        Path | None, typer.Option(envvar="FORSETI_DATA_ROOT", help="Input files must lie here [<data-dir>/datasets].")
+    ] = None,
+    concurrency: Annotated[int, typer.Option(min=1, envvar="FORSETI_CONCURRENCY", help="Jobs run at once.")] = 2,
+    metrics_port: Annotated[
+        int | None, typer.Option(envvar="FORSETI_METRICS_PORT", help="Serve /metrics and /healthz on this port.")
+    ] = None,
     handler: Annotated[
         list[str],
         typer.Option(help="A handler as package.module:factory (repeatable); default: installed `forseti.handlers`."),
     ] = [],  # noqa: B006
-    group: Annotated[str, typer.Option(help="Workers of one group share tasks.")] = "forseti-workers",
-    worker_id: Annotated[str | None, typer.Option(help="Name in events and logs [host-pid].")] = None,
-    shutdown_grace: Annotated[float, typer.Option(help="Seconds running jobs get on SIGTERM.")] = 30.0,
+    group: Annotated[
+        str, typer.Option(envvar="FORSETI_GROUP", help="Workers of one group share tasks.")
+    ] = "forseti-workers",
+    worker_id: Annotated[
+        str | None, typer.Option(envvar="FORSETI_WORKER_ID", help="Name in events and logs [host-pid].")
+    ] = None,
+    shutdown_grace: Annotated[
+        float, typer.Option(envvar="FORSETI_SHUTDOWN_GRACE", help="Seconds running jobs get on SIGTERM.")
+    ] = 30.0,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty and nothing runs.")] = False,
     log_json: LogJsonOpt = False,
 ) -> None:

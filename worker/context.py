@@ -69,10 +69,7 @@ class JobContext:
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.job_id, self.kind, self.attempt, self.resumed = job_id, kind, attempt, resumed
-        self.work_dir = work_dir
-        """Private folder of this job; survives redeliveries so a handler can resume."""
-        self.checkpoint_dir = work_dir / "checkpoints"
-        """Where checkpoints go; non-empty on a resumed job that checkpointed before."""
+        self._work_dir = work_dir
         self.inputs_root = inputs_root
         """Input files must lie under this folder."""
         self.store = store
@@ -82,7 +79,19 @@ class JobContext:
         self._stop_detail = ""
         self._unpaused = threading.Event()
         self._unpaused.set()
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def work_dir(self) -> Path:
+        """Private folder of this job, made on first use; survives redeliveries so a handler can resume."""
+        self._work_dir.mkdir(parents=True, exist_ok=True)
+        return self._work_dir
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where checkpoints go, made on first use; non-empty on a resumed job that checkpointed before."""
+        path = self._work_dir / "checkpoints"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     @property
     def should_stop(self) -> bool:

@@ -11,11 +11,12 @@ back what still runs and closes.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
+import sys
 from collections import OrderedDict
 from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 from typing import Any
 
 from forseti.adapters.bus import Bus, Delivery, Message, Subscription, TaskIntake
@@ -36,6 +37,7 @@ from .jobs import JobRunner, load_result
 from .logs import job_id_var
 from .metrics import MeteredBus, Metrics
 from .settings import WorkerSettings
+from .slots import Slots
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +53,15 @@ def forseti_version() -> str:
 
 
 def detect_devices() -> list[str]:
-    """`cpu`, plus `cuda:N` for each GPU torch sees (torch is optional)."""
-    devices = ["cpu"]
-    if importlib.util.find_spec("torch") is not None:
-        import torch
-
-        devices += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    return devices
+    """`cpu`, plus `cuda:N` per GPU: counted by torch when a handler has loaded it, else from the NVIDIA
+    driver's /proc entries (importing torch only to answer a query would take seconds)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        count = int(torch.cuda.device_count())
+    else:
+        gpus = Path("/proc/driver/nvidia/gpus")
+        count = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    return ["cpu", *(f"cuda:{i}" for i in range(count))]
 
 
 async def _all_done(tasks: Sequence[asyncio.Task[None]]) -> None:
@@ -90,7 +94,7 @@ class Worker:
         """Set once the worker is subscribed and pulling tasks."""
         self._stopping = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(self.settings.concurrency)
+        self._slots = Slots(self.settings.concurrency)
         self._early_cancels: OrderedDict[str, str] = OrderedDict()
         self._subs: list[Subscription] = []
         self._intakes: list[TaskIntake] = []
@@ -131,7 +135,7 @@ class Worker:
             await asyncio.wait(ends, return_when=asyncio.FIRST_COMPLETED)
             for end in ends:
                 end.cancel()
-            self._stopping.set()
+            self.request_stop()
             await asyncio.gather(*loops, return_exceptions=True)
             await self._shutdown()
         finally:
@@ -140,6 +144,7 @@ class Worker:
     def request_stop(self) -> None:
         """Stop pulling and shut down (what SIGTERM calls)."""
         self._stopping.set()
+        self._slots.close()
 
     async def _shutdown(self) -> None:
         if self._jobs:
@@ -192,29 +197,38 @@ class Worker:
     # -- intake ----------------------------------------------------------------------------------
 
     async def _intake_loop(self, kind: TaskKind, intake: TaskIntake) -> None:
+        # each kind may take a share of the free slots per round trip, so one busy kind cannot hold
+        # every slot while the others wait to poll
+        share = max(1, self.settings.concurrency // len(self.handlers))
         while not self._stopping.is_set():
-            await self._slots.acquire()
+            reserved = await self._slots.reserve(share)
+            if reserved == 0:
+                return
             try:
-                delivery = await intake.next(self.settings.poll_interval)
+                deliveries = await intake.take(reserved, self.settings.poll_interval)
             except BusError as exc:
-                self._slots.release()
+                self._slots.release(reserved)
                 self._bus_ok = False
                 log.warning("intake %s: %s; retrying", kind.value, exc)
                 await self._sleep_unless_stopping(1.0)
                 continue
+            except Exception:  # an intake loop that died would leave a healthy-looking worker idle
+                self._slots.release(reserved)
+                log.exception("intake %s failed unexpectedly; retrying", kind.value)
+                await self._sleep_unless_stopping(1.0)
+                continue
             except BaseException:
-                self._slots.release()
+                self._slots.release(reserved)
                 raise
             self._bus_ok = True
-            if delivery is None:
-                self._slots.release()
-                if self.settings.burst and not self._jobs:
-                    return
-                continue
-            self.metrics.tasks_received.labels(kind.value).inc()
-            job = asyncio.create_task(self._handle(kind, delivery))
-            self._jobs.add(job)
-            job.add_done_callback(self._job_done)
+            self._slots.release(reserved - len(deliveries))
+            if not deliveries and self.settings.burst and not self._jobs:
+                return
+            for delivery in deliveries:
+                self.metrics.tasks_received.labels(kind.value).inc()
+                job = asyncio.create_task(self._handle(kind, delivery))
+                self._jobs.add(job)
+                job.add_done_callback(self._job_done)
 
     def _job_done(self, job: asyncio.Task[None]) -> None:
         self._jobs.discard(job)
@@ -346,7 +360,7 @@ class Worker:
         if query.kind is not None and query.kind not in self.handlers:
             return
         if self._devices is None:
-            self._devices = await asyncio.to_thread(detect_devices)
+            self._devices = detect_devices()
         caps: list[Capability] = [c for h in self.handlers.values() for c in h.capabilities()]
         answer = Capabilities(
             worker=self.settings.worker_id,

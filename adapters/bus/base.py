@@ -88,8 +88,9 @@ class Subscription(Protocol):
 class TaskIntake(Protocol):
     """Durable, load-shared task intake from one channel for one consumer group."""
 
-    async def next(self, timeout: float) -> Delivery | None:
-        """The next task, or None when none arrived within `timeout` seconds."""
+    async def take(self, limit: int, timeout: float) -> list[Delivery]:
+        """Up to `limit` tasks: those ready now, else the first to arrive within `timeout` seconds
+        (an empty list when none did). Take only as many as you will start: the rest wait unacked."""
 
     async def close(self) -> None:
         """Stop taking tasks; unsettled deliveries go to another consumer."""

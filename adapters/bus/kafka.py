@@ -84,16 +84,17 @@ class _KafkaIntake:
         self.bus, self.channel, self.consumer = bus, channel, consumer
         self.tracker = _OffsetTracker()
 
-    async def next(self, timeout: float) -> Delivery | None:
+    async def take(self, limit: int, timeout: float) -> list[Delivery]:
         try:
-            batch = await self.consumer.getmany(timeout_ms=int(timeout * 1000), max_records=1)
+            batch = await self.consumer.getmany(timeout_ms=int(timeout * 1000), max_records=limit)
         except KafkaError as exc:
             raise BusError(f"task intake on {self.channel} failed: {exc}") from exc
+        deliveries: list[Delivery] = []
         for tp, records in batch.items():
             for record in records:
                 self.tracker.take(tp, record.offset)
-                return _KafkaDelivery(self, record, self.channel)
-        return None
+                deliveries.append(_KafkaDelivery(self, record, self.channel))
+        return deliveries
 
     async def settle(self, record: ConsumerRecord[bytes, bytes]) -> None:
         tp = TopicPartition(record.topic, record.partition)
@@ -197,6 +198,7 @@ class KafkaBus:
             session_timeout_ms=self.settings.session_timeout_ms,
             heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
             rebalance_timeout_ms=self.settings.session_timeout_ms,
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
         )
 
     async def _start_consumer(self, topic: str, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:

@@ -87,16 +87,16 @@ class _MemoryIntake:
         self.owner, self.channel, self.queue = owner, channel, queue
         self.unsettled: set[_MemoryDelivery] = set()
 
-    async def next(self, timeout: float) -> Delivery | None:
+    async def take(self, limit: int, timeout: float) -> list[Delivery]:
         async with self.queue.ready:
             try:
                 await asyncio.wait_for(self.queue.ready.wait_for(lambda: bool(self.queue.pending)), timeout)
             except TimeoutError:
-                return None
-            item = self.queue.pending.popleft()
-        delivery = _MemoryDelivery(self.queue, item, self.channel, self)
-        self.unsettled.add(delivery)
-        return delivery
+                return []
+            items = [self.queue.pending.popleft() for _ in range(min(limit, len(self.queue.pending)))]
+        deliveries = [_MemoryDelivery(self.queue, item, self.channel, self) for item in items]
+        self.unsettled.update(deliveries)
+        return list(deliveries)
 
     async def close(self) -> None:
         for delivery in list(self.unsettled):

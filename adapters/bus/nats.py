@@ -15,10 +15,9 @@ import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError, NoServersError
-from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 
 from forseti.schemas.errors import BusError, RequestTimeout
 
@@ -29,6 +28,7 @@ from .settings import BusSettings
 log = logging.getLogger(__name__)
 
 STREAM = "FORSETI_TASKS"
+CONSUMER_NOT_UNIQUE = 10100  # JetStream: "filtered consumer not unique on workqueue stream"
 
 
 class _NatsDelivery(Delivery):
@@ -49,7 +49,7 @@ class _NatsDelivery(Delivery):
                 await self._msg.nak(delay=delay or None)
             else:
                 await self._msg.term()
-        except (ConnectionClosedError, NatsTimeout) as exc:
+        except (ConnectionClosedError, TimeoutError) as exc:
             raise BusError(f"could not {how} task on {self.channel}: {exc}") from exc
 
 
@@ -57,14 +57,14 @@ class _NatsIntake:
     def __init__(self, sub: JetStreamContext.PullSubscription, channel: str) -> None:
         self._sub, self.channel = sub, channel
 
-    async def next(self, timeout: float) -> Delivery | None:
+    async def take(self, limit: int, timeout: float) -> list[Delivery]:
         try:
-            msgs = await self._sub.fetch(1, timeout=timeout)
-        except NatsTimeout:
-            return None
+            msgs = await self._sub.fetch(limit, timeout=timeout)
+        except TimeoutError:  # nats-py raises its own subclass, or the builtin one near a deadline
+            return []
         except (ConnectionClosedError, NoServersError) as exc:
             raise BusError(f"task intake on {self.channel} lost the server: {exc}") from exc
-        return _NatsDelivery(msgs[0])
+        return [_NatsDelivery(msg) for msg in msgs]
 
     async def close(self) -> None:
         try:
@@ -117,7 +117,7 @@ class NatsBus:
                 disconnected_cb=self._on_disconnect,
                 reconnected_cb=self._on_reconnect,
             )
-        except (NoServersError, OSError, NatsTimeout) as exc:
+        except (NoServersError, OSError, TimeoutError) as exc:
             raise BusError(f"cannot reach NATS at {self.url}: {exc}") from exc
         self._js = self._nc.jetstream()
         config = StreamConfig(
@@ -157,7 +157,7 @@ class NatsBus:
                 await self._js.publish(channel, data, timeout=self.settings.connect_timeout)
             else:
                 await self.nc.publish(channel, data)
-        except (ConnectionClosedError, NatsTimeout, NoRespondersError) as exc:
+        except (ConnectionClosedError, TimeoutError, NoRespondersError) as exc:
             raise BusError(f"publish to {channel} failed: {exc}") from exc
 
     async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
@@ -194,7 +194,7 @@ class NatsBus:
         """Core NATS request-reply."""
         try:
             msg = await self.nc.request(channel, data, timeout=timeout)
-        except (NatsTimeout, NoRespondersError, TimeoutError) as exc:
+        except (NoRespondersError, TimeoutError) as exc:
             raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
         return msg.data
 
@@ -212,5 +212,13 @@ class NatsBus:
             max_deliver=self.settings.max_deliver,
             max_ack_pending=10_000,
         )
-        sub = await self._js.pull_subscribe(channel, durable=durable, stream=STREAM, config=config)
+        try:
+            sub = await self._js.pull_subscribe(channel, durable=durable, stream=STREAM, config=config)
+        except BadRequestError as exc:
+            if exc.err_code == CONSUMER_NOT_UNIQUE:
+                raise BusError(
+                    f"another consumer group already takes {channel} on {self.url}: a work-queue stream "
+                    f"gives each task kind to one group, so use the same --group ({group!r} is not it)"
+                ) from exc
+            raise BusError(f"cannot take tasks from {channel}: {exc.description}") from exc
         return _NatsIntake(sub, channel)

@@ -58,7 +58,9 @@ class _Process:
     def start(self) -> Self:
         """Start and wait until the port accepts connections."""
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT)
+            # a session of its own: Ctrl-C in a terminal reaches `forseti up`, which stops the server
+            # only after its worker has shut down against it
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + self.ready_timeout
         while not port_open("127.0.0.1", self.port):
             if self.proc.poll() is not None or time.monotonic() > deadline:

