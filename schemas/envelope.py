@@ -74,10 +74,10 @@ def encode(
     return orjson.dumps(doc)
 
 
-def peek_job_id(raw: bytes | dict[str, Any]) -> str | None:
+def peek_job_id(raw: bytes) -> str | None:
     """The job id of a message that may not validate, or None; used to report invalid tasks."""
     try:
-        doc = orjson.loads(raw) if isinstance(raw, bytes) else raw
+        doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
         return None
     if not isinstance(doc, dict):

@@ -20,7 +20,7 @@ from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import JobProgress, JobResult, JobState
 from forseti.schemas.models import ModelAvailable
-from forseti.schemas.tasks import TaskBase, TaskKind
+from forseti.schemas.tasks import TaskKind
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -176,10 +176,3 @@ class Handler(Protocol):
 
     async def run(self, task: Any, ctx: JobContext) -> JobResult:
         """Run the job to its result; raise ForsetiError (or JobStopped via ctx.check) otherwise."""
-
-
-def handler_task_type(handler: Handler) -> type[TaskBase]:
-    """The task model a handler consumes."""
-    from forseti.schemas.tasks import TASK_MODELS
-
-    return TASK_MODELS[handler.kind]

@@ -37,8 +37,9 @@ class WorkerSettings(BaseSettings):
     """Consumer group: workers of one group share tasks."""
     concurrency: int = Field(default=2, ge=1, le=1024)
     """Jobs run at once."""
-    max_task_bytes: int = Field(default=512 * 1024, ge=1024)
-    """Larger task messages are refused to the dead-letter channel."""
+    max_task_bytes: int = Field(default=512 * 1024, ge=1024, le=700 * 1024)
+    """Larger task messages are refused to the dead-letter channel. At most 700 KiB: the dead-letter
+    record carries the original base64-encoded and must fit the brokers' default 1 MB message."""
     poll_interval: float = Field(default=1.0, gt=0)
     """Seconds one intake poll waits for a task."""
     heartbeat_interval: float = Field(default=10.0, gt=0)

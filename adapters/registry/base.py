@@ -54,7 +54,22 @@ class JobRecord(Record):
     """Last change."""
 
 
-class ModelRecord(Record):
+class Registered(Record):
+    """Provenance shared by registered things: who asked, for which device, from which job, when."""
+
+    user_id: str | None = None
+    """Who asked for it."""
+    device_id: str | None = None
+    """Device it is meant for."""
+    job_id: str | None = None
+    """The job that produced it."""
+    created_at: str = Field(default_factory=utcnow)
+    """Registered at."""
+    updated_at: str = Field(default_factory=utcnow)
+    """Last change."""
+
+
+class ModelRecord(Registered):
     """A registered model version (the seed's `models`)."""
 
     id: str
@@ -75,16 +90,6 @@ class ModelRecord(Record):
     """Its format."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Quality figures."""
-    user_id: str | None = None
-    """Who asked for it."""
-    device_id: str | None = None
-    """Device it is meant for."""
-    job_id: str | None = None
-    """The job that produced it."""
-    created_at: str = Field(default_factory=utcnow)
-    """Registered at."""
-    updated_at: str = Field(default_factory=utcnow)
-    """Last change."""
 
 
 class TrainingRun(Record):
@@ -114,7 +119,7 @@ class TrainingRun(Record):
     """End."""
 
 
-class RLAgent(Record):
+class RLAgent(Registered):
     """A trained RL agent (the seed's `rl_agents`)."""
 
     id: str
@@ -129,16 +134,6 @@ class RLAgent(Record):
     """Exported policy."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Evaluation figures."""
-    user_id: str | None = None
-    """Who asked."""
-    device_id: str | None = None
-    """Target device."""
-    job_id: str | None = None
-    """The job that trained it."""
-    created_at: str = Field(default_factory=utcnow)
-    """Registered at."""
-    updated_at: str = Field(default_factory=utcnow)
-    """Last change."""
 
 
 class Artifact(Record):
