@@ -13,7 +13,7 @@ from .base import Strict
 from .capabilities import Capabilities, CapabilitiesQuery
 from .control import CancelJob, PauseJob, ResumeJob
 from .deadletter import DeadLetter
-from .env import EnvClose, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
+from .env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
 from .jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress, JobStatus, JobStatusQuery
 from .models import ModelAvailable, ModelLoaded, ModelRollback
 from .tasks import TASK_MODELS, task_channel, task_type
@@ -70,6 +70,7 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.env.close.v1", EnvClose, ENV, "Close a session (request)."),
     EventSpec("forseti.env.spec.v1", EnvSpec, ENV, "The session's spaces (reply to open)."),
     EventSpec("forseti.env.transition.v1", EnvTransition, ENV, "Observations and rewards (reply)."),
+    EventSpec("forseti.env.error.v1", EnvError, ENV, "What the executor refused, and why (reply)."),
     EventSpec("forseti.capabilities.query.v1", CapabilitiesQuery, CAPABILITIES, "Ask what workers can do."),
     EventSpec("forseti.capabilities.v1", Capabilities, CAPABILITIES, "One worker's capabilities (reply)."),
     EventSpec("forseti.job.status.query.v1", JobStatusQuery, STATUS, "Ask where a job stands."),

@@ -6,7 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from .base import Id, ShortText, Strict
+from .base import Id, LongText, ShortText, Strict
+from .errors import ErrorCode
 
 Shape = Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(max_length=8)]
 
@@ -36,9 +37,10 @@ class EnvOpen(Strict):
     session_id: Id
     """Client-chosen session id (the job id, usually)."""
     environment: ShortText | None = None
-    """Env id to open, when the executor serves more than one."""
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    """Seed for the sub-envs."""
+    """The env id the client expects; refused when the executor serves another."""
+
+
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class EnvReset(Strict):
@@ -46,8 +48,8 @@ class EnvReset(Strict):
 
     session_id: Id
     """The session."""
-    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    """Seed for this reset."""
+    seeds: list[Seed | None] = Field(default_factory=list, max_length=1024)
+    """One seed per sub-env (SB3 passes seed + i); empty or null for no seeding."""
 
 
 class EnvStep(Strict):
@@ -81,6 +83,17 @@ class EnvSpec(Strict):
     """Sub-envs stepped together."""
 
 
+class EnvError(Strict):
+    """`forseti.env.error.v1`: the reply when the executor cannot do what was asked."""
+
+    session_id: ShortText
+    """The session, as the request named it."""
+    code: ErrorCode
+    """Machine-readable reason (invalid_task for a bad request, invalid_data for a rejected action)."""
+    message: LongText
+    """What was wrong, naming the field."""
+
+
 class EnvTransition(Strict):
     """`forseti.env.transition.v1`: the reply to reset and step."""
 
@@ -88,8 +101,8 @@ class EnvTransition(Strict):
     """The session."""
     step: int = Field(ge=0)
     """The step this answers."""
-    observations: list[Any] = Field(max_length=1024)
-    """One observation per sub-env."""
+    observations: list[Any] = Field(default_factory=list, max_length=1024)
+    """One observation per sub-env (empty in the reply to close)."""
     rewards: list[float] = Field(default_factory=list, max_length=1024)
     """One reward per sub-env (empty after reset)."""
     terminated: list[bool] = Field(default_factory=list, max_length=1024)

@@ -172,6 +172,15 @@ class Watcher:
         )
         return matches[count - 1]
 
+    async def wait_end(self, expect: str = "completed", timeout: float = 120.0) -> Event[Any]:
+        """The job's terminal event, which must be of type `expect` (the failure text shows otherwise)."""
+        ends = await self.wait_until(
+            lambda events: [e for e in events if self.short(e.type) in ("completed", "failed", "cancelled")], 1, timeout
+        )
+        end = ends[0]
+        assert self.short(end.type) == expect, f"job ended {self.short(end.type)}: {end.data}"
+        return end
+
     async def wait_until(
         self, select: Callable[[list[Event[Any]]], list[Event[Any]]], count: int = 1, timeout: float = 15.0
     ) -> list[Event[Any]]:

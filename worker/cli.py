@@ -1,4 +1,4 @@
-"""The `forseti` command: worker, submit, watch, cancel, pause, resume, jobs, capabilities, up."""
+"""The `forseti` command: worker, executor, submit, watch, cancel, pause, resume, jobs, capabilities, up."""
 
 from __future__ import annotations
 
@@ -280,6 +280,42 @@ def capabilities(
             await client.close()
 
     out.print_json(asyncio.run(go()).model_dump_json())
+
+
+@app.command()
+def executor(
+    env: Annotated[str, typer.Option(help="A gymnasium env id (forseti/EmailTriage-v0, CartPole-v1, ...).")],
+    executor_id: Annotated[str, typer.Option("--id", help="The executor's name: jobs send actions to it.")],
+    num_envs: Annotated[int, typer.Option(min=1, max=1024, help="Sub-envs per session.")] = 1,
+    max_sessions: Annotated[int, typer.Option(min=1, help="Sessions (RL jobs) served at once.")] = 64,
+    bus: BusOpt = DEFAULT_BUS_URL,
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Serve a gymnasium env to RL jobs: actions come in as events, observations go back, until SIGTERM."""
+    from forseti.envs.executor import EnvServer, gym_factory
+
+    setup_logging(json_lines=log_json)
+
+    async def go() -> None:
+        client = await _connected(bus)
+        try:
+            server = EnvServer(
+                client, executor_id, gym_factory(env), num_envs=num_envs, environment=env, max_sessions=max_sessions
+            )
+        except Exception as exc:
+            raise _fail(f"cannot make env {env!r}: {exc}") from exc
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await server.start()
+        try:
+            await stop.wait()
+        finally:
+            await server.stop()
+            await client.close()
+
+    asyncio.run(go())
 
 
 @app.command()

@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from forseti.adapters.bus import Bus
 from forseti.adapters.registry import RegistryStore
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
@@ -67,9 +68,14 @@ class JobContext:
         store: RegistryStore,
         announcer: Announcer,
         loop: asyncio.AbstractEventLoop,
+        bus: Bus | None = None,
+        artifacts_root: Path | None = None,
     ) -> None:
         self.job_id, self.kind, self.attempt, self.resumed = job_id, kind, attempt, resumed
         self._work_dir = work_dir
+        self._artifacts_root = artifacts_root or work_dir.parent.parent / "artifacts"
+        self.bus = bus
+        """The worker's bus (the protocol, not a transport), for handlers that talk to executors."""
         self.inputs_root = inputs_root
         """Input files must lie under this folder."""
         self.store = store
@@ -85,6 +91,24 @@ class JobContext:
         """Private folder of this job, made on first use; survives redeliveries so a handler can resume."""
         self._work_dir.mkdir(parents=True, exist_ok=True)
         return self._work_dir
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where this job's exported files go (`<data dir>/artifacts/<job id>`), made on first use."""
+        path = self._artifacts_root / self.job_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop that owns the bus, for threads that need to reach it."""
+        return self._loop
+
+    def hold(self) -> bool:
+        """A safe point for callbacks shaped like SB3's `_on_step() -> bool`: blocks while paused,
+        returns False once the job was asked to stop. Call from the handler's thread."""
+        self._unpaused.wait()
+        return self._stop is None
 
     @property
     def checkpoint_dir(self) -> Path:

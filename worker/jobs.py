@@ -116,6 +116,8 @@ class JobRunner:
             store=worker.store,
             announcer=worker,
             loop=asyncio.get_running_loop(),
+            bus=worker.bus,
+            artifacts_root=worker.settings.data_dir / "artifacts",
         )
         worker.running[self.job_id] = self
         running = worker.metrics.jobs_running.labels(self.kind.value)

@@ -19,6 +19,8 @@ import pytest
 
 from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer
+from forseti.schemas.envelope import encode
+from forseti.schemas.tasks import RLTask
 
 from ..helpers import watch
 
@@ -49,9 +51,9 @@ def run(bus: str, *args: str, stdin: bytes | None = None, timeout: float = 60) -
 class WorkerProcess:
     """`forseti worker` in its own process; started() returns once it logs that it is pulling tasks."""
 
-    def __init__(self, bus: str, data_dir: Path, *extra: str) -> None:
+    def __init__(self, bus: str, data_dir: Path, *extra: str, handlers: list[str] = HANDLERS) -> None:
         self.proc = subprocess.Popen(
-            forseti_cmd("worker", "--data-dir", str(data_dir), "--shutdown-grace", "5", *HANDLERS, *extra),
+            forseti_cmd("worker", "--data-dir", str(data_dir), "--shutdown-grace", "5", *handlers, *extra),
             cwd=REPO,
             env=env(bus),
             stderr=subprocess.PIPE,
@@ -170,3 +172,36 @@ def run_task_event(job_id: str) -> bytes:
     from forseti.schemas.tasks import TrainingTask
 
     return encode(TrainingTask.model_validate(orjson.loads(training_task(150, job_id))))
+
+
+def test_a_killed_rl_worker_is_replaced_by_one_that_resumes_training(bus_url: str, tmp_path: Path) -> None:
+    async def scenario() -> None:
+        client = NatsBus(bus_url.split("?")[0])
+        await client.connect()
+        task = RLTask.model_validate(
+            {
+                "request_id": f"rl-resume-{uuid.uuid4().hex[:6]}",
+                "algorithm": "ppo",
+                "environment": "CartPole-v1",
+                "config": {"total_timesteps": 6000, "n_steps": 256, "checkpoint_interval": 500, "seed": 2},
+                "policy": {"net_arch": [16]},
+                "evaluation": {"episodes": 1},
+            }
+        )
+        job_id = task.request_id or ""
+        events = await watch(client, job_id)
+        first = WorkerProcess(bus_url, tmp_path / "data", handlers=[])  # the installed handlers: rl
+        await client.publish("forseti.tasks.rl", encode(task))
+        await events.wait_for("progress", timeout=120)
+        first.stop(signal.SIGKILL)
+        second = WorkerProcess(bus_url, tmp_path / "data", handlers=[])
+        try:
+            done = (await events.wait_end(timeout=180)).data
+        finally:
+            assert second.stop() == 0
+            await client.close()
+        # killed after its first progress event (at 2,000): the last checkpoint is at least 1,500
+        assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 1500
+        assert done.result.metrics.custom_metrics["timesteps"] >= 6000
+
+    asyncio.run(scenario())

@@ -1,0 +1,213 @@
+"""The executor SDK: serve any gymnasium env (or any object with `reset` / `step`) over the bus.
+
+    server = EnvServer(bus, "thor-1", lambda: gymnasium.make("CartPole-v1"), num_envs=8)
+    await server.start()        # answers forseti.env.thor-1 until stop()
+
+One server holds many sessions at once (one per RL job); each session owns `num_envs` sub-envs,
+stepped together so the bus cost is paid once per vector step. Auto-reset follows SB3's VecEnv:
+a finished sub-env is reset at once, its last observation sent as `terminal_observation` in its
+info. This module needs gymnasium and numpy only (no torch), so an action system can embed it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, SupportsFloat
+
+from gymnasium import spaces
+
+from forseti.adapters.bus import Bus, Message, Subscription
+from forseti.schemas.base import Strict
+from forseti.schemas.catalog import env_channel
+from forseti.schemas.env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
+
+from .spaces import check_batch, space_to_spec, to_wire
+
+log = logging.getLogger(__name__)
+
+
+class EnvLike(Protocol):
+    """What an executor can serve: gymnasium's Env API."""
+
+    @property
+    def observation_space(self) -> spaces.Space[Any]:
+        """What one observation looks like."""
+
+    @property
+    def action_space(self) -> spaces.Space[Any]:
+        """What one action looks like."""
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        """Start an episode."""
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        """Act once."""
+
+    def close(self) -> None:
+        """Release resources."""
+
+
+@dataclass
+class Session:
+    """The sub-envs of one client."""
+
+    envs: list[EnvLike]
+    last_step: int = -1
+
+    def reset(self, session_id: str, seeds: list[int | None]) -> EnvTransition:
+        observations, infos = [], []
+        for i, env in enumerate(self.envs):
+            obs, info = env.reset(seed=seeds[i] if i < len(seeds) else None)
+            observations.append(to_wire(obs))
+            infos.append(to_wire(info))
+        return EnvTransition(session_id=session_id, step=0, observations=observations, infos=infos)
+
+    def step(self, session_id: str, number: int, actions: list[Any]) -> EnvTransition:
+        space = self.envs[0].action_space
+        batch = check_batch(actions, space, len(self.envs), "actions")
+        observations, rewards, terminated, truncated, infos = [], [], [], [], []
+        for env, action in zip(self.envs, batch, strict=True):
+            act = int(action) if isinstance(space, spaces.Discrete) else action
+            obs, reward, term, trunc, info = env.step(act)
+            info = dict(info)
+            if term or trunc:
+                info["terminal_observation"] = obs
+                obs, _ = env.reset()
+            observations.append(to_wire(obs))
+            rewards.append(float(reward))
+            terminated.append(bool(term))
+            truncated.append(bool(trunc))
+            infos.append(to_wire(info))
+        self.last_step = number
+        return EnvTransition(
+            session_id=session_id,
+            step=number,
+            observations=observations,
+            rewards=rewards,
+            terminated=terminated,
+            truncated=truncated,
+            infos=infos,
+        )
+
+
+class EnvServer:
+    """Serves sessions of `num_envs` sub-envs made by `make_env` on `forseti.env.<executor_id>`."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        executor_id: str,
+        make_env: Callable[[], EnvLike],
+        *,
+        num_envs: int = 1,
+        environment: str | None = None,
+        max_sessions: int = 64,
+    ) -> None:
+        self.bus, self.executor_id, self.make_env = bus, executor_id, make_env
+        self.num_envs, self.environment, self.max_sessions = num_envs, environment, max_sessions
+        self.sessions: dict[str, Session] = {}
+        self._sub: Subscription | None = None
+        probe = make_env()
+        self.spaces = (space_to_spec(probe.observation_space), space_to_spec(probe.action_space))
+        probe.close()
+
+    @property
+    def channel(self) -> str:
+        """Where requests arrive."""
+        return env_channel(self.executor_id)
+
+    async def start(self) -> None:
+        """Answer requests. Sessions live in this process, so replicas need distinct executor ids."""
+        self._sub = await self.bus.subscribe(self.channel, self._on_request)
+        log.info(
+            "executor %s serving %s x%d on %s", self.executor_id, self.environment or "env", self.num_envs, self.channel
+        )
+
+    async def stop(self) -> None:
+        """Stop answering and close every session's envs."""
+        if self._sub is not None:
+            await self._sub.unsubscribe()
+            self._sub = None
+        for session_id in list(self.sessions):
+            self._close(session_id)
+
+    async def _on_request(self, msg: Message) -> None:
+        session_id = "_"
+        try:
+            request: Strict = decode(msg.data).data
+            session_id = getattr(request, "session_id", "_")
+            reply: EnvSpec | EnvTransition | EnvError = self.handle(request)
+        except InvalidTask as exc:
+            reply = EnvError(session_id=session_id, code=ErrorCode.INVALID_TASK, message=exc.message)
+        except ForsetiError as exc:
+            reply = EnvError(session_id=session_id, code=exc.code, message=exc.message)
+        except Exception as exc:  # the env's own bug: the trainer must hear of it, not wait out a timeout
+            log.exception("session %s: the env failed", session_id)
+            reply = EnvError(
+                session_id=session_id,
+                code=ErrorCode.HANDLER_ERROR,
+                message=f"the env raised {type(exc).__name__}: {exc}"[:4096],
+            )
+        if msg.reply is not None:
+            await msg.respond(encode(reply, subject=session_id))
+
+    def handle(self, request: object) -> EnvSpec | EnvTransition | EnvError:
+        """Answer one request (synchronously: stepping small envs inline beats a thread hop)."""
+        if isinstance(request, EnvOpen):
+            return self._open(request)
+        if not isinstance(request, EnvReset | EnvStep | EnvClose):
+            raise InvalidTask(f"{type(request).__name__} is not an env request")
+        session = self.sessions.get(request.session_id)
+        if session is None:
+            raise ForsetiError(
+                f"no session {request.session_id!r} on executor {self.executor_id}", code=ErrorCode.INVALID_TASK
+            )
+        if isinstance(request, EnvClose):
+            self._close(request.session_id)
+            return EnvTransition(session_id=request.session_id, step=max(session.last_step, 0))
+        if isinstance(request, EnvReset):
+            return session.reset(request.session_id, request.seeds)
+        return session.step(request.session_id, request.step, request.actions)
+
+    def _open(self, request: EnvOpen) -> EnvSpec:
+        if request.environment and self.environment and request.environment != self.environment:
+            raise ForsetiError(
+                f"executor {self.executor_id} serves {self.environment}, not {request.environment}",
+                code=ErrorCode.INVALID_TASK,
+            )
+        if request.session_id not in self.sessions:
+            if len(self.sessions) >= self.max_sessions:
+                raise ForsetiError(
+                    f"executor {self.executor_id} already holds {self.max_sessions} sessions",
+                    code=ErrorCode.INVALID_TASK,
+                    retriable=True,
+                )
+            self.sessions[request.session_id] = Session([self.make_env() for _ in range(self.num_envs)])
+        observation, action = self.spaces
+        return EnvSpec(
+            session_id=request.session_id, observation_space=observation, action_space=action, num_envs=self.num_envs
+        )
+
+    def _close(self, session_id: str) -> None:
+        session = self.sessions.pop(session_id, None)
+        for env in session.envs if session else []:
+            env.close()
+
+
+def gym_factory(env_id: str, **kwargs: Any) -> Callable[[], EnvLike]:
+    """`make_env` for a registered gymnasium id (Forseti's own envs included)."""
+    import gymnasium
+
+    from . import register_envs
+
+    register_envs()
+
+    def make() -> EnvLike:
+        env: EnvLike = gymnasium.make(env_id, **kwargs)
+        return env
+
+    return make

@@ -1,0 +1,152 @@
+"""RemoteVecEnv: an SB3 VecEnv whose sub-envs live on an executor across the bus.
+
+It is called from the training thread (SB3's loop is synchronous) and hands each request to the
+event loop that owns the bus, so one `step` event carries the actions of all sub-envs and one
+reply brings back their observations, rewards, flags and infos. Whatever the executor sends is
+checked (shape, dtype, NaN / infinity, float32 range) before SB3 sees it; an executor that does
+not answer in time fails with `executor_timeout`, naming the executor and the step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from stable_baselines3.common.vec_env.base_vec_env import VecEnv, VecEnvIndices, VecEnvObs, VecEnvStepReturn
+
+from forseti.adapters.bus import Bus
+from forseti.schemas.base import Strict
+from forseti.schemas.catalog import env_channel
+from forseti.schemas.env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask, RequestTimeout
+
+from .spaces import check_batch, check_flags, check_rewards, spec_to_space
+
+
+class RemoteVecEnv(VecEnv):
+    """Sub-envs on executor `executor_id`, reached over `bus` from a thread other than `loop`'s."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        executor_id: str,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        session_id: str,
+        environment: str | None = None,
+        step_timeout: float = 10.0,
+    ) -> None:
+        self.bus, self.executor_id, self.loop = bus, executor_id, loop
+        self.session_id, self.step_timeout = session_id, step_timeout
+        self.steps = 0
+        self._actions: np.ndarray | None = None
+        spec = self._call(EnvOpen(session_id=session_id, environment=environment), EnvSpec, "open")
+        super().__init__(spec.num_envs, spec_to_space(spec.observation_space), spec_to_space(spec.action_space))
+
+    def _call(self, request: Strict, expect: type[Any], what: str) -> Any:
+        future = asyncio.run_coroutine_threadsafe(
+            self.bus.request(
+                env_channel(self.executor_id), encode(request, subject=self.session_id), timeout=self.step_timeout
+            ),
+            self.loop,
+        )
+        try:
+            raw = future.result(self.step_timeout + 5)
+        except (RequestTimeout, TimeoutError) as exc:
+            future.cancel()
+            raise ForsetiError(
+                f"executor {self.executor_id!r} did not answer {what} within {self.step_timeout:g}s",
+                code=ErrorCode.EXECUTOR_TIMEOUT,
+            ) from exc
+        try:
+            reply: Strict = decode(raw).data
+        except InvalidTask as exc:
+            raise ForsetiError(
+                f"executor {self.executor_id!r} answered {what} with an invalid reply: {exc.message}",
+                code=ErrorCode.INVALID_DATA,
+            ) from exc
+        if isinstance(reply, EnvError):
+            raise ForsetiError(f"executor {self.executor_id!r} refused {what}: {reply.message}", code=reply.code)
+        if not isinstance(reply, expect):
+            raise ForsetiError(
+                f"executor {self.executor_id!r} answered {what} with {type(reply).__name__}",
+                code=ErrorCode.INVALID_DATA,
+            )
+        return reply
+
+    def reset(self) -> VecEnvObs:
+        """Reset every sub-env with the seeds set by `seed()`."""
+        seeds = [s if s is None else int(s) % 2**32 for s in self._seeds]
+        transition: EnvTransition = self._call(
+            EnvReset(session_id=self.session_id, seeds=seeds), EnvTransition, "reset"
+        )
+        self._reset_seeds()
+        self._reset_options()
+        self.reset_infos = [dict(info) for info in transition.infos] or [{} for _ in range(self.num_envs)]
+        return check_batch(transition.observations, self.observation_space, self.num_envs, "observations")
+
+    def step_async(self, actions: np.ndarray) -> None:
+        """Keep the actions for step_wait."""
+        self._actions = actions
+
+    def step_wait(self) -> VecEnvStepReturn:
+        """One round trip for all sub-envs; SB3's auto-reset semantics."""
+        assert self._actions is not None, "step_async first"
+        actions = check_batch(np.asarray(self._actions).tolist(), self.action_space, self.num_envs, "actions")
+        self.steps += 1
+        what = f"step {self.steps}"
+        t: EnvTransition = self._call(
+            EnvStep(session_id=self.session_id, step=self.steps, actions=actions.tolist()), EnvTransition, what
+        )
+        observations = check_batch(t.observations, self.observation_space, self.num_envs, "observations")
+        rewards = check_rewards(t.rewards, self.num_envs)
+        terminated = check_flags(t.terminated, self.num_envs, "terminated")
+        truncated = check_flags(t.truncated, self.num_envs, "truncated")
+        infos: list[dict[str, Any]] = [dict(info) for info in t.infos] or [{} for _ in range(self.num_envs)]
+        for i, info in enumerate(infos):
+            info["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
+            if "terminal_observation" in info:
+                info["terminal_observation"] = check_batch(
+                    [info["terminal_observation"]], self.observation_space, 1, f"infos[{i}].terminal_observation"
+                )[0]
+        return observations, rewards, terminated | truncated, infos
+
+    def close(self) -> None:
+        """End the session on the executor (a gone executor is not an error here)."""
+        try:
+            self._call(EnvClose(session_id=self.session_id), EnvTransition, "close")
+        except ForsetiError:
+            return
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        """Only `render_mode` is known across the bus (remote envs do not render here)."""
+        if attr_name == "render_mode":
+            return [None for _ in self._get_indices(indices)]
+        raise AttributeError(f"{attr_name!r} of a remote env is not available across the bus")
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        """Remote env attributes cannot be set from here."""
+        raise AttributeError(f"cannot set {attr_name!r} on a remote env")
+
+    def env_method(
+        self, method_name: str, *method_args: Any, indices: VecEnvIndices = None, **method_kwargs: Any
+    ) -> list[Any]:
+        """Remote env methods cannot be called from here."""
+        raise AttributeError(f"cannot call {method_name!r} on a remote env")
+
+    def env_is_wrapped(self, wrapper_class: type[Any], indices: VecEnvIndices = None) -> list[bool]:
+        """Remote envs report no wrappers (wrap this VecEnv in VecMonitor for episode statistics)."""
+        return [False for _ in self._get_indices(indices)]
+
+    def seed(self, seed: int | None = None) -> Sequence[int | None]:
+        """Seeds for the next reset, `seed + i` per sub-env as SB3's DummyVecEnv does."""
+        return super().seed(seed)
+
+
+def is_discrete(space: spaces.Space[Any]) -> bool:
+    """True for the spaces whose actions compare exactly."""
+    return isinstance(space, spaces.Discrete | spaces.MultiDiscrete | spaces.MultiBinary)

@@ -1,0 +1,90 @@
+"""The remote VecEnv over every transport: the same trajectory as SB3's local DummyVecEnv."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from forseti.envs import register_envs
+from forseti.envs.executor import EnvServer, gym_factory
+from forseti.envs.remote import RemoteVecEnv
+from forseti.schemas.tasks import RLTask
+from forseti.worker.handlers.rl import RLHandler
+
+from ..helpers import running_worker, submit, watch
+
+
+@pytest.mark.parametrize(("env_id", "num_envs", "steps"), [("CartPole-v1", 4, 120), ("forseti/EmailTriage-v0", 2, 60)])
+async def test_a_remote_env_steps_exactly_like_a_local_one(
+    connect: Callable[[], Any], env_id: str, num_envs: int, steps: int
+) -> None:
+    register_envs()
+    executor_side, worker_side = await connect(), await connect()
+    executor_id = f"ex-{uuid.uuid4().hex[:6]}"
+    await EnvServer(executor_side, executor_id, gym_factory(env_id), num_envs=num_envs, environment=env_id).start()
+    loop = asyncio.get_running_loop()
+
+    def compare() -> int:
+        remote = RemoteVecEnv(worker_side, executor_id, loop=loop, session_id="job", environment=env_id)
+        local = DummyVecEnv([lambda: gym.make(env_id) for _ in range(num_envs)])
+        remote.seed(11)
+        local.seed(11)
+        assert np.array_equal(np.asarray(remote.reset()), np.asarray(local.reset()))
+        rng, episodes = np.random.default_rng(0), 0
+        for _ in range(steps):
+            actions = rng.integers(0, remote.action_space.n, size=num_envs)  # type: ignore[attr-defined]
+            r_obs, r_rew, r_done, r_info = remote.step(actions)
+            l_obs, l_rew, l_done, l_info = local.step(actions)
+            assert np.array_equal(np.asarray(r_obs), np.asarray(l_obs))
+            assert np.array_equal(r_rew, l_rew)
+            assert np.array_equal(r_done, l_done)
+            for mine, theirs in zip(r_info, l_info, strict=True):
+                assert mine["TimeLimit.truncated"] == theirs["TimeLimit.truncated"]
+                if "terminal_observation" in theirs:
+                    assert np.array_equal(mine["terminal_observation"], theirs["terminal_observation"])
+                    episodes += 1
+        remote.close()
+        return episodes
+
+    assert await asyncio.to_thread(compare) > 0
+
+
+async def test_ppo_trains_through_a_remote_executor(bus_factory: Callable[[], Any], tmp_path: Path) -> None:
+    executor_side = bus_factory()
+    await executor_side.connect()
+    executor_id = f"ex-{uuid.uuid4().hex[:6]}"
+    server = EnvServer(executor_side, executor_id, gym_factory("CartPole-v1"), num_envs=4, environment="CartPole-v1")
+    await server.start()
+    client = bus_factory()
+    await client.connect()
+    try:
+        async with running_worker(bus_factory(), [RLHandler(progress_every=64)], tmp_path, poll_interval=0.5):
+            task = RLTask.model_validate(
+                {
+                    "request_id": f"remote-{uuid.uuid4().hex[:6]}",
+                    "algorithm": "ppo",
+                    "environment": "CartPole-v1",
+                    "executor": executor_id,
+                    "config": {"total_timesteps": 256, "n_steps": 32, "seed": 3},
+                    "policy": {"net_arch": [16]},
+                    "evaluation": {"episodes": 1},
+                }
+            )
+            events = await watch(client, task.request_id or "")
+            await submit(client, task)
+            done = (await events.wait_end(timeout=120)).data
+        assert done.result.metrics.custom_metrics["timesteps"] >= 256
+        assert done.result.metrics.custom_metrics["onnx_action_agreement"] == 1.0
+        assert [e for e in events.events if e.type.endswith("progress.v1")]
+    finally:
+        await server.stop()
+        await client.close()
+        await executor_side.close()

@@ -1,0 +1,153 @@
+"""Spaces on the wire, the checks on what executors send, Forseti's own envs, executor failures."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import pytest
+from gymnasium import spaces
+from gymnasium.utils.env_checker import check_env
+
+from forseti.adapters.bus import MemoryBroker, MemoryBus
+from forseti.envs import ENV_IDS, register_envs
+from forseti.envs.executor import EnvServer, gym_factory
+from forseti.envs.remote import RemoteVecEnv
+from forseti.envs.spaces import check_batch, check_rewards, space_to_spec, spec_to_space
+from forseti.schemas.errors import ErrorCode, ForsetiError
+
+
+@pytest.mark.parametrize(
+    "space",
+    [
+        spaces.Box(low=np.array([-np.inf, -1.0], dtype=np.float32), high=np.array([np.inf, 2.0], dtype=np.float32)),
+        spaces.Box(0, 255, shape=(2, 3), dtype=np.uint8),
+        spaces.Discrete(5),
+        spaces.MultiDiscrete([3, 4]),
+        spaces.MultiBinary(6),
+    ],
+)
+def test_spaces_survive_the_wire(space: spaces.Space[Any]) -> None:
+    again = spec_to_space(type(space_to_spec(space)).model_validate_json(space_to_spec(space).model_dump_json()))
+    assert again == space
+
+
+def test_checks_name_the_field_and_the_sub_env() -> None:
+    box = spaces.Box(-1, 1, shape=(2,), dtype=np.float32)
+    with pytest.raises(ForsetiError, match=r"observations\[1\]: NaN or infinity") as info:
+        check_batch([[0.0, 0.0], [math.nan, 0.0]], box, 2, "observations")
+    assert info.value.code is ErrorCode.INVALID_DATA
+    with pytest.raises(ForsetiError, match=r"shape \(3,\) per sub-env, the space says \(2,\)"):
+        check_batch([[0.0, 0.0, 0.0]], box, 1, "observations")
+    with pytest.raises(ForsetiError, match=r"actions\[0\]: 7 is outside Discrete\(2\)"):
+        check_batch([7], spaces.Discrete(2), 1, "actions")
+    with pytest.raises(ForsetiError, match=r"rewards\[0\]: .* is not a finite float32"):
+        check_rewards([1e39], 1)
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_forseti_envs_pass_the_gymnasium_checker(env_id: str) -> None:
+    register_envs()
+    env = gym.make(env_id)
+    check_env(env.unwrapped)
+    obs, _ = env.reset(seed=3)
+    assert env.observation_space.contains(obs)
+
+
+class NanEnv(gym.Env[np.ndarray, int]):
+    """Emits NaN after two steps, or raises, to stand for a broken executor-side env."""
+
+    def __init__(self, fail: str = "nan") -> None:
+        self.observation_space = spaces.Box(-1, 1, shape=(2,), dtype=np.float32)
+        self.action_space = spaces.Discrete(2)  # type: ignore[assignment]
+        self.fail, self.t = fail, 0
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        self.t = 0
+        return np.zeros(2, dtype=np.float32), {}
+
+    def step(self, action: int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        self.t += 1
+        if self.t > 2 and self.fail == "raise":
+            raise RuntimeError("sensor unplugged")
+        value = math.nan if self.t > 2 else 0.0
+        return np.array([0.0, value], dtype=np.float32), 1.0, False, False, {}
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[MemoryBus, MemoryBus]]:
+    broker = MemoryBroker()
+    executor_side, worker_side = MemoryBus(broker), MemoryBus(broker)
+    await executor_side.connect()
+    await worker_side.connect()
+    yield executor_side, worker_side
+    await worker_side.close()
+    await executor_side.close()
+
+
+@pytest.mark.parametrize(
+    ("fail", "code", "message"),
+    [
+        ("nan", ErrorCode.INVALID_DATA, r"observations\[0\]: NaN or infinity"),
+        ("raise", ErrorCode.HANDLER_ERROR, "the env raised RuntimeError: sensor unplugged"),
+    ],
+)
+async def test_a_broken_env_fails_with_a_message_naming_the_problem(
+    pair: tuple[MemoryBus, MemoryBus], fail: str, code: ErrorCode, message: str
+) -> None:
+    executor_side, worker_side = pair
+    server = EnvServer(executor_side, "broken", lambda: NanEnv(fail), num_envs=2)
+    await server.start()
+    loop = asyncio.get_running_loop()
+
+    def train() -> None:
+        env = RemoteVecEnv(worker_side, "broken", loop=loop, session_id="job-1", step_timeout=5)
+        env.reset()
+        for _ in range(3):
+            env.step(np.array([0, 1]))
+
+    with pytest.raises(ForsetiError, match=message) as info:
+        await asyncio.to_thread(train)
+    assert info.value.code is code
+
+
+async def test_a_missing_executor_fails_with_executor_timeout(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    _, worker_side = pair
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ForsetiError, match=r"executor 'nobody' did not answer open within 0\.3s") as info:
+        await asyncio.to_thread(
+            lambda: RemoteVecEnv(worker_side, "nobody", loop=loop, session_id="s", step_timeout=0.3)
+        )
+    assert info.value.code is ErrorCode.EXECUTOR_TIMEOUT
+
+
+async def test_an_executor_that_stops_mid_run_fails_the_step_it_left(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    executor_side, worker_side = pair
+    server = EnvServer(executor_side, "short-lived", gym_factory("CartPole-v1"), num_envs=1)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    env = await asyncio.to_thread(
+        lambda: RemoteVecEnv(worker_side, "short-lived", loop=loop, session_id="s", step_timeout=0.3)
+    )
+    await asyncio.to_thread(env.reset)
+    await asyncio.to_thread(env.step, np.array([0]))
+    await server.stop()
+    with pytest.raises(ForsetiError, match="did not answer step 2 within") as info:
+        await asyncio.to_thread(env.step, np.array([1]))
+    assert info.value.code is ErrorCode.EXECUTOR_TIMEOUT
+
+
+async def test_the_executor_refuses_another_env_than_the_job_expects(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    executor_side, worker_side = pair
+    await EnvServer(executor_side, "carts", gym_factory("CartPole-v1"), environment="CartPole-v1").start()
+    loop = asyncio.get_running_loop()
+    with pytest.raises(ForsetiError, match="serves CartPole-v1, not Pendulum-v1"):
+        await asyncio.to_thread(
+            lambda: RemoteVecEnv(worker_side, "carts", loop=loop, session_id="s", environment="Pendulum-v1")
+        )

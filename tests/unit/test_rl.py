@@ -1,0 +1,179 @@
+"""The RL handler on the memory bus: four algorithms on tiny budgets, refusals, cancel, resume, executors."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from forseti.adapters.bus import MemoryBroker, MemoryBus
+from forseti.adapters.exporters import sha256_of
+from forseti.adapters.registry import SqliteStore
+from forseti.envs.executor import EnvServer, gym_factory
+from forseti.schemas.catalog import CONTROL, MODELS
+from forseti.schemas.control import CancelJob
+from forseti.schemas.envelope import encode
+from forseti.schemas.jobs import JobState
+from forseti.schemas.tasks import RLTask
+from forseti.worker.handlers.rl import RLHandler
+
+from ..helpers import Watcher, running_worker, submit, watch
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    return MemoryBroker()
+
+
+@pytest.fixture
+async def client(broker: MemoryBroker) -> AsyncIterator[MemoryBus]:
+    bus = MemoryBus(broker)
+    await bus.connect()
+    yield bus
+    await bus.close()
+
+
+def rl_task(algorithm: str, environment: str, **config: Any) -> RLTask:
+    executor = config.pop("executor", None)
+    episodes = config.pop("episodes", 2)
+    return RLTask.model_validate(
+        {
+            "request_id": f"rl-{uuid.uuid4().hex[:8]}",
+            "algorithm": algorithm,
+            "environment": environment,
+            "executor": executor,
+            "config": {"seed": 1, **config},
+            "policy": {"net_arch": [16, 16]},
+            "evaluation": {"episodes": episodes},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "environment", "config"),
+    [
+        ("ppo", "CartPole-v1", {"total_timesteps": 128, "n_steps": 64}),
+        ("a2c", "CartPole-v1", {"total_timesteps": 100, "n_steps": 5}),
+        ("dqn", "CartPole-v1", {"total_timesteps": 200}),
+        ("sac", "Pendulum-v1", {"total_timesteps": 150}),
+        ("ppo", "forseti/EmailTriage-v0", {"total_timesteps": 128, "n_steps": 32, "num_envs": 2}),
+    ],
+)
+async def test_each_algorithm_trains_exports_registers_and_announces(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, algorithm: str, environment: str, config: dict[str, Any]
+) -> None:
+    models = Watcher()
+    await client.subscribe(MODELS, models.on_message)
+    async with running_worker(MemoryBus(broker), [RLHandler(progress_every=50)], tmp_path) as worker:
+        task = rl_task(algorithm, environment, **config)
+        job_id = task.request_id or ""
+        events = await watch(client, job_id)
+        await submit(client, task)
+        done = (await events.wait_end()).data
+        result = done.result
+        assert result.metrics.total_episodes == 2
+        assert result.metrics.custom_metrics["timesteps"] >= config["total_timesteps"]
+        assert result.metrics.custom_metrics["onnx_action_agreement"] == 1.0
+        assert result.metrics.custom_metrics["onnx_max_abs_diff"] < 1e-4
+        onnx = Path(result.policy_path)
+        assert onnx.is_file()
+        assert onnx.with_suffix(".safetensors").is_file()
+        assert onnx.with_suffix(".json").is_file()
+        progress = [e.data for e in events.events if e.type.endswith("progress.v1")]
+        assert progress, "progress events while training"
+        assert progress[-1].fraction == 1.0
+        announced = (await models.wait_for("available")).data
+        assert (announced.kind, announced.format, announced.job_id) == ("policy", "onnx", job_id)
+        assert announced.sha256 == sha256_of(onnx)
+        assert announced.size_bytes == onnx.stat().st_size
+        agents = await worker.store.list_rl_agents(algorithm=algorithm)
+        assert [a.id for a in agents] == [job_id]
+        assert {a.format for a in await worker.store.list_artifacts(job_id)} == {"onnx", "safetensors"}
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "environment", "message"),
+    [
+        ("dqn", "Pendulum-v1", "DQN cannot act in a Box action space"),
+        ("sac", "CartPole-v1", "SAC cannot act in a Discrete action space"),
+        ("ppo", "NoSuchEnv-v9", "unknown environment 'NoSuchEnv-v9'"),
+    ],
+)
+async def test_impossible_tasks_are_refused_before_any_training(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, algorithm: str, environment: str, message: str
+) -> None:
+    async with running_worker(MemoryBus(broker), [RLHandler()], tmp_path):
+        task = rl_task(algorithm, environment, total_timesteps=1000)
+        events = await watch(client, task.request_id or "")
+        await submit(client, task)
+        failed = (await events.wait_end("failed")).data
+        assert failed.code == "invalid_task"
+        assert message in failed.message
+        assert not [e for e in events.events if e.type.endswith("progress.v1")]
+
+
+async def test_cancel_ends_training_within_two_seconds_and_keeps_the_checkpoint(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    async with running_worker(MemoryBus(broker), [RLHandler(progress_every=256)], tmp_path):
+        task = rl_task("ppo", "CartPole-v1", total_timesteps=1_000_000, n_steps=256)
+        job_id = task.request_id or ""
+        events = await watch(client, job_id)
+        await submit(client, task)
+        await events.wait_for("progress", timeout=60)
+        asked = asyncio.get_running_loop().time()
+        await client.publish(CONTROL, encode(CancelJob(job_id=job_id, reason="enough")))
+        await events.wait_end("cancelled", timeout=10)
+        assert asyncio.get_running_loop().time() - asked < 2.0
+    assert (tmp_path / "jobs" / job_id / "checkpoints" / "model.zip").is_file()
+
+
+async def test_a_job_handed_back_at_shutdown_resumes_from_its_checkpoint(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    task = rl_task("ppo", "CartPole-v1", total_timesteps=4096, n_steps=128, checkpoint_interval=128, episodes=1)
+    job_id = task.request_id or ""
+    events = await watch(client, job_id)
+    async with running_worker(MemoryBus(broker), [RLHandler(progress_every=128)], tmp_path, shutdown_grace=0.0):
+        await submit(client, task)
+        await events.wait_for("progress", count=2, timeout=60)
+    store = SqliteStore(tmp_path / "registry.db")
+    await store.open()
+    job = await store.get_job(job_id)
+    await store.close()
+    assert job is not None
+    assert job.state is JobState.PENDING
+    async with running_worker(MemoryBus(broker), [RLHandler(progress_every=512)], tmp_path):
+        done = (await events.wait_end()).data
+    assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 256
+    assert done.result.metrics.custom_metrics["timesteps"] >= 4096
+
+
+async def test_ppo_trains_on_a_remote_executor_and_a_killed_executor_fails_the_job(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    executor_bus = MemoryBus(broker)
+    await executor_bus.connect()
+    server = EnvServer(executor_bus, "cart-exec", gym_factory("CartPole-v1"), num_envs=2, environment="CartPole-v1")
+    await server.start()
+    async with running_worker(MemoryBus(broker), [RLHandler(step_timeout=1.0, progress_every=64)], tmp_path):
+        task = rl_task("ppo", "CartPole-v1", total_timesteps=128, n_steps=32, executor="cart-exec", episodes=1)
+        events = await watch(client, task.request_id or "")
+        await submit(client, task)
+        done = (await events.wait_end()).data
+        assert done.result.metrics.custom_metrics["timesteps"] >= 128
+        assert not server.sessions, "the job closes its sessions"
+
+        doomed = rl_task("ppo", "CartPole-v1", total_timesteps=100_000, n_steps=32, executor="cart-exec")
+        events = await watch(client, doomed.request_id or "")
+        await submit(client, doomed)
+        await events.wait_for("progress", timeout=60)
+        await server.stop()  # the executor goes away mid-training
+        failed = (await events.wait_end("failed", timeout=30)).data
+        assert failed.code == "executor_timeout"
+        assert "executor 'cart-exec' did not answer step" in failed.message
+    await executor_bus.close()

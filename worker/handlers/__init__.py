@@ -1,0 +1,1 @@
+"""The built-in task handlers, registered under the `forseti.handlers` entry points."""

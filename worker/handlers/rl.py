@@ -1,0 +1,133 @@
+"""The RL handler: PPO, SAC, DQN and A2C from stable-baselines3, on an env in the worker or on a
+remote executor; the trained policy registered, exported to ONNX + SafeTensors and announced."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from forseti.adapters.exporters import sha256_of
+from forseti.adapters.registry import Artifact, ModelRecord, RLAgent
+from forseti.adapters.registry.base import utcnow
+from forseti.schemas.capabilities import Capability
+from forseti.schemas.jobs import RLMetrics, RLResult
+from forseti.schemas.models import ModelAvailable
+from forseti.schemas.tasks import RLTask, TaskKind
+from forseti.worker.context import JobContext
+
+ALGORITHM_NAMES = ("ppo", "sac", "dqn", "a2c")
+
+
+class RLHandler:
+    """Runs `forseti.task.rl.v1`."""
+
+    kind = TaskKind.RL
+
+    def __init__(self, *, step_timeout: float = 10.0, progress_every: int = 2_000, torch_threads: int = 1) -> None:
+        self.step_timeout = step_timeout
+        """Seconds an executor may take to answer one vector step."""
+        self.progress_every = progress_every
+        """Timesteps between progress events."""
+        self.torch_threads = torch_threads
+        """Torch CPU threads for training: small MLPs run fastest on one, and the event loop keeps a core."""
+
+    def capabilities(self) -> list[Capability]:
+        """The algorithms, and the formats policies are exported to."""
+        return [
+            *(Capability(area="reinforcement-learning", name=a) for a in ALGORITHM_NAMES),
+            Capability(area="model-export", name="onnx"),
+            Capability(area="model-export", name="safetensors"),
+        ]
+
+    async def run(self, task: RLTask, ctx: JobContext) -> RLResult:
+        """Train in a thread, then register and announce the policy."""
+        trained = await ctx.run(self._train, task, ctx)
+        export = trained.export
+        name = task.name or re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task.algorithm}-{task.environment}")
+        metrics = {
+            "mean_reward": trained.mean_reward,
+            "std_reward": trained.std_reward,
+            "onnx_max_abs_diff": export.max_abs_diff,
+            "onnx_action_agreement": export.agreement,
+        }
+        model = await ctx.store.add_model(
+            ModelRecord(
+                id=ctx.job_id,
+                name=name,
+                model_type="policy",
+                framework="stable-baselines3",
+                export_path=str(export.onnx_path),
+                export_format="onnx",
+                metrics=metrics,
+                user_id=task.user_id,
+                device_id=task.device_id,
+                job_id=ctx.job_id,
+            )
+        )
+        await ctx.store.add_rl_agent(
+            RLAgent(
+                id=ctx.job_id,
+                name=name,
+                algorithm=task.algorithm,
+                environment=task.environment,
+                policy_path=str(export.onnx_path),
+                metrics=metrics,
+                user_id=task.user_id,
+                device_id=task.device_id,
+                job_id=ctx.job_id,
+            )
+        )
+        onnx_sha, onnx_size = sha256_of(export.onnx_path), export.onnx_path.stat().st_size
+        for path, fmt, digest in ((export.onnx_path, "onnx", onnx_sha), (export.safetensors_path, "safetensors", None)):
+            await ctx.store.add_artifact(
+                Artifact(
+                    id=f"{ctx.job_id}.{fmt}",
+                    model_id=model.id,
+                    format=fmt,
+                    uri=path.resolve().as_uri(),
+                    sha256=digest or sha256_of(path),
+                    size_bytes=path.stat().st_size,
+                )
+            )
+        await ctx.announce_model(
+            ModelAvailable(
+                model_id=model.id,
+                name=name,
+                version=str(model.version),
+                format="onnx",
+                uri=export.onnx_path.resolve().as_uri(),
+                sha256=onnx_sha,
+                size_bytes=onnx_size,
+                kind="policy",
+                metrics=metrics,
+                job_id=ctx.job_id,
+                created_at=utcnow(),
+            )
+        )
+        return RLResult(
+            agent_id=model.id,
+            policy_path=str(export.onnx_path),
+            metrics=RLMetrics(
+                mean_reward=trained.mean_reward,
+                std_reward=trained.std_reward,
+                total_episodes=trained.episodes,
+                training_time_ms=trained.training_time_ms,
+                custom_metrics={
+                    "timesteps": float(trained.timesteps),
+                    "resumed_from_timesteps": float(trained.resumed_from),
+                    "steps_per_second": trained.steps_per_second,
+                    "onnx_max_abs_diff": export.max_abs_diff,
+                    "onnx_action_agreement": export.agreement,
+                    "onnx_parity_samples": float(export.samples),
+                    "version": float(model.version),
+                },
+            ),
+        )
+
+    def _train(self, task: RLTask, ctx: JobContext) -> Any:
+        import torch
+
+        from .rl_training import train
+
+        torch.set_num_threads(self.torch_threads)
+        return train(task, ctx, step_timeout=self.step_timeout, progress_every=self.progress_every)

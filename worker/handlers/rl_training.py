@@ -1,0 +1,231 @@
+"""One RL training run, in the handler's thread: env, algorithm, checkpoints, evaluation, export.
+
+SB3 owns the loop; `JobCallback` is the one hook: progress every `progress_every` timesteps,
+a checkpoint every `checkpoint_interval`, and `ctx.hold()` so a pause holds and a cancel stops
+(SB3 ends `learn()` when `_on_step` returns False).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium import spaces
+from stable_baselines3 import A2C, DQN, PPO, SAC
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
+
+from forseti.adapters.exporters.policy import PolicyExport, export_policy
+from forseti.envs import register_envs
+from forseti.envs.remote import RemoteVecEnv
+from forseti.schemas.errors import ErrorCode, ForsetiError
+from forseti.schemas.tasks import RLTask
+from forseti.worker.context import JobContext
+
+ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "sac": SAC, "dqn": DQN, "a2c": A2C}
+ACTION_SPACES: dict[str, tuple[type[spaces.Space[Any]], ...]] = {
+    "ppo": (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
+    "a2c": (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary),
+    "dqn": (spaces.Discrete,),
+    "sac": (spaces.Box,),
+}
+ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
+    "tanh": torch.nn.Tanh,
+    "relu": torch.nn.ReLU,
+    "elu": torch.nn.ELU,
+    "gelu": torch.nn.GELU,
+}
+CHECKPOINT = "model.zip"
+
+
+@dataclass(frozen=True)
+class TrainedPolicy:
+    """What a finished run hands back to the handler."""
+
+    export: PolicyExport
+    mean_reward: float
+    std_reward: float
+    episodes: int
+    timesteps: int
+    resumed_from: int
+    training_time_ms: int
+    steps_per_second: float
+
+
+def check_algorithm(algorithm: str, action_space: spaces.Space[Any]) -> None:
+    """Refuse, before any training, an algorithm that cannot act in this action space."""
+    allowed = ACTION_SPACES[algorithm]
+    if not isinstance(action_space, allowed):
+        names = ", ".join(cls.__name__ for cls in allowed)
+        raise ForsetiError(
+            f"{algorithm.upper()} cannot act in a {type(action_space).__name__} action space "
+            f"({action_space}); it needs {names}",
+            code=ErrorCode.INVALID_TASK,
+        )
+
+
+def make_env(task: RLTask, ctx: JobContext, *, session: str, step_timeout: float, num_envs: int) -> VecEnv:
+    """The training (or evaluation) env: in this process, or on the task's executor; with episode stats."""
+    if task.executor is None:
+        register_envs()
+        try:
+            gym.spec(task.environment)
+        except gym.error.Error as exc:
+            raise ForsetiError(f"unknown environment {task.environment!r}: {exc}", code=ErrorCode.INVALID_TASK) from exc
+        venv: VecEnv = DummyVecEnv([lambda: gym.make(task.environment) for _ in range(num_envs)])
+    else:
+        if ctx.bus is None:
+            raise ForsetiError("remote envs need the worker's bus", code=ErrorCode.INVALID_TASK)
+        venv = RemoteVecEnv(
+            ctx.bus,
+            task.executor,
+            loop=ctx.loop,
+            session_id=session,
+            environment=task.environment,
+            step_timeout=step_timeout,
+        )
+    return VecMonitor(venv)
+
+
+def build_model(task: RLTask, env: VecEnv, checkpoint: Path) -> tuple[BaseAlgorithm, int]:
+    """A fresh model, or the last checkpoint's when there is one; and the timesteps it starts from."""
+    algo = ALGORITHMS[task.algorithm]
+    if checkpoint.exists():
+        model = algo.load(checkpoint, env=env, device="cpu")
+        return model, int(model.num_timesteps)
+    config = task.config
+    kwargs: dict[str, Any] = {
+        "learning_rate": config.learning_rate,
+        "gamma": config.gamma,
+        "seed": config.seed,
+        "device": "cpu",
+        "policy_kwargs": {"net_arch": list(task.policy.net_arch), "activation_fn": ACTIVATIONS[task.policy.activation]},
+        "verbose": 0,
+    }
+    if task.algorithm in ("ppo", "a2c"):
+        kwargs["n_steps"] = config.n_steps
+    if task.algorithm == "ppo":
+        rollout = config.n_steps * env.num_envs
+        kwargs["batch_size"] = max(d for d in range(1, min(64, rollout) + 1) if rollout % d == 0)
+    if task.algorithm in ("dqn", "sac"):
+        kwargs["buffer_size"] = int(min(1_000_000, max(config.total_timesteps, 1_000)))
+        kwargs["learning_starts"] = int(min(100, config.total_timesteps // 2))
+    return algo("MlpPolicy", env, **kwargs), 0
+
+
+class JobCallback(BaseCallback):
+    """Progress, checkpoints, pause and cancel, from inside SB3's loop."""
+
+    def __init__(self, ctx: JobContext, total: int, checkpoint: Path, *, every: int, progress_every: int) -> None:
+        super().__init__()
+        self.ctx, self.total, self.checkpoint = ctx, total, checkpoint
+        self.every, self.progress_every = every, progress_every
+        self.episodes = 0
+        self._last_checkpoint = self._last_progress = 0
+        self._started = time.monotonic()
+        self._start_steps = 0
+
+    def _on_training_start(self) -> None:
+        self._start_steps = self._last_checkpoint = self._last_progress = self.num_timesteps
+
+    def _on_step(self) -> bool:
+        self.episodes += sum(1 for info in self.locals.get("infos", ()) if "episode" in info)
+        if self.num_timesteps - self._last_progress >= self.progress_every:
+            self.report()
+        if self.num_timesteps - self._last_checkpoint >= self.every:
+            self.save()
+        return self.ctx.hold()
+
+    def steps_per_second(self) -> float:
+        """Training speed since this run (or resume) began."""
+        return (self.num_timesteps - self._start_steps) / max(time.monotonic() - self._started, 1e-9)
+
+    def report(self) -> None:
+        """One progress event: timesteps, fraction, episodes, mean reward over the last 100, steps/s."""
+        self._last_progress = self.num_timesteps
+        rewards = [info["r"] for info in self.model.ep_info_buffer or ()]
+        metrics = {
+            "timesteps": float(self.num_timesteps),
+            "episodes": float(self.episodes),
+            "steps_per_second": self.steps_per_second(),
+        }
+        if rewards:
+            metrics["mean_reward_100"] = float(np.mean(rewards))
+        self.ctx.progress(
+            self.num_timesteps / self.total,
+            step=self.num_timesteps,
+            total=self.total,
+            message=f"{self.num_timesteps:,} / {self.total:,} timesteps",
+            metrics=metrics,
+        )
+
+    def save(self) -> None:
+        """Write the checkpoint atomically (a worker killed mid-write keeps the previous one)."""
+        self._last_checkpoint = self.num_timesteps
+        partial = self.checkpoint.with_name("partial-" + self.checkpoint.name)
+        self.model.save(partial)
+        partial.replace(self.checkpoint)
+        (self.checkpoint.parent / "checkpoint.json").write_text(json.dumps({"timesteps": self.num_timesteps}))
+
+
+def train(task: RLTask, ctx: JobContext, *, step_timeout: float, progress_every: int) -> TrainedPolicy:
+    """Train (or resume), evaluate and export; raises JobStopped (via ctx.check) when stopped."""
+    checkpoint = ctx.checkpoint_dir / CHECKPOINT
+    env = make_env(task, ctx, session=ctx.job_id, step_timeout=step_timeout, num_envs=task.config.num_envs)
+    try:
+        check_algorithm(task.algorithm, env.action_space)
+        model, resumed_from = build_model(task, env, checkpoint)
+        total = task.config.total_timesteps
+        callback = JobCallback(
+            ctx, total, checkpoint, every=task.config.checkpoint_interval, progress_every=progress_every
+        )
+        started = time.monotonic()
+        if total > model.num_timesteps:
+            model.learn(total - model.num_timesteps, callback=callback, reset_num_timesteps=False)
+        callback.save()  # the last state, whether finished, cancelled or handed back
+        ctx.check()
+        callback.report()
+        training_ms = int((time.monotonic() - started) * 1000)
+    finally:
+        env.close()
+    mean, std, episodes = evaluate(task, ctx, model, step_timeout=step_timeout)
+    export = export_policy(
+        model,
+        ctx.artifacts_dir,
+        algorithm=task.algorithm,
+        environment=task.environment,
+        extra={
+            "net_arch": list(task.policy.net_arch),
+            "activation": task.policy.activation,
+            "timesteps": int(model.num_timesteps),
+        },
+        seed=task.config.seed or 0,
+    )
+    return TrainedPolicy(
+        export, mean, std, episodes, int(model.num_timesteps), resumed_from, training_ms, callback.steps_per_second()
+    )
+
+
+def evaluate(task: RLTask, ctx: JobContext, model: BaseAlgorithm, *, step_timeout: float) -> tuple[float, float, int]:
+    """Mean and std of the return over `evaluation.episodes` deterministic episodes (training's last 100
+    episodes when that is 0)."""
+    episodes = task.evaluation.episodes
+    if episodes == 0:
+        rewards = [info["r"] for info in model.ep_info_buffer or ()] or [0.0]
+        return float(np.mean(rewards)), float(np.std(rewards)), 0
+    env = make_env(task, ctx, session=f"{ctx.job_id}.eval", step_timeout=step_timeout, num_envs=1)
+    try:
+        if task.config.seed is not None:
+            env.seed(task.config.seed + 10_000)
+        mean, std = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=True)
+    finally:
+        env.close()
+    return float(cast(float, mean)), float(cast(float, std)), episodes
