@@ -29,7 +29,7 @@ mypy: install
 	rm -rf .mypy_view && mkdir -p .mypy_view/forseti
 	for d in worker schemas envs adapters; do ln -s ../../$$d .mypy_view/forseti/$$d; done
 	cd .mypy_view && MYPYPATH=. ../$(BIN)/mypy --config-file ../pyproject.toml -p forseti
-	MYPYPATH=.mypy_view $(BIN)/mypy tests bench
+	MYPYPATH=.mypy_view:bench $(BIN)/mypy tests bench
 
 lint: install mypy
 	$(BIN)/ruff check .
@@ -48,6 +48,8 @@ run: install
 
 bench: install
 	$(BIN)/python bench/bus.py
+	cd bench && ../$(BIN)/python rl_throughput.py
+	cd bench && ../$(BIN)/python rl_learning.py
 
 clean:
 	rm -rf $(VENV) .mypy_view .mypy_cache .ruff_cache .pytest_cache build *.egg-info

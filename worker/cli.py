@@ -325,10 +325,15 @@ def up(
     concurrency: Annotated[int, typer.Option(min=1)] = 2,
     metrics_port: Annotated[int | None, typer.Option(help="Serve /metrics and /healthz on this port.")] = 9464,
     handler: Annotated[list[str], typer.Option(help="Extra handler package.module:factory.")] = [],  # noqa: B006
+    executor_env: Annotated[str, typer.Option(help="Env the local executor 'local' serves ('' for none).")] = (
+        "CartPole-v1"
+    ),
+    demo: Annotated[bool, typer.Option(help="Run the PPO demo job through the local executor.")] = True,
     log_json: LogJsonOpt = False,
 ) -> None:
-    """Start the embedded stack: a local nats-server (when nothing answers at --bus) and a worker."""
-    from .embedded import embedded_nats
+    """Start the embedded stack: a local nats-server (when nothing answers at --bus), a worker, a local
+    executor, and a PPO demo job through it."""
+    from .embedded import embedded_nats, run_stack
 
     setup_logging(json_lines=log_json)
     handlers = _handlers(handler)
@@ -343,10 +348,10 @@ def up(
         err.print(
             "next, in another terminal:\n"
             f"  forseti capabilities --bus {bus}\n"
-            f"  forseti submit task.json --watch --bus {bus}\n"
+            f"  forseti submit examples/dqn_email_triage.json --kind rl --watch --bus {bus}\n"
             "stop with Ctrl-C"
         )
-        asyncio.run(serve(settings, handlers))
+        asyncio.run(run_stack(settings, handlers, executor_env=executor_env or None, demo=demo, console=err))
 
 
 def version_callback(value: bool) -> None:

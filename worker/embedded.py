@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from rich.console import Console
+
+from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.bus.servers import NatsServer, port_open
+from forseti.adapters.registry import create_store
+from forseti.envs.executor import EnvServer, gym_factory
+from forseti.schemas.envelope import encode
+from forseti.schemas.tasks import RLTask, TaskKind, task_channel
+
+from .context import Handler
+from .follow import ExitCode, JobStream, follow
+from .runtime import Worker
+from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,3 +46,61 @@ def embedded_nats(bus_url: str, data_dir: Path) -> Iterator[bool]:
         yield True
     finally:
         server.stop()
+
+
+DEMO = {
+    "algorithm": "ppo",
+    "environment": "CartPole-v1",
+    "executor": "local",
+    "name": "cartpole-ppo",
+    "config": {"total_timesteps": 20000, "n_steps": 256, "seed": 0, "checkpoint_interval": 5000},
+    "policy": {"net_arch": [64, 64], "activation": "tanh"},
+    "evaluation": {"episodes": 5},
+}
+"""The demo: PPO on CartPole-v1 with the env on the local executor (examples/ppo_cartpole_remote.json)."""
+
+
+async def run_stack(
+    settings: WorkerSettings, handlers: list[Handler], *, executor_env: str | None, demo: bool, console: Console
+) -> None:
+    """A worker, a local executor serving `executor_env` as `local`, and (with `demo`) one PPO job through
+    it, followed to its end; then serve until SIGTERM / Ctrl-C."""
+    worker = Worker(
+        bus=create_bus(settings.bus_url), store=create_store(settings.registry), handlers=handlers, settings=settings
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.request_stop)
+    executor_bus = create_bus(settings.bus_url)
+    await executor_bus.connect()
+    server = None
+    if executor_env is not None:
+        server = EnvServer(executor_bus, "local", gym_factory(executor_env), num_envs=4, environment=executor_env)
+        await server.start()
+        console.print(f"executor 'local' serves {executor_env} (4 sub-envs)")
+    running = asyncio.create_task(worker.run())
+    try:
+        if demo and executor_env is not None and TaskKind.RL in worker.handlers:
+            await asyncio.wait([running, asyncio.create_task(worker.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if not running.done():
+                await run_demo(executor_bus, console)
+        await running
+    finally:
+        if server is not None:
+            await server.stop()
+        await executor_bus.close()
+
+
+async def run_demo(bus: Bus, console: Console) -> None:
+    """Submit the demo PPO job and show it to its end."""
+    task = RLTask.model_validate({**DEMO, "request_id": f"demo-{uuid.uuid4().hex[:8]}"})
+    job_id = task.request_id or ""
+    console.print(f"\n[bold]demo[/bold]: PPO on CartPole-v1 with the env on executor 'local', job {job_id}")
+    stream = await JobStream.open(bus, job_id)
+    await bus.publish(task_channel(TaskKind.RL), encode(task, subject=job_id))
+    ending = await follow(bus, stream, console=console)
+    if ending is ExitCode.COMPLETED:
+        console.print(
+            "the policy is above (policy_path: ONNX; .safetensors and .json beside it).\n"
+            "submit your own: forseti submit examples/dqn_email_triage.json --kind rl --watch"
+        )

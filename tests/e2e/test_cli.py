@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from forseti.adapters.bus.nats import NatsBus
-from forseti.adapters.bus.servers import NatsServer
+from forseti.adapters.bus.servers import NatsServer, free_port, port_open
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask
 
@@ -205,3 +205,31 @@ def test_a_killed_rl_worker_is_replaced_by_one_that_resumes_training(bus_url: st
         assert done.result.metrics.custom_metrics["timesteps"] >= 6000
 
     asyncio.run(scenario())
+
+
+def test_forseti_up_runs_the_ppo_demo_through_its_executor_and_stops_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    bus = f"nats://127.0.0.1:{port}"
+    proc = subprocess.Popen(
+        forseti_cmd("up", "--bus", bus, "--data-dir", str(tmp_path), "--metrics-port", "0"),
+        cwd=REPO,
+        env=env(bus),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    seen: list[str] = []
+    for line in proc.stderr:
+        seen.append(line)
+        if "the policy is above" in line:
+            break
+    output = "".join(seen)
+    assert "started NATS" in output
+    assert "executor 'local' serves CartPole-v1" in output
+    assert "completed demo-" in output, output[-3000:]
+    assert '"onnx_action_agreement": 1.0' in output
+    assert list((tmp_path / "artifacts").glob("demo-*/policy.onnx"))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(60) == 0
+    proc.stderr.close()
+    assert not port_open("127.0.0.1", port), "forseti up stops the nats-server it started"

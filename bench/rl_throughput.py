@@ -1,0 +1,164 @@
+"""RL throughput: PPO env-steps/s with the env in the worker and on a remote executor over NATS and Kafka.
+
+    python bench/rl_throughput.py
+
+In one run, through the Worker and the RL handler: PPO on CartPole-v1 at 1 and 16 sub-envs, env in
+the worker (the baseline) and on an executor over a real nats-server and a real Tansu; the p50 / p99
+round trip of one 16-env step through RemoteVecEnv; episodes/s on a 10-step EmailTriage stream.
+Targets (issue 3): remote over NATS >= 0.9x local at 16 envs and >= 0.6x at 1 env; over Kafka >= 0.5x
+at 16 envs; >= 100 episodes/s on a short-episode env. Writes its section of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rl_common import run_rl, write_section
+
+from forseti.adapters.bus import create_bus
+from forseti.adapters.bus.servers import NatsServer, TansuBroker
+from forseti.envs.executor import EnvServer, gym_factory
+from forseti.envs.remote import RemoteVecEnv
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+KAFKA_KNOBS = "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=4"
+
+
+def ppo(num_envs: int) -> dict[str, Any]:
+    """PPO on CartPole with the rollout and budget sized for a steady-state speed figure."""
+    n_steps = 512 if num_envs == 1 else 128
+    return {
+        "algorithm": "ppo",
+        "environment": "CartPole-v1",
+        "config": {"total_timesteps": n_steps * num_envs * 8, "n_steps": n_steps, "num_envs": num_envs, "seed": 0},
+        "policy": {"net_arch": [64, 64]},
+        "evaluation": {"episodes": 0},
+    }
+
+
+async def steps_per_second(url: str, num_envs: int, remote: bool) -> float:
+    run = await run_rl(
+        url, ppo(num_envs), executor_env="CartPole-v1" if remote else None, num_envs=num_envs, progress_every=10**9
+    )
+    return float(run.result.metrics.custom_metrics["steps_per_second"])
+
+
+async def step_round_trip(url: str, num_envs: int = 16, steps: int = 500) -> tuple[float, float]:
+    """p50 / p99 milliseconds of one vector step through RemoteVecEnv (random actions)."""
+    executor_bus, worker_bus = create_bus(url), create_bus(url)
+    await executor_bus.connect()
+    await worker_bus.connect()
+    server = EnvServer(executor_bus, "rtt", gym_factory("CartPole-v1"), num_envs=num_envs)
+    await server.start()
+    loop = asyncio.get_running_loop()
+
+    def measure() -> list[float]:
+        env = RemoteVecEnv(worker_bus, "rtt", loop=loop, session_id="rtt")
+        env.reset()
+        rng, samples = np.random.default_rng(0), []
+        for _ in range(steps):
+            actions = rng.integers(0, 2, size=num_envs)
+            start = time.perf_counter()
+            env.step(actions)
+            samples.append((time.perf_counter() - start) * 1000)
+        env.close()
+        return samples
+
+    samples = sorted(await asyncio.to_thread(measure))
+    await server.stop()
+    await worker_bus.close()
+    await executor_bus.close()
+    return samples[len(samples) // 2], samples[int(len(samples) * 0.99) - 1]
+
+
+async def episodes_per_second(url: str) -> float:
+    task = {
+        "algorithm": "ppo",
+        "environment": "forseti/EmailTriage-v0",
+        "config": {"total_timesteps": 16 * 128 * 8, "n_steps": 128, "num_envs": 16, "seed": 0},
+        "policy": {"net_arch": [64, 64]},
+        "evaluation": {"episodes": 0},
+    }
+    run = await run_rl(
+        url,
+        task,
+        executor_env="forseti/EmailTriage-v0",
+        num_envs=16,
+        env_kwargs={"episode_length": 10},
+        progress_every=10**9,
+    )
+    metrics = run.result.metrics
+    return float(run.last_progress["episodes"]) / (metrics.training_time_ms / 1000)
+
+
+async def main() -> str:
+    speeds: dict[tuple[str, int], float] = {}
+    rtt: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as nats_server:
+        for envs in (1, 16):
+            speeds[("in the worker", envs)] = await steps_per_second(nats_server.url, envs, remote=False)
+            speeds[("remote, NATS", envs)] = await steps_per_second(nats_server.url, envs, remote=True)
+        rtt["NATS"] = await step_round_trip(nats_server.url)
+        episodes = await episodes_per_second(nats_server.url)
+    with TansuBroker() as broker:
+        for envs in (1, 16):
+            speeds[("remote, Kafka (Tansu)", envs)] = await steps_per_second(
+                broker.url + KAFKA_KNOBS, envs, remote=True
+            )
+        rtt["Kafka (Tansu)"] = await step_round_trip(broker.url + KAFKA_KNOBS)
+    lines = [
+        f"Measured {time.strftime('%Y-%m-%d')} by `python bench/rl_throughput.py` on {platform.machine()}, "
+        f"{os.cpu_count()} cores, CPU, one torch thread; worker, executor and broker on one machine.",
+        "",
+        "| env | PPO steps/s, 1 env | vs worker | PPO steps/s, 16 envs | vs worker |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for where in ("in the worker", "remote, NATS", "remote, Kafka (Tansu)"):
+        one, many = speeds[(where, 1)], speeds[(where, 16)]
+        lines.append(
+            f"| {where} | {one:,.0f} | {one / speeds[('in the worker', 1)]:.2f}x | {many:,.0f} | "
+            f"{many / speeds[('in the worker', 16)]:.2f}x |"
+        )
+    lines += ["", "| 16-env step round trip through RemoteVecEnv | p50 ms | p99 ms |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {p50:.2f} | {p99:.2f} |" for name, (p50, p99) in rtt.items()]
+    ratio = {key: speeds[key] / speeds[("in the worker", key[1])] for key in speeds}
+    checks = [
+        (
+            "remote over NATS >= 0.9x the worker at 16 envs",
+            f"{ratio[('remote, NATS', 16)]:.2f}x",
+            ratio[("remote, NATS", 16)] >= 0.9,
+        ),
+        (
+            "remote over NATS >= 0.6x the worker at 1 env",
+            f"{ratio[('remote, NATS', 1)]:.2f}x",
+            ratio[("remote, NATS", 1)] >= 0.6,
+        ),
+        (
+            "remote over Kafka >= 0.5x the worker at 16 envs",
+            f"{ratio[('remote, Kafka (Tansu)', 16)]:.2f}x",
+            ratio[("remote, Kafka (Tansu)", 16)] >= 0.5,
+        ),
+        (
+            ">= 100 episodes/s on a short-episode env (EmailTriage, 10 steps, 16 envs over NATS)",
+            f"{episodes:,.0f} episodes/s",
+            episodes >= 100,
+        ),
+    ]
+    lines += ["", "| target (issue 3) | measured | verdict |", "| --- | --- | --- |"]
+    lines += [f"| {what} | {value} | {'met' if ok else 'missed'} |" for what, value, ok in checks]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    section = asyncio.run(main())
+    print(section)
+    write_section(DOC, "bench/rl_throughput.py", "## RL throughput (`bench/rl_throughput.py`)\n\n" + section)
