@@ -29,6 +29,7 @@ from pathlib import Path
 import nats
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from nats.aio.msg import Msg
+from report import write_section
 
 from forseti.adapters.bus import Bus, MemoryBroker, Message, create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker
@@ -41,8 +42,6 @@ from forseti.worker.context import JobContext
 from forseti.worker.runtime import Worker
 from forseti.worker.settings import WorkerSettings
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-BEGIN, END = "<!-- bench/bus.py: begin -->", "<!-- bench/bus.py: end -->"
 PAYLOAD = b"x" * 256
 
 
@@ -231,7 +230,6 @@ async def intake_rate(url: str, n: int, concurrency: int) -> float:
 
 def report(rows: list[Row], intake: dict[str, float], quick: bool) -> str:
     lines = [
-        BEGIN,
         f"Measured {time.strftime('%Y-%m-%d')} by `python bench/bus.py{' --quick' if quick else ''}` on "
         f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, CPU only; "
         "requester and responder in one process, 256-byte payloads.",
@@ -261,19 +259,8 @@ def report(rows: list[Row], intake: dict[str, float], quick: bool) -> str:
         f"| {'met' if overhead <= 0.15 else 'missed'} |",
         f"| a worker takes in at least 2,000 no-op tasks/s over NATS | {nats_intake:,.0f} tasks/s "
         f"| {'met' if nats_intake >= 2000 else 'missed'} |",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_section(section: str) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    if BEGIN in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n## Bus and intake\n\n" + section + "\n"
-    DOC.write_text(text)
 
 
 async def main(quick: bool) -> str:
@@ -306,5 +293,5 @@ if __name__ == "__main__":
     section = asyncio.run(main(args.quick))
     print(section)
     if not args.quick:
-        write_section(section)
-        print(f"wrote {DOC}", file=sys.stderr)
+        write_section("bench/bus.py", section)
+        print("wrote docs/benchmarks.md", file=sys.stderr)

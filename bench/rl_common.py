@@ -98,16 +98,3 @@ async def run_rl(
     assert isinstance(end, JobCompleted)
     assert isinstance(end.result, RLResult)
     return Run(end.result, curve, last)
-
-
-def write_section(doc: Path, name: str, section: str) -> None:
-    """Replace (or append) the section between this script's markers in docs/benchmarks.md."""
-    begin, end = f"<!-- {name}: begin -->", f"<!-- {name}: end -->"
-    text = doc.read_text()
-    body = f"{begin}\n{section}\n{end}"
-    if begin in text:
-        head, rest = text.split(begin, 1)
-        text = head + body + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + body + "\n"
-    doc.write_text(text)

@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rl_common import run_rl, write_section
+from report import write_section
+from rl_common import run_rl
 
 from forseti.adapters.bus.servers import NatsServer
-
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 
 CASES: list[tuple[str, dict[str, Any], int, float]] = [
     (
@@ -108,4 +107,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     section = asyncio.run(main(args.seeds))
     print(section)
-    write_section(DOC, "bench/rl_learning.py", "## RL learning (`bench/rl_learning.py`)\n\n" + section)
+    write_section("bench/rl_learning.py", "## RL learning (`bench/rl_learning.py`)\n\n" + section)

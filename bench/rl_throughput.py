@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rl_common import run_rl, write_section
+from report import write_section
+from rl_common import run_rl
 
 from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker
 from forseti.envs.executor import EnvServer, gym_factory
 from forseti.envs.remote import RemoteVecEnv
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 KAFKA_KNOBS = "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=4"
 
 
@@ -161,4 +161,4 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     section = asyncio.run(main())
     print(section)
-    write_section(DOC, "bench/rl_throughput.py", "## RL throughput (`bench/rl_throughput.py`)\n\n" + section)
+    write_section("bench/rl_throughput.py", "## RL throughput (`bench/rl_throughput.py`)\n\n" + section)

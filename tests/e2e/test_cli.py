@@ -14,11 +14,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 
 from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer, free_port, port_open
+from forseti.envs.remote import RemoteVecEnv
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask
 
@@ -233,3 +235,39 @@ def test_forseti_up_runs_the_ppo_demo_through_its_executor_and_stops_cleanly(tmp
     assert proc.wait(60) == 0
     proc.stderr.close()
     assert not port_open("127.0.0.1", port), "forseti up stops the nats-server it started"
+
+
+def test_forseti_executor_serves_an_env_over_nats(nats_server: NatsServer) -> None:
+    proc = subprocess.Popen(
+        forseti_cmd("executor", "--env", "forseti/SensorAnomaly-v0", "--id", "sensors", "--num-envs", "3"),
+        cwd=REPO,
+        env=env(nats_server.url),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "serving" in line:
+            break
+
+    async def use() -> tuple[int, tuple[int, ...]]:
+        bus = NatsBus(nats_server.url)
+        await bus.connect()
+        loop = asyncio.get_running_loop()
+
+        def steps() -> tuple[int, tuple[int, ...]]:
+            remote = RemoteVecEnv(bus, "sensors", loop=loop, session_id="probe", environment="forseti/SensorAnomaly-v0")
+            observations = np.asarray(remote.reset())
+            remote.step(np.array([0, 1, 0]))
+            remote.close()
+            return remote.num_envs, observations.shape
+
+        try:
+            return await asyncio.to_thread(steps)
+        finally:
+            await bus.close()
+
+    assert asyncio.run(use()) == (3, (3, 16))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    proc.stderr.close()

@@ -151,3 +151,27 @@ async def test_the_executor_refuses_another_env_than_the_job_expects(pair: tuple
         await asyncio.to_thread(
             lambda: RemoteVecEnv(worker_side, "carts", loop=loop, session_id="s", environment="Pendulum-v1")
         )
+
+
+async def test_one_executor_serves_several_sessions_independently(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    executor_side, worker_side = pair
+    server = EnvServer(executor_side, "shared", gym_factory("CartPole-v1"), num_envs=2)
+    await server.start()
+    loop = asyncio.get_running_loop()
+
+    def interleave() -> None:
+        first = RemoteVecEnv(worker_side, "shared", loop=loop, session_id="job-a")
+        second = RemoteVecEnv(worker_side, "shared", loop=loop, session_id="job-b")
+        first.seed(1)
+        second.seed(1)
+        assert np.array_equal(np.asarray(first.reset()), np.asarray(second.reset()))
+        for _ in range(20):  # the same actions in both: their trajectories stay equal, so nothing leaks between
+            a = first.step(np.array([0, 1]))[0]
+            b = second.step(np.array([0, 1]))[0]
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+        assert set(server.sessions) == {"job-a", "job-b"}
+        first.close()
+        assert set(server.sessions) == {"job-b"}
+        second.close()
+
+    await asyncio.to_thread(interleave)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,19 +21,6 @@ from forseti.schemas.tasks import RLTask
 from forseti.worker.handlers.rl import RLHandler
 
 from ..helpers import Watcher, running_worker, submit, watch
-
-
-@pytest.fixture
-def broker() -> MemoryBroker:
-    return MemoryBroker()
-
-
-@pytest.fixture
-async def client(broker: MemoryBroker) -> AsyncIterator[MemoryBus]:
-    bus = MemoryBus(broker)
-    await bus.connect()
-    yield bus
-    await bus.close()
 
 
 def rl_task(algorithm: str, environment: str, **config: Any) -> RLTask:

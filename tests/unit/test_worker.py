@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
@@ -31,19 +30,6 @@ from ..helpers import (
     training,
     watch,
 )
-
-
-@pytest.fixture
-def broker() -> MemoryBroker:
-    return MemoryBroker()
-
-
-@pytest.fixture
-async def client(broker: MemoryBroker) -> AsyncIterator[MemoryBus]:
-    bus = MemoryBus(broker)
-    await bus.connect()
-    yield bus
-    await bus.close()
 
 
 async def dead_letters(client: MemoryBus) -> Watcher:

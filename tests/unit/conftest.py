@@ -1,0 +1,24 @@
+"""Unit-test fixtures: one in-process broker per test and a connected client on it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+
+from forseti.adapters.bus import MemoryBroker, MemoryBus
+
+
+@pytest.fixture
+def broker() -> MemoryBroker:
+    """The in-process server a test's workers and clients share."""
+    return MemoryBroker()
+
+
+@pytest.fixture
+async def client(broker: MemoryBroker) -> AsyncIterator[MemoryBus]:
+    """A connected client of the test's broker."""
+    bus = MemoryBus(broker)
+    await bus.connect()
+    yield bus
+    await bus.close()
