@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -61,3 +62,5 @@ class MetricsServer:
             log.debug("metrics client went away: %s", exc)
         finally:
             writer.close()
+            with contextlib.suppress(ConnectionError):  # the peer may already be gone
+                await writer.wait_closed()

@@ -19,6 +19,7 @@ async def http_get(port: int, path: str) -> tuple[int, str]:
     await writer.drain()
     raw = await reader.read()
     writer.close()
+    await writer.wait_closed()
     head, _, body = raw.decode().partition("\r\n\r\n")
     return int(head.split()[1]), body
 
