@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
+import subprocess
+import sys
 import tempfile
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +24,41 @@ from forseti.schemas.tasks import RLTask, TaskKind, task_channel
 from forseti.worker.handlers.rl import RLHandler
 from forseti.worker.runtime import Worker
 from forseti.worker.settings import WorkerSettings
+
+
+@contextlib.contextmanager
+def executor_process(url: str, env_id: str, executor_id: str, num_envs: int) -> Iterator[None]:
+    """`forseti executor` in its own process, as an action system would run it; ready when it says so."""
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "forseti.worker",
+            "executor",
+            "--env",
+            env_id,
+            "--id",
+            executor_id,
+            "--num-envs",
+            str(num_envs),
+            "--bus",
+            url,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "serving" in line:
+            break
+    else:
+        raise RuntimeError(f"executor did not start: {proc.wait()}")
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        proc.stderr.close()
 
 
 @dataclass

@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 from report import write_section
-from rl_common import run_rl
+from rl_common import executor_process, run_rl
 
 from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker
-from forseti.envs.executor import EnvServer, gym_factory
 from forseti.envs.remote import RemoteVecEnv
 
-KAFKA_KNOBS = "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=4"
+KAFKA_KNOBS = "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=4&fetch_max_wait_ms=5"
+"""fetch_max_wait_ms=5: Tansu holds an empty fetch open that long, and a step round trip waits on two."""
 
 
 def ppo(num_envs: int) -> dict[str, Any]:
@@ -45,37 +45,39 @@ def ppo(num_envs: int) -> dict[str, Any]:
 
 
 async def steps_per_second(url: str, num_envs: int, remote: bool) -> float:
-    run = await run_rl(
-        url, ppo(num_envs), executor_env="CartPole-v1" if remote else None, num_envs=num_envs, progress_every=10**9
-    )
+    """PPO training speed, the env in the worker or on an executor process of its own."""
+    task = ppo(num_envs)
+    if not remote:
+        run = await run_rl(url, task, progress_every=10**9)
+    else:
+        executor_id = f"bench-{num_envs}"
+        with executor_process(url, "CartPole-v1", executor_id, num_envs):
+            run = await run_rl(url, {**task, "executor": executor_id}, progress_every=10**9)
     return float(run.result.metrics.custom_metrics["steps_per_second"])
 
 
 async def step_round_trip(url: str, num_envs: int = 16, steps: int = 500) -> tuple[float, float]:
-    """p50 / p99 milliseconds of one vector step through RemoteVecEnv (random actions)."""
-    executor_bus, worker_bus = create_bus(url), create_bus(url)
-    await executor_bus.connect()
-    await worker_bus.connect()
-    server = EnvServer(executor_bus, "rtt", gym_factory("CartPole-v1"), num_envs=num_envs)
-    await server.start()
-    loop = asyncio.get_running_loop()
+    """p50 / p99 milliseconds of one vector step through RemoteVecEnv (random actions), the executor in a
+    process of its own."""
+    with executor_process(url, "CartPole-v1", "rtt", num_envs):
+        worker_bus = create_bus(url)
+        await worker_bus.connect()
+        loop = asyncio.get_running_loop()
 
-    def measure() -> list[float]:
-        env = RemoteVecEnv(worker_bus, "rtt", loop=loop, session_id="rtt")
-        env.reset()
-        rng, samples = np.random.default_rng(0), []
-        for _ in range(steps):
-            actions = rng.integers(0, 2, size=num_envs)
-            start = time.perf_counter()
-            env.step(actions)
-            samples.append((time.perf_counter() - start) * 1000)
-        env.close()
-        return samples
+        def measure() -> list[float]:
+            env = RemoteVecEnv(worker_bus, "rtt", loop=loop, session_id="rtt")
+            env.reset()
+            rng, samples = np.random.default_rng(0), []
+            for _ in range(steps):
+                actions = rng.integers(0, 2, size=num_envs)
+                start = time.perf_counter()
+                env.step(actions)
+                samples.append((time.perf_counter() - start) * 1000)
+            env.close()
+            return samples
 
-    samples = sorted(await asyncio.to_thread(measure))
-    await server.stop()
-    await worker_bus.close()
-    await executor_bus.close()
+        samples = sorted(await asyncio.to_thread(measure))
+        await worker_bus.close()
     return samples[len(samples) // 2], samples[int(len(samples) * 0.99) - 1]
 
 
@@ -116,7 +118,8 @@ async def main() -> str:
         rtt["Kafka (Tansu)"] = await step_round_trip(broker.url + KAFKA_KNOBS)
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} by `python bench/rl_throughput.py` on {platform.machine()}, "
-        f"{os.cpu_count()} cores, CPU, one torch thread; worker, executor and broker on one machine.",
+        f"{os.cpu_count()} cores, CPU, one torch thread; worker, broker and executor (`forseti executor`, its "
+        "own process) on one machine; Kafka with `fetch_max_wait_ms=5`.",
         "",
         "| env | PPO steps/s, 1 env | vs worker | PPO steps/s, 16 envs | vs worker |",
         "| --- | --- | --- | --- | --- |",

@@ -64,7 +64,16 @@ class Session:
             obs, info = env.reset(seed=seeds[i] if i < len(seeds) else None)
             observations.append(to_wire(obs))
             infos.append(to_wire(info))
-        return EnvTransition(session_id=session_id, step=0, observations=observations, infos=infos)
+        # model_construct: the executor's own reply needs no validation here; the receiving worker checks it
+        return EnvTransition.model_construct(
+            session_id=session_id,
+            step=0,
+            observations=observations,
+            infos=infos,
+            rewards=[],
+            terminated=[],
+            truncated=[],
+        )
 
     def step(self, session_id: str, number: int, actions: list[Any]) -> EnvTransition:
         space = self.envs[0].action_space
@@ -83,7 +92,7 @@ class Session:
             truncated.append(bool(trunc))
             infos.append(to_wire(info))
         self.last_step = number
-        return EnvTransition(
+        return EnvTransition.model_construct(
             session_id=session_id,
             step=number,
             observations=observations,

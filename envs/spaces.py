@@ -96,10 +96,27 @@ def check_batch(values: list[Any], space: spaces.Space[Any], num_envs: int, fiel
         bad = ~np.isfinite(array.reshape(num_envs, -1)).all(axis=1)
         if bad.any():
             raise _invalid(f"{field}[{int(np.argmax(bad))}]: NaN or infinity")
-    for i, value in enumerate(array):
-        if not isinstance(space, spaces.Box) and not space.contains(value):
-            raise _invalid(f"{field}[{i}]: {value.tolist()} is outside {space}")
+    outside = _outside(array, space)
+    if outside is not None and outside.any():
+        i = int(np.argmax(outside))
+        raise _invalid(f"{field}[{i}]: {array[i].tolist()} is outside {space}")
     return array
+
+
+def _outside(array: np.ndarray, space: spaces.Space[Any]) -> np.ndarray | None:
+    """Per sub-env, whether its value lies outside a discrete space (vectorised: this runs every step)."""
+    flat = array.reshape(len(array), -1)
+    if isinstance(space, spaces.Discrete):
+        start = int(space.start)
+        bad = (flat < start) | (flat >= start + int(space.n))
+    elif isinstance(space, spaces.MultiDiscrete):
+        bad = (flat < 0) | (flat >= space.nvec.reshape(1, -1))
+    elif isinstance(space, spaces.MultiBinary):
+        bad = (flat != 0) & (flat != 1)
+    else:
+        return None  # Box: NaN / infinity were checked; bounds are the env's to clip, as SB3 does
+    outside = np.asarray(np.asarray(bad).any(axis=1), dtype=bool)
+    return outside
 
 
 def check_rewards(values: list[float], num_envs: int) -> np.ndarray:
