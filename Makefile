@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU hosts take the pinned CPU wheel; a GPU host sets its own, e.g. make install TORCH="torch==2.13.0 --index-url ..."
-# TORCH=none skips torch (the event backbone does not need it).
+# TORCH=none skips torch and the RL extra that needs it: the event backbone alone.
 TORCH ?= torch==2.13.0
+comma := ,
+EXTRAS := $(if $(filter none,$(TORCH)),dev,dev$(comma)ml)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install test lint format mypy run bench schemas clean all
@@ -17,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	if [ "$(TORCH)" != "none" ]; then $(BIN)/pip install --quiet $(TORCH); fi
-	$(BIN)/pip install --quiet -e ".[dev,ml]"
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
 test: install

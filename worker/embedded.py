@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -16,7 +17,6 @@ from rich.console import Console
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.bus.servers import NatsServer, port_open
 from forseti.adapters.registry import create_store
-from forseti.envs.executor import EnvServer, gym_factory
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask, TaskKind, task_channel
 
@@ -73,8 +73,10 @@ async def run_stack(
         loop.add_signal_handler(sig, worker.request_stop)
     executor_bus = create_bus(settings.bus_url)
     await executor_bus.connect()
-    server = None
+    server: Any = None
     if executor_env is not None:
+        from forseti.envs.executor import EnvServer, gym_factory  # gymnasium: only when an executor runs
+
         server = EnvServer(executor_bus, "local", gym_factory(executor_env), num_envs=4, environment=executor_env)
         await server.start()
         console.print(f"executor 'local' serves {executor_env} (4 sub-envs)")
