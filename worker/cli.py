@@ -25,10 +25,11 @@ from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import TASK_MODELS, TaskBase, TaskKind, task_channel
 
 from .context import Handler
+from .embedded import run_stack
 from .follow import ExitCode, JobStream, follow
 from .logs import setup_logging
 from .plugins import installed_handlers, load_handler
-from .runtime import Worker, forseti_version
+from .runtime import forseti_version
 from .settings import DEFAULT_BUS_URL, WorkerSettings, default_data_dir
 
 DEFAULT_DATA_DIR = default_data_dir()
@@ -73,17 +74,6 @@ def _handlers(specs: list[str]) -> list[Handler]:
         raise _fail(f"cannot load handler: {exc}") from exc
 
 
-async def serve(settings: WorkerSettings, handlers: list[Handler]) -> None:
-    """Run a worker until SIGTERM or SIGINT."""
-    worker = Worker(
-        bus=create_bus(settings.bus_url), store=create_store(settings.registry), handlers=handlers, settings=settings
-    )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.request_stop)
-    await worker.run()
-
-
 @app.command("worker")
 def worker_cmd(
     bus: BusOpt = DEFAULT_BUS_URL,
@@ -126,7 +116,7 @@ def worker_cmd(
         **overrides,
     )
     try:
-        asyncio.run(serve(settings, _handlers(handler)))
+        asyncio.run(run_stack(settings, _handlers(handler)))
     except ForsetiError as exc:
         raise _fail(exc.message) from exc
 
@@ -244,7 +234,7 @@ def jobs(
     """List the jobs in this machine's registry."""
 
     async def go() -> None:
-        store = create_store(f"sqlite:///{data_dir / 'registry.db'}")
+        store = create_store(WorkerSettings(data_dir=data_dir).registry)  # FORSETI_REGISTRY_URL counts too
         await store.open()
         try:
             rows = await store.list_jobs(state=state, limit=limit)
@@ -333,7 +323,7 @@ def up(
 ) -> None:
     """Start the embedded stack: a local nats-server (when nothing answers at --bus), a worker, a local
     executor, and a PPO demo job through it."""
-    from .embedded import embedded_nats, run_stack
+    from .embedded import embedded_nats
 
     setup_logging(json_lines=log_json)
     handlers = _handlers(handler)

@@ -9,7 +9,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 from rich.console import Console
@@ -57,39 +56,45 @@ DEMO = {
     "policy": {"net_arch": [64, 64], "activation": "tanh"},
     "evaluation": {"episodes": 5},
 }
-"""The demo: PPO on CartPole-v1 with the env on the local executor (examples/ppo_cartpole_remote.json)."""
+"""The demo: PPO on CartPole-v1 with the env on the local executor `local`."""
 
 
 async def run_stack(
-    settings: WorkerSettings, handlers: list[Handler], *, executor_env: str | None, demo: bool, console: Console
+    settings: WorkerSettings,
+    handlers: list[Handler],
+    *,
+    executor_env: str | None = None,
+    demo: bool = False,
+    console: Console | None = None,
 ) -> None:
-    """A worker, a local executor serving `executor_env` as `local`, and (with `demo`) one PPO job through
-    it, followed to its end; then serve until SIGTERM / Ctrl-C."""
+    """A worker until SIGTERM / Ctrl-C; with `executor_env`, beside it a local executor named `local`, and with
+    `demo` one PPO job through that executor, followed to its end."""
     worker = Worker(
         bus=create_bus(settings.bus_url), store=create_store(settings.registry), handlers=handlers, settings=settings
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.request_stop)
+    if executor_env is None:
+        await worker.run()
+        return
+    from forseti.envs.executor import EnvServer, gym_factory  # gymnasium: only when an executor runs
+
+    console = console or Console(stderr=True)
     executor_bus = create_bus(settings.bus_url)
     await executor_bus.connect()
-    server: Any = None
-    if executor_env is not None:
-        from forseti.envs.executor import EnvServer, gym_factory  # gymnasium: only when an executor runs
-
-        server = EnvServer(executor_bus, "local", gym_factory(executor_env), num_envs=4, environment=executor_env)
-        await server.start()
-        console.print(f"executor 'local' serves {executor_env} (4 sub-envs)")
+    server = EnvServer(executor_bus, "local", gym_factory(executor_env), num_envs=4, environment=executor_env)
+    await server.start()
+    console.print(f"executor 'local' serves {executor_env} (4 sub-envs)")
     running = asyncio.create_task(worker.run())
     try:
-        if demo and executor_env is not None and TaskKind.RL in worker.handlers:
+        if demo and TaskKind.RL in worker.handlers:
             await asyncio.wait([running, asyncio.create_task(worker.ready.wait())], return_when=asyncio.FIRST_COMPLETED)
             if not running.done():
                 await run_demo(executor_bus, console)
         await running
     finally:
-        if server is not None:
-            await server.stop()
+        await server.stop()
         await executor_bus.close()
 
 

@@ -139,9 +139,7 @@ class MemoryBus:
         async def call() -> None:
             await handler(message)
 
-        task = asyncio.get_running_loop().create_task(call())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(call())
 
     def dispatch_later(self, delay: float, coro: Coroutine[Any, Any, None]) -> None:
         """Run a coroutine after a delay in the background."""
@@ -150,8 +148,11 @@ class MemoryBus:
             await asyncio.sleep(delay)
             await coro
 
-        task = asyncio.get_running_loop().create_task(later())
-        self._tasks.add(task)
+        self._spawn(later())
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)  # kept until done, so close() can cancel what is still running
         task.add_done_callback(self._tasks.discard)
 
     async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
