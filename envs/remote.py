@@ -96,11 +96,12 @@ class RemoteVecEnv(VecEnv):
     def step_wait(self) -> VecEnvStepReturn:
         """One round trip for all sub-envs; SB3's auto-reset semantics."""
         assert self._actions is not None, "step_async first"
-        actions = check_batch(np.asarray(self._actions).tolist(), self.action_space, self.num_envs, "actions")
+        # the executor checks the actions (and names a bad one); SB3's own output needs no second check here
+        actions = np.asarray(self._actions).tolist()
         self.steps += 1
         what = f"step {self.steps}"
         t: EnvTransition = self._call(
-            EnvStep(session_id=self.session_id, step=self.steps, actions=actions.tolist()), EnvTransition, what
+            EnvStep(session_id=self.session_id, step=self.steps, actions=actions), EnvTransition, what
         )
         observations = check_batch(t.observations, self.observation_space, self.num_envs, "observations")
         rewards = check_rewards(t.rewards, self.num_envs)

@@ -175,3 +175,18 @@ async def test_one_executor_serves_several_sessions_independently(pair: tuple[Me
         second.close()
 
     await asyncio.to_thread(interleave)
+
+
+async def test_an_action_the_executor_rejects_fails_with_the_field_named(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    executor_side, worker_side = pair
+    await EnvServer(executor_side, "strict", gym_factory("CartPole-v1"), num_envs=2).start()
+    loop = asyncio.get_running_loop()
+
+    def act() -> None:
+        env = RemoteVecEnv(worker_side, "strict", loop=loop, session_id="s")
+        env.reset()
+        env.step(np.array([0, 5]))
+
+    with pytest.raises(ForsetiError, match=r"refused step 1: actions\[1\]: 5 is outside Discrete\(2\)") as info:
+        await asyncio.to_thread(act)
+    assert info.value.code is ErrorCode.INVALID_DATA
