@@ -15,6 +15,7 @@ from .control import CancelJob, PauseJob, ResumeJob
 from .deadletter import DeadLetter
 from .env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
 from .jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress, JobStatus, JobStatusQuery
+from .llm import CompleteReply, CompleteRequest, LlmError
 from .models import ModelAvailable, ModelLoaded, ModelRollback
 from .tasks import TASK_MODELS, task_channel, task_type
 
@@ -36,6 +37,7 @@ ENV = "forseti.env.{executor_id}"
 CAPABILITIES = "forseti.capabilities"
 STATUS = "forseti.status"
 DEADLETTER = "forseti.deadletter"
+LLM = "forseti.llm.{name}.complete"
 
 
 def jobs_channel(job_id: str) -> str:
@@ -46,6 +48,11 @@ def jobs_channel(job_id: str) -> str:
 def env_channel(executor_id: str) -> str:
     """The request channel of one executor."""
     return ENV.format(executor_id=executor_id)
+
+
+def llm_channel(name: str) -> str:
+    """The completion channel of the LLM service that serves model `name`."""
+    return LLM.format(name=name)
 
 
 _SPECS: list[EventSpec] = [
@@ -71,6 +78,9 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.env.spec.v1", EnvSpec, ENV, "The session's spaces (reply to open)."),
     EventSpec("forseti.env.transition.v1", EnvTransition, ENV, "Observations and rewards (reply)."),
     EventSpec("forseti.env.error.v1", EnvError, ENV, "What the executor refused, and why (reply)."),
+    EventSpec("forseti.llm.complete.v1", CompleteRequest, LLM, "Continue a prompt (request)."),
+    EventSpec("forseti.llm.completion.v1", CompleteReply, LLM, "The continuation and its version (reply)."),
+    EventSpec("forseti.llm.error.v1", LlmError, LLM, "Why a completion was refused (reply)."),
     EventSpec("forseti.capabilities.query.v1", CapabilitiesQuery, CAPABILITIES, "Ask what workers can do."),
     EventSpec("forseti.capabilities.v1", Capabilities, CAPABILITIES, "One worker's capabilities (reply)."),
     EventSpec("forseti.job.status.query.v1", JobStatusQuery, STATUS, "Ask where a job stands."),

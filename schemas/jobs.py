@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from .base import FiniteFloat, Id, LongText, MetricMap, ShortText, Strict
+from .base import FiniteFloat, Id, LongText, MetricMap, Name, ShortText, Strict
 from .errors import ErrorCode
 from .tasks import TaskKind
 
@@ -91,6 +91,27 @@ class InferenceResult(Strict):
     """Rows per batch used."""
 
 
+class FinetuneResult(Strict):
+    """What a fine-tune job produced."""
+
+    model_id: Id
+    """The registry id of the adapter version."""
+    name: Name
+    """Adapter name."""
+    version: ShortText
+    """This version (v1.0, v1.1, ...)."""
+    parent_version: ShortText | None = None
+    """The version it continued from, with EWC against forgetting it."""
+    adapter_path: Annotated[str, Field(max_length=4096)]
+    """The peft adapter folder."""
+    gguf: dict[ShortText, Annotated[str, Field(max_length=4096)]] = Field(default_factory=dict, max_length=16)
+    """GGUF files by type (f32, f16, q8_0, lora, base)."""
+    training_time_ms: int = Field(ge=0)
+    """Wall time spent training."""
+    metrics: MetricMap = Field(default_factory=dict)
+    """Loss, tokens/s, EWC penalty and the export parity figures."""
+
+
 class GenericResult(Strict):
     """A result for handlers whose output has no dedicated model yet."""
 
@@ -102,7 +123,7 @@ class GenericResult(Strict):
     """Produced files by role."""
 
 
-JobResult = TrainingResult | RLResult | InferenceResult | GenericResult
+JobResult = TrainingResult | RLResult | FinetuneResult | InferenceResult | GenericResult
 
 
 class JobEvent(Strict):

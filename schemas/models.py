@@ -41,6 +41,14 @@ class ModelAvailable(Strict):
     """The job that produced it."""
     created_at: ShortText
     """When it was registered (ISO 8601)."""
+    parent_version: ShortText | None = None
+    """The version this one continued from (lineage), if any."""
+    base_uri: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+    """For `gguf-lora`: the base-model GGUF the adapter applies to."""
+    base_sha256: Sha256 | None = None
+    """Digest of `base_uri`."""
+    alias: ShortText | None = None
+    """Set when a promote moved an alias (production, staging) to this version."""
 
 
 class ModelRollback(Strict):
@@ -56,6 +64,8 @@ class ModelRollback(Strict):
     """Registry id of the version to serve."""
     reason: LongText = ""
     """Why."""
+    alias: ShortText | None = None
+    """The alias that moved back (production, staging), if the rollback was of an alias."""
 
 
 class ModelLoaded(Strict):

@@ -194,6 +194,14 @@ class FinetuneConfig(Strict):
     """Micro-batches per optimizer step."""
     max_seq_len: int = Field(default=512, ge=8, le=131_072)
     """Tokens per sequence after truncation."""
+    checkpoint_interval: int = Field(default=50, ge=1, le=1_000_000)
+    """Optimizer steps between checkpoints."""
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute precision: auto is bf16 (or fp16) on CUDA and fp32 on CPU; half precision needs CUDA."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto takes CUDA when present."""
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    """Seed for adapter initialisation and data order."""
 
 
 class ExportConfig(Strict):
@@ -202,7 +210,9 @@ class ExportConfig(Strict):
     gguf: list[Literal["f32", "f16", "q8_0"]] = Field(default_factory=list, max_length=3)
     """Merged-model GGUF types to write."""
     adapter_gguf: bool = False
-    """Also write the adapter as a GGUF LoRA."""
+    """Also write the adapter as a GGUF LoRA (with an F32 GGUF of the base model to apply it to)."""
+    check_prompts: int = Field(default=4, ge=1, le=256)
+    """Dataset examples the parity check evaluates each GGUF on."""
 
 
 class FinetuneTask(TaskBase):

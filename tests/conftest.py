@@ -71,3 +71,19 @@ async def connect(bus_factory: Callable[..., Bus]) -> AsyncIterator[Callable[[],
     yield open_one
     for bus in reversed(opened):
         await bus.close()
+
+
+TINY_TEXTS = [
+    f"Sensor {i} reads {i * 7 % 13} degrees; the pump is {('off', 'on')[i % 2]} "
+    f"and the valve is {('shut', 'open', 'open')[i % 3]}."
+    for i in range(120)
+]
+"""Text the tiny test LLM's tokenizer is trained on, and the fine-tune datasets are drawn from."""
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama folder (2 layers, hidden 64) with a byte-level BPE tokenizer, built once per run."""
+    from forseti.adapters.llm.tiny import build_tiny_llama
+
+    return build_tiny_llama(tmp_path_factory.mktemp("llm") / "tiny-llama", TINY_TEXTS)

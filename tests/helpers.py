@@ -18,6 +18,7 @@ from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ForsetiError
 from forseti.schemas.jobs import GenericResult
 from forseti.schemas.tasks import (
+    TASK_MODELS,
     DataSource,
     InferenceTask,
     RLTask,
@@ -118,7 +119,7 @@ def inference(job_id: str | None = None, rows: int = 2) -> InferenceTask:
 
 async def submit(bus: Bus, task: TaskBase) -> None:
     """Publish a task on its channel."""
-    kind = {TrainingTask: TaskKind.TRAINING, InferenceTask: TaskKind.INFERENCE, RLTask: TaskKind.RL}[type(task)]
+    kind = next(kind for kind, model in TASK_MODELS.items() if isinstance(task, model))
     await bus.publish(task_channel(kind), encode(task))
 
 

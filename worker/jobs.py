@@ -16,6 +16,7 @@ from forseti.adapters.bus import Delivery
 from forseti.adapters.registry import JobRecord
 from forseti.schemas.errors import BusError, ErrorCode, ForsetiError
 from forseti.schemas.jobs import (
+    FinetuneResult,
     GenericResult,
     InferenceResult,
     JobAccepted,
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RESULT_MODELS: tuple[type[JobResult], ...] = (TrainingResult, RLResult, InferenceResult, GenericResult)
+RESULT_MODELS: tuple[type[JobResult], ...] = (TrainingResult, RLResult, FinetuneResult, InferenceResult, GenericResult)
 
 
 def load_result(data: dict[str, object]) -> JobResult:

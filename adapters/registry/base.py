@@ -90,6 +90,10 @@ class ModelRecord(Registered):
     """Its format."""
     metrics: dict[str, float] = Field(default_factory=dict)
     """Quality figures."""
+    parent_id: str | None = None
+    """The version this one continued from (lineage)."""
+    label: str | None = None
+    """A version label other than the number, when the producer keeps one (v1.0, v1.1, ...)."""
 
 
 class TrainingRun(Record):
@@ -188,6 +192,15 @@ class RegistryStore(Protocol):
 
     async def list_models(self, *, name: str | None = None, limit: int = 50) -> list[ModelRecord]:
         """Newest versions first."""
+
+    async def set_alias(self, name: str, alias: str, model_id: str) -> None:
+        """Point `alias` of model `name` at a version (remembering where it pointed before)."""
+
+    async def get_alias(self, name: str, alias: str) -> ModelRecord | None:
+        """The version `alias` of `name` points at, or None."""
+
+    async def rollback_alias(self, name: str, alias: str) -> tuple[ModelRecord, ModelRecord] | None:
+        """Move `alias` back to where it pointed before its last move: (left, now served), or None."""
 
     async def put_training_run(self, run: TrainingRun) -> None:
         """Insert or replace a training run."""

@@ -52,6 +52,16 @@ MIGRATIONS: list[str] = [
         created_at TEXT NOT NULL);
     CREATE INDEX idx_artifacts_model ON artifacts(model_id);
     """,
+    # 2: lineage and labels of model versions; MLflow-style aliases, kept as a history so a rollback
+    # returns to where the alias pointed before
+    """
+    ALTER TABLE models ADD COLUMN parent_id TEXT;
+    ALTER TABLE models ADD COLUMN label TEXT;
+    CREATE TABLE aliases (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, alias TEXT NOT NULL,
+        model_id TEXT NOT NULL REFERENCES models(id), set_at TEXT NOT NULL);
+    CREATE INDEX idx_aliases_name ON aliases(name, alias);
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 
@@ -227,6 +237,39 @@ class SqliteStore:
         return await self._select(
             ModelRecord, f"SELECT * FROM models{where} ORDER BY created_at DESC, version DESC LIMIT ?", [*params, limit]
         )
+
+    async def set_alias(self, name: str, alias: str, model_id: str) -> None:
+        """Point `alias` of model `name` at a version (remembering where it pointed before)."""
+        await self._write(
+            "INSERT INTO aliases (name, alias, model_id, set_at) VALUES (?, ?, ?, ?)", [name, alias, model_id, utcnow()]
+        )
+
+    async def get_alias(self, name: str, alias: str) -> ModelRecord | None:
+        """The version `alias` of `name` points at, or None."""
+        rows = await self._select(
+            ModelRecord,
+            "SELECT models.* FROM aliases JOIN models ON models.id = aliases.model_id "
+            "WHERE aliases.name = ? AND aliases.alias = ? ORDER BY aliases.seq DESC LIMIT 1",
+            [name, alias],
+        )
+        return rows[0] if rows else None
+
+    async def rollback_alias(self, name: str, alias: str) -> tuple[ModelRecord, ModelRecord] | None:
+        """Move `alias` back to where it pointed before its last move: (left, now served), or None
+        when there is no earlier position."""
+        history = await self._select(
+            ModelRecord,
+            "SELECT models.* FROM aliases JOIN models ON models.id = aliases.model_id "
+            "WHERE aliases.name = ? AND aliases.alias = ? ORDER BY aliases.seq DESC LIMIT 2",
+            [name, alias],
+        )
+        if len(history) < 2:
+            return None
+        await self._write(
+            "DELETE FROM aliases WHERE seq = (SELECT MAX(seq) FROM aliases WHERE name = ? AND alias = ?)",
+            [name, alias],
+        )
+        return history[0], history[1]
 
     async def put_training_run(self, run: TrainingRun) -> None:
         """Insert or replace a training run."""

@@ -97,3 +97,30 @@ def test_store_urls() -> None:
     assert isinstance(create_store("sqlite:////tmp/x.db"), SqliteStore)
     with pytest.raises(ValueError, match="unsupported registry URL"):
         create_store("postgresql://localhost/forseti")
+
+
+async def test_aliases_move_and_roll_back_through_their_history(store: SqliteStore) -> None:
+    for model_id in ("a1", "a2", "a3"):
+        await store.add_model(
+            ModelRecord(
+                id=model_id, name="llm", model_type="llm", export_path="/x", export_format="peft", label=model_id
+            )
+        )
+    assert await store.get_alias("llm", "production") is None
+    assert await store.rollback_alias("llm", "production") is None
+    for model_id in ("a1", "a3"):
+        await store.set_alias("llm", "production", model_id)
+    await store.set_alias("llm", "staging", "a2")
+    current = await store.get_alias("llm", "production")
+    assert current is not None
+    assert current.id == "a3"
+    moved = await store.rollback_alias("llm", "production")
+    assert moved is not None
+    assert [m.id for m in moved] == ["a3", "a1"]
+    again = await store.get_alias("llm", "production")
+    assert again is not None
+    assert again.id == "a1"
+    assert await store.rollback_alias("llm", "production") is None, "nothing before the first position"
+    staging = await store.get_alias("llm", "staging")
+    assert staging is not None
+    assert staging.id == "a2"

@@ -1,0 +1,189 @@
+"""The fine-tune handler: a LoRA adapter on a local causal LM, versioned per name with EWC against
+forgetting the parent version, exported as peft and GGUF, checked against torch, registered and
+announced."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forseti.adapters.exporters import sha256_of
+from forseti.adapters.llm.gguf import LlamaLayout, Vocab
+from forseti.adapters.registry import Artifact, ModelRecord
+from forseti.schemas.capabilities import Capability
+from forseti.schemas.errors import ErrorCode, ForsetiError
+from forseti.schemas.jobs import FinetuneResult
+from forseti.schemas.models import ArtifactFormat, ModelAvailable
+from forseti.schemas.tasks import FinetuneTask, TaskKind
+from forseti.worker.context import JobContext
+from forseti.worker.inputs import resolve_input
+
+LABEL = re.compile(r"^v(\d+)\.(\d+)$")
+
+
+def next_label(parent: ModelRecord | None, base_model: str) -> tuple[str, ModelRecord | None]:
+    """This version's label and the parent it continues from: v1.0 first; the minor number grows
+    while the base model stays; another base model starts the next major version with no parent."""
+    if parent is None:
+        return "v1.0", None
+    match = LABEL.match(parent.label or "")
+    major, minor = (int(match[1]), int(match[2])) if match else (parent.version, 0)
+    if parent.base_model != base_model:
+        return f"v{major + 1}.0", None
+    return f"v{major}.{minor + 1}", parent
+
+
+@dataclass(frozen=True)
+class Produced:
+    """What the training thread hands back."""
+
+    adapter_dir: Path
+    files: dict[str, Path]
+    parity: dict[str, dict[str, float]]
+    metrics: dict[str, float]
+    training_time_ms: int
+
+
+class FinetuneHandler:
+    """Runs `forseti.task.finetune.v1`."""
+
+    kind = TaskKind.FINETUNE
+
+    def __init__(self, *, progress_seconds: float = 1.0) -> None:
+        self.progress_seconds = progress_seconds
+        """Least seconds between progress events (the last step always reports)."""
+
+    def capabilities(self) -> list[Capability]:
+        """LoRA with EWC, and the formats adapters and merged models are exported to."""
+        return [
+            Capability(area="fine-tuning", name="lora"),
+            Capability(area="fine-tuning", name="ewc"),
+            *(Capability(area="model-export", name=f"gguf-{kind}") for kind in ("f32", "f16", "q8_0")),
+            Capability(area="model-export", name="gguf-lora"),
+            Capability(area="model-export", name="peft"),
+        ]
+
+    async def run(self, task: FinetuneTask, ctx: JobContext) -> FinetuneResult:
+        """Check inputs, train in a thread, export and check, then register and announce."""
+        folder = resolve_input(task.base_model, ctx.inputs_root, what="base_model", missing=ErrorCode.INVALID_MODEL)
+        if not folder.is_dir():
+            raise ForsetiError(f"base_model {task.base_model!r} is not a model folder", code=ErrorCode.INVALID_MODEL)
+        dataset = resolve_input(task.dataset, ctx.inputs_root, what="dataset")
+        layout = LlamaLayout.read(folder)
+        if task.export.gguf or task.export.adapter_gguf:
+            Vocab.read(folder, layout.vocab_size)  # refuse an unexportable tokenizer before training
+
+        earlier = [m for m in await ctx.store.list_models(name=task.name, limit=2) if m.id != ctx.job_id]
+        label, parent = next_label(earlier[0] if earlier else None, str(folder))
+        produced = await ctx.run(self._produce, task, ctx, folder, dataset, parent, label)
+
+        model = await ctx.store.get_model(ctx.job_id) or await ctx.store.add_model(
+            ModelRecord(
+                id=ctx.job_id,
+                name=task.name,
+                model_type="llm",
+                framework="peft",
+                base_model=str(folder),
+                export_path=str(produced.adapter_dir),
+                export_format="peft",
+                metrics=produced.metrics,
+                parent_id=parent.id if parent else None,
+                label=label,
+                user_id=task.user_id,
+                device_id=task.device_id,
+                job_id=ctx.job_id,
+            )
+        )
+        base = produced.files.get("base")
+        announced: list[tuple[ArtifactFormat, str | None, Path]] = [
+            ("peft", None, produced.adapter_dir / "adapter_model.safetensors")
+        ]
+        announced += [
+            ("gguf-lora", None, path) if role == "lora" else ("gguf", role, path)
+            for role, path in produced.files.items()
+            if role != "base"
+        ]
+        for fmt, quantization, path in announced:
+            digest, size = sha256_of(path), path.stat().st_size
+            await ctx.store.add_artifact(
+                Artifact(
+                    id=f"{ctx.job_id}.{quantization or fmt}",
+                    model_id=model.id,
+                    format=fmt,
+                    uri=path.resolve().as_uri(),
+                    sha256=digest,
+                    size_bytes=size,
+                    quantization=quantization,
+                )
+            )
+            role = "lora" if fmt == "gguf-lora" else quantization or ""
+            await ctx.announce_model(
+                ModelAvailable(
+                    model_id=model.id,
+                    name=task.name,
+                    version=label,
+                    format=fmt,
+                    uri=path.resolve().as_uri(),
+                    sha256=digest,
+                    size_bytes=size,
+                    base_model=str(folder),
+                    quantization=quantization,
+                    kind="llm",
+                    metrics={**produced.metrics, **produced.parity.get(role, {})},
+                    job_id=ctx.job_id,
+                    created_at=model.created_at,
+                    parent_version=parent.label if parent else None,
+                    base_uri=base.resolve().as_uri() if fmt == "gguf-lora" and base else None,
+                    base_sha256=sha256_of(base) if fmt == "gguf-lora" and base else None,
+                )
+            )
+        metrics = dict(produced.metrics)
+        for role, figures in produced.parity.items():
+            metrics.update({f"{role}_{k}": v for k, v in figures.items()})
+        return FinetuneResult(
+            model_id=model.id,
+            name=task.name,
+            version=label,
+            parent_version=parent.label if parent else None,
+            adapter_path=str(produced.adapter_dir),
+            gguf={role: str(path) for role, path in produced.files.items()},
+            training_time_ms=produced.training_time_ms,
+            metrics=metrics,
+        )
+
+    def _produce(
+        self, task: FinetuneTask, ctx: JobContext, folder: Path, dataset: Path, parent: ModelRecord | None, label: str
+    ) -> Produced:
+        from .finetune_export import export_gguf
+        from .finetune_training import Parent, save_adapter, train
+
+        ancestor = Parent(parent.id, parent.label or "", Path(parent.export_path)) if parent else None
+        trained = train(task, ctx, folder, dataset, ancestor, progress_seconds=self.progress_seconds)
+        ctx.check()
+        ctx.progress(1.0, step=trained.steps, total=trained.steps, message="exporting and checking")
+        adapter_dir = save_adapter(trained, ctx.artifacts_dir / "adapter", task.ewc.fisher_samples)
+        files: dict[str, Path] = {}
+        parity: dict[str, dict[str, float]] = {}
+        if task.export.gguf or task.export.adapter_gguf:
+            export, _ = export_gguf(
+                trained,
+                folder,
+                ctx.artifacts_dir,
+                list(task.export.gguf),
+                adapter=task.export.adapter_gguf,
+                alpha=task.lora.alpha,
+                name=f"{task.name} {label}",
+            )
+            files = export.files
+            parity = {role: export.metrics(role) for role in export.parity}
+        metrics: dict[str, Any] = {
+            "loss": trained.loss,
+            "ewc_penalty": trained.ewc_penalty,
+            "tokens_per_second": trained.tokens_per_second,
+            "steps": float(trained.steps),
+            "resumed_from_step": float(trained.resumed_from),
+            "examples": float(len(trained.examples)),
+        }
+        return Produced(adapter_dir, files, parity, metrics, trained.training_time_ms)
