@@ -1,4 +1,5 @@
-"""The `forseti` command: worker, executor, submit, watch, cancel, pause, resume, jobs, capabilities, up."""
+"""The `forseti` command: worker, executor, submit, watch, cancel, pause, resume, jobs, models, capabilities,
+llm-serve, complete, up."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from rich.table import Table
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.registry import create_store
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
-from forseti.schemas.catalog import CAPABILITIES, CONTROL
+from forseti.schemas.catalog import CAPABILITIES, CONTROL, llm_channel
 from forseti.schemas.control import CancelJob, ControlCommand, PauseJob, ResumeJob
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ForsetiError, InvalidTask, RequestTimeout
@@ -342,6 +343,173 @@ def up(
             "stop with Ctrl-C"
         )
         asyncio.run(run_stack(settings, handlers, executor_env=executor_env or None, demo=demo, console=err))
+
+
+models_app = typer.Typer(help="Registered model versions and their aliases.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+AliasOpt = Annotated[str, typer.Option(help="The alias to move (MLflow style: production, staging, ...).")]
+
+
+async def _with_store_and_bus(data_dir: Path, bus: str | None, work: Any) -> Any:
+    store = create_store(WorkerSettings(data_dir=data_dir).registry)
+    await store.open()
+    client = await _connected(bus) if bus is not None else None
+    try:
+        return await work(store, client)
+    except ForsetiError as exc:
+        raise _fail(exc.message) from exc
+    finally:
+        if client is not None:
+            await client.close()
+        await store.close()
+
+
+@models_app.command("list")
+def models_list(
+    name: Annotated[str | None, typer.Argument(help="Only versions of this model name.")] = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
+) -> None:
+    """List model versions in this machine's registry, with their lineage."""
+    from .models import version_label
+
+    async def work(store: Any, _: Any) -> None:
+        rows = await store.list_models(name=name, limit=limit)
+        by_id = {row.id: row for row in rows}
+        table = Table("name", "version", "model id", "kind", "format", "parent", "created")
+        for row in rows:
+            parent = by_id.get(row.parent_id or "")
+            parent_label = version_label(parent) if parent else (row.parent_id or "")
+            table.add_row(
+                row.name, version_label(row), row.id, row.model_type, row.export_format, parent_label, row.created_at
+            )
+        out.print(table)
+
+    asyncio.run(_with_store_and_bus(data_dir, None, work))
+
+
+@models_app.command("promote")
+def models_promote(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[str, typer.Argument(help="Version label (v1.1) or number.")],
+    alias: AliasOpt = "production",
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    bus: BusOpt = DEFAULT_BUS_URL,
+) -> None:
+    """Point an alias at a version and announce its artifacts (model.available with the alias)."""
+    from .models import promote, version_label
+
+    async def work(store: Any, client: Bus) -> None:
+        model = await promote(store, client, name, version, alias=alias)
+        err.print(f"{name} {alias} -> {version_label(model)} ({model.id})")
+
+    asyncio.run(_with_store_and_bus(data_dir, bus, work))
+
+
+@models_app.command("rollback")
+def models_rollback(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: AliasOpt = "production",
+    reason: ReasonOpt = "rolled back from the command line",
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    bus: BusOpt = DEFAULT_BUS_URL,
+) -> None:
+    """Return an alias to the version it pointed at before, and announce it (model.rollback)."""
+    from .models import rollback
+
+    async def work(store: Any, client: Bus) -> None:
+        event = await rollback(store, client, name, alias=alias, reason=reason)
+        err.print(f"{name} {alias}: {event.from_version} -> {event.to_version} ({event.model_id})")
+
+    asyncio.run(_with_store_and_bus(data_dir, bus, work))
+
+
+@app.command("llm-serve")
+def llm_serve(
+    name: Annotated[
+        str, typer.Option(help="The model (adapter) name to serve; completions on forseti.llm.NAME.complete.")
+    ],
+    artifact: Annotated[
+        str, typer.Option(help="Which export to load: f32, f16, q8_0, or lora (LoRA GGUF on its base).")
+    ] = "f16",
+    alias: Annotated[
+        str | None, typer.Option(help="Only load versions promoted to this alias (default: every new version).")
+    ] = None,
+    consumer: Annotated[str | None, typer.Option(help="Name in model.loaded reports [llm-HOST-PID].")] = None,
+    context: Annotated[int, typer.Option(min=16, help="Context length in tokens.")] = 512,
+    threads: Annotated[int, typer.Option(min=1, help="CPU threads for llama.cpp.")] = 2,
+    bus: BusOpt = DEFAULT_BUS_URL,
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Serve completions of a fine-tuned model with llama.cpp, hot-swapping announced versions, until SIGTERM."""
+    import os
+    import socket
+
+    from .llm_serve import LlmService
+
+    setup_logging(json_lines=log_json)
+
+    async def go() -> None:
+        client = await _connected(bus)
+        try:
+            service = LlmService(
+                client,
+                name=name,
+                consumer=consumer or f"llm-{socket.gethostname()}-{os.getpid()}",
+                artifact=artifact,
+                alias=alias,
+                context=context,
+                threads=threads,
+            )
+        except ForsetiError as exc:
+            await client.close()
+            raise _fail(exc.message) from exc
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service.start()
+        err.print(
+            f"llm-serve {name}: waiting for {artifact} versions on forseti.models; answering on {llm_channel(name)}"
+        )
+        try:
+            await stop.wait()
+        finally:
+            await service.stop()
+            await client.close()
+
+    asyncio.run(go())
+
+
+@app.command()
+def complete(
+    name: Annotated[str, typer.Argument(help="The model name an llm-serve serves.")],
+    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
+    temperature: Annotated[float, typer.Option(min=0, help="0 is greedy.")] = 0.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the service.")] = 30.0,
+    bus: BusOpt = DEFAULT_BUS_URL,
+) -> None:
+    """Ask an llm-serve for a completion and print it."""
+    from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
+
+    async def go() -> CompleteReply | LlmError:
+        client = await _connected(bus)
+        try:
+            request = CompleteRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature)
+            reply = await client.request(llm_channel(name), encode(request), timeout=timeout)
+            answer: CompleteReply | LlmError = decode(reply).data
+            return answer
+        except RequestTimeout as exc:
+            raise _fail(f"no llm-serve for {name!r} answered on {bus} within {timeout:g}s") from exc
+        finally:
+            await client.close()
+
+    answer = asyncio.run(go())
+    if isinstance(answer, LlmError):
+        raise _fail(f"{answer.code}: {answer.message}")
+    err.print(f"[dim]{name} {answer.version} ({answer.model_id}), {answer.completion_tokens} tokens[/dim]")
+    print(answer.text)
 
 
 def version_callback(value: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -22,3 +23,11 @@ async def client(broker: MemoryBroker) -> AsyncIterator[MemoryBus]:
     await bus.connect()
     yield bus
     await bus.close()
+
+
+@pytest.fixture
+def data_root(tmp_path: Path, tiny_llama: Path) -> Path:
+    """The worker's data root (`tmp_path/datasets`) with the tiny LLM and two fine-tune datasets."""
+    from ..llm import data_root_with_tiny_llama
+
+    return data_root_with_tiny_llama(tmp_path, tiny_llama)

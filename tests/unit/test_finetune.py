@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,54 +17,10 @@ from forseti.schemas.catalog import CONTROL, MODELS
 from forseti.schemas.control import CancelJob
 from forseti.schemas.envelope import encode
 from forseti.schemas.jobs import JobState
-from forseti.schemas.tasks import FinetuneTask
 from forseti.worker.handlers.finetune import FinetuneHandler
 
-from ..conftest import TINY_TEXTS
 from ..helpers import Watcher, running_worker, submit, watch
-
-
-def write_dataset(path: Path, records: list[dict[str, Any]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def pairs(start: int, count: int) -> list[dict[str, Any]]:
-    """Prompt / response examples, every third with feedback."""
-    records = []
-    for i in range(start, start + count):
-        prompt, _, response = TINY_TEXTS[i].partition(";")
-        record: dict[str, Any] = {"prompt": prompt + ";", "response": response}
-        if i % 3 == 0:
-            record["feedback"] = 1 if i % 2 else -1
-        records.append(record)
-    return records
-
-
-@pytest.fixture
-def data_root(tmp_path: Path, tiny_llama: Path) -> Path:
-    """The worker's data root with the tiny model copied in (a symlink out of the root is refused)."""
-    root = tmp_path / "datasets"
-    shutil.copytree(tiny_llama, root / "tiny")
-    write_dataset(root / "v1.jsonl", pairs(0, 12))
-    write_dataset(root / "v2.jsonl", [{"text": t} for t in TINY_TEXTS[60:72]])
-    return root
-
-
-def finetune(dataset: str = "v1.jsonl", **fields: Any) -> FinetuneTask:
-    config = {"epochs": 2, "batch_size": 4, "learning_rate": 5e-3, "max_seq_len": 64, **fields.pop("config", {})}
-    return FinetuneTask.model_validate(
-        {
-            "request_id": f"ft-{uuid.uuid4().hex[:8]}",
-            "base_model": "file://tiny",
-            "dataset": dataset if "://" in dataset else f"file://{dataset}",
-            "name": "sensor-assistant",
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
-            "config": config,
-            **fields,
-        }
-    )
+from ..llm import finetune, pairs, write_dataset
 
 
 async def test_two_versions_with_ewc_export_checked_gguf_and_announce_every_artifact(
@@ -106,7 +61,7 @@ async def test_two_versions_with_ewc_export_checked_gguf_and_announce_every_arti
         assert lora.base_uri == Path(v1.gguf["base"]).as_uri()
         assert lora.base_sha256 == sha256_of(Path(v1.gguf["base"]))
         assert lora.sha256 == sha256_of(Path(v1.gguf["lora"]))
-        assert lora.metrics["parity_max_abs_diff"] < 1e-4
+        assert lora.metrics["lora_parity_max_abs_diff"] < 1e-4
         assert all(a.version == "v1.0" and a.kind == "llm" for a in announced)
 
         second = finetune("v2.jsonl", ewc={"lambda": 500, "fisher_samples": 8})

@@ -15,10 +15,10 @@ from forseti.adapters.registry import Artifact, ModelRecord
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import FinetuneResult
-from forseti.schemas.models import ArtifactFormat, ModelAvailable
 from forseti.schemas.tasks import FinetuneTask, TaskKind
 from forseti.worker.context import JobContext
 from forseti.worker.inputs import resolve_input
+from forseti.worker.models import BASE_FORMAT, announcements
 
 LABEL = re.compile(r"^v(\d+)\.(\d+)$")
 
@@ -79,6 +79,9 @@ class FinetuneHandler:
         label, parent = next_label(earlier[0] if earlier else None, str(folder))
         produced = await ctx.run(self._produce, task, ctx, folder, dataset, parent, label)
 
+        metrics = dict(produced.metrics)
+        for role, figures in produced.parity.items():
+            metrics.update({f"{role}_{k}": v for k, v in figures.items()})
         model = await ctx.store.get_model(ctx.job_id) or await ctx.store.add_model(
             ModelRecord(
                 id=ctx.job_id,
@@ -88,7 +91,7 @@ class FinetuneHandler:
                 base_model=str(folder),
                 export_path=str(produced.adapter_dir),
                 export_format="peft",
-                metrics=produced.metrics,
+                metrics=metrics,
                 parent_id=parent.id if parent else None,
                 label=label,
                 user_id=task.user_id,
@@ -96,52 +99,26 @@ class FinetuneHandler:
                 job_id=ctx.job_id,
             )
         )
-        base = produced.files.get("base")
-        announced: list[tuple[ArtifactFormat, str | None, Path]] = [
-            ("peft", None, produced.adapter_dir / "adapter_model.safetensors")
-        ]
-        announced += [
-            ("gguf-lora", None, path) if role == "lora" else ("gguf", role, path)
-            for role, path in produced.files.items()
-            if role != "base"
-        ]
-        for fmt, quantization, path in announced:
-            digest, size = sha256_of(path), path.stat().st_size
-            await ctx.store.add_artifact(
-                Artifact(
-                    id=f"{ctx.job_id}.{quantization or fmt}",
-                    model_id=model.id,
-                    format=fmt,
-                    uri=path.resolve().as_uri(),
-                    sha256=digest,
-                    size_bytes=size,
-                    quantization=quantization,
-                )
+        files: list[tuple[str, str | None, Path]] = [("peft", None, produced.adapter_dir / "adapter_model.safetensors")]
+        for role, path in produced.files.items():
+            fmt = {"lora": "gguf-lora", "base": BASE_FORMAT}.get(role, "gguf")
+            files.append((fmt, "f32" if role == "base" else None if role == "lora" else role, path))
+        artifacts = [
+            Artifact(
+                id=f"{ctx.job_id}.{fmt}.{quantization or ''}".rstrip("."),
+                model_id=model.id,
+                format=fmt,
+                uri=path.resolve().as_uri(),
+                sha256=sha256_of(path),
+                size_bytes=path.stat().st_size,
+                quantization=quantization,
             )
-            role = "lora" if fmt == "gguf-lora" else quantization or ""
-            await ctx.announce_model(
-                ModelAvailable(
-                    model_id=model.id,
-                    name=task.name,
-                    version=label,
-                    format=fmt,
-                    uri=path.resolve().as_uri(),
-                    sha256=digest,
-                    size_bytes=size,
-                    base_model=str(folder),
-                    quantization=quantization,
-                    kind="llm",
-                    metrics={**produced.metrics, **produced.parity.get(role, {})},
-                    job_id=ctx.job_id,
-                    created_at=model.created_at,
-                    parent_version=parent.label if parent else None,
-                    base_uri=base.resolve().as_uri() if fmt == "gguf-lora" and base else None,
-                    base_sha256=sha256_of(base) if fmt == "gguf-lora" and base else None,
-                )
-            )
-        metrics = dict(produced.metrics)
-        for role, figures in produced.parity.items():
-            metrics.update({f"{role}_{k}": v for k, v in figures.items()})
+            for fmt, quantization, path in files
+        ]
+        for artifact in artifacts:
+            await ctx.store.add_artifact(artifact)
+        for event in announcements(model, artifacts, parent_version=parent.label if parent else None):
+            await ctx.announce_model(event)
         return FinetuneResult(
             model_id=model.id,
             name=task.name,

@@ -1,0 +1,219 @@
+"""`forseti llm-serve`: the reference LLM service (the contract the seed's Geri implements).
+
+It follows `forseti.models` for one model name, loads each announced GGUF (or base + LoRA GGUF) with
+llama.cpp after checking size and sha256, and answers `forseti.llm.complete.v1` requests on
+`forseti.llm.<name>.complete`. A new version loads beside the one serving and takes over in one
+assignment, so requests in flight finish on the model they started on and none is dropped. Every
+load is reported as `forseti.model.loaded.v1`, ok or not; a file that fails its digest or its load
+leaves the serving version in place. The versions it served before stay loaded (`keep` of them), so
+a `forseti.model.rollback.v1` returns to one at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from forseti.adapters.bus import Bus, Message, Subscription
+from forseti.adapters.exporters import sha256_of
+from forseti.adapters.llm.llama import LlamaRuntime
+from forseti.schemas.base import ID_PATTERN
+from forseti.schemas.catalog import MODELS, llm_channel
+from forseti.schemas.envelope import Event, decode, encode
+from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
+from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
+from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
+
+log = logging.getLogger(__name__)
+ARTIFACTS = ("f32", "f16", "q8_0", "lora")
+"""What llm-serve can follow: a merged GGUF of one type, or the LoRA GGUF on its base GGUF."""
+
+
+@dataclass
+class Served:
+    """One loaded version and the lock that serialises its completions (a llama.cpp context serves one
+    request at a time)."""
+
+    model_id: str
+    version: str
+    runtime: LlamaRuntime
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def close(self) -> None:
+        """Free the model once the request using it (if any) is done."""
+        async with self.lock:
+            await asyncio.to_thread(self.runtime.close)
+
+
+def local_path(uri: str) -> Path:
+    """The file a `file://` URI names (the only kind a single-host service fetches)."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise ForsetiError(f"cannot fetch {uri!r}: llm-serve reads file:// URIs", code=ErrorCode.INVALID_MODEL)
+    return Path(unquote(parsed.path))
+
+
+def verified(uri: str, sha256: str, size: int | None = None) -> Path:
+    """The local file of `uri` once its size and sha256 match the announcement."""
+    path = local_path(uri)
+    if not path.is_file():
+        raise ForsetiError(f"{path} does not exist", code=ErrorCode.INVALID_MODEL)
+    if size is not None and path.stat().st_size != size:
+        raise ForsetiError(f"{path} has {path.stat().st_size} bytes, announced {size}", code=ErrorCode.INVALID_MODEL)
+    if sha256_of(path) != sha256:
+        raise ForsetiError(f"{path} fails its sha256 check", code=ErrorCode.INVALID_MODEL)
+    return path
+
+
+class LlmService:
+    """Serves completions of one model name, following its announcements."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        name: str,
+        consumer: str,
+        artifact: str = "f16",
+        alias: str | None = None,
+        context: int = 512,
+        threads: int = 2,
+        keep: int = 1,
+    ) -> None:
+        if not re.match(ID_PATTERN, name):
+            raise ForsetiError(
+                f"model name {name!r} cannot name a channel; use [A-Za-z0-9._-]", code=ErrorCode.INVALID_TASK
+            )
+        if artifact not in ARTIFACTS:
+            raise ForsetiError(f"artifact must be one of {', '.join(ARTIFACTS)}", code=ErrorCode.INVALID_TASK)
+        self.bus, self.name, self.consumer = bus, name, consumer
+        self.artifact, self.alias = artifact, alias
+        self.context, self.threads = context, threads
+        self.keep = keep
+        """Versions served before that stay loaded for rollbacks."""
+        self.current: Served | None = None
+        """The version answering requests now."""
+        self.previous: list[Served] = []
+        """Versions served before, newest first, kept loaded for rollbacks."""
+        self._subs: list[Subscription] = []
+        self._swap = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Follow the models channel and answer on the completion channel."""
+        self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
+        self._subs.append(await self.bus.subscribe(llm_channel(self.name), self._on_request, queue="llm-serve"))
+
+    async def stop(self) -> None:
+        """Stop listening and free every loaded model."""
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs.clear()
+        for served in [s for s in (self.current, *self.previous) if s is not None]:
+            await served.close()
+        self.current, self.previous = None, []
+
+    def wants(self, event: ModelAvailable) -> bool:
+        """Whether an announcement is of this service's name, artifact and (when set) alias."""
+        if event.name != self.name or event.kind != "llm" or (self.alias and event.alias != self.alias):
+            return False
+        if self.artifact == "lora":
+            return event.format == "gguf-lora" and event.base_uri is not None
+        return event.format == "gguf" and event.quantization == self.artifact
+
+    async def _on_model(self, msg: Message) -> None:
+        try:
+            event: Event[Any] = decode(msg.data)
+        except InvalidTask as exc:
+            log.warning("ignoring an unreadable models event: %s", exc.message)
+            return
+        if isinstance(event.data, ModelAvailable) and self.wants(event.data):
+            await self.load(event.data)
+        elif isinstance(event.data, ModelRollback) and event.data.name == self.name:
+            await self.roll_back(event.data)
+
+    async def load(self, event: ModelAvailable) -> bool:
+        """Check and load an announced version beside the serving one, then switch to it; report either way."""
+        async with self._swap:
+            try:
+                runtime = await asyncio.to_thread(self._open, event)
+            except ForsetiError as exc:
+                log.warning("llm-serve %s: %s %s not loaded: %s", self.name, event.version, event.model_id, exc.message)
+                await self._report(event.model_id, event.version, ok=False, message=exc.message)
+                return False
+            await self._switch(Served(event.model_id, event.version, runtime))
+        await self._report(event.model_id, event.version, ok=True)
+        return True
+
+    def _open(self, event: ModelAvailable) -> LlamaRuntime:
+        path = verified(event.uri, event.sha256, event.size_bytes)
+        if event.format == "gguf-lora":
+            base = verified(event.base_uri or "", event.base_sha256 or "")
+            return LlamaRuntime(base, lora_path=path, context=self.context, threads=self.threads)
+        return LlamaRuntime(path, context=self.context, threads=self.threads)
+
+    async def _switch(self, served: Served) -> None:
+        old, self.current = self.current, served  # one assignment: new requests go to the new version
+        if old is not None:
+            self.previous.insert(0, old)
+        stale, self.previous = self.previous[self.keep :], self.previous[: self.keep]
+        for served_before in stale:
+            await served_before.close()
+        log.info("llm-serve %s now serves %s (%s)", self.name, served.version, served.model_id)
+
+    async def roll_back(self, event: ModelRollback) -> bool:
+        """Return to a version kept loaded; report failure when it is not held."""
+        async with self._swap:
+            held = next((s for s in self.previous if s.model_id == event.model_id), None)
+            if held is None:
+                message = f"{event.to_version} ({event.model_id}) is not loaded here; announce it to load it"
+                await self._report(event.model_id, event.to_version, ok=False, message=message)
+                return False
+            self.previous.remove(held)
+            await self._switch(held)
+        await self._report(event.model_id, event.to_version, ok=True)
+        return True
+
+    async def _report(self, model_id: str, version: str, *, ok: bool, message: str = "") -> None:
+        loaded = ModelLoaded(
+            model_id=model_id, name=self.name, version=version, consumer=self.consumer, ok=ok, message=message[:4096]
+        )
+        await self.bus.publish(MODELS, encode(loaded, subject=model_id))
+
+    async def _on_request(self, msg: Message) -> None:
+        try:
+            request = decode(msg.data, expect=CompleteRequest).data
+        except InvalidTask as exc:
+            await msg.respond(encode(LlmError(code=exc.code, message=exc.message[:4096])))
+            return
+        served = self.current
+        if served is None:
+            await msg.respond(
+                encode(LlmError(code=ErrorCode.INVALID_MODEL, message=f"no version of {self.name} loaded yet"))
+            )
+            return
+        try:
+            async with served.lock:
+                done = await asyncio.to_thread(
+                    served.runtime.complete,
+                    request.prompt,
+                    max_tokens=request.max_tokens,
+                    temperature=request.temperature,
+                    seed=request.seed,
+                )
+        except (ValueError, RuntimeError) as exc:  # llama-cpp-python's words for a prompt past the context, etc.
+            await msg.respond(encode(LlmError(code=ErrorCode.INVALID_TASK, message=str(exc)[:4096])))
+            return
+        reply = CompleteReply(
+            text=done.text,
+            model_id=served.model_id,
+            version=served.version,
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            finish_reason=done.finish_reason,
+        )
+        await msg.respond(encode(reply))

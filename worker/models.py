@@ -1,0 +1,96 @@
+"""Model aliases (MLflow style): `promote` points an alias at a version and announces its artifacts;
+`rollback` returns the alias to where it pointed before and announces that. Behind
+`forseti models promote / rollback`, usable from any process that reaches the registry and the bus."""
+
+from __future__ import annotations
+
+from forseti.adapters.bus import Bus
+from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
+from forseti.schemas.catalog import MODELS
+from forseti.schemas.envelope import encode
+from forseti.schemas.errors import ErrorCode, ForsetiError
+from forseti.schemas.models import ModelAvailable, ModelRollback
+
+BASE_FORMAT = "gguf-base"
+"""Registry-only format of the base-model GGUF that a version's `gguf-lora` applies to."""
+ANNOUNCED_FORMATS = ("onnx", "safetensors", "gguf", "gguf-lora", "peft")
+
+
+def version_label(model: ModelRecord) -> str:
+    """The version as people and events name it: the producer's label, else the number."""
+    return model.label or str(model.version)
+
+
+async def find_version(store: RegistryStore, name: str, version: str) -> ModelRecord:
+    """A version of `name` by label (v1.1) or number (2); invalid_model when there is none."""
+    for model in await store.list_models(name=name, limit=10_000):
+        if version in (model.label, str(model.version)):
+            return model
+    raise ForsetiError(f"model {name!r} has no version {version!r}", code=ErrorCode.INVALID_MODEL)
+
+
+def announcements(
+    model: ModelRecord, artifacts: list[Artifact], *, parent_version: str | None = None, alias: str | None = None
+) -> list[ModelAvailable]:
+    """One model.available per announced artifact of a version (a gguf-lora carries its base GGUF)."""
+    base = next((a for a in artifacts if a.format == BASE_FORMAT), None)
+    events = []
+    for artifact in artifacts:
+        if artifact.format not in ANNOUNCED_FORMATS:
+            continue
+        with_base = artifact.format == "gguf-lora" and base is not None
+        events.append(
+            ModelAvailable.model_validate(
+                {
+                    "model_id": model.id,
+                    "name": model.name,
+                    "version": version_label(model),
+                    "format": artifact.format,
+                    "uri": artifact.uri,
+                    "sha256": artifact.sha256,
+                    "size_bytes": artifact.size_bytes,
+                    "base_model": model.base_model,
+                    "quantization": artifact.quantization,
+                    "kind": model.model_type,
+                    "metrics": model.metrics,
+                    "job_id": model.job_id,
+                    "created_at": model.created_at,
+                    "base_uri": base.uri if with_base and base else None,
+                    "base_sha256": base.sha256 if with_base and base else None,
+                    "parent_version": parent_version,
+                    "alias": alias,
+                }
+            )
+        )
+    return events
+
+
+async def promote(store: RegistryStore, bus: Bus, name: str, version: str, *, alias: str) -> ModelRecord:
+    """Point `alias` of `name` at `version` and announce that version's artifacts with the alias set."""
+    model = await find_version(store, name, version)
+    await store.set_alias(name, alias, model.id)
+    parent = await store.get_model(model.parent_id) if model.parent_id else None
+    artifacts = await store.list_artifacts(model.id)
+    for event in announcements(model, artifacts, parent_version=version_label(parent) if parent else None, alias=alias):
+        await bus.publish(MODELS, encode(event, subject=model.id))
+    return model
+
+
+async def rollback(store: RegistryStore, bus: Bus, name: str, *, alias: str, reason: str = "") -> ModelRollback:
+    """Return `alias` of `name` to where it pointed before its last move, and announce the rollback."""
+    moved = await store.rollback_alias(name, alias)
+    if moved is None:
+        raise ForsetiError(
+            f"{name} {alias} has no earlier version to return to (promote one first)", code=ErrorCode.INVALID_MODEL
+        )
+    left, now = moved
+    event = ModelRollback(
+        name=name,
+        from_version=version_label(left),
+        to_version=version_label(now),
+        model_id=now.id,
+        reason=reason,
+        alias=alias,
+    )
+    await bus.publish(MODELS, encode(event, subject=now.id))
+    return event
