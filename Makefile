@@ -52,6 +52,7 @@ bench: install
 	$(BIN)/python bench/bus.py
 	cd bench && ../$(BIN)/python rl_throughput.py
 	cd bench && ../$(BIN)/python rl_learning.py
+	$(BIN)/python bench/finetune.py
 
 clean:
 	rm -rf $(VENV) .mypy_view .mypy_cache .ruff_cache .pytest_cache build *.egg-info

@@ -1,8 +1,7 @@
-"""What the RL benchmarks share: a worker, an optional executor and a client on one bus, running one task."""
+"""What the RL benchmarks share: one RL task through a worker, with an optional executor beside it."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 import subprocess
@@ -14,16 +13,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forseti.adapters.bus import Bus, Message, create_bus
-from forseti.adapters.registry import SqliteStore
+from jobs import run_job
+
+from forseti.adapters.bus import Bus, create_bus
 from forseti.envs.executor import EnvServer, gym_factory
-from forseti.schemas.catalog import jobs_channel
-from forseti.schemas.envelope import decode, encode
-from forseti.schemas.jobs import JobCompleted, JobEvent, JobFailed, JobProgress, RLResult
-from forseti.schemas.tasks import RLTask, TaskKind, task_channel
+from forseti.schemas.jobs import JobProgress, RLResult
+from forseti.schemas.tasks import RLTask
 from forseti.worker.handlers.rl import RLHandler
-from forseti.worker.runtime import Worker
-from forseti.worker.settings import WorkerSettings
 
 
 @contextlib.contextmanager
@@ -97,44 +93,18 @@ async def run_rl(
         await server.start()
         task = {**task, "executor": executor_id}
     rl_task = RLTask.model_validate({**task, "request_id": job_id})
-    client = create_bus(url)
-    await client.connect()
-    done: asyncio.Future[JobEvent] = asyncio.get_running_loop().create_future()
     curve: list[tuple[int, float]] = []
     last: dict[str, float] = {}
 
-    async def on_event(msg: Message) -> None:
-        event = decode(msg.data, expect=JobEvent).data
-        if isinstance(event, JobProgress):
-            last.update(event.metrics)
-            if "mean_reward_100" in event.metrics:
-                curve.append((event.step, event.metrics["mean_reward_100"]))
-        elif isinstance(event, JobCompleted | JobFailed) and not done.done():
-            done.set_result(event)
+    def on_progress(event: JobProgress) -> None:
+        last.update(event.metrics)
+        if "mean_reward_100" in event.metrics:
+            curve.append((event.step, event.metrics["mean_reward_100"]))
 
-    await client.subscribe(jobs_channel(job_id), on_event)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = WorkerSettings(
-            bus_url=url, data_dir=Path(tmp), concurrency=1, poll_interval=0.2, group="bench-rl", heartbeat_interval=5
-        )
-        worker = Worker(
-            bus=create_bus(url),
-            store=SqliteStore(Path(tmp) / "r.db"),
-            handlers=[RLHandler(progress_every=progress_every)],
-            settings=settings,
-        )
-        running = asyncio.create_task(worker.run())
-        await worker.ready.wait()
-        await client.publish(task_channel(TaskKind.RL), encode(rl_task))
-        end = await done
-        worker.request_stop()
-        await running
-    await client.close()
+        result = await run_job(url, rl_task, RLHandler(progress_every=progress_every), Path(tmp), on_progress)
     if server is not None and executor_bus is not None:
         await server.stop()
         await executor_bus.close()
-    if isinstance(end, JobFailed):
-        raise RuntimeError(f"benchmark job failed: {end.code}: {end.message}")
-    assert isinstance(end, JobCompleted)
-    assert isinstance(end.result, RLResult)
-    return Run(end.result, curve, last)
+    assert isinstance(result, RLResult)
+    return Run(result, curve, last)

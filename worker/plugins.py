@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from importlib.metadata import entry_points
 from typing import cast
 
 from .context import Handler
 
 ENTRY_POINT_GROUP = "forseti.handlers"
+log = logging.getLogger(__name__)
 
 
 def load_handler(spec: str) -> Handler:
@@ -29,5 +31,12 @@ def load_handler(spec: str) -> Handler:
 
 
 def installed_handlers() -> list[Handler]:
-    """One handler from each installed `forseti.handlers` entry point."""
-    return [load_handler(f"{ep.module}:{ep.attr}") for ep in entry_points(group=ENTRY_POINT_GROUP)]
+    """One handler from each installed `forseti.handlers` entry point whose dependencies are installed
+    (a backbone-only install, `make install TORCH=none`, has no RL or fine-tune handler)."""
+    handlers = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            handlers.append(load_handler(f"{ep.module}:{ep.attr}"))
+        except ModuleNotFoundError as exc:
+            log.warning("handler %s not loaded: %s is not installed (see the extras in the README)", ep.name, exc.name)
+    return handlers
