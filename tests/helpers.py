@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from forseti.adapters.bus import Bus, Message
-from forseti.adapters.registry import SqliteStore
+from forseti.adapters.registry import JobRecord, SqliteStore
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.catalog import jobs_channel
 from forseti.schemas.envelope import Event, decode, encode
@@ -201,6 +201,16 @@ async def watch(bus: Bus, job_id: str) -> Watcher:
     watcher = Watcher()
     await bus.subscribe(jobs_channel(job_id), watcher.on_message)
     return watcher
+
+
+async def stored_job(tmp: Path, job_id: str) -> JobRecord:
+    """A job as the registry under `tmp` holds it (for checks after its worker stopped)."""
+    store = SqliteStore(tmp / "registry.db")
+    await store.open()
+    job = await store.get_job(job_id)
+    await store.close()
+    assert job is not None, f"no job {job_id} in the registry"
+    return job
 
 
 def settings(tmp: Path, **overrides: Any) -> WorkerSettings:

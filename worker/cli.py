@@ -7,8 +7,9 @@ import asyncio
 import signal
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 import orjson
 import typer
@@ -66,6 +67,36 @@ async def _connected(url: str) -> Bus:
     except ForsetiError as exc:
         raise _fail(f"{exc.message}\nstart the embedded stack with `forseti up`, or pass --bus") from exc
     return bus
+
+
+class _Service(Protocol):
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def _serve(bus: str, make: Callable[[Bus], _Service], *, ready: str = "") -> None:
+    """Connect, start the service `make` builds on the connection, and run it until SIGTERM or SIGINT."""
+
+    async def go() -> None:
+        client = await _connected(bus)
+        try:
+            service = make(client)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
+            await service.start()
+            if ready:
+                err.print(ready)
+            try:
+                await stop.wait()
+            finally:
+                await service.stop()
+        finally:
+            await client.close()
+
+    asyncio.run(go())
 
 
 def _handlers(specs: list[str]) -> list[Handler]:
@@ -287,26 +318,15 @@ def executor(
 
     setup_logging(json_lines=log_json)
 
-    async def go() -> None:
-        client = await _connected(bus)
+    def make(client: Bus) -> EnvServer:
         try:
-            server = EnvServer(
+            return EnvServer(
                 client, executor_id, gym_factory(env), num_envs=num_envs, environment=env, max_sessions=max_sessions
             )
         except Exception as exc:
             raise _fail(f"cannot make env {env!r}: {exc}") from exc
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await server.start()
-        try:
-            await stop.wait()
-        finally:
-            await server.stop()
-            await client.close()
 
-    asyncio.run(go())
+    _serve(bus, make)
 
 
 @app.command()
@@ -449,10 +469,9 @@ def llm_serve(
 
     setup_logging(json_lines=log_json)
 
-    async def go() -> None:
-        client = await _connected(bus)
+    def make(client: Bus) -> LlmService:
         try:
-            service = LlmService(
+            return LlmService(
                 client,
                 name=name,
                 consumer=consumer or f"llm-{socket.gethostname()}-{os.getpid()}",
@@ -462,23 +481,9 @@ def llm_serve(
                 threads=threads,
             )
         except ForsetiError as exc:
-            await client.close()
             raise _fail(exc.message) from exc
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await service.start()
-        err.print(
-            f"llm-serve {name}: waiting for {artifact} versions on forseti.models; answering on {llm_channel(name)}"
-        )
-        try:
-            await stop.wait()
-        finally:
-            await service.stop()
-            await client.close()
 
-    asyncio.run(go())
+    _serve(bus, make, ready=f"llm-serve {name}: loads announced {artifact} versions; answers on {llm_channel(name)}")
 
 
 @app.command()

@@ -25,6 +25,22 @@ BLOCK = 32
 """Row length a Q8_0 block covers: rows that are not multiples of it are written as F16."""
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A model folder's JSON object (config.json, tokenizer.json); invalid_model when it is missing or
+    not a JSON object."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ForsetiError(
+            f"{path.parent} is not a model folder: no {path.name}", code=ErrorCode.INVALID_MODEL
+        ) from exc
+    except (OSError, ValueError) as exc:
+        raise ForsetiError(f"{path} cannot be read: {exc}", code=ErrorCode.INVALID_MODEL) from exc
+    if not isinstance(value, dict):
+        raise ForsetiError(f"{path} is not a JSON object", code=ErrorCode.INVALID_MODEL)
+    return value
+
+
 @dataclass(frozen=True)
 class LlamaLayout:
     """What GGUF needs to know of a Llama-family config.json."""
@@ -46,14 +62,7 @@ class LlamaLayout:
         """Read `folder/config.json`; invalid_model when it is missing or malformed, unsupported_model
         for an architecture this exporter does not write."""
         path = folder / "config.json"
-        try:
-            config = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ForsetiError(f"{folder} is not a model folder: no config.json", code=ErrorCode.INVALID_MODEL) from exc
-        except (OSError, ValueError) as exc:
-            raise ForsetiError(f"{path} cannot be read: {exc}", code=ErrorCode.INVALID_MODEL) from exc
-        if not isinstance(config, dict):
-            raise ForsetiError(f"{path} is not a JSON object", code=ErrorCode.INVALID_MODEL)
+        config = read_json(path)
         names = config.get("architectures") or []
         supported = [name for name in names if name in ARCHITECTURES]
         if not supported:
@@ -97,12 +106,7 @@ class Vocab:
         import gguf
 
         path = folder / "tokenizer.json"
-        try:
-            spec = json.loads(path.read_text())
-        except FileNotFoundError as exc:
-            raise ForsetiError(f"{folder} has no tokenizer.json", code=ErrorCode.INVALID_MODEL) from exc
-        except (OSError, ValueError) as exc:
-            raise ForsetiError(f"{path} cannot be read: {exc}", code=ErrorCode.INVALID_MODEL) from exc
+        spec = read_json(path)
         model = spec.get("model") or {}
         if model.get("type") != "BPE" or not _byte_level(spec.get("pre_tokenizer")):
             raise ForsetiError(

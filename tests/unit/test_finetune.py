@@ -12,14 +12,13 @@ import pytest
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.exporters import sha256_of
-from forseti.adapters.registry import SqliteStore
 from forseti.schemas.catalog import CONTROL, MODELS
 from forseti.schemas.control import CancelJob
 from forseti.schemas.envelope import encode
 from forseti.schemas.jobs import JobState
 from forseti.worker.handlers.finetune import FinetuneHandler
 
-from ..helpers import Watcher, running_worker, submit, watch
+from ..helpers import Watcher, running_worker, stored_job, submit, watch
 from ..llm import finetune, pairs, write_dataset
 
 
@@ -139,12 +138,7 @@ async def test_cancel_stops_training_and_a_handed_back_job_resumes_from_its_chec
     async with running_worker(MemoryBus(broker), [FinetuneHandler(progress_seconds=0)], tmp_path, shutdown_grace=0.0):
         await submit(client, resumed)
         await events.wait_for("progress", count=4, timeout=60)
-    store = SqliteStore(tmp_path / "registry.db")
-    await store.open()
-    job = await store.get_job(job_id)
-    await store.close()
-    assert job is not None
-    assert job.state is JobState.PENDING
+    assert (await stored_job(tmp_path, job_id)).state is JobState.PENDING
     async with running_worker(MemoryBus(broker), [FinetuneHandler()], tmp_path):
         done = (await events.wait_end(timeout=120)).data
     assert done.result.metrics["resumed_from_step"] >= 2

@@ -11,7 +11,6 @@ import pytest
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.exporters import sha256_of
-from forseti.adapters.registry import SqliteStore
 from forseti.envs.executor import EnvServer, gym_factory
 from forseti.schemas.catalog import CONTROL, MODELS
 from forseti.schemas.control import CancelJob
@@ -20,7 +19,7 @@ from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import RLTask
 from forseti.worker.handlers.rl import RLHandler
 
-from ..helpers import Watcher, running_worker, submit, watch
+from ..helpers import Watcher, running_worker, stored_job, submit, watch
 
 
 def rl_task(algorithm: str, environment: str, **config: Any) -> RLTask:
@@ -127,12 +126,7 @@ async def test_a_job_handed_back_at_shutdown_resumes_from_its_checkpoint(
     async with running_worker(MemoryBus(broker), [RLHandler(progress_every=128)], tmp_path, shutdown_grace=0.0):
         await submit(client, task)
         await events.wait_for("progress", count=2, timeout=60)
-    store = SqliteStore(tmp_path / "registry.db")
-    await store.open()
-    job = await store.get_job(job_id)
-    await store.close()
-    assert job is not None
-    assert job.state is JobState.PENDING
+    assert (await stored_job(tmp_path, job_id)).state is JobState.PENDING
     async with running_worker(MemoryBus(broker), [RLHandler(progress_every=512)], tmp_path):
         done = (await events.wait_end()).data
     assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 256
