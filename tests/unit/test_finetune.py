@@ -143,3 +143,47 @@ async def test_cancel_stops_training_and_a_handed_back_job_resumes_from_its_chec
         done = (await events.wait_end(timeout=120)).data
     assert done.result.metrics["resumed_from_step"] >= 2
     assert done.result.metrics["steps"] == 40
+
+
+async def test_an_export_outside_its_bound_fails_the_job_and_is_not_announced(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, data_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from forseti.worker.handlers import finetune_export
+
+    monkeypatch.setitem(finetune_export.MAX_ABS_DIFF, "f16", 1e-12)  # no f16 file can meet this
+    models = Watcher()
+    await client.subscribe(MODELS, models.on_message)
+    task = finetune(export={"gguf": ["f32", "f16"]})
+    async with running_worker(MemoryBus(broker), [FinetuneHandler()], tmp_path) as worker:
+        events = await watch(client, task.request_id or "")
+        await submit(client, task)
+        failed = (await events.wait_end("failed", timeout=120)).data
+        assert failed.code == "export_mismatch"
+        assert "f16: max abs diff" in failed.message
+        assert "needs max abs diff < 1e-12" in failed.message
+        assert await worker.store.list_models(name="sensor-assistant") == []
+    assert not [e for e in models.events if e.type.endswith("available.v1")]
+
+
+async def test_a_registry_id_as_base_model_continues_from_that_version_under_a_new_name(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, data_root: Path
+) -> None:
+    async with running_worker(MemoryBus(broker), [FinetuneHandler()], tmp_path) as worker:
+        first = finetune()
+        events = await watch(client, first.request_id or "")
+        await submit(client, first)
+        origin = (await events.wait_end(timeout=120)).data.result
+        branch = finetune("v2.jsonl", base_model=origin.model_id, name="sensor-branch", ewc={"lambda": 100})
+        events = await watch(client, branch.request_id or "")
+        await submit(client, branch)
+        result = (await events.wait_end(timeout=120)).data.result
+        assert (result.version, result.parent_version) == ("v1.0", "v1.0")
+        assert result.metrics["ewc_penalty"] > 0, "EWC holds the branch near the version it started from"
+        stored = await worker.store.get_model(result.model_id)
+        assert stored is not None
+        assert (stored.name, stored.parent_id) == ("sensor-branch", origin.model_id)
+        for wrong, code in (("no-such-model", "invalid_model"), (origin.model_id + "x", "invalid_model")):
+            bad = finetune(base_model=wrong)
+            events = await watch(client, bad.request_id or "")
+            await submit(client, bad)
+            assert (await events.wait_end("failed", timeout=60)).data.code == code

@@ -23,16 +23,36 @@ from forseti.worker.models import BASE_FORMAT, announcements
 LABEL = re.compile(r"^v(\d+)\.(\d+)$")
 
 
-def next_label(parent: ModelRecord | None, base_model: str) -> tuple[str, ModelRecord | None]:
-    """This version's label and the parent it continues from: v1.0 first; the minor number grows
-    while the base model stays; another base model starts the next major version with no parent."""
-    if parent is None:
-        return "v1.0", None
-    match = LABEL.match(parent.label or "")
-    major, minor = (int(match[1]), int(match[2])) if match else (parent.version, 0)
-    if parent.base_model != base_model:
-        return f"v{major + 1}.0", None
-    return f"v{major}.{minor + 1}", parent
+def next_label(
+    latest: ModelRecord | None, base_model: str, origin: ModelRecord | None = None
+) -> tuple[str, ModelRecord | None]:
+    """This version's label and the parent it continues from. v1.0 first; the minor number grows
+    while the base model stays, continuing from the latest version; another base model starts the
+    next major version. `origin` (a version named as the task's base_model) is the parent whatever
+    the name's latest version is."""
+    if latest is None:
+        return "v1.0", origin
+    match = LABEL.match(latest.label or "")
+    major, minor = (int(match[1]), int(match[2])) if match else (latest.version, 0)
+    if latest.base_model != base_model:
+        return f"v{major + 1}.0", origin
+    return f"v{major}.{minor + 1}", origin or latest
+
+
+async def base_of(task: FinetuneTask, ctx: JobContext) -> tuple[Path, ModelRecord | None]:
+    """The base model folder, and the version to continue from when `base_model` is the registry id
+    of an earlier fine-tune (whose base folder it then uses)."""
+    origin = None if "://" in task.base_model else await ctx.store.get_model(task.base_model)
+    if origin is not None and origin.model_type != "llm":
+        raise ForsetiError(
+            f"base_model {task.base_model!r} is a {origin.model_type} in the registry, not an LLM",
+            code=ErrorCode.INVALID_MODEL,
+        )
+    uri = Path(origin.base_model or "").as_uri() if origin is not None else task.base_model
+    folder = resolve_input(uri, ctx.inputs_root, what="base_model", missing=ErrorCode.INVALID_MODEL)
+    if not folder.is_dir():
+        raise ForsetiError(f"base_model {task.base_model!r} is not a model folder", code=ErrorCode.INVALID_MODEL)
+    return folder, origin
 
 
 @dataclass(frozen=True)
@@ -67,16 +87,14 @@ class FinetuneHandler:
 
     async def run(self, task: FinetuneTask, ctx: JobContext) -> FinetuneResult:
         """Check inputs, train in a thread, export and check, then register and announce."""
-        folder = resolve_input(task.base_model, ctx.inputs_root, what="base_model", missing=ErrorCode.INVALID_MODEL)
-        if not folder.is_dir():
-            raise ForsetiError(f"base_model {task.base_model!r} is not a model folder", code=ErrorCode.INVALID_MODEL)
+        folder, origin = await base_of(task, ctx)
         dataset = resolve_input(task.dataset, ctx.inputs_root, what="dataset")
         layout = LlamaLayout.read(folder)
         if task.export.gguf or task.export.adapter_gguf:
             Vocab.read(folder, layout.vocab_size)  # refuse an unexportable tokenizer before training
 
         earlier = [m for m in await ctx.store.list_models(name=task.name, limit=2) if m.id != ctx.job_id]
-        label, parent = next_label(earlier[0] if earlier else None, str(folder))
+        label, parent = next_label(earlier[0] if earlier else None, str(folder), origin)
         produced = await ctx.run(self._produce, task, ctx, folder, dataset, parent, label)
 
         metrics = dict(produced.metrics)
