@@ -39,6 +39,7 @@ from forseti.schemas.envelope import encode
 from forseti.schemas.jobs import GenericResult
 from forseti.schemas.tasks import InferenceTask, TaskKind, task_channel
 from forseti.worker.context import JobContext
+from forseti.worker.loop import run as run_loop
 from forseti.worker.runtime import Worker
 from forseti.worker.settings import WorkerSettings
 
@@ -290,7 +291,7 @@ if __name__ == "__main__":
     parser.add_argument("--quick", action="store_true", help="fewer iterations; do not rewrite the docs")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    section = asyncio.run(main(args.quick))
+    section = run_loop(main(args.quick))
     print(section)
     if not args.quick:
         write_section("bench/bus.py", section)

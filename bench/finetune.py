@@ -45,6 +45,7 @@ from forseti.worker.handlers.finetune import FinetuneHandler
 from forseti.worker.handlers.finetune_data import read_lines, tokenize
 from forseti.worker.handlers.finetune_training import collate, example_losses
 from forseti.worker.llm_serve import LlmService
+from forseti.worker.loop import run as run_loop
 from forseti.worker.models import announcements, find_version
 
 SYLLABLES = ["zor", "bit", "ka", "lum", "vex", "dra", "nol", "pim", "qua", "rist", "sel", "tor", "ump", "wen", "yar"]
@@ -370,4 +371,4 @@ def render(
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    run_loop(main())

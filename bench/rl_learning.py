@@ -11,7 +11,6 @@ within 100k timesteps; SAC remote >= -250 within 20k. Writes its section of docs
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import platform
@@ -24,6 +23,7 @@ from report import write_section
 from rl_common import run_rl
 
 from forseti.adapters.bus.servers import NatsServer
+from forseti.worker.loop import run as run_loop
 
 CASES: list[tuple[str, dict[str, Any], int, float]] = [
     (
@@ -105,6 +105,6 @@ if __name__ == "__main__":
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    section = asyncio.run(main(args.seeds))
+    section = run_loop(main(args.seeds))
     print(section)
     write_section("bench/rl_learning.py", "## RL learning (`bench/rl_learning.py`)\n\n" + section)

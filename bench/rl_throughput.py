@@ -27,6 +27,7 @@ from rl_common import executor_process, run_rl
 from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker
 from forseti.envs.remote import RemoteVecEnv
+from forseti.worker.loop import run as run_loop
 
 KAFKA_KNOBS = "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=4&fetch_max_wait_ms=5"
 """fetch_max_wait_ms=5: Tansu holds an empty fetch open that long, and a step round trip waits on two."""
@@ -162,6 +163,6 @@ async def main() -> str:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    section = asyncio.run(main())
+    section = run_loop(main())
     print(section)
     write_section("bench/rl_throughput.py", "## RL throughput (`bench/rl_throughput.py`)\n\n" + section)

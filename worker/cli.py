@@ -30,6 +30,7 @@ from .context import Handler
 from .embedded import run_stack
 from .follow import ExitCode, JobStream, follow
 from .logs import setup_logging
+from .loop import run as run_loop
 from .plugins import installed_handlers, load_handler
 from .runtime import forseti_version
 from .settings import DEFAULT_BUS_URL, WorkerSettings, default_data_dir
@@ -96,7 +97,7 @@ def _serve(bus: str, make: Callable[[Bus], _Service], *, ready: str = "") -> Non
         finally:
             await client.close()
 
-    asyncio.run(go())
+    run_loop(go())
 
 
 def _handlers(specs: list[str]) -> list[Handler]:
@@ -148,7 +149,7 @@ def worker_cmd(
         **overrides,
     )
     try:
-        asyncio.run(run_stack(settings, _handlers(handler)))
+        run_loop(run_stack(settings, _handlers(handler)))
     except ForsetiError as exc:
         raise _fail(exc.message) from exc
 
@@ -200,7 +201,7 @@ def submit(
         finally:
             await client.close()
 
-    raise typer.Exit(asyncio.run(go()))
+    raise typer.Exit(run_loop(go()))
 
 
 @app.command()
@@ -218,7 +219,7 @@ def watch(
         finally:
             await client.close()
 
-    raise typer.Exit(int(asyncio.run(go())))
+    raise typer.Exit(int(run_loop(go())))
 
 
 def _control(command: type[ControlCommand], job_id: str, reason: str, bus: str) -> None:
@@ -229,7 +230,7 @@ def _control(command: type[ControlCommand], job_id: str, reason: str, bus: str) 
         finally:
             await client.close()
 
-    asyncio.run(go())
+    run_loop(go())
 
 
 JobArg = Annotated[str, typer.Argument(help="The job id.")]
@@ -281,7 +282,7 @@ def jobs(
             table.add_row(row.job_id, row.kind, row.state, str(row.attempt), row.error_code or "", row.updated_at)
         out.print(table)
 
-    asyncio.run(go())
+    run_loop(go())
 
 
 @app.command()
@@ -301,7 +302,7 @@ def capabilities(
         finally:
             await client.close()
 
-    out.print_json(asyncio.run(go()).model_dump_json())
+    out.print_json(run_loop(go()).model_dump_json())
 
 
 @app.command()
@@ -362,7 +363,7 @@ def up(
             f"  forseti submit examples/dqn_email_triage.json --kind rl --watch --bus {bus}\n"
             "stop with Ctrl-C"
         )
-        asyncio.run(run_stack(settings, handlers, executor_env=executor_env or None, demo=demo, console=err))
+        run_loop(run_stack(settings, handlers, executor_env=executor_env or None, demo=demo, console=err))
 
 
 models_app = typer.Typer(help="Registered model versions and their aliases.", no_args_is_help=True)
@@ -405,7 +406,7 @@ def models_list(
             )
         out.print(table)
 
-    asyncio.run(_with_store_and_bus(data_dir, None, work))
+    run_loop(_with_store_and_bus(data_dir, None, work))
 
 
 @models_app.command("promote")
@@ -423,7 +424,7 @@ def models_promote(
         model = await promote(store, client, name, version, alias=alias)
         err.print(f"{name} {alias} -> {version_label(model)} ({model.id})")
 
-    asyncio.run(_with_store_and_bus(data_dir, bus, work))
+    run_loop(_with_store_and_bus(data_dir, bus, work))
 
 
 @models_app.command("rollback")
@@ -441,7 +442,7 @@ def models_rollback(
         event = await rollback(store, client, name, alias=alias, reason=reason)
         err.print(f"{name} {alias}: {event.from_version} -> {event.to_version} ({event.model_id})")
 
-    asyncio.run(_with_store_and_bus(data_dir, bus, work))
+    run_loop(_with_store_and_bus(data_dir, bus, work))
 
 
 @app.command("llm-serve")
@@ -510,7 +511,7 @@ def complete(
         finally:
             await client.close()
 
-    answer = asyncio.run(go())
+    answer = run_loop(go())
     if isinstance(answer, LlmError):
         raise _fail(f"{answer.code}: {answer.message}")
     err.print(f"[dim]{name} {answer.version} ({answer.model_id}), {answer.completion_tokens} tokens[/dim]")

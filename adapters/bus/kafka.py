@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 REPLY_TO = "forseti-reply-to"
 CORRELATION = "forseti-correlation-id"
 ATTEMPT = "forseti-attempt"
+HOT_TOPICS = ("forseti.replies", "forseti.env", "forseti.llm", "forseti.infer")
+"""Topics whose consumers wait `fetch_max_wait_ms` for data: someone blocks on every message there."""
 
 
 def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
@@ -188,7 +190,8 @@ class KafkaBus:
         topic, channel_key = topic_and_key(channel)
         await self.send(topic, data, key=key or channel_key)
 
-    def _consumer(self, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:
+    def _consumer(self, topic: str, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:
+        hot = topic.startswith(HOT_TOPICS)
         return AIOKafkaConsumer(
             bootstrap_servers=self.bootstrap,
             client_id=self.client_id,
@@ -198,14 +201,14 @@ class KafkaBus:
             session_timeout_ms=self.settings.session_timeout_ms,
             heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
             rebalance_timeout_ms=self.settings.session_timeout_ms,
-            fetch_max_wait_ms=self.settings.fetch_max_wait_ms,
+            fetch_max_wait_ms=self.settings.fetch_max_wait_ms if hot else self.settings.background_fetch_max_wait_ms,
         )
 
     async def _start_consumer(self, topic: str, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:
         await self.ensure_topic(topic)
         # One Kafka group per (group, topic): members of a group that spans topics rebalance together,
         # so a worker joining for one task kind would stall every other kind.
-        consumer = self._consumer(group_id(group, topic) if group else None, earliest=earliest)
+        consumer = self._consumer(topic, group_id(group, topic) if group else None, earliest=earliest)
         try:
             await consumer.start()
             if group is None:

@@ -21,8 +21,13 @@ class BusSettings:
     heartbeat_interval_ms: int = 1_000
     """Consumer-group heartbeat (Kafka)."""
     fetch_max_wait_ms: int = 20
-    """How long the broker may hold a fetch open when it has no data (Kafka); bounds reply and event
-    latency, at the cost of more idle fetches (aiokafka's default, 500, adds up to half a second)."""
+    """How long the broker may hold a fetch open when it has no data (Kafka), on the hot request-reply
+    paths: reply topics and the env, LLM and inference request channels. It bounds their latency, at
+    the cost of more idle fetches (aiokafka's default, 500, adds up to half a second)."""
+    background_fetch_max_wait_ms: int = 100
+    """The same for every other consumer (tasks, progress, control, models, capabilities, status):
+    their latency matters less than the broker CPU that a dozen consumers polling every few
+    milliseconds would take from the hot paths."""
     connect_timeout: float = 5.0
     """Seconds to wait for the server at start."""
 
