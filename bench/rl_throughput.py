@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -102,38 +103,49 @@ async def episodes_per_second(url: str) -> float:
     return float(run.last_progress["episodes"]) / (metrics.training_time_ms / 1000)
 
 
+REPEATS = 3
+"""Each remote figure is paired with an in-worker run right before it, and the median of the pairs'
+ratios is reported: this machine's speed drifts by 10-20% over minutes (a shared VM), which a single
+baseline taken minutes apart would count against, or for, the remote env."""
+
+
 async def main() -> str:
-    speeds: dict[tuple[str, int], float] = {}
+    runs: dict[tuple[str, int], list[tuple[float, float]]] = {}  # (local, remote) pairs
     rtt: dict[str, tuple[float, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as nats_server:
-        for envs in (1, 16):
-            speeds[("in the worker", envs)] = await steps_per_second(nats_server.url, envs, remote=False)
-            speeds[("remote, NATS", envs)] = await steps_per_second(nats_server.url, envs, remote=True)
+    with tempfile.TemporaryDirectory() as tmp, NatsServer(Path(tmp)) as nats_server, TansuBroker() as broker:
+        transports = {"remote, NATS": nats_server.url, "remote, Kafka (Tansu)": broker.url + KAFKA_KNOBS}
+        for _ in range(REPEATS):
+            for envs in (1, 16):
+                for where, url in transports.items():
+                    local = await steps_per_second(nats_server.url, envs, remote=False)
+                    remote = await steps_per_second(url, envs, remote=True)
+                    runs.setdefault((where, envs), []).append((local, remote))
         rtt["NATS"] = await step_round_trip(nats_server.url)
-        episodes = await episodes_per_second(nats_server.url)
-    with TansuBroker() as broker:
-        for envs in (1, 16):
-            speeds[("remote, Kafka (Tansu)", envs)] = await steps_per_second(
-                broker.url + KAFKA_KNOBS, envs, remote=True
-            )
         rtt["Kafka (Tansu)"] = await step_round_trip(broker.url + KAFKA_KNOBS)
+        episodes = await episodes_per_second(nats_server.url)
+    ratio = {key: statistics.median(r / l for l, r in pairs) for key, pairs in runs.items()}
+    speeds = {key: statistics.median(r for _, r in pairs) for key, pairs in runs.items()}
+    for envs in (1, 16):
+        speeds[("in the worker", envs)] = statistics.median(
+            l for key, pairs in runs.items() if key[1] == envs for l, _ in pairs
+        )
+        ratio[("in the worker", envs)] = 1.0
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} by `python bench/rl_throughput.py` on {platform.machine()}, "
         f"{os.cpu_count()} cores, CPU, one torch thread; worker, broker and executor (`forseti executor`, its "
-        "own process) on one machine; Kafka with `fetch_max_wait_ms=5`.",
+        "own process) on one machine; Kafka with `fetch_max_wait_ms=5`. Speeds are medians of "
+        f"{REPEATS} runs; each ratio is the median of {REPEATS} (in-worker, remote) pairs run back to back.",
         "",
         "| env | PPO steps/s, 1 env | vs worker | PPO steps/s, 16 envs | vs worker |",
         "| --- | --- | --- | --- | --- |",
     ]
     for where in ("in the worker", "remote, NATS", "remote, Kafka (Tansu)"):
         one, many = speeds[(where, 1)], speeds[(where, 16)]
-        lines.append(
-            f"| {where} | {one:,.0f} | {one / speeds[('in the worker', 1)]:.2f}x | {many:,.0f} | "
-            f"{many / speeds[('in the worker', 16)]:.2f}x |"
-        )
+        lines.append(f"| {where} | {one:,.0f} | {ratio[(where, 1)]:.2f}x | {many:,.0f} | {ratio[(where, 16)]:.2f}x |")
     lines += ["", "| 16-env step round trip through RemoteVecEnv | p50 ms | p99 ms |", "| --- | --- | --- |"]
     lines += [f"| {name} | {p50:.2f} | {p99:.2f} |" for name, (p50, p99) in rtt.items()]
-    ratio = {key: speeds[key] / speeds[("in the worker", key[1])] for key in speeds}
+    lines += ["", f"Ratios of the {REPEATS} pairs, lowest to highest:", ""]
+    lines += [f"- {where}, {envs} env(s): {min(v):.2f}x-{max(v):.2f}x" for (where, envs), v in sorted(ratios.items())]
     checks = [
         (
             "remote over NATS >= 0.9x the worker at 16 envs",
