@@ -123,12 +123,12 @@ async def main() -> str:
         rtt["NATS"] = await step_round_trip(nats_server.url)
         rtt["Kafka (Tansu)"] = await step_round_trip(broker.url + KAFKA_KNOBS)
         episodes = await episodes_per_second(nats_server.url)
-    ratio = {key: statistics.median(r / l for l, r in pairs) for key, pairs in runs.items()}
-    speeds = {key: statistics.median(r for _, r in pairs) for key, pairs in runs.items()}
+    ratios = {key: [remote / local for local, remote in pairs] for key, pairs in runs.items()}
+    ratio = {key: statistics.median(values) for key, values in ratios.items()}
+    speeds = {key: statistics.median(remote for _, remote in pairs) for key, pairs in runs.items()}
     for envs in (1, 16):
-        speeds[("in the worker", envs)] = statistics.median(
-            l for key, pairs in runs.items() if key[1] == envs for l, _ in pairs
-        )
+        baseline = [local for key, pairs in runs.items() if key[1] == envs for local, _ in pairs]
+        speeds[("in the worker", envs)] = statistics.median(baseline)
         ratio[("in the worker", envs)] = 1.0
     lines = [
         f"Measured {time.strftime('%Y-%m-%d')} by `python bench/rl_throughput.py` on {platform.machine()}, "
