@@ -18,6 +18,7 @@ import platform
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ async def steps_per_second(url: str, num_envs: int, remote: bool) -> float:
     if not remote:
         run = await run_rl(url, task, progress_every=10**9)
     else:
-        executor_id = f"bench-{num_envs}"
+        executor_id = f"bench-{num_envs}-{uuid.uuid4().hex[:6]}"  # a fresh Kafka group each run
         with executor_process(url, "CartPole-v1", executor_id, num_envs):
             run = await run_rl(url, {**task, "executor": executor_id}, progress_every=10**9)
     return float(run.result.metrics.custom_metrics["steps_per_second"])
