@@ -55,6 +55,22 @@ async def base_of(task: FinetuneTask, ctx: JobContext) -> tuple[Path, ModelRecor
     return folder, origin
 
 
+def describe(files: list[tuple[str, str | None, Path]], model_id: str) -> list[Artifact]:
+    """Registry rows, with size and sha256, for a version's (format, quantization, path) files."""
+    return [
+        Artifact(
+            id=f"{model_id}.{fmt}.{quantization or ''}".rstrip("."),
+            model_id=model_id,
+            format=fmt,
+            uri=path.resolve().as_uri(),
+            sha256=sha256_of(path),
+            size_bytes=path.stat().st_size,
+            quantization=quantization,
+        )
+        for fmt, quantization, path in files
+    ]
+
+
 @dataclass(frozen=True)
 class Produced:
     """What the training thread hands back."""
@@ -121,18 +137,7 @@ class FinetuneHandler:
         for role, path in produced.files.items():
             fmt = {"lora": "gguf-lora", "base": BASE_FORMAT}.get(role, "gguf")
             files.append((fmt, "f32" if role == "base" else None if role == "lora" else role, path))
-        artifacts = [
-            Artifact(
-                id=f"{ctx.job_id}.{fmt}.{quantization or ''}".rstrip("."),
-                model_id=model.id,
-                format=fmt,
-                uri=path.resolve().as_uri(),
-                sha256=sha256_of(path),
-                size_bytes=path.stat().st_size,
-                quantization=quantization,
-            )
-            for fmt, quantization, path in files
-        ]
+        artifacts = await ctx.run(describe, files, model.id)  # digests of large files, off the event loop
         for artifact in artifacts:
             await ctx.store.add_artifact(artifact)
         for event in announcements(model, artifacts, parent_version=parent.label if parent else None):
