@@ -7,7 +7,10 @@ invalid_path before it is opened.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
@@ -28,3 +31,26 @@ def resolve_input(uri: str, root: Path, *, what: str, missing: ErrorCode = Error
     if not path.exists():
         raise ForsetiError(f"{what} {uri!r}: nothing at {path}", code=missing)
     return path
+
+
+def jsonl_objects(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; invalid_data naming the line
+    when one is not a JSON object, or the file is not UTF-8."""
+    with path.open(encoding="utf-8") as lines:
+        try:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    value = json.loads(line)
+                except ValueError as exc:
+                    raise ForsetiError(
+                        f"{path.name} line {number}: not valid JSON ({exc})", code=ErrorCode.INVALID_DATA
+                    ) from exc
+                if not isinstance(value, dict):
+                    raise ForsetiError(
+                        f"{path.name} line {number}: expected a JSON object", code=ErrorCode.INVALID_DATA
+                    )
+                yield number, value
+        except UnicodeDecodeError as exc:
+            raise ForsetiError(f"{path.name} is not UTF-8 text: {exc}", code=ErrorCode.INVALID_DATA) from exc

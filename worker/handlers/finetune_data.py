@@ -8,12 +8,12 @@ the job with invalid_data and its line number.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
+from forseti.worker.inputs import jsonl_objects
 
 FEEDBACK_WEIGHTS = {1: 2.0, -1: 0.5}
 """Loss weight of an example by its feedback; 1.0 without feedback."""
@@ -37,27 +37,13 @@ def _bad(path: Path, number: int, why: str) -> ForsetiError:
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
     """The dataset's records, each checked for its fields; invalid_data names the first bad line."""
-    records = []
-    with path.open(encoding="utf-8", errors="strict") as lines:
-        try:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as exc:
-                    raise _bad(path, number, f"not valid JSON ({exc})") from exc
-                records.append(_checked(record, path, number))
-        except UnicodeDecodeError as exc:
-            raise ForsetiError(f"{path.name} is not UTF-8 text: {exc}", code=ErrorCode.INVALID_DATA) from exc
+    records = [_checked(record, path, number) for number, record in jsonl_objects(path)]
     if not records:
         raise ForsetiError(f"{path.name} has no examples", code=ErrorCode.INVALID_DATA)
     return records
 
 
-def _checked(record: Any, path: Path, number: int) -> dict[str, Any]:
-    if not isinstance(record, dict):
-        raise _bad(path, number, "expected a JSON object")
+def _checked(record: dict[str, Any], path: Path, number: int) -> dict[str, Any]:
     has_text, has_pair = "text" in record, "prompt" in record or "response" in record
     if has_text == has_pair:
         raise _bad(path, number, 'needs either "text" or "prompt" and "response"')

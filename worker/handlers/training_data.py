@@ -23,7 +23,7 @@ import numpy as np
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import DataSource
-from forseti.worker.inputs import resolve_input
+from forseti.worker.inputs import jsonl_objects, resolve_input
 
 Cell = str | float | int | bool | None
 Row = dict[str, Cell]
@@ -72,17 +72,8 @@ def _read_file(path: Path) -> Iterable[Row]:
 
         yield from pq.read_table(path).to_pylist()
     else:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as exc:
-                    raise _bad(f"{path.name} line {number}: not valid JSON ({exc})") from exc
-                if not isinstance(row, dict):
-                    raise _bad(f"{path.name} line {number}: expected a JSON object")
-                yield row
+        for _, row in jsonl_objects(path):
+            yield row
 
 
 def _is_number(value: Cell) -> bool:
