@@ -92,3 +92,19 @@ def test_stratified_split_keeps_class_shares_and_chronological_split_keeps_order
     assert (train[-1], val[0], val[-1], test[0], test[-1]) == (69, 70, 84, 85, 99)
     with pytest.raises(ForsetiError, match="too few"):
         split(None, 2)
+
+
+def test_the_onnx_preprocessing_graph_computes_what_the_encoding_does() -> None:
+    import onnx
+    import onnxruntime as ort
+
+    from forseti.adapters.exporters.tabular import preprocessing_graph, raw_inputs
+
+    rows = [*ROWS, {"size": None, "colour": "purple"}, {"size": float("inf"), "colour": None}, {"size": True}]
+    encoding = fit_encoding(ROWS, "label", "classification")
+    graph = preprocessing_graph(encoding.numeric, encoding.means, encoding.scales, encoding.categorical)
+    onnx.checker.check_model(graph, full_check=True)
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, raw_inputs(rows, encoding.numeric, list(encoding.categorical)))
+    assert got.shape == (15, 4)
+    assert np.abs(got - encoding.features(rows)).max() < 1e-6
