@@ -71,6 +71,12 @@ class TrainingConfig(Strict):
     """Learning-rate schedule."""
     checkpoint_interval: int = Field(default=1, ge=1, le=1_000_000)
     """Epochs between checkpoints."""
+    hidden: list[Annotated[int, Field(ge=1, le=65_536)]] = Field(default_factory=lambda: [64, 64], max_length=16)
+    """Hidden layer sizes of the network."""
+    grad_clip: float | None = Field(default=None, gt=0, le=1e6)
+    """Clip the gradient norm to this, when set."""
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    """Seed for initialisation, data splits and batch order."""
 
 
 class DataSource(Strict):

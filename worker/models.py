@@ -4,7 +4,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from forseti.adapters.bus import Bus
+from forseti.adapters.exporters import sha256_of
 from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import encode
@@ -14,6 +17,22 @@ from forseti.schemas.models import ModelAvailable, ModelRollback
 BASE_FORMAT = "gguf-base"
 """Registry-only format of the base-model GGUF that a version's `gguf-lora` applies to."""
 ANNOUNCED_FORMATS = ("onnx", "safetensors", "gguf", "gguf-lora", "peft")
+
+
+def describe(files: list[tuple[str, str | None, Path]], model_id: str) -> list[Artifact]:
+    """Registry rows, with size and sha256, for a version's (format, quantization, path) files."""
+    return [
+        Artifact(
+            id=f"{model_id}.{fmt}.{quantization or ''}".rstrip("."),
+            model_id=model_id,
+            format=fmt,
+            uri=path.resolve().as_uri(),
+            sha256=sha256_of(path),
+            size_bytes=path.stat().st_size,
+            quantization=quantization,
+        )
+        for fmt, quantization, path in files
+    ]
 
 
 def version_label(model: ModelRecord) -> str:

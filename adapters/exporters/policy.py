@@ -9,7 +9,6 @@ policy mean clipped to the bounds (PPO, A2C) or unscaled from [-1, 1] (SAC's squ
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 
 from forseti.envs.spaces import space_to_spec
 from forseti.schemas.errors import ErrorCode, ForsetiError
+
+from .torch_onnx import torch_to_onnx
 
 PARITY_SAMPLES = 1000
 CONTINUOUS_TOLERANCE = 1e-4
@@ -73,26 +74,9 @@ def _sample_observations(space: spaces.Space[Any], count: int, seed: int) -> np.
 
 
 def _to_onnx(module: DeterministicPolicy, example: torch.Tensor, path: Path) -> bytes:
-    with warnings.catch_warnings():
-        # torch >= 2.9 marks the TorchScript exporter deprecated; the new one needs onnxscript and is
-        # much slower for a small MLP. The graph is checked against the policy below either way.
-        warnings.filterwarnings(
-            "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
-        )
-        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
-        # tracing meets torch.distributions' argument checks (constant for a fixed policy); the parity
-        # check below is what proves the graph right
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
-        torch.onnx.export(
-            module,
-            (example,),
-            path,
-            input_names=["observation"],
-            output_names=["action"],
-            dynamic_axes={"observation": {0: "batch"}, "action": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+    # tracing meets torch.distributions' argument checks (constant for a fixed policy); the parity
+    # check below is what proves the graph right
+    torch_to_onnx(module, example, path, "observation", "action", quiet_tracer=True)
     return path.read_bytes()
 
 

@@ -9,16 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forseti.adapters.exporters import sha256_of
 from forseti.adapters.llm.gguf import LlamaLayout, Vocab
-from forseti.adapters.registry import Artifact, ModelRecord
+from forseti.adapters.registry import ModelRecord
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.tasks import FinetuneTask, TaskKind
 from forseti.worker.context import JobContext
 from forseti.worker.inputs import resolve_input
-from forseti.worker.models import BASE_FORMAT, announcements
+from forseti.worker.models import BASE_FORMAT, announcements, describe
 
 LABEL = re.compile(r"^v(\d+)\.(\d+)$")
 
@@ -53,22 +52,6 @@ async def base_of(task: FinetuneTask, ctx: JobContext) -> tuple[Path, ModelRecor
     if not folder.is_dir():
         raise ForsetiError(f"base_model {task.base_model!r} is not a model folder", code=ErrorCode.INVALID_MODEL)
     return folder, origin
-
-
-def describe(files: list[tuple[str, str | None, Path]], model_id: str) -> list[Artifact]:
-    """Registry rows, with size and sha256, for a version's (format, quantization, path) files."""
-    return [
-        Artifact(
-            id=f"{model_id}.{fmt}.{quantization or ''}".rstrip("."),
-            model_id=model_id,
-            format=fmt,
-            uri=path.resolve().as_uri(),
-            sha256=sha256_of(path),
-            size_bytes=path.stat().st_size,
-            quantization=quantization,
-        )
-        for fmt, quantization, path in files
-    ]
 
 
 @dataclass(frozen=True)

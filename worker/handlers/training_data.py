@@ -99,6 +99,9 @@ class Encoding:
     categorical: dict[str, list[str]] = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)
     """A classifier's target values, as text, in label order."""
+    target_mean: float = 0.0
+    target_scale: float = 1.0
+    """A regressor's target is learnt standardised with these and predicted back in its own units."""
 
     @property
     def width(self) -> int:
@@ -109,10 +112,12 @@ class Encoding:
         """Standardised numeric columns (missing values at the mean), then one-hot text columns
         (an unseen or missing value is all zeros)."""
         out = np.zeros((len(rows), self.width), dtype=np.float32)
+        # float32 throughout, step for step as the exported ONNX graph computes it, so the model sees
+        # the same inputs in training as in deployment
         for j, (name, mean, scale) in enumerate(zip(self.numeric, self.means, self.scales, strict=True)):
             values = [row.get(name) for row in rows]
-            column = np.array([v if _is_number(v) else mean for v in values], dtype=np.float64)
-            out[:, j] = (column - mean) / scale
+            column = np.array([v if _is_number(v) else mean for v in values], dtype=np.float32)
+            out[:, j] = (column - np.float32(mean)) / np.float32(scale)
         offset = len(self.numeric)
         for name, categories in self.categorical.items():
             index = {c: i for i, c in enumerate(categories)}
@@ -154,6 +159,8 @@ def fit_encoding(rows: list[Row], target: str, task: str) -> Encoding:
         wrong = [v for v in targets if not _is_number(v)]
         if wrong:
             raise _bad(f"target column {target!r} must be numeric for a regressor; found {wrong[0]!r}")
+        numbers = np.array(targets, dtype=np.float64)
+        encoding.target_mean, encoding.target_scale = float(numbers.mean()), float(numbers.std()) or 1.0
     else:
         encoding.classes = sorted({str(v) for v in targets})
         if len(encoding.classes) < 2:
@@ -183,18 +190,26 @@ def fit_encoding(rows: list[Row], target: str, task: str) -> Encoding:
 
 
 def split(
-    labels: np.ndarray | None, n: int, *, fractions: tuple[float, float] = (0.15, 0.15), seed: int = 0
+    labels: np.ndarray | None,
+    n: int,
+    *,
+    fractions: tuple[float, float] = (0.15, 0.15),
+    seed: int = 0,
+    shuffle: bool = False,
 ) -> tuple[list[int], list[int], list[int]]:
     """Train / validation / test row indices. With class `labels`, stratified: each class is split in
     the same proportions. Without, chronological: the rows keep their order (validation after
-    training, test last), as time series must."""
+    training, test last), as time series must; or, with `shuffle`, a random split."""
     val_share, test_share = fractions
     if labels is None:
         n_test, n_val = max(1, round(n * test_share)), max(1, round(n * val_share))
         cut = n - n_val - n_test
         if cut < 1:
             raise _bad(f"{n} rows are too few to split into training, validation and test data")
-        return list(range(cut)), list(range(cut, cut + n_val)), list(range(cut + n_val, n))
+        order = list(range(n))
+        if shuffle:
+            random.Random(seed).shuffle(order)
+        return sorted(order[:cut]), sorted(order[cut : cut + n_val]), sorted(order[cut + n_val :])
     rng = random.Random(seed)
     train: list[int] = []
     val: list[int] = []

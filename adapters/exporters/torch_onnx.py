@@ -1,0 +1,43 @@
+"""A torch module to ONNX with the TorchScript exporter, batch dimension dynamic."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+OPSET = 17
+
+
+def torch_to_onnx(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    input_name: str,
+    output_name: str,
+    *,
+    quiet_tracer: bool = False,
+) -> Path:
+    """Export `module` (one input, one output) to `path`. Every caller checks the graph against
+    the module afterwards, which is what proves it right."""
+    with warnings.catch_warnings():
+        # torch >= 2.9 marks the TorchScript exporter deprecated; the new one needs onnxscript and is
+        # much slower for a small MLP
+        warnings.filterwarnings(
+            "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
+        )
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        if quiet_tracer:
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
+        torch.onnx.export(
+            module,
+            (example,),
+            path,
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            opset_version=OPSET,
+            dynamo=False,
+        )
+    return path
