@@ -16,6 +16,7 @@ from sklearn.datasets import load_breast_cancer, load_diabetes
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.exporters.tabular import raw_inputs
+from forseti.adapters.registry import SqliteStore
 from forseti.schemas.catalog import CONTROL, MODELS
 from forseti.schemas.control import CancelJob
 from forseti.schemas.envelope import encode
@@ -136,6 +137,10 @@ async def test_cancel_keeps_the_checkpoint_and_a_handed_back_job_resumes(
         await client.publish(CONTROL, encode(CancelJob(job_id=job_id)))
         await events.wait_end("cancelled", timeout=10)
     assert (tmp_path / "jobs" / job_id / "checkpoints" / "latest.pt").is_file()
+    store = SqliteStore(tmp_path / "registry.db")
+    await store.open()
+    assert [run.id for run in await store.list_training_runs(status=JobState.CANCELLED)] == [job_id]
+    await store.close()
 
     resumed = training("classifier", "file://cancer.csv", "diagnosis", epochs=12, batch_size=4)
     job_id = resumed.request_id or ""

@@ -14,7 +14,7 @@ from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import JobState, TrainingMetrics, TrainingResult
 from forseti.schemas.tasks import TaskKind, TrainingTask
-from forseti.worker.context import JobContext
+from forseti.worker.context import JobContext, JobStopped, StopReason
 from forseti.worker.models import announcements, describe
 
 SUPPORTED = {"classifier": "classification", "regressor": "regression"}
@@ -42,7 +42,18 @@ class TrainingHandler:
             )
         run = TrainingRun(id=ctx.job_id, config=task.config.model_dump(mode="json"), user_id=task.user_id)
         await ctx.store.put_training_run(run)
-        trained, exported, test_rows = await ctx.run(self._train, task, ctx)
+        try:
+            trained, exported, test_rows = await ctx.run(self._train, task, ctx)
+        except JobStopped as stopped:
+            # a shutdown hands the job back (it resumes); a cancel ends it
+            status = JobState.PENDING if stopped.reason is StopReason.SHUTDOWN else JobState.CANCELLED
+            await ctx.store.put_training_run(run.model_copy(update={"status": status}))
+            raise
+        except Exception:
+            await ctx.store.put_training_run(
+                run.model_copy(update={"status": JobState.FAILED, "completed_at": utcnow()})
+            )
+            raise
         name = task.name or f"{task.model_type}-{ctx.job_id}"
         metrics = {f"test_{k}": v for k, v in trained.test_metrics.items()}
         metrics["onnx_max_abs_diff"] = exported.max_abs_diff
