@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 REPLY_TO = "forseti-reply-to"
 CORRELATION = "forseti-correlation-id"
 ATTEMPT = "forseti-attempt"
+SEND_ATTEMPTS = 6
+"""Tries of one produce that meets retriable broker errors (about 1.5 s of backoff in all)."""
 HOT_TOPICS = ("forseti.replies", "forseti.env", "forseti.llm", "forseti.infer")
 """Topics whose consumers wait `fetch_max_wait_ms` for data: someone blocks on every message there."""
 
@@ -178,12 +180,17 @@ class KafkaBus:
             raise BusError("Kafka bus is not connected")
         await self.ensure_topic(topic)
         raw_key = key.encode() if isinstance(key, str) else key
-        try:
-            await self._producer.send_and_wait(
-                topic, data, key=raw_key, headers=[(k, v.encode()) for k, v in (headers or {}).items()]
-            )
-        except KafkaError as exc:
-            raise BusError(f"publish to {topic} failed: {exc}") from exc
+        encoded = [(k, v.encode()) for k, v in (headers or {}).items()]
+        for attempt in range(SEND_ATTEMPTS):
+            try:
+                await self._producer.send_and_wait(topic, data, key=raw_key, headers=encoded)
+                return
+            except KafkaError as exc:
+                # a topic created a moment ago may have no partition leader yet (NotLeaderForPartition,
+                # LeaderNotAvailable): the broker says so with a retriable error; others are final
+                if not exc.retriable or attempt == SEND_ATTEMPTS - 1:
+                    raise BusError(f"publish to {topic} failed: {exc}") from exc
+                await asyncio.sleep(0.05 * 2**attempt)
 
     async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
         """Produce to the channel's topic, keyed by the channel's id (or `key`)."""

@@ -77,26 +77,28 @@ async def test_a_plain_kafka_client_submits_and_a_malformed_task_is_dead_lettere
         await watcher.start()
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
         await producer.start()
-        await producer.send_and_wait("forseti.tasks.inference", b"not json at all", key=b"x")
-        await producer.send_and_wait("forseti.tasks.inference", raw_task(job_id), key=job_id.encode())
         completed = dead = False
-        async with asyncio.timeout(30):
-            async for record in watcher:
-                try:  # earlier tests on this broker left other bytes on these topics
-                    event = orjson.loads(record.value or b"")
-                except orjson.JSONDecodeError:
-                    continue
-                if record.topic == "forseti.deadletter":
-                    data = event["data"]
-                    dead = dead or (
-                        data["reason"] == "malformed_json"
-                        and base64.b64decode(data["original_b64"]) == b"not json at all"
-                    )
-                elif record.key == job_id.encode() and event["type"] == "forseti.job.completed.v1":
-                    completed = event["data"]["result"]["metrics"] == {"rows": 2.0}
-                if completed and dead:
-                    break
-        await producer.stop()
-        await watcher.stop()
+        try:
+            await producer.send_and_wait("forseti.tasks.inference", b"not json at all", key=b"x")
+            await producer.send_and_wait("forseti.tasks.inference", raw_task(job_id), key=job_id.encode())
+            async with asyncio.timeout(30):
+                async for record in watcher:
+                    try:  # earlier tests on this broker left other bytes on these topics
+                        event = orjson.loads(record.value or b"")
+                    except orjson.JSONDecodeError:
+                        continue
+                    if record.topic == "forseti.deadletter":
+                        data = event["data"]
+                        dead = dead or (
+                            data["reason"] == "malformed_json"
+                            and base64.b64decode(data["original_b64"]) == b"not json at all"
+                        )
+                    elif record.key == job_id.encode() and event["type"] == "forseti.job.completed.v1":
+                        completed = event["data"]["result"]["metrics"] == {"rows": 2.0}
+                    if completed and dead:
+                        break
+        finally:
+            await producer.stop()
+            await watcher.stop()
     assert completed
     assert dead
