@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from forseti.adapters.bus import Bus
-from forseti.adapters.registry import RegistryStore
+from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import JobProgress, JobResult, JobState
@@ -184,6 +184,26 @@ class JobContext:
     async def announce_model(self, event: ModelAvailable) -> None:
         """Publish `forseti.model.available.v1` for an artifact this job registered."""
         await self._announcer.announce_model(event, self.job_id)
+
+    async def publish_files(
+        self,
+        model: ModelRecord,
+        files: list[tuple[str, str | None, Path]],
+        *,
+        announce: Container[str],
+        parent_version: str | None = None,
+    ) -> list[Artifact]:
+        """Register a model version's (format, quantization, path) files (digests taken off the event
+        loop) and announce those whose format is in `announce`."""
+        from .models import announcements, describe
+
+        artifacts = await self.run(describe, files, model.id)
+        for artifact in artifacts:
+            await self.store.add_artifact(artifact)
+        for event in announcements(model, artifacts, parent_version=parent_version):
+            if event.format in announce:
+                await self.announce_model(event)
+        return artifacts
 
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking work in a thread, keeping the event loop free."""

@@ -17,7 +17,7 @@ from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.tasks import FinetuneTask, TaskKind
 from forseti.worker.context import JobContext
 from forseti.worker.inputs import resolve_input
-from forseti.worker.models import BASE_FORMAT, announcements, describe
+from forseti.worker.models import ANNOUNCED_FORMATS, BASE_FORMAT
 
 LABEL = re.compile(r"^v(\d+)\.(\d+)$")
 
@@ -120,11 +120,9 @@ class FinetuneHandler:
         for role, path in produced.files.items():
             fmt = {"lora": "gguf-lora", "base": BASE_FORMAT}.get(role, "gguf")
             files.append((fmt, "f32" if role == "base" else None if role == "lora" else role, path))
-        artifacts = await ctx.run(describe, files, model.id)  # digests of large files, off the event loop
-        for artifact in artifacts:
-            await ctx.store.add_artifact(artifact)
-        for event in announcements(model, artifacts, parent_version=parent.label if parent else None):
-            await ctx.announce_model(event)
+        await ctx.publish_files(
+            model, files, announce=ANNOUNCED_FORMATS, parent_version=parent.label if parent else None
+        )
         return FinetuneResult(
             model_id=model.id,
             name=task.name,

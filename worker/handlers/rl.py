@@ -4,14 +4,12 @@ remote executor; the trained policy registered, exported to ONNX + SafeTensors a
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
-from forseti.adapters.exporters import sha256_of
-from forseti.adapters.registry import Artifact, ModelRecord, RLAgent
-from forseti.adapters.registry.base import utcnow
+from forseti.adapters.registry import ModelRecord, RLAgent
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.jobs import RLMetrics, RLResult
-from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import RLTask, TaskKind
 from forseti.worker.context import JobContext
 
@@ -77,33 +75,11 @@ class RLHandler:
                 job_id=ctx.job_id,
             )
         )
-        onnx_sha, onnx_size = sha256_of(export.onnx_path), export.onnx_path.stat().st_size
-        for path, fmt, digest in ((export.onnx_path, "onnx", onnx_sha), (export.safetensors_path, "safetensors", None)):
-            await ctx.store.add_artifact(
-                Artifact(
-                    id=f"{ctx.job_id}.{fmt}",
-                    model_id=model.id,
-                    format=fmt,
-                    uri=path.resolve().as_uri(),
-                    sha256=digest or sha256_of(path),
-                    size_bytes=path.stat().st_size,
-                )
-            )
-        await ctx.announce_model(
-            ModelAvailable(
-                model_id=model.id,
-                name=name,
-                version=str(model.version),
-                format="onnx",
-                uri=export.onnx_path.resolve().as_uri(),
-                sha256=onnx_sha,
-                size_bytes=onnx_size,
-                kind="policy",
-                metrics=metrics,
-                job_id=ctx.job_id,
-                created_at=utcnow(),
-            )
-        )
+        files: list[tuple[str, str | None, Path]] = [
+            ("onnx", None, export.onnx_path),
+            ("safetensors", None, export.safetensors_path),
+        ]
+        await ctx.publish_files(model, files, announce={"onnx"})
         return RLResult(
             agent_id=model.id,
             policy_path=str(export.onnx_path),

@@ -15,7 +15,6 @@ from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import JobState, TrainingMetrics, TrainingResult
 from forseti.schemas.tasks import TaskKind, TrainingTask
 from forseti.worker.context import JobContext, JobStopped, StopReason
-from forseti.worker.models import announcements, describe
 
 SUPPORTED = {"classifier": "classification", "regressor": "regression"}
 """Model types this handler trains, and the task each is."""
@@ -76,11 +75,7 @@ class TrainingHandler:
             ("onnx", None, exported.onnx_path),
             ("safetensors", None, exported.safetensors_path),
         ]
-        artifacts = await ctx.run(describe, files, model.id)
-        for artifact in artifacts:
-            await ctx.store.add_artifact(artifact)
-        for event in announcements(model, [a for a in artifacts if a.format == "onnx"]):
-            await ctx.announce_model(event)
+        await ctx.publish_files(model, files, announce={"onnx"})
         await ctx.store.put_training_run(
             run.model_copy(
                 update={
