@@ -105,10 +105,16 @@ class _KafkaIntake:
         commit_at = self.tracker.settle(tp, record.offset)
         if tp not in self.consumer.assignment():
             return  # the partition moved to another member during a rebalance; it redelivers
+        # a commit waits out a rebalance in progress; bounded, so a stuck group hands the task back
+        # (the bus redelivers it and the job store answers for it) instead of holding the job open
+        limit = 2 * self.bus.settings.session_timeout_ms / 1000
         try:
-            await self.consumer.commit({tp: commit_at})
+            async with asyncio.timeout(limit):
+                await self.consumer.commit({tp: commit_at})
         except KafkaError as exc:
             raise BusError(f"commit on {self.channel} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise BusError(f"commit on {self.channel} took more than {limit:g}s") from exc
 
     async def close(self) -> None:
         await self.consumer.stop()

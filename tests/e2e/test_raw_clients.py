@@ -73,6 +73,9 @@ async def test_a_plain_kafka_client_submits_and_a_malformed_task_is_dead_lettere
             bootstrap_servers=bootstrap,
             auto_offset_reset="earliest",
             group_id=None,
+            # A topic the worker creates after this consumer starts is only seen at the next
+            # metadata refresh, five minutes by default.
+            metadata_max_age_ms=500,
         )
         await watcher.start()
         producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
