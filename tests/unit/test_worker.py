@@ -18,6 +18,7 @@ from forseti.schemas.control import CancelJob, PauseJob, ResumeJob
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.jobs import JobState, JobStatus, JobStatusQuery
 from forseti.schemas.tasks import RLTask, TaskKind, task_channel
+from forseti.worker.slots import Slots
 
 from ..helpers import (
     EchoHandler,
@@ -302,3 +303,20 @@ async def test_burst_mode_ends_once_the_queue_is_empty(broker: MemoryBroker, cli
     )
     await asyncio.wait_for(worker.run(), 10)
     assert handler.runs == 3
+
+
+async def test_slots_serve_waiters_in_turn_so_no_kind_starves() -> None:
+    slots = Slots(1)
+    order: list[str] = []
+
+    async def kind(name: str, rounds: int) -> None:
+        for _ in range(rounds):
+            assert await slots.reserve(1) == 1
+            order.append(name)
+            await asyncio.sleep(0.001)
+            slots.release(1)  # and asks again at once, as an intake loop does after an empty poll
+
+    await asyncio.gather(kind("a", 3), kind("b", 3), kind("c", 3))
+    assert order == ["a", "b", "c"] * 3
+    slots.close()
+    assert await slots.reserve(1) == 0
