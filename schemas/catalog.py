@@ -14,6 +14,7 @@ from .capabilities import Capabilities, CapabilitiesQuery
 from .control import CancelJob, PauseJob, ResumeJob
 from .deadletter import DeadLetter
 from .env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
+from .inference import InferError, InferReply, InferRequest
 from .jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress, JobStatus, JobStatusQuery
 from .llm import CompleteReply, CompleteRequest, LlmError
 from .models import ModelAvailable, ModelLoaded, ModelRollback
@@ -38,6 +39,7 @@ CAPABILITIES = "forseti.capabilities"
 STATUS = "forseti.status"
 DEADLETTER = "forseti.deadletter"
 LLM = "forseti.llm.{name}.complete"
+INFER = "forseti.infer.{model_id}"
 
 
 def jobs_channel(job_id: str) -> str:
@@ -48,6 +50,11 @@ def jobs_channel(job_id: str) -> str:
 def env_channel(executor_id: str) -> str:
     """The request channel of one executor."""
     return ENV.format(executor_id=executor_id)
+
+
+def infer_channel(model_id: str) -> str:
+    """The streaming inference channel of one registered model."""
+    return INFER.format(model_id=model_id)
 
 
 def llm_channel(name: str) -> str:
@@ -81,6 +88,9 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.llm.complete.v1", CompleteRequest, LLM, "Continue a prompt (request)."),
     EventSpec("forseti.llm.completion.v1", CompleteReply, LLM, "The continuation and its version (reply)."),
     EventSpec("forseti.llm.error.v1", LlmError, LLM, "Why a completion was refused (reply)."),
+    EventSpec("forseti.infer.request.v1", InferRequest, INFER, "Predict on rows now (request)."),
+    EventSpec("forseti.infer.result.v1", InferReply, INFER, "One prediction per row (reply)."),
+    EventSpec("forseti.infer.error.v1", InferError, INFER, "Why a prediction was refused (reply)."),
     EventSpec("forseti.capabilities.query.v1", CapabilitiesQuery, CAPABILITIES, "Ask what workers can do."),
     EventSpec("forseti.capabilities.v1", Capabilities, CAPABILITIES, "One worker's capabilities (reply)."),
     EventSpec("forseti.job.status.query.v1", JobStatusQuery, STATUS, "Ask where a job stands."),

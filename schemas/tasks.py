@@ -13,6 +13,7 @@ LearningRate = Annotated[float, Field(gt=0, lt=10)]
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
 Cell = str | FiniteFloat | int | bool | None
+Row = dict[ColumnName, Cell]
 
 
 class TaskKind(StrEnum):
@@ -46,6 +47,23 @@ class EarlyStopping(Strict):
     """The smallest change that counts as an improvement."""
 
 
+class SearchSpace(Strict):
+    """Hyperparameter search: trials over the listed values, the best kept by the validation metric."""
+
+    method: Literal["grid", "random"] = "grid"
+    """grid tries combinations in order (up to max_trials); random draws max_trials distinct ones."""
+    learning_rate: list[LearningRate] = Field(default_factory=list, max_length=64)
+    """Learning rates to try; the config's own when empty."""
+    batch_size: list[Annotated[int, Field(ge=1, le=1_000_000)]] = Field(default_factory=list, max_length=64)
+    """Batch sizes to try; the config's own when empty."""
+    hidden: list[list[Annotated[int, Field(ge=1, le=65_536)]]] = Field(default_factory=list, max_length=64)
+    """Hidden layer sizes to try; the config's own when empty."""
+    max_trials: int = Field(default=8, ge=1, le=1000)
+    """Trials to run at most."""
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    """Seed of the random draw."""
+
+
 class TrainingConfig(Strict):
     """Supervised training settings (the seed's TrainingConfig)."""
 
@@ -77,6 +95,16 @@ class TrainingConfig(Strict):
     """Clip the gradient norm to this, when set."""
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed for initialisation, data splits and batch order."""
+    window: int = Field(default=24, ge=1, le=100_000)
+    """Forecaster: past values the model sees."""
+    horizon: int = Field(default=1, ge=1, le=10_000)
+    """Forecaster: future values it predicts at once."""
+    season: int = Field(default=1, ge=1, le=100_000)
+    """Forecaster: the seasonal period of the naive forecast that MASE compares against."""
+    anomaly_quantile: float = Field(default=0.99, gt=0, lt=1)
+    """Autoencoder: the quantile of validation reconstruction errors above which a row is flagged."""
+    search: SearchSpace | None = None
+    """Hyperparameter search; one run with the config as given when omitted."""
 
 
 class DataSource(Strict):
@@ -84,10 +112,11 @@ class DataSource(Strict):
 
     uri: Uri | None = None
     """A `file://` URI relative to, and confined to, the worker's data root."""
-    rows: list[dict[ColumnName, Cell]] | None = Field(default=None, max_length=100_000)
+    rows: list[Row] | None = Field(default=None, max_length=100_000)
     """Inline rows, column name to value."""
     target: ColumnName | None = None
-    """The column to predict."""
+    """The column to predict: a forecaster's series; for an autoencoder an optional 0/1 anomaly label,
+    kept out of training and used to score the test rows."""
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSource:
@@ -252,7 +281,7 @@ class InferenceTask(TaskBase):
 
     model_id: Id
     """The registry id of the model."""
-    inputs: list[dict[ColumnName, Cell]] | None = Field(default=None, max_length=100_000)
+    inputs: list[Row] | None = Field(default=None, max_length=100_000)
     """Rows to predict on."""
     uri: Uri | None = None
     """A file under the data root, instead of inline rows."""

@@ -1,5 +1,5 @@
 """The `forseti` command: worker, executor, submit, watch, cancel, pause, resume, jobs, models, capabilities,
-llm-serve, complete, up."""
+llm-serve, complete, infer-serve, infer, up."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from rich.table import Table
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.registry import create_store
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
-from forseti.schemas.catalog import CAPABILITIES, CONTROL, llm_channel
+from forseti.schemas.catalog import CAPABILITIES, CONTROL, infer_channel, llm_channel
 from forseti.schemas.control import CancelJob, ControlCommand, PauseJob, ResumeJob
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ForsetiError, InvalidTask, RequestTimeout
@@ -485,6 +485,76 @@ def llm_serve(
             raise _fail(exc.message) from exc
 
     _serve(bus, make, ready=f"llm-serve {name}: loads announced {artifact} versions; answers on {llm_channel(name)}")
+
+
+@app.command("infer-serve")
+def infer_serve(
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    max_batch: Annotated[int, typer.Option(min=1, help="Requests per onnxruntime call at most.")] = 64,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="How long a batch waits for more requests after its first (0: never).")
+    ] = 0.0,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
+    bus: BusOpt = DEFAULT_BUS_URL,
+    log_json: LogJsonOpt = False,
+) -> None:
+    """Serve streaming inference of registered ONNX models on forseti.infer.MODEL_ID, micro-batched, until SIGTERM."""
+    from forseti.adapters.inference import ModelCache
+
+    from .infer_serve import InferenceService
+
+    setup_logging(json_lines=log_json)
+    store = create_store(WorkerSettings(data_dir=data_dir).registry)
+
+    class WithStore:
+        def __init__(self, service: InferenceService) -> None:
+            self.service = service
+
+        async def start(self) -> None:
+            await store.open()
+            await self.service.start()
+
+        async def stop(self) -> None:
+            await self.service.stop()
+            await store.close()
+
+    def make(client: Bus) -> WithStore:
+        cache = ModelCache(threads=threads)
+        return WithStore(InferenceService(client, store, cache=cache, max_batch=max_batch, max_wait_ms=max_wait_ms))
+
+    _serve(bus, make, ready=f"infer-serve: answers on {infer_channel('MODEL_ID')} (batches of {max_batch} at most)")
+
+
+@app.command()
+def infer(
+    model_id: Annotated[str, typer.Argument(help="The registry id of the model.")],
+    rows: Annotated[str, typer.Argument(help='The rows as JSON, e.g. \'[{"f0": 1.5, "colour": "red"}]\'.')],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for an infer-serve.")] = 10.0,
+    bus: BusOpt = DEFAULT_BUS_URL,
+) -> None:
+    """Ask an infer-serve for predictions on a few rows and print them as JSON."""
+    from forseti.schemas.inference import InferError, InferReply, InferRequest
+
+    try:
+        request = InferRequest.model_validate({"rows": orjson.loads(rows)})
+    except (orjson.JSONDecodeError, ValueError) as exc:
+        raise _fail(f"rows must be a JSON list of objects: {exc}") from exc
+
+    async def go() -> InferReply | InferError:
+        client = await _connected(bus)
+        try:
+            reply = await client.request(infer_channel(model_id), encode(request), timeout=timeout)
+            answer: InferReply | InferError = decode(reply).data
+            return answer
+        except RequestTimeout as exc:
+            raise _fail(f"no infer-serve answered for {model_id!r} on {bus} within {timeout:g}s") from exc
+        finally:
+            await client.close()
+
+    answer = run_loop(go())
+    if isinstance(answer, InferError):
+        raise _fail(f"{answer.code}: {answer.message}")
+    print(orjson.dumps(answer.outputs).decode())
 
 
 @app.command()

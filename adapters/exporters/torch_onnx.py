@@ -15,12 +15,13 @@ def torch_to_onnx(
     example: torch.Tensor,
     path: Path,
     input_name: str,
-    output_name: str,
+    output_name: str | list[str],
     *,
     quiet_tracer: bool = False,
 ) -> Path:
-    """Export `module` (one input, one output) to `path`. Every caller checks the graph against
-    the module afterwards, which is what proves it right."""
+    """Export `module` (one input; one output, or a tuple of them named by `output_name`) to `path`.
+    Every caller checks the graph against the module afterwards, which is what proves it right."""
+    outputs = [output_name] if isinstance(output_name, str) else output_name
     with warnings.catch_warnings():
         # torch >= 2.9 marks the TorchScript exporter deprecated; the new one needs onnxscript and is
         # much slower for a small MLP
@@ -28,6 +29,9 @@ def torch_to_onnx(
             "ignore", message="You are using the legacy TorchScript-based ONNX export", category=DeprecationWarning
         )
         warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+        # an LSTM's export warns that other batch sizes "can" fail; the parity check that follows
+        # every export runs the whole test set at once, which settles it
+        warnings.filterwarnings("ignore", message="Exporting a model to ONNX with a batch_size other than 1")
         if quiet_tracer:
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # type: ignore[attr-defined]
         torch.onnx.export(
@@ -35,8 +39,8 @@ def torch_to_onnx(
             (example,),
             path,
             input_names=[input_name],
-            output_names=[output_name],
-            dynamic_axes={input_name: {0: "batch"}, output_name: {0: "batch"}},
+            output_names=outputs,
+            dynamic_axes={name: {0: "batch"} for name in [input_name, *outputs]},
             opset_version=OPSET,
             dynamo=False,
         )

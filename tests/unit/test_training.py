@@ -99,7 +99,22 @@ async def test_a_classifier_and_a_regressor_train_export_raw_row_onnx_and_announ
 @pytest.mark.parametrize(
     ("fields", "code", "words"),
     [
-        ({"model_type": "autoencoder"}, "invalid_task", "not trained by this worker yet"),
+        (
+            {
+                "model_type": "forecaster",
+                "config": {"window": 600},
+                "data_sources": [{"uri": "file://cancer.csv", "target": "f0"}],
+            },
+            "invalid_data",
+            "too few for windows of 600",
+        ),
+        ({"model_type": "forecaster"}, "invalid_data", "must hold finite numbers, got 'malignant'"),
+        (
+            {"model_type": "autoencoder", "data_sources": [{"uri": "file://cancer.csv", "target": "diagnosis"}]},
+            "invalid_data",
+            "must be 0 or 1",
+        ),
+        ({"config": {"num_gpus": 1}}, "invalid_task", "no CUDA device"),
         ({"data_sources": [{"uri": "file://cancer.csv"}]}, "invalid_task", "target column"),
         ({"data_sources": [{"uri": "file://cancer.csv", "target": "nope"}]}, "invalid_data", "'nope' is not in"),
         ({"config": {"loss_function": "mse"}}, "invalid_task", "does not fit a classification"),

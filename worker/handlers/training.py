@@ -1,48 +1,46 @@
-"""The supervised training handler: MLP classifiers and regressors on tabular data, exported as one
-ONNX graph that takes raw rows (with SafeTensors and the encoding beside it), registered and
-announced. Autoencoders and forecasters are refused with invalid_task until they are built."""
+"""The supervised training handler: classifiers, regressors and anomaly autoencoders on tabular data,
+LSTM forecasters on a series (`training_models`); optionally a hyperparameter search; the best model
+exported as one ONNX graph from raw inputs to predictions (SafeTensors, card and encoding beside it),
+checked against torch, registered and announced."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forseti.adapters.registry import ModelRecord, TrainingRun
 from forseti.adapters.registry.base import utcnow
 from forseti.schemas.capabilities import Capability
-from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import JobState, TrainingMetrics, TrainingResult
 from forseti.schemas.tasks import TaskKind, TrainingTask
 from forseti.worker.context import JobContext, JobStopped, StopReason
 
-SUPPORTED = {"classifier": "classification", "regressor": "regression"}
-"""Model types this handler trains, and the task each is."""
+if TYPE_CHECKING:  # torch is imported in the training thread, not when the worker loads its handlers
+    from .training_loop import Exported, Stats
+
+MODEL_TYPES = ("classifier", "regressor", "autoencoder", "forecaster")
 
 
 class TrainingHandler:
-    """Runs `forseti.task.training.v1` for classifiers and regressors."""
+    """Runs `forseti.task.training.v1`."""
 
     kind = TaskKind.TRAINING
 
     def capabilities(self) -> list[Capability]:
         """The model types, and the export format."""
         return [
-            *(Capability(area="supervised-training", name=name) for name in SUPPORTED),
+            *(Capability(area="supervised-training", name=name) for name in MODEL_TYPES),
             Capability(area="model-export", name="onnx"),
         ]
 
     async def run(self, task: TrainingTask, ctx: JobContext) -> TrainingResult:
         """Read and encode the data, train in a thread, export and check, register and announce."""
-        if task.model_type not in SUPPORTED:
-            raise ForsetiError(
-                f"model_type {task.model_type!r} is not trained by this worker yet; supported: {', '.join(SUPPORTED)}",
-                code=ErrorCode.INVALID_TASK,
-            )
         run = TrainingRun(id=ctx.job_id, config=task.config.model_dump(mode="json"), user_id=task.user_id)
         await ctx.store.put_training_run(run)
         try:
-            trained, exported, test_rows = await ctx.run(self._train, task, ctx)
+            outcome = await ctx.run(self._train, task, ctx)
         except JobStopped as stopped:
             # a shutdown hands the job back (it resumes); a cancel ends it
             status = JobState.PENDING if stopped.reason is StopReason.SHUTDOWN else JobState.CANCELLED
@@ -54,7 +52,9 @@ class TrainingHandler:
             )
             raise
         name = task.name or f"{task.model_type}-{ctx.job_id}"
-        metrics = {f"test_{k}": v for k, v in trained.test_metrics.items()}
+        exported, stats = outcome.exported, outcome.stats
+        metrics = {f"test_{k}": v for k, v in outcome.test_metrics.items()}
+        metrics.update(outcome.calibration)
         metrics["onnx_max_abs_diff"] = exported.max_abs_diff
         metrics["onnx_parity"] = exported.parity
         model = await ctx.store.get_model(ctx.job_id) or await ctx.store.add_model(
@@ -87,42 +87,55 @@ class TrainingHandler:
                 }
             )
         )
+        custom = {
+            **metrics,
+            "best_epoch": float(stats.best_epoch),
+            "best_validation_score": stats.best_score,
+            "resumed_from_epoch": float(stats.resumed_from),
+            "samples_per_second": stats.samples_per_second,
+            "test_rows": float(outcome.test_rows),
+            "version": float(model.version),
+        }
+        if outcome.trials:
+            best = min(outcome.trials, key=lambda r: abs(r["stats"]["best_score"] - stats.best_score))
+            custom.update(trials=float(len(outcome.trials)), best_trial=float(best["trial"]))
+            custom.update(best_learning_rate=best["learning_rate"], best_batch_size=float(best["batch_size"]))
         return TrainingResult(
             model_id=model.id,
             export_path=str(exported.onnx_path),
             metrics=TrainingMetrics(
-                final_loss=trained.final_loss,
-                final_accuracy=trained.test_metrics.get("accuracy"),
-                total_epochs=trained.epochs,
-                training_time_ms=trained.training_time_ms,
-                custom_metrics={
-                    **metrics,
-                    "best_epoch": float(trained.best_epoch),
-                    "resumed_from_epoch": float(trained.resumed_from),
-                    "samples_per_second": trained.samples_per_second,
-                    "test_rows": float(test_rows),
-                    "version": float(model.version),
-                },
+                final_loss=stats.final_loss,
+                final_accuracy=outcome.test_metrics.get("accuracy"),
+                total_epochs=stats.epochs,
+                training_time_ms=stats.training_time_ms,
+                custom_metrics=custom,
             ),
         )
 
-    def _train(self, task: TrainingTask, ctx: JobContext) -> tuple[Any, Any, int]:
-        from .training_data import fit_encoding, read_rows, split
-        from .training_loop import Split, export, train
+    def _train(self, task: TrainingTask, ctx: JobContext) -> Outcome:
+        from .training_data import read_rows
+        from .training_loop import export, search
+        from .training_models import prepare
 
-        sources = task.data_sources
-        target = next((s.target for s in sources if s.target), None)
-        if target is None:
-            raise ForsetiError("name the target column in a data source's `target`", code=ErrorCode.INVALID_TASK)
-        rows = [row for source in sources for row in read_rows(source, ctx.inputs_root)]
-        kind = SUPPORTED[task.model_type]
-        encoding = fit_encoding(rows, target, kind)
-        labels = encoding.labels(rows)
-        parts = split(labels if kind == "classification" else None, len(rows), seed=task.config.seed, shuffle=True)
-        train_part, val, test = (
-            Split(encoding.features([rows[i] for i in idx]), labels[idx], [rows[i] for i in idx]) for idx in parts
-        )
-        trained = train(task, ctx, encoding, train_part, val, test)
+        rows = [row for source in task.data_sources for row in read_rows(source, ctx.inputs_root)]
+        prepared = prepare(task, rows)
+        predictor, stats, trials = search(task.config, ctx, prepared)
         ctx.check()
-        exported = export(trained.predictor, encoding, test, ctx.artifacts_dir)
-        return trained, exported, len(test.rows)
+        calibration = prepared.calibrate(predictor)
+        test_metrics = prepared.evaluate(predictor, prepared.test)
+        exported = export(prepared, predictor, ctx.artifacts_dir)
+        return Outcome(stats, exported, test_metrics, calibration, trials, len(prepared.test.x))
+
+
+@dataclass
+class Outcome:
+    """What the training thread hands back to the handler."""
+
+    stats: Stats
+    exported: Exported
+    test_metrics: dict[str, float]
+    calibration: dict[str, float]
+    """Figures settled after training (an autoencoder's threshold)."""
+    trials: list[dict[str, Any]]
+    """Each search trial's settings and figures; empty without a search."""
+    test_rows: int

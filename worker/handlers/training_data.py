@@ -92,7 +92,7 @@ class Encoding:
 
     target: str
     task: str
-    """classification or regression."""
+    """classification, regression or anomaly (an autoencoder's, with no target)."""
     numeric: list[str] = field(default_factory=list)
     means: list[float] = field(default_factory=list)
     scales: list[float] = field(default_factory=list)
@@ -146,9 +146,14 @@ class Encoding:
         return cls(**json.loads(text))
 
 
-def fit_encoding(rows: list[Row], target: str, task: str) -> Encoding:
-    """Learn the encoding of `rows` for predicting `target` (classification or regression)."""
+def fit_encoding(rows: list[Row], target: str | None, task: str) -> Encoding:
+    """Learn the encoding of `rows` for predicting `target` (classification or regression), or of
+    every column (an autoencoder's, with no target)."""
     columns = sorted({key for row in rows for key in row})
+    if target is None:
+        encoding = Encoding(target="", task=task)
+        _fit_features(encoding, rows, columns)
+        return encoding
     if target not in columns:
         raise _bad(f"target column {target!r} is not in the data (columns: {', '.join(columns)})")
     targets = [row.get(target) for row in rows]
@@ -165,6 +170,12 @@ def fit_encoding(rows: list[Row], target: str, task: str) -> Encoding:
         encoding.classes = sorted({str(v) for v in targets})
         if len(encoding.classes) < 2:
             raise _bad(f"target column {target!r} has one class ({encoding.classes[0]!r}); a classifier needs two")
+    _fit_features(encoding, rows, columns)
+    return encoding
+
+
+def _fit_features(encoding: Encoding, rows: list[Row], columns: list[str]) -> None:
+    target = encoding.target
     for name in columns:
         if name == target:
             continue
@@ -185,8 +196,7 @@ def fit_encoding(rows: list[Row], target: str, task: str) -> Encoding:
                 )
             encoding.categorical[name] = categories
     if encoding.width == 0:
-        raise _bad(f"no feature columns besides the target {target!r}")
-    return encoding
+        raise _bad(f"no feature columns besides the target {target!r}" if target else "no feature columns")
 
 
 def split(

@@ -1,12 +1,18 @@
-"""One supervised training run of an MLP classifier or regressor, in the handler's thread: the loop
-with optimizers, losses, schedulers, clipping, early stopping, checkpoints and resume; then the
-export of the model with its preprocessing as one ONNX graph, checked against torch."""
+"""The supervised training loop, in the handler's thread, for any model type (`training_models`):
+optimizers, losses, schedulers, clipping, early stopping, best and latest checkpoints, resume, CUDA
+mixed precision; hyperparameter search over trials; then the export of the predictor (with the
+preprocessing in front for tabular data) as one ONNX graph, checked against torch."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
+import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,111 +20,69 @@ import numpy as np
 import torch
 from torch import nn
 
-from forseti.adapters.exporters.tabular import FEATURES, preprocessing_graph, raw_inputs
 from forseti.adapters.exporters.torch_onnx import torch_to_onnx
+from forseti.adapters.inference import CARD
 from forseti.schemas.errors import ErrorCode, ForsetiError
-from forseti.schemas.tasks import TrainingTask
+from forseti.schemas.tasks import TrainingConfig
 from forseti.worker.context import JobContext, JobStopped
 
-from .training_data import Encoding, Row
-from .training_metrics import CLASSIFICATION, REGRESSION, classification_metrics, regression_metrics
+from .training_models import Prepared, loss_function, predict
 
-LATEST, BEST = "latest.pt", "best.pt"
+LATEST, BEST, TRIAL = "latest.pt", "best.pt", "trial.json"
 OPTIMIZERS = {
     "adam": torch.optim.Adam,
     "adamw": torch.optim.AdamW,
     "sgd": torch.optim.SGD,
     "rmsprop": torch.optim.RMSprop,
 }
-LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "l1", "huber")}
+LOWER_IS_BETTER = ("mse", "mae", "mase", "anomaly_rate")
 PARITY = 1e-5
-"""Largest difference allowed between onnxruntime on raw rows and torch on encoded rows: absolute for
-probabilities, relative to the value for a regressor (float32 carries about seven digits, so a
+"""Largest difference allowed between onnxruntime on the raw test data and torch: absolute for
+probabilities, relative to the value for values (float32 carries about seven digits, so a
 prediction of 150 cannot agree to 1e-5 absolute)."""
 
 
-class Mlp(nn.Module):
-    """Encoded features in; class logits (classifier) or one value (regressor) out."""
-
-    def __init__(self, width: int, hidden: list[int], outputs: int) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        for size in hidden:
-            layers += [nn.Linear(width, size), nn.ReLU()]
-            width = size
-        layers.append(nn.Linear(width, outputs))
-        self.net = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits or values."""
-        return self.net(x)  # type: ignore[no-any-return]
-
-
-class Predictor(nn.Module):
-    """What is exported: probabilities for a classifier, the value for a regressor."""
-
-    def __init__(self, mlp: Mlp, classifier: bool, mean: float = 0.0, scale: float = 1.0) -> None:
-        super().__init__()
-        self.mlp, self.classifier, self.mean, self.scale = mlp, classifier, mean, scale
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Predictions (a regressor's in the target's own units)."""
-        out = self.mlp(x)
-        return torch.softmax(out, dim=1) if self.classifier else out[:, 0] * self.scale + self.mean
-
-
 @dataclass
-class Split:
-    """Encoded arrays of one part of the data."""
+class Stats:
+    """How one run (or trial) went; stored with a finished trial, so a resumed search skips it."""
 
-    x: np.ndarray
-    y: np.ndarray
-    rows: list[Row] = field(default_factory=list)
-
-
-@dataclass
-class Trained:
-    """What a finished run hands to the handler."""
-
-    predictor: Predictor
     epochs: int
     resumed_from: int
     best_epoch: int
+    best_score: float
+    """The watched validation metric at the best epoch."""
     final_loss: float
-    test_metrics: dict[str, float]
     training_time_ms: int
     samples_per_second: float
 
 
-def loss_function(task: str, name: str | None) -> nn.Module:
-    """The loss by name, defaulting to the task's usual one; invalid_task for one that does not fit."""
-    chosen = name or LOSSES[task][0]
-    if chosen not in LOSSES[task]:
-        raise ForsetiError(
-            f"loss_function {chosen!r} does not fit a {task} model; use one of {', '.join(LOSSES[task])}",
-            code=ErrorCode.INVALID_TASK,
-        )
-    return {"cross_entropy": nn.CrossEntropyLoss(), "mse": nn.MSELoss(), "l1": nn.L1Loss(), "huber": nn.HuberLoss()}[
-        chosen
-    ]
-
-
-def requested_metrics(task: str, names: list[str]) -> list[str]:
-    """The metrics to report each epoch (all of the task's when none are named)."""
-    known = CLASSIFICATION if task == "classification" else REGRESSION
-    unknown = [n for n in names if n not in known]
+def requested_metrics(prepared: Prepared, names: list[str]) -> list[str]:
+    """The validation metrics to report each epoch (all of the model type's when none are named)."""
+    unknown = [n for n in names if n not in prepared.known_metrics]
     if unknown:
         raise ForsetiError(
-            f"unknown metrics {unknown} for a {task} model; known: {', '.join(known)}", code=ErrorCode.INVALID_TASK
+            f"unknown metrics {unknown} for a {prepared.task} model; known: {', '.join(prepared.known_metrics)}",
+            code=ErrorCode.INVALID_TASK,
         )
-    return list(names) or list(known)
+    return list(names) or list(prepared.known_metrics)
 
 
-def evaluate(predictor: Predictor, part: Split, task: str) -> dict[str, float]:
-    """The task's metrics of the predictor on one part of the data."""
-    with torch.no_grad():
-        out = predictor(torch.from_numpy(part.x)).numpy()
-    return classification_metrics(part.y, out) if task == "classification" else regression_metrics(part.y, out)
+def watched(config: TrainingConfig) -> tuple[str, bool]:
+    """The validation metric that picks the best epoch (and trial), and whether lower is better."""
+    name = config.early_stopping.metric if config.early_stopping else "val_loss"
+    return name, name.endswith("loss") or name.removeprefix("val_") in LOWER_IS_BETTER
+
+
+def device_for(config: TrainingConfig) -> torch.device:
+    """CUDA when the task asks for GPUs (invalid_task when there is none), else the CPU."""
+    if config.num_gpus == 0:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ForsetiError(
+            f"num_gpus is {config.num_gpus} but this worker has no CUDA device; use 0 to train on the CPU",
+            code=ErrorCode.INVALID_TASK,
+        )
+    return torch.device("cuda")
 
 
 def _resource_metrics() -> dict[str, float]:
@@ -142,8 +106,42 @@ def make_scheduler(name: str | None, optimizer: torch.optim.Optimizer, epochs: i
     return None
 
 
+class Precision:
+    """Mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling); fp32 elsewhere."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.dtype = None
+        if device.type == "cuda":
+            self.dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype is torch.float16 else None
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        """The forward pass's precision context."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def step(
+        self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, params: Iterator[Any], clip: float | None
+    ) -> None:
+        """Backward, clip and step, scaling the loss for fp16."""
+        if self.scaler is None:
+            loss.backward()  # type: ignore[no-untyped-call]
+            if clip is not None:
+                nn.utils.clip_grad_norm_(params, clip)
+            optimizer.step()
+            return
+        self.scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
+        if clip is not None:
+            self.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(params, clip)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+
 def one_epoch(
-    mlp: Mlp,
+    network: nn.Module,
     optimizer: torch.optim.Optimizer,
     criterion: nn.Module,
     data: tuple[torch.Tensor, torch.Tensor],
@@ -151,46 +149,51 @@ def one_epoch(
     *,
     batch_size: int,
     clip: float | None,
+    precision: Precision,
 ) -> float:
     """One pass over the training data in `order`; the mean training loss."""
     x, y = data
-    mlp.train()
-    total = 0.0
+    network.train()
+    total = torch.zeros((), device=x.device)
     for i in range(0, len(order), batch_size):
         batch = order[i : i + batch_size]
-        optimizer.zero_grad()
-        loss = criterion(mlp(x[batch]), y[batch])
-        loss.backward()
-        if clip is not None:
-            nn.utils.clip_grad_norm_(mlp.parameters(), clip)
-        optimizer.step()
-        total += float(loss.detach()) * len(batch)
-    return total / len(order)
+        optimizer.zero_grad(set_to_none=True)
+        with precision.autocast():
+            loss = criterion(network(x[batch]), y[batch])
+        precision.step(loss, optimizer, network.parameters(), clip)
+        total += loss.detach() * len(batch)  # summed on the device: no sync per batch
+    return float(total) / len(order)
 
 
 def train(
-    task: TrainingTask, ctx: JobContext, encoding: Encoding, train_part: Split, val: Split, test: Split
-) -> Trained:
-    """Train (or resume), keep the best epoch by the early-stopping metric, evaluate on the test part."""
-    config = task.config
-    kind = encoding.task
+    config: TrainingConfig,
+    ctx: JobContext,
+    prepared: Prepared,
+    folder: Path,
+    *,
+    span: tuple[float, float] = (0.0, 1.0),
+    label: str = "",
+) -> Stats:
+    """Train one network (or resume it from `folder`), keeping its best epoch by the watched metric
+    in `folder`; progress fills `span` of the job."""
+    folder.mkdir(parents=True, exist_ok=True)
+    device = device_for(config)
+    precision = Precision(device)
     torch.manual_seed(config.seed)
-    outputs = len(encoding.classes) if kind == "classification" else 1
-    mlp = Mlp(encoding.width, list(config.hidden), outputs)
-    predictor = Predictor(mlp, kind == "classification", encoding.target_mean, encoding.target_scale)
-    criterion = loss_function(kind, config.loss_function)
-    metric_names = requested_metrics(kind, list(config.metrics))
-    optimizer = OPTIMIZERS[config.optimizer](mlp.parameters(), lr=config.learning_rate)
+    network, predictor = prepared.build(config)
+    network.to(device)
+    criterion = loss_function(prepared.task, config.loss_function)
+    metric_names = requested_metrics(prepared, list(config.metrics))
+    optimizer = OPTIMIZERS[config.optimizer](network.parameters(), lr=config.learning_rate)
     scheduler = make_scheduler(config.lr_scheduler, optimizer, config.epochs)
     stopping = config.early_stopping
-    watch = stopping.metric if stopping else "val_loss"
-    lower_is_better = watch.endswith("loss") or watch in ("val_mse", "val_mae")
+    watch, lower_is_better = watched(config)
 
-    latest, best_path = ctx.checkpoint_dir / LATEST, ctx.checkpoint_dir / BEST
+    latest, best_path = folder / LATEST, folder / BEST
     epoch, best_score, best_epoch, stale = 0, float("inf"), 0, 0
     if latest.exists():
-        state = torch.load(latest, weights_only=True)
-        mlp.load_state_dict(state["model"])
+        state = torch.load(latest, weights_only=True, map_location=device)
+        network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
@@ -201,7 +204,7 @@ def train(
         partial = path.with_name("partial-" + path.name)
         torch.save(
             {
-                "model": mlp.state_dict(),
+                "model": network.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "epoch": epoch,
@@ -213,34 +216,31 @@ def train(
         )
         partial.replace(path)
 
-    x_train = torch.from_numpy(train_part.x)
-    y_train, y_val = (
-        torch.from_numpy(part.y)
-        if kind == "classification"
-        else torch.from_numpy((part.y.reshape(-1, 1) - encoding.target_mean) / encoding.target_scale).float()
-        for part in (train_part, val)
+    x_train, y_train, x_val, y_val = (
+        torch.from_numpy(a).to(device) for a in (prepared.train.x, prepared.train.y, prepared.val.x, prepared.val.y)
     )
-    x_val = torch.from_numpy(val.x)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed + epoch)
     started, samples, train_loss = time.monotonic(), 0, float("nan")
     try:
         while epoch < config.epochs:
             ctx.check()
-            order = torch.randperm(len(x_train), generator=generator)
+            order = torch.randperm(len(x_train), generator=generator).to(device)
             train_loss = one_epoch(
-                mlp,
+                network,
                 optimizer,
                 criterion,
                 (x_train, y_train),
                 order,
                 batch_size=config.batch_size,
                 clip=config.grad_clip,
+                precision=precision,
             )
             samples += len(order)
-            mlp.eval()
-            with torch.no_grad():
-                val_loss = float(criterion(mlp(x_val), y_val))
-            figures = {f"val_{k}": v for k, v in evaluate(predictor, val, kind).items() if k in metric_names}
+            network.eval()
+            with torch.no_grad(), precision.autocast():
+                val_loss = float(criterion(network(x_val), y_val))
+            evaluated = prepared.evaluate(predictor, prepared.val)
+            figures = {f"val_{k}": v for k, v in evaluated.items() if k in metric_names}
             figures.update({"train_loss": train_loss, "val_loss": val_loss})
             if scheduler is not None:
                 scheduler.step(val_loss) if config.lr_scheduler == "plateau" else scheduler.step()
@@ -254,77 +254,169 @@ def train(
                 stale += 1
             if epoch % config.checkpoint_interval == 0 or epoch == config.epochs:
                 save(latest)
+            low, high = span
             ctx.progress(
-                epoch / config.epochs,
+                low + (high - low) * epoch / config.epochs,
                 step=epoch,
                 total=config.epochs,
-                message=f"epoch {epoch} / {config.epochs}: val_loss {val_loss:.4f}",
+                message=f"{label}epoch {epoch} / {config.epochs}: val_loss {val_loss:.4f}",
                 metrics={**figures, "learning_rate": optimizer.param_groups[0]["lr"], **_resource_metrics()},
             )
             if stopping is not None and stale >= stopping.patience:
+                save(latest)
                 break
     except JobStopped:
         save(latest)
         raise
     elapsed = time.monotonic() - started
-    if best_path.exists():
-        mlp.load_state_dict(torch.load(best_path, weights_only=True)["model"])
-    mlp.eval()
-    return Trained(
-        predictor=predictor,
+    return Stats(
         epochs=epoch,
         resumed_from=resumed_from,
         best_epoch=best_epoch,
+        best_score=best_score if lower_is_better else -best_score,
         final_loss=train_loss,
-        test_metrics=evaluate(predictor, test, kind),
         training_time_ms=int(elapsed * 1000),
         samples_per_second=samples / max(elapsed, 1e-9),
     )
 
 
+def restore(config: TrainingConfig, prepared: Prepared, folder: Path) -> nn.Module:
+    """The predictor with the best epoch's weights from `folder`, on the CPU, in evaluation mode."""
+    network, predictor = prepared.build(config)
+    path = folder / BEST if (folder / BEST).exists() else folder / LATEST
+    network.load_state_dict(torch.load(path, weights_only=True, map_location="cpu")["model"])
+    return predictor.eval()
+
+
+def trial_configs(config: TrainingConfig) -> list[TrainingConfig]:
+    """The configurations a search tries: the grid in order, or a random draw of distinct points."""
+    space = config.search
+    if space is None:
+        return [config]
+    points = list(
+        itertools.product(
+            space.learning_rate or [config.learning_rate],
+            space.batch_size or [config.batch_size],
+            space.hidden or [list(config.hidden)],
+        )
+    )
+    if space.method == "random":
+        points = random.Random(space.seed).sample(points, min(space.max_trials, len(points)))
+    else:
+        points = points[: space.max_trials]
+    return [
+        config.model_copy(update={"learning_rate": lr, "batch_size": size, "hidden": hidden, "search": None})
+        for lr, size, hidden in points
+    ]
+
+
+def search(
+    config: TrainingConfig, ctx: JobContext, prepared: Prepared
+) -> tuple[nn.Module, Stats, list[dict[str, Any]]]:
+    """Train each trial (one when there is no search), report each, pick the best on the watched
+    validation metric; its predictor, its figures and every trial's record."""
+    configs = trial_configs(config)
+    if config.search is None:
+        stats = train(config, ctx, prepared, ctx.checkpoint_dir)
+        return restore(config, prepared, ctx.checkpoint_dir), stats, []
+    watch, lower_is_better = watched(config)
+    records: list[dict[str, Any]] = []
+    for k, trial in enumerate(configs):
+        folder = ctx.checkpoint_dir / f"trial-{k + 1}"
+        done = folder / TRIAL
+        if done.exists():  # finished before the worker went down
+            record = json.loads(done.read_text())
+        else:
+            n = len(configs)
+            stats = train(trial, ctx, prepared, folder, span=(k / n, (k + 1) / n), label=f"trial {k + 1}/{n}: ")
+            record = {
+                "trial": k + 1,
+                "learning_rate": trial.learning_rate,
+                "batch_size": trial.batch_size,
+                "hidden": list(trial.hidden),
+                "stats": asdict(stats),
+            }
+            done.write_text(json.dumps(record))
+        records.append(record)
+        score = record["stats"]["best_score"]
+        ctx.progress(
+            (k + 1) / len(configs),
+            step=k + 1,
+            total=len(configs),
+            message=(
+                f"trial {k + 1}/{len(configs)}: {watch} {score:.4g} (learning_rate {trial.learning_rate:g}, "
+                f"batch_size {trial.batch_size}, hidden {list(trial.hidden)})"
+            ),
+            metrics={
+                "trial": float(k + 1),
+                "trial_score": score,
+                "trial_learning_rate": trial.learning_rate,
+                "trial_batch_size": float(trial.batch_size),
+            },
+        )
+    best = (min if lower_is_better else max)(records, key=lambda r: float(r["stats"]["best_score"]))
+    index = best["trial"] - 1
+    predictor = restore(configs[index], prepared, ctx.checkpoint_dir / f"trial-{index + 1}")
+    return predictor, Stats(**best["stats"]), records
+
+
 @dataclass(frozen=True)
-class TabularExport:
-    """The files of an exported tabular model and how closely ONNX matches torch."""
+class Exported:
+    """The files of an exported model and how closely ONNX matches torch."""
 
     onnx_path: Path
     safetensors_path: Path
-    encoding_path: Path
+    card_path: Path
     max_abs_diff: float
     parity: float
-    """The checked figure: max abs diff for probabilities, max relative diff for a regressor."""
+    """The checked figure: max abs diff for probabilities, max relative diff for values and scores."""
 
 
-def export(predictor: Predictor, encoding: Encoding, test: Split, out: Path) -> TabularExport:
-    """One ONNX graph from raw columns to predictions (preprocessing then network), the weights as
-    SafeTensors and the encoding as JSON; export_mismatch when onnxruntime on the raw test rows and
-    torch on their encoding differ by `PARITY` or more."""
+def export(prepared: Prepared, predictor: nn.Module, out: Path) -> Exported:
+    """One ONNX graph from raw inputs to predictions (the preprocessing graph, when there is one, then
+    the network's), the weights as SafeTensors, the card and encoding as JSON; export_mismatch when
+    onnxruntime on the raw test data and torch differ by `PARITY` or more."""
     import onnx
     import onnxruntime as ort
     from onnx import compose
     from safetensors.torch import save_file
 
-    network = torch_to_onnx(predictor, torch.zeros((1, encoding.width)), out / "network.onnx", FEATURES, "prediction")
-    pre = preprocessing_graph(encoding.numeric, encoding.means, encoding.scales, encoding.categorical)
-    net = onnx.load(str(network))
-    net.ir_version = pre.ir_version
-    merged = compose.merge_models(pre, net, io_map=[(FEATURES, FEATURES)])
+    test = prepared.test
     path = out / "model.onnx"
-    onnx.save(merged, str(path))
-    network.unlink()
+    example = torch.from_numpy(test.x[:1])
+    network = torch_to_onnx(
+        predictor, example, out / "network.onnx", prepared.input_name, list(prepared.output_names), quiet_tracer=True
+    )
+    pre = prepared.preprocessing()
+    if pre is None:
+        network.replace(path)
+    else:
+        net = onnx.load(str(network))
+        net.ir_version = pre.ir_version
+        onnx.save(compose.merge_models(pre, net, io_map=[(prepared.input_name, prepared.input_name)]), str(path))
+        network.unlink()
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, raw_inputs(test.rows, encoding.numeric, list(encoding.categorical)))
-    with torch.no_grad():
-        expected = predictor(torch.from_numpy(test.x)).numpy()
-    diff = float(np.abs(got - expected).max())
-    scale = 1.0 if encoding.task == "classification" else np.maximum(np.abs(expected), 1.0)
-    parity = float((np.abs(got - expected) / scale).max())
+    got = session.run(None, test.feeds)
+    expected = predict(predictor, test.x)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    diff = float(np.abs(got[0] - expected[0]).max())
+    scale = 1.0 if prepared.task == "classification" else np.maximum(np.abs(expected[0]), 1.0)
+    parity = float((np.abs(got[0] - expected[0]) / scale).max())
+    if len(got) > 1:  # an anomaly flag may only differ where the score sits on the threshold
+        threshold = float(predictor.get_buffer("threshold"))
+        unsure = np.abs(expected[0] - threshold) <= PARITY * max(1.0, abs(threshold))
+        if np.any((got[1] != expected[1]) & ~unsure):
+            parity = max(parity, 1.0)
     if not parity < PARITY:
         raise ForsetiError(
-            f"ONNX export differs from torch by {parity:.3g} on the test rows (bound {PARITY:g})",
+            f"ONNX export differs from torch by {parity:.3g} on the test data (bound {PARITY:g})",
             code=ErrorCode.EXPORT_MISMATCH,
         )
     weights = out / "model.safetensors"
     save_file({k: v.contiguous() for k, v in predictor.state_dict().items()}, weights)
-    encoding_path = out / "encoding.json"
-    encoding_path.write_text(encoding.to_json())
-    return TabularExport(path, weights, encoding_path, diff, parity)
+    card = out / CARD
+    card.write_text(prepared.card(predictor).to_json())
+    sidecar = prepared.sidecar()
+    if sidecar is not None:
+        (out / "encoding.json").write_text(sidecar)
+    return Exported(path, weights, card, diff, parity)

@@ -20,7 +20,8 @@ def _safe_divide(num: float, den: float) -> float:
     return num / den if den else 0.0
 
 
-def _prf(y: np.ndarray, pred: np.ndarray, positive: int) -> tuple[float, float, float]:
+def precision_recall_f1(y: np.ndarray, pred: np.ndarray, positive: int) -> tuple[float, float, float]:
+    """Precision, recall and F1 of one class, from true and predicted class indices."""
     tp = float(np.sum((pred == positive) & (y == positive)))
     precision = _safe_divide(tp, float(np.sum(pred == positive)))
     recall = _safe_divide(tp, float(np.sum(y == positive)))
@@ -51,10 +52,10 @@ def classification_metrics(y: np.ndarray, probabilities: np.ndarray) -> dict[str
     classes = probabilities.shape[1]
     metrics = {"accuracy": float(np.mean(pred == y))}
     if classes == 2:
-        precision, recall, f1 = _prf(y, pred, 1)
+        precision, recall, f1 = precision_recall_f1(y, pred, 1)
         auroc = auroc_binary((y == 1).astype(int), probabilities[:, 1])
     else:
-        per_class = [_prf(y, pred, c) for c in range(classes)]
+        per_class = [precision_recall_f1(y, pred, c) for c in range(classes)]
         precision, recall, f1 = (float(np.mean([p[k] for p in per_class])) for k in range(3))
         scores = [auroc_binary((y == c).astype(int), probabilities[:, c]) for c in range(classes)]
         auroc = float(np.nanmean(scores)) if not all(np.isnan(scores)) else float("nan")

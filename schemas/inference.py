@@ -1,0 +1,40 @@
+"""Streaming inference events: request-reply on `forseti.infer.<model_id>`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from .base import Id, LongText, Strict
+from .errors import ErrorCode
+from .tasks import Row
+
+
+class InferRequest(Strict):
+    """`forseti.infer.request.v1`: predict on a few rows now (request)."""
+
+    rows: list[Row] = Field(min_length=1, max_length=10_000)
+    """Raw rows, column name to value, as the model was trained on (a forecaster: its series, in order)."""
+
+
+class InferReply(Strict):
+    """`forseti.infer.result.v1`: one prediction per row (reply)."""
+
+    outputs: list[Any] = Field(max_length=10_000)
+    """One prediction per input row, shaped as in the inference task's result."""
+    model_id: Id
+    """The registry id of the model that answered."""
+    version: int = Field(ge=1)
+    """That model's registry version."""
+    batched: int = Field(ge=1)
+    """Requests answered by the same onnxruntime call as this one (micro-batching at work)."""
+
+
+class InferError(Strict):
+    """`forseti.infer.error.v1`: why a streaming request was not answered (reply)."""
+
+    code: ErrorCode
+    """malformed_json or invalid_task (bad request), invalid_model (unknown model), invalid_data (unusable rows)."""
+    message: LongText
+    """What went wrong."""
