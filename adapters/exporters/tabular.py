@@ -93,15 +93,26 @@ def raw_inputs(rows: list[dict[str, Any]], numeric: list[str], categorical: list
     """The graph's inputs for rows: numbers (NaN where missing or not a number) and text values."""
     feeds: dict[str, np.ndarray] = {}
     if numeric:
-        feeds["numeric"] = np.array(
-            [[_number(row.get(name)) for name in numeric] for row in rows], dtype=np.float32
-        ).reshape(len(rows), len(numeric))
+        feeds["numeric"] = np.stack([_numbers([row.get(name) for row in rows]) for name in numeric], axis=1).reshape(
+            len(rows), len(numeric)
+        )
     if categorical:
         feeds["categorical"] = np.array(
             [[str(row.get(name)) for name in categorical] for row in rows],
             dtype=object,
         ).reshape(len(rows), len(categorical))
     return feeds
+
+
+def _numbers(values: list[Any]) -> np.ndarray:
+    """A column as the graph's float32: NaN (imputed in the graph) wherever a cell is not a finite number."""
+    column = np.asarray(values)
+    if column.dtype.kind in "fiub":  # only numbers (and booleans): at numpy's speed
+        column = column.astype(np.float64)
+    else:  # text or None among them: cell by cell, as `Encoding.features` reads them
+        column = np.array([_number(v) for v in values], dtype=np.float64)
+    column[~np.isfinite(column)] = np.nan
+    return column.astype(np.float32)
 
 
 def _number(value: Any) -> float:

@@ -34,15 +34,13 @@ def auroc_binary(y: np.ndarray, score: np.ndarray) -> float:
     if positives == 0 or negatives == 0:
         return float("nan")
     order = np.argsort(score, kind="mergesort")
-    ranks = np.empty(len(score), dtype=np.float64)
     sorted_scores = score[order]
-    i = 0
-    while i < len(score):  # average ranks over ties
-        j = i
-        while j + 1 < len(score) and sorted_scores[j + 1] == sorted_scores[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
+    # tied scores share the average of their ranks
+    first = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], len(score)] - 1
+    ranks = np.empty(len(score), dtype=np.float64)
+    ranks[order] = ((starts + ends) / 2 + 1)[np.cumsum(first) - 1]
     return float((ranks[y == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
 
 
