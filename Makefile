@@ -53,6 +53,8 @@ bench: install
 	cd bench && ../$(BIN)/python rl_throughput.py
 	cd bench && ../$(BIN)/python rl_learning.py
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/supervised_quality.py
+	$(BIN)/python bench/supervised_speed.py
 
 clean:
 	rm -rf $(VENV) .mypy_view .mypy_cache .ruff_cache .pytest_cache build *.egg-info
