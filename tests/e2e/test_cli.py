@@ -22,7 +22,7 @@ from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer, free_port, port_open
 from forseti.envs.remote import RemoteVecEnv
 from forseti.schemas.envelope import encode
-from forseti.schemas.tasks import RLTask
+from forseti.schemas.tasks import RLTask, TrainingTask
 
 from ..helpers import watch
 
@@ -51,11 +51,20 @@ def run(bus: str, *args: str, stdin: bytes | None = None, timeout: float = 60) -
 
 
 class WorkerProcess:
-    """`forseti worker` in its own process; started() returns once it logs that it is pulling tasks."""
+    """`forseti worker` (or another long-running command) in its own process; returns once it logs
+    the word that says it is ready."""
 
-    def __init__(self, bus: str, data_dir: Path, *extra: str, handlers: list[str] = HANDLERS) -> None:
+    def __init__(
+        self,
+        bus: str,
+        data_dir: Path,
+        *extra: str,
+        handlers: list[str] = HANDLERS,
+        command: tuple[str, ...] = ("worker", "--shutdown-grace", "5"),
+        ready: str = "pulling",
+    ) -> None:
         self.proc = subprocess.Popen(
-            forseti_cmd("worker", "--data-dir", str(data_dir), "--shutdown-grace", "5", *handlers, *extra),
+            forseti_cmd(*command, "--data-dir", str(data_dir), *handlers, *extra),
             cwd=REPO,
             env=env(bus),
             stderr=subprocess.PIPE,
@@ -65,7 +74,7 @@ class WorkerProcess:
         self.lines: list[str] = []
         for line in self.proc.stderr:
             self.lines.append(line)
-            if "pulling" in line:
+            if ready in line:
                 break
         else:
             raise AssertionError("worker exited before it was ready:\n" + "".join(self.lines))
@@ -207,6 +216,58 @@ def test_a_killed_rl_worker_is_replaced_by_one_that_resumes_training(bus_url: st
         assert done.result.metrics.custom_metrics["timesteps"] >= 6000
 
     asyncio.run(scenario())
+
+
+def test_a_killed_training_worker_is_replaced_by_one_that_resumes_from_its_checkpoint(
+    bus_url: str, tmp_path: Path
+) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    cancer = load_breast_cancer()
+    rows = [
+        {**{f"f{i}": float(v) for i, v in enumerate(row)}, "label": int(label)}
+        for row, label in zip(cancer.data, cancer.target, strict=True)
+    ]
+    task = TrainingTask.model_validate(
+        {
+            "request_id": f"tr-resume-{uuid.uuid4().hex[:6]}",
+            "model_type": "classifier",
+            "config": {"epochs": 40, "batch_size": 4, "hidden": [16]},
+            "data_sources": [{"rows": rows, "target": "label"}],
+        }
+    )
+
+    async def scenario() -> str:
+        client = NatsBus(bus_url.split("?")[0])
+        await client.connect()
+        job_id = task.request_id or ""
+        events = await watch(client, job_id)
+        first = WorkerProcess(bus_url, tmp_path / "data", handlers=[])  # the installed handlers: training
+        await client.publish("forseti.tasks.training", encode(task))
+        await events.wait_for("progress", count=3, timeout=120)
+        first.stop(signal.SIGKILL)
+        second = WorkerProcess(bus_url, tmp_path / "data", handlers=[])
+        try:
+            done = (await events.wait_end(timeout=180)).data
+        finally:
+            assert second.stop() == 0
+            await client.close()
+        assert done.result.metrics.custom_metrics["resumed_from_epoch"] >= 3
+        assert done.result.metrics.total_epochs == 40
+        return str(done.result.model_id)
+
+    model_id = asyncio.run(scenario())
+    serve = WorkerProcess(bus_url, tmp_path / "data", handlers=[], command=("infer-serve",), ready="answers on")
+    try:
+        asked = run(bus_url, "infer", model_id, json.dumps(rows[:3]))
+        assert asked.returncode == 0, asked.stderr.decode()
+        answers = json.loads(asked.stdout)
+        assert [a["label"] for a in answers] == [str(r["label"]) for r in rows[:3]]
+        unknown = run(bus_url, "infer", "no-such-model", json.dumps(rows[:1]))
+        assert unknown.returncode == 1
+        assert "invalid_model" in unknown.stderr.decode()
+    finally:
+        assert serve.stop() == 0
 
 
 def test_forseti_up_runs_the_ppo_demo_through_its_executor_and_stops_cleanly(tmp_path: Path) -> None:
