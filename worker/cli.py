@@ -18,6 +18,7 @@ from rich.table import Table
 
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.registry import create_store
+from forseti.schemas.base import Strict
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, infer_channel, llm_channel
 from forseti.schemas.control import CancelJob, ControlCommand, PauseJob, ResumeJob
@@ -487,6 +488,21 @@ def llm_serve(
     _serve(bus, make, ready=f"llm-serve {name}: loads announced {artifact} versions; answers on {llm_channel(name)}")
 
 
+def _ask(bus: str, channel: str, request: Strict, *, timeout: float, service: str) -> Any:
+    """One request to a service over the bus; the reply's data, or exit 1 when no service answers in time."""
+
+    async def go() -> Any:
+        client = await _connected(bus)
+        try:
+            return decode(await client.request(channel, encode(request), timeout=timeout)).data
+        except RequestTimeout as exc:
+            raise _fail(f"no {service} answered on {channel} ({bus}) within {timeout:g}s") from exc
+        finally:
+            await client.close()
+
+    return run_loop(go())
+
+
 @app.command("infer-serve")
 def infer_serve(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
@@ -540,18 +556,9 @@ def infer(
     except (orjson.JSONDecodeError, ValueError) as exc:
         raise _fail(f"rows must be a JSON list of objects: {exc}") from exc
 
-    async def go() -> InferReply | InferError:
-        client = await _connected(bus)
-        try:
-            reply = await client.request(infer_channel(model_id), encode(request), timeout=timeout)
-            answer: InferReply | InferError = decode(reply).data
-            return answer
-        except RequestTimeout as exc:
-            raise _fail(f"no infer-serve answered for {model_id!r} on {bus} within {timeout:g}s") from exc
-        finally:
-            await client.close()
-
-    answer = run_loop(go())
+    answer: InferReply | InferError = _ask(
+        bus, infer_channel(model_id), request, timeout=timeout, service="infer-serve"
+    )
     if isinstance(answer, InferError):
         raise _fail(f"{answer.code}: {answer.message}")
     print(orjson.dumps(answer.outputs).decode())
@@ -569,19 +576,8 @@ def complete(
     """Ask an llm-serve for a completion and print it."""
     from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
 
-    async def go() -> CompleteReply | LlmError:
-        client = await _connected(bus)
-        try:
-            request = CompleteRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature)
-            reply = await client.request(llm_channel(name), encode(request), timeout=timeout)
-            answer: CompleteReply | LlmError = decode(reply).data
-            return answer
-        except RequestTimeout as exc:
-            raise _fail(f"no llm-serve for {name!r} answered on {bus} within {timeout:g}s") from exc
-        finally:
-            await client.close()
-
-    answer = run_loop(go())
+    request = CompleteRequest(prompt=prompt, max_tokens=max_tokens, temperature=temperature)
+    answer: CompleteReply | LlmError = _ask(bus, llm_channel(name), request, timeout=timeout, service="llm-serve")
     if isinstance(answer, LlmError):
         raise _fail(f"{answer.code}: {answer.message}")
     err.print(f"[dim]{name} {answer.version} ({answer.model_id}), {answer.completion_tokens} tokens[/dim]")

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import orjson
@@ -185,37 +186,44 @@ def run_task_event(job_id: str) -> bytes:
     return encode(TrainingTask.model_validate(orjson.loads(training_task(150, job_id))))
 
 
-def test_a_killed_rl_worker_is_replaced_by_one_that_resumes_training(bus_url: str, tmp_path: Path) -> None:
-    async def scenario() -> None:
+def killed_and_resumed(bus_url: str, tmp_path: Path, task: RLTask | TrainingTask, progress: int) -> Any:
+    """Run `task` on a worker with the installed handlers, SIGKILL it after `progress` progress events,
+    start another on the same data directory; the job's final event data."""
+    kind = "rl" if isinstance(task, RLTask) else "training"
+
+    async def scenario() -> Any:
         client = NatsBus(bus_url.split("?")[0])
         await client.connect()
-        task = RLTask.model_validate(
-            {
-                "request_id": f"rl-resume-{uuid.uuid4().hex[:6]}",
-                "algorithm": "ppo",
-                "environment": "CartPole-v1",
-                "config": {"total_timesteps": 6000, "n_steps": 256, "checkpoint_interval": 500, "seed": 2},
-                "policy": {"net_arch": [16]},
-                "evaluation": {"episodes": 1},
-            }
-        )
-        job_id = task.request_id or ""
-        events = await watch(client, job_id)
-        first = WorkerProcess(bus_url, tmp_path / "data", handlers=[])  # the installed handlers: rl
-        await client.publish("forseti.tasks.rl", encode(task))
-        await events.wait_for("progress", timeout=120)
+        events = await watch(client, task.request_id or "")
+        first = WorkerProcess(bus_url, tmp_path / "data", handlers=[])
+        await client.publish(f"forseti.tasks.{kind}", encode(task))
+        await events.wait_for("progress", count=progress, timeout=120)
         first.stop(signal.SIGKILL)
         second = WorkerProcess(bus_url, tmp_path / "data", handlers=[])
         try:
-            done = (await events.wait_end(timeout=180)).data
+            return (await events.wait_end(timeout=180)).data
         finally:
             assert second.stop() == 0
             await client.close()
-        # killed after its first progress event (at 2,000): the last checkpoint is at least 1,500
-        assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 1500
-        assert done.result.metrics.custom_metrics["timesteps"] >= 6000
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_killed_rl_worker_is_replaced_by_one_that_resumes_training(bus_url: str, tmp_path: Path) -> None:
+    task = RLTask.model_validate(
+        {
+            "request_id": f"rl-resume-{uuid.uuid4().hex[:6]}",
+            "algorithm": "ppo",
+            "environment": "CartPole-v1",
+            "config": {"total_timesteps": 6000, "n_steps": 256, "checkpoint_interval": 500, "seed": 2},
+            "policy": {"net_arch": [16]},
+            "evaluation": {"episodes": 1},
+        }
+    )
+    done = killed_and_resumed(bus_url, tmp_path, task, progress=1)
+    # killed after its first progress event (at 2,000): the last checkpoint is at least 1,500
+    assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 1500
+    assert done.result.metrics.custom_metrics["timesteps"] >= 6000
 
 
 def test_a_killed_training_worker_is_replaced_by_one_that_resumes_from_its_checkpoint(
@@ -237,26 +245,10 @@ def test_a_killed_training_worker_is_replaced_by_one_that_resumes_from_its_check
         }
     )
 
-    async def scenario() -> str:
-        client = NatsBus(bus_url.split("?")[0])
-        await client.connect()
-        job_id = task.request_id or ""
-        events = await watch(client, job_id)
-        first = WorkerProcess(bus_url, tmp_path / "data", handlers=[])  # the installed handlers: training
-        await client.publish("forseti.tasks.training", encode(task))
-        await events.wait_for("progress", count=3, timeout=120)
-        first.stop(signal.SIGKILL)
-        second = WorkerProcess(bus_url, tmp_path / "data", handlers=[])
-        try:
-            done = (await events.wait_end(timeout=180)).data
-        finally:
-            assert second.stop() == 0
-            await client.close()
-        assert done.result.metrics.custom_metrics["resumed_from_epoch"] >= 3
-        assert done.result.metrics.total_epochs == 40
-        return str(done.result.model_id)
-
-    model_id = asyncio.run(scenario())
+    done = killed_and_resumed(bus_url, tmp_path, task, progress=3)
+    assert done.result.metrics.custom_metrics["resumed_from_epoch"] >= 3
+    assert done.result.metrics.total_epochs == 40
+    model_id = done.result.model_id
     serve = WorkerProcess(bus_url, tmp_path / "data", handlers=[], command=("infer-serve",), ready="answers on")
     try:
         asked = run(bus_url, "infer", model_id, json.dumps(rows[:3]))
