@@ -1,9 +1,10 @@
 """Exported supervised models at inference time, with nothing but numpy and onnxruntime.
 
-A training job writes `model.onnx` and, beside it, `model.json` (the card: model type, input
-columns, classes, threshold, window). `OnnxModel` reads both and turns raw rows into predictions;
-`ModelCache` keeps sessions per model so that a batch job, the streaming service and (later) an
-edge device pay the load once. Torch-free on purpose: this is what runs where PyTorch is absent.
+A training job writes `model.onnx` with the card in its metadata (`forseti.card`: model type, input
+columns, classes, threshold, window) and, beside it, the same card as `model.json`. `OnnxModel`
+reads the card (from the file itself when it is there) and turns raw rows into predictions;
+`ModelCache` keeps sessions per model so that a batch job, the streaming service and an edge device
+pay the load once. Torch-free on purpose: this is what runs where PyTorch is absent.
 
 Predictions, one per row:
 - classifier: `{"label": <class>, "probabilities": {<class>: p, ...}}`;
@@ -30,6 +31,8 @@ from .exporters.tabular import raw_inputs
 
 CARD = "model.json"
 """The card's file name, beside the ONNX file."""
+CARD_KEY = "forseti.card"
+"""The ONNX metadata key that carries the card inside the model file, for consumers that get the file alone."""
 MODEL_TYPES = ("classifier", "regressor", "autoencoder", "forecaster")
 
 
@@ -59,17 +62,26 @@ class ModelCard:
         return json.dumps(self.__dict__, indent=1)
 
     @classmethod
+    def parse(cls, text: str, where: str) -> ModelCard:
+        """A card from its JSON; invalid_model when it does not describe a model."""
+        try:
+            card = cls(**json.loads(text))
+        except (ValueError, TypeError) as exc:
+            raise ForsetiError(f"model card of {where} cannot be read: {exc}", code=ErrorCode.INVALID_MODEL) from exc
+        if card.model_type not in MODEL_TYPES:
+            raise ForsetiError(
+                f"model card of {where}: unknown model_type {card.model_type!r}", code=ErrorCode.INVALID_MODEL
+            )
+        return card
+
+    @classmethod
     def read(cls, path: Path) -> ModelCard:
         """The card stored at `path`; invalid_model when it is missing or unreadable."""
         try:
-            card = cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError) as exc:
+            text = path.read_text()
+        except OSError as exc:
             raise ForsetiError(f"model card {path} cannot be read: {exc}", code=ErrorCode.INVALID_MODEL) from exc
-        if card.model_type not in MODEL_TYPES:
-            raise ForsetiError(
-                f"model card {path}: unknown model_type {card.model_type!r}", code=ErrorCode.INVALID_MODEL
-            )
-        return card
+        return cls.parse(text, str(path))
 
 
 class OnnxModel:
@@ -81,7 +93,6 @@ class OnnxModel:
         self.path = onnx_path
         if not onnx_path.is_file():
             raise ForsetiError(f"{onnx_path} does not exist", code=ErrorCode.INVALID_MODEL)
-        self.card = ModelCard.read(onnx_path.with_name(CARD))
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -89,6 +100,8 @@ class OnnxModel:
             self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
             raise ForsetiError(f"{onnx_path} does not load: {exc}", code=ErrorCode.INVALID_MODEL) from exc
+        embedded = self.session.get_modelmeta().custom_metadata_map.get(CARD_KEY)
+        self.card = ModelCard.parse(embedded, str(onnx_path)) if embedded else ModelCard.read(onnx_path.with_name(CARD))
         # onnxruntime sessions are safe to run from several threads; the lock only keeps one batch at a
         # time, so `threads` bounds the cores a model takes
         self._lock = threading.Lock()

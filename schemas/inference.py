@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .base import Id, LongText, Strict
+from .base import Id, LongText, Name, ShortText, Strict
 from .errors import ErrorCode
 from .tasks import Row
 
@@ -16,6 +16,9 @@ class InferRequest(Strict):
 
     rows: list[Row] = Field(min_length=1, max_length=10_000)
     """Raw rows, column name to value, as the model was trained on (a forecaster: its series, in order)."""
+    name: Name | None = None
+    """On an edge device (`forseti.edge.<device_id>.infer`): the model name to ask; may be omitted
+    while the device serves one model."""
 
 
 class InferReply(Strict):
@@ -25,8 +28,8 @@ class InferReply(Strict):
     """One prediction per input row, shaped as in the inference task's result."""
     model_id: Id
     """The registry id of the model that answered."""
-    version: int = Field(ge=1)
-    """That model's registry version."""
+    version: ShortText
+    """That model's version (its registry number, or label)."""
     batched: int = Field(ge=1)
     """Requests answered by the same onnxruntime call as this one (micro-batching at work)."""
 

@@ -49,6 +49,8 @@ class ModelAvailable(Strict):
     """Digest of `base_uri`."""
     alias: ShortText | None = None
     """Set when a promote moved an alias (production, staging) to this version."""
+    device_id: ShortText | None = None
+    """The device the model is for (the task's `device_id`); None: any consumer that follows it."""
 
 
 class ModelRollback(Strict):

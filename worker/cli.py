@@ -1,5 +1,5 @@
 """The `forseti` command: worker, executor, submit, watch, cancel, pause, resume, jobs, models, capabilities,
-llm-serve, complete, infer-serve, infer, up."""
+llm-serve, complete, infer-serve, infer, edge, up."""
 
 from __future__ import annotations
 
@@ -460,10 +460,12 @@ def llm_serve(
     consumer: Annotated[str | None, typer.Option(help="Name in model.loaded reports [llm-HOST-PID].")] = None,
     context: Annotated[int, typer.Option(min=16, help="Context length in tokens.")] = 512,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for llama.cpp.")] = 2,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
     log_json: LogJsonOpt = False,
 ) -> None:
-    """Serve completions of a fine-tuned model with llama.cpp, hot-swapping announced versions, until SIGTERM."""
+    """Serve completions of a fine-tuned model with llama.cpp, hot-swapping announced versions, until SIGTERM.
+    Files announced in the NATS object store are downloaded under DATA_DIR/fetched."""
     import os
     import socket
 
@@ -481,6 +483,7 @@ def llm_serve(
                 alias=alias,
                 context=context,
                 threads=threads,
+                cache=data_dir / "fetched",
             )
         except ForsetiError as exc:
             raise _fail(exc.message) from exc
@@ -539,6 +542,38 @@ def infer_serve(
         return WithStore(InferenceService(client, store, cache=cache, max_batch=max_batch, max_wait_ms=max_wait_ms))
 
     _serve(bus, make, ready=f"infer-serve: answers on {infer_channel('MODEL_ID')} (batches of {max_batch} at most)")
+
+
+@app.command()
+def edge(
+    device_id: Annotated[str, typer.Option(help="This device's id: it serves on forseti.edge.DEVICE_ID.infer.")],
+    kind: Annotated[
+        list[str] | None, typer.Option(help="Also take models of this kind announced for no device (repeatable).")
+    ] = None,
+    name: Annotated[
+        list[str] | None, typer.Option(help="Also take models of this name announced for no device (repeatable).")
+    ] = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
+    bus: BusOpt = DEFAULT_BUS_URL,
+    log_json: LogJsonOpt = False,
+) -> None:
+    """The edge agent: fetch, verify, hot-swap and serve the ONNX models meant for this device, until SIGTERM."""
+    from .edge import EdgeAgent, edge_channel
+
+    setup_logging(json_lines=log_json)
+
+    def make(client: Bus) -> EdgeAgent:
+        return EdgeAgent(
+            client,
+            device_id=device_id,
+            data_dir=data_dir,
+            kinds=set(kind or ()),
+            names=set(name or ()),
+            threads=threads,
+        )
+
+    _serve(bus, make, ready=f"edge {device_id}: follows forseti.models; answers on {edge_channel(device_id)}")
 
 
 @app.command()

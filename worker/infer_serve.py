@@ -140,7 +140,7 @@ class InferenceService:
                 await self._answer(model_id, batcher, [request])
             return
         for request, part in zip(batch, outputs, strict=True):
-            reply = InferReply(outputs=part, model_id=model_id, version=batcher.version, batched=len(batch))
+            reply = InferReply(outputs=part, model_id=model_id, version=str(batcher.version), batched=len(batch))
             await request.msg.respond(encode(reply))
 
 

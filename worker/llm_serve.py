@@ -1,7 +1,8 @@
 """`forseti llm-serve`: the reference LLM service (the contract the seed's Geri implements).
 
 It follows `forseti.models` for one model name, loads each announced GGUF (or base + LoRA GGUF) with
-llama.cpp after checking size and sha256, and answers `forseti.llm.complete.v1` requests on
+llama.cpp after checking size and sha256 (downloading it first when it was announced in the NATS
+object store, `adapters/artifacts.py`), and answers `forseti.llm.complete.v1` requests on
 `forseti.llm.<name>.complete`. A new version loads beside the one serving and takes over in one
 assignment, so requests in flight finish on the model they started on and none is dropped. Every
 load is reported as `forseti.model.loaded.v1`, ok or not; a file that fails its digest or its load
@@ -17,10 +18,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
+from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
-from forseti.adapters.exporters import sha256_of
 from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.schemas.base import ID_PATTERN
 from forseti.schemas.catalog import MODELS, llm_channel
@@ -28,6 +28,8 @@ from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
 from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
 from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
+
+from .settings import default_data_dir
 
 log = logging.getLogger(__name__)
 ARTIFACTS = ("f32", "f16", "q8_0", "lora")
@@ -50,26 +52,6 @@ class Served:
             await asyncio.to_thread(self.runtime.close)
 
 
-def local_path(uri: str) -> Path:
-    """The file a `file://` URI names (the only kind a single-host service fetches)."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "file":
-        raise ForsetiError(f"cannot fetch {uri!r}: llm-serve reads file:// URIs", code=ErrorCode.INVALID_MODEL)
-    return Path(unquote(parsed.path))
-
-
-def verified(uri: str, sha256: str, size: int | None = None) -> Path:
-    """The local file of `uri` once its size and sha256 match the announcement."""
-    path = local_path(uri)
-    if not path.is_file():
-        raise ForsetiError(f"{path} does not exist", code=ErrorCode.INVALID_MODEL)
-    if size is not None and path.stat().st_size != size:
-        raise ForsetiError(f"{path} has {path.stat().st_size} bytes, announced {size}", code=ErrorCode.INVALID_MODEL)
-    if sha256_of(path) != sha256:
-        raise ForsetiError(f"{path} fails its sha256 check", code=ErrorCode.INVALID_MODEL)
-    return path
-
-
 class LlmService:
     """Serves completions of one model name, following its announcements."""
 
@@ -84,6 +66,7 @@ class LlmService:
         context: int = 512,
         threads: int = 2,
         keep: int = 1,
+        cache: Path | None = None,
     ) -> None:
         if not re.match(ID_PATTERN, name):
             raise ForsetiError(
@@ -96,6 +79,8 @@ class LlmService:
         self.context, self.threads = context, threads
         self.keep = keep
         """Versions served before that stay loaded for rollbacks."""
+        self.cache = cache or default_data_dir() / "fetched"
+        """Where files announced in the object store are downloaded to."""
         self.current: Served | None = None
         """The version answering requests now."""
         self.previous: list[Served] = []
@@ -139,8 +124,9 @@ class LlmService:
     async def load(self, event: ModelAvailable) -> bool:
         """Check and load an announced version beside the serving one, then switch to it; report either way."""
         async with self._swap:
+            log.info("llm-serve %s: loading %s (%s) from %s", self.name, event.version, event.model_id, event.uri)
             try:
-                runtime = await asyncio.to_thread(self._open, event)
+                runtime = await self._open(event)
             except ForsetiError as exc:
                 log.warning("llm-serve %s: %s %s not loaded: %s", self.name, event.version, event.model_id, exc.message)
                 await self._report(event.model_id, event.version, ok=False, message=exc.message)
@@ -149,12 +135,16 @@ class LlmService:
         await self._report(event.model_id, event.version, ok=True)
         return True
 
-    def _open(self, event: ModelAvailable) -> LlamaRuntime:
-        path = verified(event.uri, event.sha256, event.size_bytes)
+    async def _open(self, event: ModelAvailable) -> LlamaRuntime:
+        path = await fetch(self.bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=self.cache)
         if event.format == "gguf-lora":
-            base = verified(event.base_uri or "", event.base_sha256 or "")
-            return LlamaRuntime(base, lora_path=path, context=self.context, threads=self.threads)
-        return LlamaRuntime(path, context=self.context, threads=self.threads)
+            base = await fetch(
+                self.bus, event.base_uri or "", sha256=event.base_sha256 or "", size=None, cache=self.cache
+            )
+            return await asyncio.to_thread(
+                LlamaRuntime, base, lora_path=path, context=self.context, threads=self.threads
+            )
+        return await asyncio.to_thread(LlamaRuntime, path, context=self.context, threads=self.threads)
 
     async def _switch(self, served: Served) -> None:
         old, self.current = self.current, served  # one assignment: new requests go to the new version

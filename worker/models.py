@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
@@ -78,6 +79,7 @@ def announcements(
                     "base_sha256": base.sha256 if with_base and base else None,
                     "parent_version": parent_version,
                     "alias": alias,
+                    "device_id": model.device_id,
                 }
             )
         )
@@ -91,7 +93,7 @@ async def promote(store: RegistryStore, bus: Bus, name: str, version: str, *, al
     parent = await store.get_model(model.parent_id) if model.parent_id else None
     artifacts = await store.list_artifacts(model.id)
     for event in announcements(model, artifacts, parent_version=version_label(parent) if parent else None, alias=alias):
-        await bus.publish(MODELS, encode(event, subject=model.id))
+        await bus.publish(MODELS, encode(await share(bus, event), subject=model.id))
     return model
 
 

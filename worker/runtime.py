@@ -19,6 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus, Delivery, Message, Subscription, TaskIntake
 from forseti.adapters.registry import RegistryStore
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
@@ -306,7 +307,9 @@ class Worker:
             runner.progress(event)
 
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
-        """Publish `forseti.model.available.v1` (Announcer)."""
+        """Publish `forseti.model.available.v1` (Announcer), its files first put where other hosts can
+        fetch them (the object store, on NATS)."""
+        event = await share(self.bus.inner, event)  # the transport itself: the metering wrapper holds no objects
         await self.bus.publish(MODELS, encode(event, source=self._source, subject=job_id))
 
     def take_early_cancel(self, job_id: str) -> str | None:

@@ -9,15 +9,19 @@ if the worker dies first.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+from pathlib import Path
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError, NoServersError
+from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.api import AckPolicy, ConsumerConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.object_store import ObjectStore
 
 from forseti.schemas.errors import BusError, RequestTimeout
 
@@ -132,6 +136,43 @@ class NatsBus:
         except NotFoundError:
             await self._js.add_stream(config)
 
+    async def put_object(self, bucket: str, name: str, path: Path, sha256: str) -> None:
+        """Store a file in a JetStream object store bucket (made on first use), read and sent in chunks;
+        a no-op when the object already holds exactly this content."""
+        store = await self._object_store(bucket, create=True)
+        try:
+            info = await store.get_info(name)
+            if info.digest and _hex_digest(info.digest) == sha256:
+                return
+        except NotFoundError:
+            pass
+        try:
+            with path.open("rb") as handle:
+                await store.put(name, handle)
+        except (NatsError, OSError) as exc:
+            raise BusError(f"cannot store {path} as {bucket}/{name}: {exc}") from exc
+
+    async def get_object(self, bucket: str, name: str, dest: Path) -> None:
+        """Stream an object into `dest` (chunk by chunk: memory stays flat)."""
+        store = await self._object_store(bucket, create=False)
+        try:
+            with dest.open("wb") as handle:
+                await store.get(name, writeinto=handle)
+        except NotFoundError as exc:
+            raise BusError(f"no object {name} in bucket {bucket}") from exc
+        except NatsError as exc:
+            raise BusError(f"cannot fetch {bucket}/{name}: {exc}") from exc
+
+    async def _object_store(self, bucket: str, *, create: bool) -> ObjectStore:
+        if self._js is None:
+            raise BusError("NATS bus is not connected")
+        try:
+            return await self._js.object_store(bucket)
+        except BucketNotFoundError as exc:
+            if not create:
+                raise BusError(f"no object store bucket {bucket} on {self.url}") from exc
+            return await self._js.create_object_store(bucket, config=ObjectStoreConfig(storage=StorageType.FILE))
+
     async def _on_error(self, exc: Exception) -> None:
         log.warning("nats: %s", exc)
 
@@ -222,3 +263,9 @@ class NatsBus:
                 ) from exc
             raise BusError(f"cannot take tasks from {channel}: {exc.description}") from exc
         return _NatsIntake(sub, channel)
+
+
+def _hex_digest(digest: str) -> str:
+    """An object store digest (`SHA-256=<urlsafe base64>`) as lowercase hex."""
+    encoded = digest.split("=", 1)[1] if digest.upper().startswith("SHA-256=") else digest
+    return base64.urlsafe_b64decode(encoded).hex()

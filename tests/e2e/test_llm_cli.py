@@ -38,7 +38,20 @@ def test_finetune_serve_complete_promote_and_rollback_from_the_command_line(
     data_root_with_tiny_llama(tmp_path, tiny_llama)  # the worker's default data root, <data-dir>/datasets
     worker = WorkerProcess(bus, tmp_path, handlers=["--handler", "forseti.worker.handlers.finetune:FinetuneHandler"])
     serve = subprocess.Popen(
-        forseti_cmd("llm-serve", "--name", NAME, "--artifact", "q8_0", "--context", "128", "--threads", "1"),
+        # its own data directory, as on another host: the GGUF reaches it through the object store
+        forseti_cmd(
+            "llm-serve",
+            "--name",
+            NAME,
+            "--artifact",
+            "q8_0",
+            "--context",
+            "128",
+            "--threads",
+            "1",
+            "--data-dir",
+            str(tmp_path / "llm-host"),
+        ),
         cwd=REPO,
         env=env(bus),
         stderr=subprocess.PIPE,
@@ -65,6 +78,8 @@ def test_finetune_serve_complete_promote_and_rollback_from_the_command_line(
             assert done.returncode == 0, done.stderr.decode()
             ask(bus, version)
 
+        fetched = sorted(p.name for p in (tmp_path / "llm-host" / "fetched").rglob("*.gguf"))
+        assert len(fetched) == 2, "both versions come through the object store:\n" + "".join(lines)
         listed = run(bus, "models", "list", NAME, "--data-dir", str(tmp_path)).stdout.decode()
         assert "v1.0" in listed and "v1.1" in listed
 

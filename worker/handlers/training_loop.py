@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from forseti.adapters.exporters.torch_onnx import torch_to_onnx
-from forseti.adapters.inference import CARD
+from forseti.adapters.inference import CARD, CARD_KEY
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import TrainingConfig
 from forseti.worker.context import JobContext, JobStopped
@@ -412,10 +412,14 @@ def export(prepared: Prepared, predictor: nn.Module, out: Path) -> Exported:
             f"ONNX export differs from torch by {parity:.3g} on the test data (bound {PARITY:g})",
             code=ErrorCode.EXPORT_MISMATCH,
         )
+    card_json = prepared.card(predictor).to_json()
+    checked = onnx.load(str(path))
+    onnx.helper.set_model_props(checked, {CARD_KEY: card_json})  # the file alone is enough to serve it
+    onnx.save(checked, str(path))
     weights = out / "model.safetensors"
     save_file({k: v.contiguous() for k, v in predictor.state_dict().items()}, weights)
     card = out / CARD
-    card.write_text(prepared.card(predictor).to_json())
+    card.write_text(card_json)
     sidecar = prepared.sidecar()
     if sidecar is not None:
         (out / "encoding.json").write_text(sidecar)

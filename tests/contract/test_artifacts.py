@@ -1,0 +1,79 @@
+"""Announced artifacts cross hosts: on NATS through the JetStream object store, elsewhere as file:// URIs."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from forseti.adapters.artifacts import BUCKET, fetch, object_uri, share
+from forseti.adapters.bus import MemoryBus, create_bus
+from forseti.adapters.bus.servers import NatsServer
+from forseti.adapters.exporters import sha256_of
+from forseti.schemas.errors import ForsetiError
+from forseti.schemas.models import ModelAvailable
+
+
+def announcement(path: Path, **fields: object) -> ModelAvailable:
+    return ModelAvailable.model_validate(
+        {
+            "model_id": f"m-{uuid.uuid4().hex[:8]}",
+            "name": "artifact-test",
+            "version": "1",
+            "format": "onnx",
+            "uri": path.resolve().as_uri(),
+            "sha256": sha256_of(path),
+            "size_bytes": path.stat().st_size,
+            "kind": "classifier",
+            "created_at": "2026-11-22T00:00:00Z",
+            **fields,
+        }
+    )
+
+
+async def test_an_artifact_goes_through_the_object_store_to_another_host(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    worker_side, device_side = create_bus(nats_server.url), create_bus(nats_server.url)
+    await worker_side.connect()
+    await device_side.connect()
+    try:
+        original = tmp_path / "worker" / "model.onnx"
+        original.parent.mkdir()
+        original.write_bytes(os.urandom(3 * 2**20 + 17))  # many 128 KiB chunks and a ragged end
+        event = await share(worker_side, announcement(original))
+        assert event.uri == object_uri(BUCKET, f"{event.model_id}/model.onnx")
+        assert await share(worker_side, announcement(original, model_id=event.model_id)) == event, "stored once"
+
+        cache = tmp_path / "device"
+        fetched = await fetch(device_side, event.uri, sha256=event.sha256, size=event.size_bytes, cache=cache)
+        assert fetched.is_relative_to(cache)
+        assert fetched.read_bytes() == original.read_bytes()
+        stamp = fetched.stat().st_mtime_ns
+        again = await fetch(device_side, event.uri, sha256=event.sha256, size=event.size_bytes, cache=cache)
+        assert again == fetched and again.stat().st_mtime_ns == stamp, "a verified copy is reused"
+
+        with pytest.raises(ForsetiError, match="sha256") as wrong:
+            await fetch(device_side, event.uri, sha256="0" * 64, size=event.size_bytes, cache=tmp_path / "other")
+        assert wrong.value.code == "invalid_model"
+        with pytest.raises(ForsetiError, match="cannot fetch") as missing:
+            await fetch(device_side, object_uri(BUCKET, "nope/model.onnx"), sha256="0" * 64, size=None, cache=cache)
+        assert missing.value.code == "invalid_model"
+    finally:
+        await worker_side.close()
+        await device_side.close()
+
+
+async def test_without_an_object_store_the_uri_stays_a_checked_local_file(tmp_path: Path) -> None:
+    path = tmp_path / "model.onnx"
+    path.write_bytes(b"weights")
+    bus = MemoryBus()
+    event = await share(bus, announcement(path))
+    assert event.uri.startswith("file://")
+    assert await fetch(bus, event.uri, sha256=event.sha256, size=7, cache=tmp_path / "cache") == path
+    with pytest.raises(ForsetiError, match="announced 8"):
+        await fetch(bus, event.uri, sha256=event.sha256, size=8, cache=tmp_path / "cache")
+    with pytest.raises(ForsetiError, match="no object store"):
+        await fetch(bus, object_uri(BUCKET, "x/model.onnx"), sha256=event.sha256, size=None, cache=tmp_path)

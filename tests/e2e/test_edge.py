@@ -1,0 +1,134 @@
+"""A worker and an edge agent as separate processes with separate data directories over real nats-server:
+a classifier is trained, announced, fetched through the object store, verified, loaded and queried; a
+corrupted artifact is refused; a new version is swapped in and a rollback returns the previous one."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from sklearn.datasets import load_breast_cancer
+
+from forseti.adapters.bus.nats import NatsBus
+from forseti.adapters.bus.servers import NatsServer
+from forseti.schemas.catalog import MODELS
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.inference import InferError, InferReply, InferRequest
+from forseti.schemas.models import ModelAvailable, ModelRollback
+from forseti.schemas.tasks import TrainingTask
+
+from ..helpers import Watcher, watch
+from .test_cli import REPO, WorkerProcess
+
+DEVICE = "dev1"
+
+
+def classifier_task(epochs: int) -> TrainingTask:
+    cancer = load_breast_cancer()
+    rows = [
+        {**{f"f{i}": float(v) for i, v in enumerate(row)}, "label": int(label)}
+        for row, label in zip(cancer.data, cancer.target, strict=True)
+    ]
+    return TrainingTask.model_validate(
+        {
+            "request_id": f"edge-{uuid.uuid4().hex[:6]}",
+            "model_type": "classifier",
+            "name": "edge-cls",
+            "device_id": DEVICE,
+            "config": {"epochs": epochs, "hidden": [16]},
+            "data_sources": [{"rows": rows, "target": "label"}],
+        }
+    )
+
+
+def test_the_edge_agent_is_torch_free() -> None:
+    blocked = "import sys; sys.modules.update(dict.fromkeys(['torch', 'transformers', 'peft', 'stable_baselines3']))"
+    probe = f"{blocked}; import forseti.worker.edge, forseti.worker.cli; print('ok')"
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, tmp_path: Path) -> None:
+    bus_url = nats_server.url + "?ack_wait=2"
+    edge = WorkerProcess(
+        bus_url, tmp_path / "edge", handlers=[], command=("edge", "--device-id", DEVICE), ready="answers on"
+    )
+    worker = WorkerProcess(
+        bus_url, tmp_path / "worker", handlers=["--handler", "forseti.worker.handlers.training:TrainingHandler"]
+    )
+
+    async def scenario() -> None:
+        client = NatsBus(nats_server.url)
+        await client.connect()
+        models = Watcher()
+        await client.subscribe(MODELS, models.on_message)
+        rows = [{"f0": 20.0, "f1": 20.0, "f2": 130.0}]
+
+        async def ask() -> Any:
+            request = InferRequest.model_validate({"rows": rows, "name": "edge-cls"})
+            return decode(await client.request(f"forseti.edge.{DEVICE}.infer", encode(request), timeout=10)).data
+
+        async def trained(epochs: int) -> tuple[ModelAvailable, Any]:
+            task = classifier_task(epochs)
+            events = await watch(client, task.request_id or "")
+            await client.publish("forseti.tasks.training", encode(task))
+            await events.wait_end(timeout=120)
+            announced = next(
+                e.data
+                for e in reversed(models.events)
+                if isinstance(e.data, ModelAvailable) and e.data.format == "onnx"
+            )
+            loaded = await models.wait_until(
+                lambda es: [e for e in es if e.type.endswith("loaded.v1") and e.data.model_id == announced.model_id]
+            )
+            return announced, loaded[0].data
+
+        try:
+            v1, loaded = await trained(epochs=3)
+            assert v1.uri.startswith("nats-object://forseti-artifacts/"), "fetched over the bus, not a shared disk"
+            assert (loaded.ok, loaded.consumer) == (True, DEVICE), loaded.message
+            assert list((tmp_path / "edge" / "fetched").rglob("model.onnx")), "the device holds its own copy"
+            answer = await ask()
+            assert isinstance(answer, InferReply) and answer.model_id == v1.model_id
+            assert set(answer.outputs[0]) == {"label", "probabilities"}
+
+            corrupted = v1.model_copy(update={"model_id": "corrupted", "sha256": "0" * 64})
+            await client.publish(MODELS, encode(corrupted, subject="corrupted"))
+            refused = (
+                await models.wait_until(
+                    lambda es: [e for e in es if e.type.endswith("loaded.v1") and e.data.model_id == "corrupted"]
+                )
+            )[0].data
+            assert not refused.ok and "sha256" in refused.message
+            assert (await ask()).model_id == v1.model_id, "the last good model keeps serving"
+
+            v2, loaded = await trained(epochs=4)
+            assert loaded.ok
+            assert (await ask()).model_id == v2.model_id
+            back = ModelRollback(name="edge-cls", from_version=v2.version, to_version=v1.version, model_id=v1.model_id)
+            await client.publish(MODELS, encode(back, subject=v1.model_id))
+            await models.wait_until(
+                lambda es: [e for e in es if e.type.endswith("loaded.v1") and e.data.model_id == v1.model_id], count=2
+            )
+            assert (await ask()).model_id == v1.model_id
+
+            unknown: Any = decode(
+                await client.request(
+                    f"forseti.edge.{DEVICE}.infer",
+                    encode(InferRequest.model_validate({"rows": rows, "name": "other"})),
+                    timeout=10,
+                )
+            ).data
+            assert isinstance(unknown, InferError) and unknown.code == "invalid_model"
+        finally:
+            await client.close()
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        assert worker.stop() == 0
+        assert edge.stop() == 0, "".join(edge.lines)

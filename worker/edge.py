@@ -1,0 +1,166 @@
+"""`forseti edge`: the edge agent. Torch-free: numpy, onnxruntime and the bus client are all it needs.
+
+It follows `forseti.models` and takes the ONNX models meant for it: those announced with its
+`device_id`, and those announced for no device whose kind or name it follows (`--kind`, `--name`).
+Each is fetched (from the NATS object store, or a `file://` path on one host), checked against the
+announced size and sha256, loaded into onnxruntime beside the version serving its name, and swapped
+in with one assignment, so requests in flight finish on the model they started on. Every attempt is
+reported as `forseti.model.loaded.v1` (consumer: the device id); a file that fails its digest or its
+load is refused and the serving version stays. The version served before is kept loaded, so a
+`forseti.model.rollback.v1` for the name returns to it at once. Requests (`forseti.infer.request.v1`,
+with the model `name` when the device serves several) are answered on `forseti.edge.<device_id>.infer`.
+The agent serves from what it holds, so it keeps answering local callers when the bus is away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from forseti.adapters.artifacts import fetch
+from forseti.adapters.bus import Bus, Message, Subscription
+from forseti.adapters.inference import OnnxModel
+from forseti.schemas.catalog import MODELS
+from forseti.schemas.envelope import Event, decode, encode
+from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
+from forseti.schemas.inference import InferError, InferReply, InferRequest
+from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
+
+log = logging.getLogger(__name__)
+EDGE = "forseti.edge.{device_id}.infer"
+"""The request channel of one device."""
+
+
+def edge_channel(device_id: str) -> str:
+    """Where a device answers inference requests."""
+    return EDGE.format(device_id=device_id)
+
+
+@dataclass
+class Served:
+    """One loaded version of a model name."""
+
+    model_id: str
+    version: str
+    model: OnnxModel
+
+
+class EdgeAgent:
+    """Keeps the ONNX models meant for one device loaded and answers requests for them."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        *,
+        device_id: str,
+        data_dir: Path,
+        kinds: set[str] | None = None,
+        names: set[str] | None = None,
+        threads: int = 1,
+    ) -> None:
+        self.bus, self.device_id = bus, device_id
+        self.kinds, self.names = kinds or set(), names or set()
+        self.cache = data_dir / "fetched"
+        """Where fetched artifacts are kept."""
+        self.threads = threads
+        self.current: dict[str, Served] = {}
+        """The version serving each model name."""
+        self.previous: dict[str, Served] = {}
+        """The version each name served before, kept loaded for a rollback."""
+        self._swap = asyncio.Lock()
+        self._subs: list[Subscription] = []
+
+    async def start(self) -> None:
+        """Follow the models channel and answer on the device's channel."""
+        self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
+        self._subs.append(await self.bus.subscribe(edge_channel(self.device_id), self._on_request))
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs.clear()
+
+    def wants(self, event: ModelAvailable) -> bool:
+        """Whether an announcement is an ONNX model meant for this device."""
+        if event.format != "onnx":
+            return False
+        if event.device_id is not None:
+            return event.device_id == self.device_id
+        return event.kind in self.kinds or event.name in self.names
+
+    async def _on_model(self, msg: Message) -> None:
+        try:
+            event: Event[Any] = decode(msg.data)
+        except InvalidTask as exc:
+            log.warning("edge %s: ignoring an unreadable models event: %s", self.device_id, exc.message)
+            return
+        if isinstance(event.data, ModelAvailable) and self.wants(event.data):
+            await self.load(event.data)
+        elif isinstance(event.data, ModelRollback) and event.data.name in self.current:
+            await self.roll_back(event.data)
+
+    async def load(self, event: ModelAvailable) -> bool:
+        """Fetch, check and load an announced version beside the serving one, then switch; report either way."""
+        async with self._swap:
+            try:
+                path = await fetch(self.bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=self.cache)
+                model = await asyncio.to_thread(OnnxModel, path, threads=self.threads)
+            except ForsetiError as exc:
+                log.warning("edge %s: %s %s refused: %s", self.device_id, event.name, event.version, exc.message)
+                await self._report(event.model_id, event.name, event.version, ok=False, message=exc.message)
+                return False
+            self._switch(event.name, Served(event.model_id, event.version, model))
+        await self._report(event.model_id, event.name, event.version, ok=True)
+        return True
+
+    def _switch(self, name: str, served: Served) -> None:
+        old, self.current[name] = self.current.get(name), served  # one assignment: new requests use it
+        if old is not None and old.model_id != served.model_id:
+            self.previous[name] = old
+        log.info("edge %s: %s now serves %s (%s)", self.device_id, name, served.version, served.model_id)
+
+    async def roll_back(self, event: ModelRollback) -> bool:
+        """Return a name to the version it served before, when that is the one asked for."""
+        async with self._swap:
+            held = self.previous.get(event.name)
+            if held is None or held.model_id != event.model_id:
+                message = f"{event.to_version} ({event.model_id}) is not held here; announce it to load it"
+                await self._report(event.model_id, event.name, event.to_version, ok=False, message=message)
+                return False
+            del self.previous[event.name]
+            self._switch(event.name, held)
+        await self._report(event.model_id, event.name, event.to_version, ok=True)
+        return True
+
+    async def _report(self, model_id: str, name: str, version: str, *, ok: bool, message: str = "") -> None:
+        loaded = ModelLoaded(
+            model_id=model_id, name=name, version=version, consumer=self.device_id, ok=ok, message=message[:4096]
+        )
+        await self.bus.publish(MODELS, encode(loaded, subject=model_id))
+
+    async def _on_request(self, msg: Message) -> None:
+        try:
+            request = decode(msg.data, expect=InferRequest).data
+            served = self._serving(request.name)
+            outputs = await asyncio.to_thread(served.model.predict, [dict(row) for row in request.rows])
+        except (InvalidTask, ForsetiError) as exc:
+            await msg.respond(encode(InferError(code=exc.code, message=exc.message[:4096])))
+            return
+        await msg.respond(
+            encode(InferReply(outputs=outputs, model_id=served.model_id, version=served.version, batched=1))
+        )
+
+    def _serving(self, name: str | None) -> Served:
+        if name is None and len(self.current) == 1:
+            return next(iter(self.current.values()))
+        if name is None:
+            held = ", ".join(sorted(self.current)) or "none yet"
+            raise ForsetiError(f"name the model to ask (this device serves: {held})", code=ErrorCode.INVALID_TASK)
+        served = self.current.get(name)
+        if served is None:
+            raise ForsetiError(f"device {self.device_id} serves no model {name!r}", code=ErrorCode.INVALID_MODEL)
+        return served
