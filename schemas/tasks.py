@@ -105,6 +105,8 @@ class TrainingConfig(Strict):
     """Autoencoder: the quantile of validation reconstruction errors above which a row is flagged."""
     search: SearchSpace | None = None
     """Hyperparameter search; one run with the config as given when omitted."""
+    quantize_int8: bool = False
+    """Also export a dynamically int8-quantised ONNX (for devices), its change against the float model measured."""
 
 
 class DataSource(Strict):

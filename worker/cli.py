@@ -553,6 +553,9 @@ def edge(
     name: Annotated[
         list[str] | None, typer.Option(help="Also take models of this name announced for no device (repeatable).")
     ] = None,
+    quantization: Annotated[
+        str | None, typer.Option(help="Take the int8-quantised exports (int8) instead of the float ones.")
+    ] = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
     bus: BusOpt = DEFAULT_BUS_URL,
@@ -570,6 +573,7 @@ def edge(
             data_dir=data_dir,
             kinds=set(kind or ()),
             names=set(name or ()),
+            quantization=quantization,
             threads=threads,
         )
 

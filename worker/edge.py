@@ -59,6 +59,7 @@ class EdgeAgent:
         data_dir: Path,
         kinds: set[str] | None = None,
         names: set[str] | None = None,
+        quantization: str | None = None,
         threads: int = 1,
     ) -> None:
         self.bus, self.device_id = bus, device_id
@@ -66,6 +67,8 @@ class EdgeAgent:
         self.cache = data_dir / "fetched"
         """Where fetched artifacts are kept."""
         self.threads = threads
+        self.quantization = quantization
+        """Which ONNX export to take: None for the float one, int8 for the quantised one."""
         self.current: dict[str, Served] = {}
         """The version serving each model name."""
         self.previous: dict[str, Served] = {}
@@ -86,7 +89,7 @@ class EdgeAgent:
 
     def wants(self, event: ModelAvailable) -> bool:
         """Whether an announcement is an ONNX model meant for this device."""
-        if event.format != "onnx":
+        if event.format != "onnx" or event.quantization != self.quantization:
             return False
         if event.device_id is not None:
             return event.device_id == self.device_id

@@ -16,7 +16,7 @@ from sklearn.datasets import load_digits
 from forseti.adapters.bus import Bus, MemoryBroker, MemoryBus
 from forseti.adapters.inference import ModelCache, OnnxModel
 from forseti.adapters.registry import SqliteStore
-from forseti.schemas.catalog import infer_channel
+from forseti.schemas.catalog import MODELS, infer_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferError, InferReply, InferRequest
 from forseti.schemas.tasks import InferenceTask, TrainingTask
@@ -26,7 +26,7 @@ from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.handlers.training_loop import trial_configs
 from forseti.worker.infer_serve import InferenceService
 
-from ..helpers import running_worker, submit, watch
+from ..helpers import Watcher, running_worker, submit, watch
 
 
 def training(model_type: str, uri: str, target: str | None, **config: Any) -> TrainingTask:
@@ -205,3 +205,38 @@ async def test_streaming_inference_micro_batches_and_refuses_clearly(
         await service.stop()
         await service.bus.close()
         await store.close()
+
+
+@pytest.mark.parametrize(
+    ("model_type", "uri", "target", "figure"),
+    [
+        ("autoencoder", "file://digits.jsonl", "anomaly", "int8_agreement"),
+        ("forecaster", "file://series.csv", "level", "int8_max_relative_diff"),
+    ],
+)
+async def test_an_int8_export_is_announced_with_its_change_against_the_float_model(
+    broker: MemoryBroker,
+    client: MemoryBus,
+    tmp_path: Path,
+    datasets: Path,
+    model_type: str,
+    uri: str,
+    target: str,
+    figure: str,
+) -> None:
+    models = Watcher()
+    await client.subscribe(MODELS, models.on_message)
+    task = training(model_type, uri, target, epochs=3, hidden=[16], window=12, quantize_int8=True)
+    async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
+        done, _ = await run(client, task)
+        await models.wait_for("available", count=2)
+    custom = done.result.metrics.custom_metrics
+    announced = {e.data.quantization: e.data for e in models.events if e.data.format == "onnx"}
+    assert set(announced) == {None, "int8"}
+    assert announced["int8"].metrics[figure] == custom[figure]
+    if figure == "int8_agreement":
+        assert custom[figure] >= 0.9
+    else:
+        assert custom[figure] < 0.05
+    quantized = OnnxModel(Path(announced["int8"].uri.removeprefix("file://")))
+    assert quantized.card.model_type == model_type, "the card travels inside the file"

@@ -75,6 +75,8 @@ class TrainingHandler:
             ("onnx", None, exported.onnx_path),
             ("safetensors", None, exported.safetensors_path),
         ]
+        if outcome.int8_path is not None:
+            files.append(("onnx", "int8", outcome.int8_path))
         await ctx.publish_files(model, files, announce={"onnx"})
         await ctx.store.put_training_run(
             run.model_copy(
@@ -114,7 +116,7 @@ class TrainingHandler:
 
     def _train(self, task: TrainingTask, ctx: JobContext) -> Outcome:
         from .training_data import read_rows
-        from .training_loop import export, search
+        from .training_loop import export, quantize, search
         from .training_models import prepare
 
         rows = [row for source in task.data_sources for row in read_rows(source, ctx.inputs_root)]
@@ -124,7 +126,11 @@ class TrainingHandler:
         calibration = prepared.calibrate(predictor)
         test_metrics = prepared.evaluate(predictor, prepared.test)
         exported = export(prepared, predictor, ctx.artifacts_dir)
-        return Outcome(stats, exported, test_metrics, calibration, trials, len(prepared.test.x))
+        int8_path = None
+        if task.config.quantize_int8:
+            int8_path, int8_figures = quantize(prepared, exported.onnx_path)
+            calibration.update(int8_figures)
+        return Outcome(stats, exported, test_metrics, calibration, trials, len(prepared.test.x), int8_path)
 
 
 @dataclass
@@ -135,7 +141,9 @@ class Outcome:
     exported: Exported
     test_metrics: dict[str, float]
     calibration: dict[str, float]
-    """Figures settled after training (an autoencoder's threshold)."""
+    """Figures settled after training (an autoencoder's threshold) and the int8 export's change."""
     trials: list[dict[str, Any]]
     """Each search trial's settings and figures; empty without a search."""
     test_rows: int
+    int8_path: Path | None = None
+    """The int8-quantised ONNX, when asked for."""
