@@ -4,7 +4,8 @@ A training job writes `model.onnx` with the card in its metadata (`forseti.card`
 columns, classes, threshold, window) and, beside it, the same card as `model.json`. `OnnxModel`
 reads the card (from the file itself when it is there) and turns raw rows into predictions;
 `ModelCache` keeps sessions per model so that a batch job, the streaming service and an edge device
-pay the load once. Torch-free on purpose: this is what runs where PyTorch is absent.
+pay the load once. `OnnxPolicy` does the same for an exported RL policy (observations in, actions
+out). Torch-free on purpose: this is what runs where PyTorch is absent.
 
 Predictions, one per row:
 - classifier: `{"label": <class>, "probabilities": {<class>: p, ...}}`;
@@ -31,6 +32,8 @@ from .exporters.tabular import raw_inputs
 
 CARD = "model.json"
 """The card's file name, beside the ONNX file."""
+POLICY_KEY = "forseti.policy"
+"""The ONNX metadata key that carries an RL policy's description (spaces, algorithm) inside its file."""
 CARD_KEY = "forseti.card"
 """The ONNX metadata key that carries the card inside the model file, for consumers that get the file alone."""
 MODEL_TYPES = ("classifier", "regressor", "autoencoder", "forecaster")
@@ -182,6 +185,47 @@ def _cut(items: list[Any], sizes: list[int]) -> list[list[Any]]:
         out.append(items[start : start + size])
         start += size
     return out
+
+
+class OnnxPolicy:
+    """An exported RL policy in an onnxruntime session: observations in, the deterministic actions out,
+    exactly as `model.predict(obs, deterministic=True)` gave them when it was trained."""
+
+    def __init__(self, onnx_path: Path, *, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        if not onnx_path.is_file():
+            raise ForsetiError(f"{onnx_path} does not exist", code=ErrorCode.INVALID_MODEL)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own error types
+            raise ForsetiError(f"{onnx_path} does not load: {exc}", code=ErrorCode.INVALID_MODEL) from exc
+        text = self.session.get_modelmeta().custom_metadata_map.get(POLICY_KEY)
+        sidecar = onnx_path.with_name("policy.json")
+        if text is None and sidecar.is_file():
+            text = sidecar.read_text()
+        if text is None:
+            raise ForsetiError(f"{onnx_path} carries no policy description", code=ErrorCode.INVALID_MODEL)
+        self.description: dict[str, Any] = json.loads(text)
+        """Algorithm, environment, observation and action spaces (the export's policy.json)."""
+        self.observation_shape = tuple(self.description["observation_space"]["shape"])
+        self.dtype = np.dtype(self.description["observation_space"].get("dtype", "float32"))
+
+    def act(self, observations: Any) -> np.ndarray:
+        """Actions for a batch of observations (each of the observation space's shape, or flattened)."""
+        batch = np.asarray(observations, dtype=self.dtype)
+        size = int(np.prod(self.observation_shape))
+        if batch.size % max(size, 1) or not np.all(np.isfinite(batch)):
+            raise ForsetiError(
+                f"observations must be finite, {size} values each (shape {list(self.observation_shape)})",
+                code=ErrorCode.INVALID_DATA,
+            )
+        batch = batch.reshape((-1, *self.observation_shape))
+        (actions,) = self.session.run(None, {"observation": batch})
+        return np.asarray(actions)
 
 
 class ModelCache:

@@ -14,7 +14,7 @@ from .capabilities import Capabilities, CapabilitiesQuery
 from .control import CancelJob, PauseJob, ResumeJob
 from .deadletter import DeadLetter
 from .env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
-from .inference import InferError, InferReply, InferRequest
+from .inference import ActReply, ActRequest, InferError, InferReply, InferRequest
 from .jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress, JobStatus, JobStatusQuery
 from .llm import CompleteReply, CompleteRequest, LlmError
 from .models import ModelAvailable, ModelLoaded, ModelRollback
@@ -40,6 +40,7 @@ STATUS = "forseti.status"
 DEADLETTER = "forseti.deadletter"
 LLM = "forseti.llm.{name}.complete"
 INFER = "forseti.infer.{model_id}"
+EDGE = "forseti.edge.{device_id}.infer"
 
 
 def jobs_channel(job_id: str) -> str:
@@ -55,6 +56,11 @@ def env_channel(executor_id: str) -> str:
 def infer_channel(model_id: str) -> str:
     """The streaming inference channel of one registered model."""
     return INFER.format(model_id=model_id)
+
+
+def edge_channel(device_id: str) -> str:
+    """Where an edge device answers inference and act requests."""
+    return EDGE.format(device_id=device_id)
 
 
 def llm_channel(name: str) -> str:
@@ -91,6 +97,8 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.infer.request.v1", InferRequest, INFER, "Predict on rows now (request)."),
     EventSpec("forseti.infer.result.v1", InferReply, INFER, "One prediction per row (reply)."),
     EventSpec("forseti.infer.error.v1", InferError, INFER, "Why a prediction was refused (reply)."),
+    EventSpec("forseti.edge.act.v1", ActRequest, EDGE, "An edge policy's actions for observations (request)."),
+    EventSpec("forseti.edge.actions.v1", ActReply, EDGE, "The actions (reply)."),
     EventSpec("forseti.capabilities.query.v1", CapabilitiesQuery, CAPABILITIES, "Ask what workers can do."),
     EventSpec("forseti.capabilities.v1", Capabilities, CAPABILITIES, "One worker's capabilities (reply)."),
     EventSpec("forseti.job.status.query.v1", JobStatusQuery, STATUS, "Ask where a job stands."),

@@ -1,4 +1,5 @@
-"""Streaming inference events: request-reply on `forseti.infer.<model_id>`."""
+"""Streaming inference events: request-reply on `forseti.infer.<model_id>` and, on an edge device,
+`forseti.edge.<device_id>.infer` (which also answers RL policies' `act` requests)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from pydantic import Field
 
-from .base import Id, LongText, Name, ShortText, Strict
+from .base import FiniteFloat, Id, LongText, Name, ShortText, Strict
 from .errors import ErrorCode
 from .tasks import Row
 
@@ -41,3 +42,23 @@ class InferError(Strict):
     """malformed_json or invalid_task (bad request), invalid_model (unknown model), invalid_data (unusable rows)."""
     message: LongText
     """What went wrong."""
+
+
+class ActRequest(Strict):
+    """`forseti.edge.act.v1`: actions of an RL policy held by an edge device (request)."""
+
+    observations: list[list[FiniteFloat]] = Field(min_length=1, max_length=10_000)
+    """One observation per action wanted, flattened."""
+    name: Name | None = None
+    """The policy's model name; may be omitted while the device serves one model."""
+
+
+class ActReply(Strict):
+    """`forseti.edge.actions.v1`: the policy's deterministic action for each observation (reply)."""
+
+    actions: list[Any] = Field(max_length=10_000)
+    """One action per observation (an index for discrete spaces, a list for boxes)."""
+    model_id: Id
+    """The registry id of the policy that answered."""
+    version: ShortText
+    """That policy's version."""

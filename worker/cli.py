@@ -562,7 +562,9 @@ def edge(
     log_json: LogJsonOpt = False,
 ) -> None:
     """The edge agent: fetch, verify, hot-swap and serve the ONNX models meant for this device, until SIGTERM."""
-    from .edge import EdgeAgent, edge_channel
+    from forseti.schemas.catalog import edge_channel
+
+    from .edge import EdgeAgent
 
     setup_logging(json_lines=log_json)
 

@@ -22,21 +22,14 @@ from typing import Any
 
 from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
-from forseti.adapters.inference import OnnxModel
-from forseti.schemas.catalog import MODELS
+from forseti.adapters.inference import OnnxModel, OnnxPolicy
+from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
-from forseti.schemas.inference import InferError, InferReply, InferRequest
+from forseti.schemas.inference import ActReply, ActRequest, InferError, InferReply, InferRequest
 from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
 
 log = logging.getLogger(__name__)
-EDGE = "forseti.edge.{device_id}.infer"
-"""The request channel of one device."""
-
-
-def edge_channel(device_id: str) -> str:
-    """Where a device answers inference requests."""
-    return EDGE.format(device_id=device_id)
 
 
 @dataclass
@@ -45,7 +38,7 @@ class Served:
 
     model_id: str
     version: str
-    model: OnnxModel
+    model: OnnxModel | OnnxPolicy
 
 
 class EdgeAgent:
@@ -111,7 +104,9 @@ class EdgeAgent:
         async with self._swap:
             try:
                 path = await fetch(self.bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=self.cache)
-                model = await asyncio.to_thread(OnnxModel, path, threads=self.threads)
+                model: OnnxModel | OnnxPolicy = await asyncio.to_thread(
+                    OnnxPolicy if event.kind == "policy" else OnnxModel, path, threads=self.threads
+                )
             except ForsetiError as exc:
                 log.warning("edge %s: %s %s refused: %s", self.device_id, event.name, event.version, exc.message)
                 await self._report(event.model_id, event.name, event.version, ok=False, message=exc.message)
@@ -147,15 +142,27 @@ class EdgeAgent:
 
     async def _on_request(self, msg: Message) -> None:
         try:
-            request = decode(msg.data, expect=InferRequest).data
+            request: Any = decode(msg.data).data
+            if not isinstance(request, InferRequest | ActRequest):
+                raise InvalidTask(f"{type(request).__name__} is not a request an edge device answers")
             served = self._serving(request.name)
-            outputs = await asyncio.to_thread(served.model.predict, [dict(row) for row in request.rows])
+            reply = await asyncio.to_thread(self._answer, served, request)
         except (InvalidTask, ForsetiError) as exc:
             await msg.respond(encode(InferError(code=exc.code, message=exc.message[:4096])))
             return
-        await msg.respond(
-            encode(InferReply(outputs=outputs, model_id=served.model_id, version=served.version, batched=1))
-        )
+        await msg.respond(encode(reply))
+
+    @staticmethod
+    def _answer(served: Served, request: InferRequest | ActRequest) -> InferReply | ActReply:
+        model = served.model
+        if isinstance(request, ActRequest) and isinstance(model, OnnxPolicy):
+            actions = model.act(request.observations).tolist()
+            return ActReply(actions=actions, model_id=served.model_id, version=served.version)
+        if isinstance(request, InferRequest) and isinstance(model, OnnxModel):
+            outputs = model.predict([dict(row) for row in request.rows])
+            return InferReply(outputs=outputs, model_id=served.model_id, version=served.version, batched=1)
+        wanted = "act requests" if isinstance(model, OnnxPolicy) else "infer requests"
+        raise ForsetiError(f"{served.version} ({served.model_id}) answers {wanted}", code=ErrorCode.INVALID_TASK)
 
     def _serving(self, name: str | None) -> Served:
         if name is None and len(self.current) == 1:

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from gymnasium import spaces
 from safetensors.torch import save_file
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from forseti.adapters.inference import POLICY_KEY
 from forseti.envs.spaces import space_to_spec
 from forseti.schemas.errors import ErrorCode, ForsetiError
 
@@ -141,4 +143,7 @@ def export_policy(
     }
     sidecar_path = folder / "policy.json"
     sidecar_path.write_text(json.dumps(sidecar, indent=2))
+    graph_with_card = onnx.load(str(onnx_path))
+    onnx.helper.set_model_props(graph_with_card, {POLICY_KEY: json.dumps(sidecar)})  # the file alone serves
+    onnx.save(graph_with_card, str(onnx_path))
     return PolicyExport(onnx_path, safetensors_path, sidecar_path, max_diff, agreement, PARITY_SAMPLES)

@@ -1,6 +1,7 @@
 """A worker and an edge agent as separate processes with separate data directories over real nats-server:
 a classifier is trained, announced, fetched through the object store, verified, loaded and queried; a
-corrupted artifact is refused; a new version is swapped in and a rollback returns the previous one."""
+corrupted artifact is refused; a new version is swapped in and a rollback returns the previous one; an
+RL policy is fetched and acts on the device as it does on the worker."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from sklearn.datasets import load_breast_cancer
 
 from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer
-from forseti.schemas.catalog import MODELS
+from forseti.adapters.inference import OnnxPolicy
+from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
-from forseti.schemas.inference import InferError, InferReply, InferRequest
+from forseti.schemas.inference import ActReply, ActRequest, InferError, InferReply, InferRequest
 from forseti.schemas.models import ModelAvailable, ModelRollback
-from forseti.schemas.tasks import TrainingTask
+from forseti.schemas.tasks import RLTask, TrainingTask
 
 from ..helpers import Watcher, watch
 from .test_cli import REPO, WorkerProcess
@@ -45,6 +47,21 @@ def classifier_task(epochs: int) -> TrainingTask:
     )
 
 
+def policy_task() -> RLTask:
+    return RLTask.model_validate(
+        {
+            "request_id": f"edge-rl-{uuid.uuid4().hex[:6]}",
+            "algorithm": "ppo",
+            "environment": "CartPole-v1",
+            "name": "edge-policy",
+            "device_id": DEVICE,
+            "config": {"total_timesteps": 256, "n_steps": 128, "seed": 0},
+            "policy": {"net_arch": [16]},
+            "evaluation": {"episodes": 1},
+        }
+    )
+
+
 def test_the_edge_agent_is_torch_free() -> None:
     blocked = "import sys; sys.modules.update(dict.fromkeys(['torch', 'transformers', 'peft', 'stable_baselines3']))"
     probe = f"{blocked}; import forseti.worker.edge, forseti.worker.cli; print('ok')"
@@ -58,7 +75,12 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, t
         bus_url, tmp_path / "edge", handlers=[], command=("edge", "--device-id", DEVICE), ready="answers on"
     )
     worker = WorkerProcess(
-        bus_url, tmp_path / "worker", handlers=["--handler", "forseti.worker.handlers.training:TrainingHandler"]
+        bus_url,
+        tmp_path / "worker",
+        handlers=[
+            *("--handler", "forseti.worker.handlers.training:TrainingHandler"),
+            *("--handler", "forseti.worker.handlers.rl:RLHandler"),
+        ],
     )
 
     async def scenario() -> None:
@@ -72,11 +94,12 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, t
             request = InferRequest.model_validate({"rows": rows, "name": "edge-cls"})
             return decode(await client.request(f"forseti.edge.{DEVICE}.infer", encode(request), timeout=10)).data
 
-        async def trained(epochs: int) -> tuple[ModelAvailable, Any]:
-            task = classifier_task(epochs)
+        async def trained(task: TrainingTask | RLTask) -> tuple[ModelAvailable, Any, Any]:
+            """Run a task on the worker; its announcement, the agent's load report and the job's result."""
+            kind = "training" if isinstance(task, TrainingTask) else "rl"
             events = await watch(client, task.request_id or "")
-            await client.publish("forseti.tasks.training", encode(task))
-            await events.wait_end(timeout=120)
+            await client.publish(f"forseti.tasks.{kind}", encode(task))
+            result = (await events.wait_end(timeout=120)).data.result
             announced = next(
                 e.data
                 for e in reversed(models.events)
@@ -85,10 +108,10 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, t
             loaded = await models.wait_until(
                 lambda es: [e for e in es if e.type.endswith("loaded.v1") and e.data.model_id == announced.model_id]
             )
-            return announced, loaded[0].data
+            return announced, loaded[0].data, result
 
         try:
-            v1, loaded = await trained(epochs=3)
+            v1, loaded, _ = await trained(classifier_task(epochs=3))
             assert v1.uri.startswith("nats-object://forseti-artifacts/"), "fetched over the bus, not a shared disk"
             assert (loaded.ok, loaded.consumer) == (True, DEVICE), loaded.message
             assert list((tmp_path / "edge" / "fetched").rglob("model.onnx")), "the device holds its own copy"
@@ -106,7 +129,7 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, t
             assert not refused.ok and "sha256" in refused.message
             assert (await ask()).model_id == v1.model_id, "the last good model keeps serving"
 
-            v2, loaded = await trained(epochs=4)
+            v2, loaded, _ = await trained(classifier_task(epochs=4))
             assert loaded.ok
             assert (await ask()).model_id == v2.model_id
             back = ModelRollback(name="edge-cls", from_version=v2.version, to_version=v1.version, model_id=v1.model_id)
@@ -124,6 +147,15 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, t
                 )
             ).data
             assert isinstance(unknown, InferError) and unknown.code == "invalid_model"
+
+            # an RL policy: the device acts with it, as the worker's own copy does
+            policy, loaded, result = await trained(policy_task())
+            assert loaded.ok, loaded.message
+            observations = [[0.0, 0.0, 0.0, 0.0], [0.1, 1.0, -0.2, -1.0], [-0.1, -1.0, 0.2, 1.0]]
+            act = ActRequest.model_validate({"observations": observations, "name": "edge-policy"})
+            acted: Any = decode(await client.request(edge_channel(DEVICE), encode(act), timeout=10)).data
+            assert isinstance(acted, ActReply) and acted.model_id == policy.model_id
+            assert acted.actions == OnnxPolicy(Path(result.policy_path)).act(observations).tolist()
         finally:
             await client.close()
 

@@ -7,14 +7,19 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import gymnasium
+import numpy as np
 import pytest
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.exporters import sha256_of
+from forseti.adapters.inference import OnnxPolicy
 from forseti.envs.executor import EnvServer, gym_factory
+from forseti.envs.local_policy import act_locally
 from forseti.schemas.catalog import CONTROL, MODELS
 from forseti.schemas.control import CancelJob
 from forseti.schemas.envelope import encode
+from forseti.schemas.errors import ForsetiError
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import RLTask
 from forseti.worker.handlers.rl import RLHandler
@@ -78,6 +83,16 @@ async def test_each_algorithm_trains_exports_registers_and_announces(
         agents = await worker.store.list_rl_agents(algorithm=algorithm)
         assert [a.id for a in agents] == [job_id]
         assert {a.format for a in await worker.store.list_artifacts(job_id)} == {"onnx", "safetensors"}
+
+    # a device holding only the ONNX file acts with it next to the env, no bus and no worker
+    onnx.with_suffix(".json").unlink()
+    policy = OnnxPolicy(onnx)
+    assert policy.description["algorithm"] == algorithm
+    returns = act_locally(gymnasium.make(environment), policy, episodes=2, seed=0)
+    assert len(returns) == 2 and all(np.isfinite(returns))
+    with pytest.raises(ForsetiError, match="values each") as bad:
+        policy.act([[float("nan")] * policy.observation_shape[0]])
+    assert bad.value.code == "invalid_data"
 
 
 @pytest.mark.parametrize(
