@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/supervised_quality.py
 	$(BIN)/python bench/supervised_speed.py
+	$(BIN)/python bench/edge.py
 
 clean:
 	rm -rf $(VENV) .mypy_view .mypy_cache .ruff_cache .pytest_cache build *.egg-info
