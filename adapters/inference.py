@@ -87,22 +87,27 @@ class ModelCard:
         return cls.parse(text, str(path))
 
 
+def _session(onnx_path: Path, threads: int) -> Any:
+    """An onnxruntime CPU session on `threads` cores; invalid_model when the file is missing or does not load."""
+    import onnxruntime as ort
+
+    if not onnx_path.is_file():
+        raise ForsetiError(f"{onnx_path} does not exist", code=ErrorCode.INVALID_MODEL)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
+        raise ForsetiError(f"{onnx_path} does not load: {exc}", code=ErrorCode.INVALID_MODEL) from exc
+
+
 class OnnxModel:
     """One exported model in an onnxruntime session."""
 
     def __init__(self, onnx_path: Path, *, threads: int = 1) -> None:
-        import onnxruntime as ort
-
         self.path = onnx_path
-        if not onnx_path.is_file():
-            raise ForsetiError(f"{onnx_path} does not exist", code=ErrorCode.INVALID_MODEL)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime raises its own Fail / InvalidGraph / NoSuchFile types
-            raise ForsetiError(f"{onnx_path} does not load: {exc}", code=ErrorCode.INVALID_MODEL) from exc
+        self.session = _session(onnx_path, threads)
         embedded = self.session.get_modelmeta().custom_metadata_map.get(CARD_KEY)
         self.card = ModelCard.parse(embedded, str(onnx_path)) if embedded else ModelCard.read(onnx_path.with_name(CARD))
         # onnxruntime sessions are safe to run from several threads; the lock only keeps one batch at a
@@ -192,17 +197,7 @@ class OnnxPolicy:
     exactly as `model.predict(obs, deterministic=True)` gave them when it was trained."""
 
     def __init__(self, onnx_path: Path, *, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        if not onnx_path.is_file():
-            raise ForsetiError(f"{onnx_path} does not exist", code=ErrorCode.INVALID_MODEL)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:  # onnxruntime's own error types
-            raise ForsetiError(f"{onnx_path} does not load: {exc}", code=ErrorCode.INVALID_MODEL) from exc
+        self.session = _session(onnx_path, threads)
         text = self.session.get_modelmeta().custom_metadata_map.get(POLICY_KEY)
         sidecar = onnx_path.with_name("policy.json")
         if text is None and sidecar.is_file():

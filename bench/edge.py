@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jobs import request_latencies
 from report import write_section
 from stable_baselines3 import PPO
 
@@ -139,14 +140,7 @@ async def over_nats(folder: Path, first: Path, second: Path, requests: int = 300
         assert await agent.load(await share(worker, announcement(first, "bench-v1", "1")))
         ask = encode(ActRequest(observations=[[0.0, 0.0, 0.0, 0.0]], name="bench-policy"))
         channel = edge_channel("bench-device")
-        for _ in range(200):
-            await client.request(channel, ask, timeout=10)
-        latencies = []
-        for _ in range(requests):
-            started = time.perf_counter()
-            await client.request(channel, ask, timeout=10)
-            latencies.append(time.perf_counter() - started)
-        latencies.sort()
+        latencies = await request_latencies(client, channel, ask, requests)
 
         # a steady stream of requests while the second version is announced, fetched and swapped in
         gaps: list[float] = []

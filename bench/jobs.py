@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-from forseti.adapters.bus import MemoryBroker, Message, create_bus
+from forseti.adapters.bus import Bus, MemoryBroker, Message, create_bus
 from forseti.adapters.registry import SqliteStore
 from forseti.schemas.catalog import jobs_channel
 from forseti.schemas.envelope import decode, encode
@@ -65,3 +66,15 @@ async def run_job(
         raise RuntimeError(f"benchmark job failed: {end.code}: {end.message}")
     assert isinstance(end, JobCompleted)
     return end.result
+
+
+async def request_latencies(client: Bus, channel: str, data: bytes, count: int, *, warmup: int = 200) -> list[float]:
+    """Seconds of `count` sequential requests on `channel` after `warmup` unmeasured ones, sorted."""
+    for _ in range(warmup):
+        await client.request(channel, data, timeout=10)
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await client.request(channel, data, timeout=10)
+        latencies.append(time.perf_counter() - started)
+    return sorted(latencies)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 import torch
-from jobs import run_job
+from jobs import request_latencies, run_job
 from report import write_section
 from sklearn.datasets import load_breast_cancer, make_classification
 
@@ -148,13 +148,7 @@ async def streaming(
         row.pop("label")
         request = encode(InferRequest.model_validate({"rows": [row]}))
         channel = infer_channel(model_id)
-        for _ in range(200):  # warm-up: the session loads on the first request
-            await client.request(channel, request, timeout=10)
-        latencies = []
-        for _ in range(sequential):
-            started = time.perf_counter()
-            await client.request(channel, request, timeout=10)
-            latencies.append(time.perf_counter() - started)
+        latencies = await request_latencies(client, channel, request, sequential)  # warm-up loads the session
         batched: list[int] = []
 
         async def one_client() -> None:
@@ -170,7 +164,6 @@ async def streaming(
         await client.close()
         await service_bus.close()
         await store.close()
-    latencies.sort()
     return {
         "p50_ms": latencies[len(latencies) // 2] * 1000,
         "p99_ms": latencies[int(len(latencies) * 0.99)] * 1000,
