@@ -2,9 +2,11 @@
 
 On NATS the worker stores each announced file in the JetStream object store bucket
 `forseti-artifacts` under `<model_id>/<file name>` and announces `nats-object://forseti-artifacts/...`,
-so a consumer on another host needs nothing but its bus connection. On the other transports the URI
-stays `file://` (one host). `fetch` turns either into a verified local file: size and sha256 must
-match the announcement, or the file is refused with `invalid_model`. Torch-free.
+so a consumer on another host needs nothing but its bus connection. On Kafka a worker with an
+artifact endpoint (`worker/artifact_server.py`) announces `http://host:port/artifacts/...`, fetched
+with resumable range requests. Otherwise the URI stays `file://` (one host). `fetch` turns any of
+them into a verified local file: size and sha256 must match the announcement, or the file is
+refused with `invalid_model`. Torch-free.
 """
 
 from __future__ import annotations
@@ -45,20 +47,22 @@ def local_path(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path))
 
 
-async def share(bus: object, event: ModelAvailable) -> ModelAvailable:
-    """The announcement with its files moved where other hosts can fetch them: into the object store
-    when the bus has one (the URIs rewritten), unchanged otherwise."""
-    if not isinstance(bus, ObjectBus):
-        return event
+async def share(bus: object, event: ModelAvailable, *, http: tuple[Path, str] | None = None) -> ModelAvailable:
+    """The announcement with its files where other hosts can fetch them: put into the object store when
+    the bus has one; else, with `http` (a folder and the URL that serves it), named by their URL under
+    it; else unchanged."""
     update: dict[str, str] = {}
     for field, digest in (("uri", event.sha256), ("base_uri", event.base_sha256)):
         uri = getattr(event, field)
         if uri is None or not uri.startswith("file://") or digest is None:
             continue
         path = local_path(uri)
-        name = f"{event.model_id}/{path.name}"
-        await bus.put_object(BUCKET, name, path, digest)
-        update[field] = object_uri(BUCKET, name)
+        if isinstance(bus, ObjectBus):
+            name = f"{event.model_id}/{path.name}"
+            await bus.put_object(BUCKET, name, path, digest)
+            update[field] = object_uri(BUCKET, name)
+        elif http is not None and path.resolve().is_relative_to(http[0].resolve()):
+            update[field] = http[1] + quote(str(path.resolve().relative_to(http[0].resolve())))
     return event.model_copy(update=update)
 
 
@@ -83,6 +87,12 @@ async def fetch(bus: object, uri: str, *, sha256: str, size: int | None, cache: 
         except BusError as exc:
             raise ForsetiError(f"cannot fetch {uri}: {exc.message}", code=ErrorCode.INVALID_MODEL) from exc
         partial.replace(path)
+    elif parsed.scheme in ("http", "https"):
+        path = cache / parsed.netloc.replace(":", "_") / unquote(parsed.path.lstrip("/"))
+        if path.is_file() and await asyncio.to_thread(_matches, path, sha256, size):
+            return path  # fetched before
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_download, uri, path)
     else:
         raise ForsetiError(f"cannot fetch {uri!r}: unknown scheme {parsed.scheme!r}", code=ErrorCode.INVALID_MODEL)
     if not path.is_file():
@@ -96,3 +106,30 @@ async def fetch(bus: object, uri: str, *, sha256: str, size: int | None, cache: 
 
 def _matches(path: Path, sha256: str, size: int | None) -> bool:
     return (size is None or path.stat().st_size == size) and sha256_of(path) == sha256
+
+
+def _download(url: str, path: Path, attempts: int = 3) -> None:
+    """Stream `url` into `path`, resuming a partial download with a Range request."""
+    import urllib.error
+    import urllib.request
+
+    partial = path.with_name(path.name + ".partial")
+    for attempt in range(attempts):
+        have = partial.stat().st_size if partial.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                resumed = response.status == 206
+                with partial.open("ab" if resumed else "wb") as out:
+                    while chunk := response.read(1 << 20):
+                        out.write(chunk)
+            partial.replace(path)
+            return
+        except urllib.error.HTTPError as exc:
+            if exc.code == 416:  # asked past the end: the partial file is whole (or wrong); start again
+                partial.unlink(missing_ok=True)
+                continue
+            raise ForsetiError(f"cannot fetch {url}: HTTP {exc.code}", code=ErrorCode.INVALID_MODEL) from exc
+        except (urllib.error.URLError, OSError) as exc:
+            if attempt == attempts - 1:
+                raise ForsetiError(f"cannot fetch {url}: {exc}", code=ErrorCode.INVALID_MODEL) from exc

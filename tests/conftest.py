@@ -28,6 +28,13 @@ def tansu() -> Iterator[TansuBroker]:
 
 
 @pytest.fixture
+def fresh_tansu() -> Iterator[TansuBroker]:
+    """A Kafka broker of this test's own, for tests that must not meet other tests' groups and topics."""
+    with TansuBroker() as broker:
+        yield broker
+
+
+@pytest.fixture
 def fresh_nats(tmp_path: Path) -> Iterator[NatsServer]:
     """A nats-server of this test's own, for tests that stop or restart it."""
     with NatsServer(tmp_path / "nats") as server:

@@ -133,6 +133,17 @@ def worker_cmd(
         float, typer.Option(envvar="FORSETI_SHUTDOWN_GRACE", help="Seconds running jobs get on SIGTERM.")
     ] = 30.0,
     burst: Annotated[bool, typer.Option(help="Exit once the queue is empty and nothing runs.")] = False,
+    artifact_port: Annotated[
+        int | None,
+        typer.Option(envvar="FORSETI_ARTIFACT_PORT", help="Serve announced files over HTTP here (for Kafka)."),
+    ] = None,
+    artifact_host: Annotated[
+        str, typer.Option(envvar="FORSETI_ARTIFACT_HOST", help="Address the artifact endpoint listens on.")
+    ] = "127.0.0.1",
+    artifact_advertise: Annotated[
+        str | None,
+        typer.Option(envvar="FORSETI_ARTIFACT_ADVERTISE", help="Host name others reach it by [artifact-host]."),
+    ] = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Run a worker: take tasks for every installed handler, until SIGTERM."""
@@ -147,6 +158,9 @@ def worker_cmd(
         group=group,
         shutdown_grace=shutdown_grace,
         burst=burst,
+        artifact_port=artifact_port,
+        artifact_host=artifact_host,
+        artifact_advertise=artifact_advertise,
         **overrides,
     )
     try:

@@ -31,6 +31,7 @@ from forseti.schemas.jobs import JobEvent, JobFailed, JobProgress, JobState, Job
 from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TaskKind, task_channel
 
+from .artifact_server import ArtifactServer
 from .context import Handler, StopReason
 from .http import MetricsServer
 from .intake import Refused, read_task
@@ -102,6 +103,7 @@ class Worker:
         self._bus_ok = False
         self._devices: list[str] | None = None
         self._http: MetricsServer | None = None
+        self._artifacts: ArtifactServer | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -111,6 +113,14 @@ class Worker:
         await self.bus.connect()
         try:
             await self._start_http()
+            if self.settings.artifact_port is not None:
+                self._artifacts = ArtifactServer(
+                    self.settings.data_dir / "artifacts",
+                    host=self.settings.artifact_host,
+                    port=self.settings.artifact_port,
+                    advertise=self.settings.artifact_advertise,
+                )
+                await self._artifacts.start()
             self._subs = [
                 await self.bus.subscribe(CONTROL, self._on_control),
                 await self.bus.subscribe(CAPABILITIES, self._on_capabilities),
@@ -167,6 +177,8 @@ class Worker:
             await intake.close()
         if self._http is not None:
             await self._http.close()
+        if self._artifacts is not None:
+            await self._artifacts.close()
         await self.bus.close()
         await self.store.close()
         log.info("worker %s stopped", self.settings.worker_id)
@@ -309,7 +321,10 @@ class Worker:
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
         """Publish `forseti.model.available.v1` (Announcer), its files first put where other hosts can
         fetch them (the object store, on NATS)."""
-        event = await share(self.bus.inner, event)  # the transport itself: the metering wrapper holds no objects
+        served = self._artifacts
+        http = (served.root, served.base_url) if served is not None else None
+        # the transport itself: the metering wrapper holds no objects
+        event = await share(self.bus.inner, event, http=http)
         await self.bus.publish(MODELS, encode(event, source=self._source, subject=job_id))
 
     def take_early_cancel(self, job_id: str) -> str | None:

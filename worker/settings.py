@@ -54,6 +54,13 @@ class WorkerSettings(BaseSettings):
     """Serve /metrics and /healthz on this port (0 picks a free one)."""
     metrics_host: str = "127.0.0.1"
     """Address for /metrics and /healthz."""
+    artifact_port: int | None = Field(default=None, ge=0, le=65535)
+    """Serve announced files over HTTP on this port (0 picks a free one), for buses without an object
+    store (Kafka): announcements then carry http:// URIs other hosts can fetch."""
+    artifact_host: str = "127.0.0.1"
+    """Address the artifact endpoint listens on."""
+    artifact_advertise: str | None = None
+    """Host name other machines reach the artifact endpoint by (default: `artifact_host`)."""
     burst: bool = False
     """Exit once no task arrives within one poll and nothing is running (for tests and batch runs)."""
 

@@ -14,6 +14,7 @@ from forseti.adapters.bus.servers import NatsServer
 from forseti.adapters.exporters import sha256_of
 from forseti.schemas.errors import ForsetiError
 from forseti.schemas.models import ModelAvailable
+from forseti.worker.artifact_server import ArtifactServer
 
 
 def announcement(path: Path, **fields: object) -> ModelAvailable:
@@ -77,3 +78,30 @@ async def test_without_an_object_store_the_uri_stays_a_checked_local_file(tmp_pa
         await fetch(bus, event.uri, sha256=event.sha256, size=8, cache=tmp_path / "cache")
     with pytest.raises(ForsetiError, match="no object store"):
         await fetch(bus, object_uri(BUCKET, "x/model.onnx"), sha256=event.sha256, size=None, cache=tmp_path)
+
+
+async def test_without_an_object_store_a_worker_serves_its_artifacts_over_http_with_resume(tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    original = root / "job-1" / "model.onnx"
+    original.parent.mkdir(parents=True)
+    original.write_bytes(os.urandom(3 * 2**20 + 5))
+    server = ArtifactServer(root)
+    await server.start()
+    try:
+        event = await share(MemoryBus(), announcement(original), http=(root, server.base_url))
+        assert event.uri == f"{server.base_url}job-1/model.onnx"
+
+        cache = tmp_path / "device"
+        # a download cut off after 1 MiB resumes from there (a wrong prefix would fail the digest)
+        target = cache / f"127.0.0.1_{server.port}" / "artifacts" / "job-1" / "model.onnx"
+        target.parent.mkdir(parents=True)
+        target.with_name("model.onnx.partial").write_bytes(original.read_bytes()[: 2**20])
+        fetched = await fetch(MemoryBus(), event.uri, sha256=event.sha256, size=event.size_bytes, cache=cache)
+        assert fetched == target and fetched.read_bytes() == original.read_bytes()
+
+        for hostile in ("../secrets.txt", "%2e%2e/secrets.txt", "job-1/missing.onnx"):
+            (tmp_path / "secrets.txt").write_text("no")
+            with pytest.raises(ForsetiError, match="HTTP 404"):
+                await fetch(MemoryBus(), server.base_url + hostile, sha256="0" * 64, size=None, cache=tmp_path / "x")
+    finally:
+        await server.close()

@@ -12,10 +12,11 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sklearn.datasets import load_breast_cancer
 
-from forseti.adapters.bus.nats import NatsBus
-from forseti.adapters.bus.servers import NatsServer
+from forseti.adapters.bus import create_bus
+from forseti.adapters.bus.servers import NatsServer, TansuBroker
 from forseti.adapters.inference import OnnxPolicy
 from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
@@ -69,8 +70,18 @@ def test_the_edge_agent_is_torch_free() -> None:
     assert done.stdout.strip() == "ok", done.stderr
 
 
-def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, tmp_path: Path) -> None:
-    bus_url = nats_server.url + "?ack_wait=2"
+@pytest.mark.parametrize("over", ["nats", "kafka"])
+def test_a_worker_and_an_edge_agent_on_separate_hosts(
+    over: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # NATS: artifacts through the object store; Kafka: through the worker's HTTP endpoint
+    if over == "nats":
+        server: NatsServer | TansuBroker = request.getfixturevalue("nats_server")
+        bus_url, expected, extra = server.url + "?ack_wait=2", "nats-object://forseti-artifacts/", []
+    else:
+        server = request.getfixturevalue("fresh_tansu")
+        bus_url = server.url + "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=2"
+        expected, extra = "http://127.0.0.1:", ["--artifact-port", "0"]
     edge = WorkerProcess(
         bus_url, tmp_path / "edge", handlers=[], command=("edge", "--device-id", DEVICE), ready="answers on"
     )
@@ -80,11 +91,12 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, t
         handlers=[
             *("--handler", "forseti.worker.handlers.training:TrainingHandler"),
             *("--handler", "forseti.worker.handlers.rl:RLHandler"),
+            *extra,
         ],
     )
 
     async def scenario() -> None:
-        client = NatsBus(nats_server.url)
+        client = create_bus(bus_url)
         await client.connect()
         models = Watcher()
         await client.subscribe(MODELS, models.on_message)
@@ -100,11 +112,18 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, t
             events = await watch(client, task.request_id or "")
             await client.publish(f"forseti.tasks.{kind}", encode(task))
             result = (await events.wait_end(timeout=120)).data.result
-            announced = next(
-                e.data
-                for e in reversed(models.events)
-                if isinstance(e.data, ModelAvailable) and e.data.format == "onnx"
-            )
+            # on Kafka the announcement may come after the job's end: they travel on different topics
+            announced = (
+                await models.wait_until(
+                    lambda es: [
+                        e
+                        for e in es
+                        if isinstance(e.data, ModelAvailable)
+                        and e.data.format == "onnx"
+                        and e.data.job_id == task.request_id
+                    ]
+                )
+            )[0].data
             loaded = await models.wait_until(
                 lambda es: [e for e in es if e.type.endswith("loaded.v1") and e.data.model_id == announced.model_id]
             )
@@ -112,7 +131,7 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(nats_server: NatsServer, t
 
         try:
             v1, loaded, _ = await trained(classifier_task(epochs=3))
-            assert v1.uri.startswith("nats-object://forseti-artifacts/"), "fetched over the bus, not a shared disk"
+            assert v1.uri.startswith(expected), "fetched from another host, not a shared disk"
             assert (loaded.ok, loaded.consumer) == (True, DEVICE), loaded.message
             assert list((tmp_path / "edge" / "fetched").rglob("model.onnx")), "the device holds its own copy"
             answer = await ask()

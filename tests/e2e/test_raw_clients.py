@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import nats
 import orjson
-import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from forseti.adapters.bus import create_bus
@@ -60,13 +58,6 @@ async def test_a_plain_nats_client_submits_and_a_malformed_task_is_dead_lettered
                 assert event["data"]["channel"] == "forseti.tasks.inference"
     assert types[job_id] == types[after] == "forseti.job.completed.v1"
     await nc.close()
-
-
-@pytest.fixture
-def fresh_tansu() -> Iterator[TansuBroker]:
-    """A broker of this test's own: the session's broker carries other tests' groups and topics."""
-    with TansuBroker() as broker:
-        yield broker
 
 
 async def test_a_plain_kafka_client_submits_and_a_malformed_task_is_dead_lettered(
