@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import Field, StringConstraints
 
-from .base import Id, LongText, ShortText, Strict
+from .base import Id, LongText, Name, ShortText, Strict
 from .errors import ErrorCode
 
 Prompt = Annotated[str, StringConstraints(min_length=1, max_length=65_536)]
@@ -23,6 +23,9 @@ class CompleteRequest(Strict):
     """Sampling temperature; 0 is greedy."""
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     """Sampling seed, for repeatable samples."""
+    name: Name | None = None
+    """On an edge device (`forseti.edge.<device_id>.infer`): the model name; may be omitted while the
+    device serves one LLM."""
 
 
 class CompleteReply(Strict):

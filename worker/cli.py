@@ -570,6 +570,10 @@ def edge(
     quantization: Annotated[
         str | None, typer.Option(help="Take the int8-quantised exports (int8) instead of the float ones.")
     ] = None,
+    llm: Annotated[
+        list[str] | None, typer.Option(help="Also serve this fine-tuned LLM's GGUF versions (repeatable).")
+    ] = None,
+    llm_artifact: Annotated[str, typer.Option(help="Which GGUF of an LLM to load: f32, f16, q8_0 or lora.")] = "q8_0",
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
     bus: BusOpt = DEFAULT_BUS_URL,
@@ -591,6 +595,8 @@ def edge(
             names=set(name or ()),
             quantization=quantization,
             threads=threads,
+            llms=set(llm or ()),
+            llm_artifact=llm_artifact,
         )
 
     _serve(bus, make, ready=f"edge {device_id}: follows forseti.models; answers on {edge_channel(device_id)}")

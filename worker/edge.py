@@ -8,7 +8,10 @@ in with one assignment, so requests in flight finish on the model they started o
 reported as `forseti.model.loaded.v1` (consumer: the device id); a file that fails its digest or its
 load is refused and the serving version stays. The version served before is kept loaded, so a
 `forseti.model.rollback.v1` for the name returns to it at once. Requests (`forseti.infer.request.v1`,
-with the model `name` when the device serves several) are answered on `forseti.edge.<device_id>.infer`.
+`forseti.edge.act.v1` for policies, `forseti.llm.complete.v1` for the LLMs it follows with `--llm`,
+each with the model `name` when the device serves several) are answered on
+`forseti.edge.<device_id>.infer`. LLMs are GGUF files run by llama.cpp through the same service as
+`forseti llm-serve` (which needs `forseti[llm]`'s llama-cpp-python, not torch).
 The agent serves from what it holds, so it keeps answering local callers when the bus is away.
 """
 
@@ -27,6 +30,7 @@ from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
 from forseti.schemas.inference import ActReply, ActRequest, InferError, InferReply, InferRequest
+from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
 from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
 
 log = logging.getLogger(__name__)
@@ -54,6 +58,8 @@ class EdgeAgent:
         names: set[str] | None = None,
         quantization: str | None = None,
         threads: int = 1,
+        llms: set[str] | None = None,
+        llm_artifact: str = "q8_0",
     ) -> None:
         self.bus, self.device_id = bus, device_id
         self.kinds, self.names = kinds or set(), names or set()
@@ -68,17 +74,38 @@ class EdgeAgent:
         """The version each name served before, kept loaded for a rollback."""
         self._swap = asyncio.Lock()
         self._subs: list[Subscription] = []
+        self.llms: dict[str, Any] = {}
+        """An LLM service per followed LLM name (llama.cpp; only built when asked for)."""
+        if llms:
+            from .llm_serve import LlmService  # llama-cpp-python is imported when a GGUF loads
+
+            self.llms = {
+                name: LlmService(
+                    bus,
+                    name=name,
+                    consumer=device_id,
+                    artifact=llm_artifact,
+                    cache=self.cache,
+                    answer=False,
+                    threads=threads,
+                )
+                for name in sorted(llms)
+            }
 
     async def start(self) -> None:
         """Follow the models channel and answer on the device's channel."""
         self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
         self._subs.append(await self.bus.subscribe(edge_channel(self.device_id), self._on_request))
+        for service in self.llms.values():
+            await service.start()
 
     async def stop(self) -> None:
         """Stop listening."""
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
+        for service in self.llms.values():
+            await service.stop()
 
     def wants(self, event: ModelAvailable) -> bool:
         """Whether an announcement is an ONNX model meant for this device."""
@@ -143,6 +170,9 @@ class EdgeAgent:
     async def _on_request(self, msg: Message) -> None:
         try:
             request: Any = decode(msg.data).data
+            if isinstance(request, CompleteRequest):
+                await msg.respond(encode(await self._complete(request)))
+                return
             if not isinstance(request, InferRequest | ActRequest):
                 raise InvalidTask(f"{type(request).__name__} is not a request an edge device answers")
             served = self._serving(request.name)
@@ -163,6 +193,17 @@ class EdgeAgent:
             return InferReply(outputs=outputs, model_id=served.model_id, version=served.version, batched=1)
         wanted = "act requests" if isinstance(model, OnnxPolicy) else "infer requests"
         raise ForsetiError(f"{served.version} ({served.model_id}) answers {wanted}", code=ErrorCode.INVALID_TASK)
+
+    async def _complete(self, request: CompleteRequest) -> CompleteReply | LlmError:
+        names = sorted(self.llms)
+        name = request.name or (names[0] if len(names) == 1 else None)
+        service = self.llms.get(name or "")
+        if service is None:
+            return LlmError(
+                code=ErrorCode.INVALID_MODEL, message=f"device {self.device_id} serves LLMs: {names or 'none'}"
+            )
+        reply: CompleteReply | LlmError = await service.complete(request)
+        return reply
 
     def _serving(self, name: str | None) -> Served:
         if name is None and len(self.current) == 1:

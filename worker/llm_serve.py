@@ -67,6 +67,7 @@ class LlmService:
         threads: int = 2,
         keep: int = 1,
         cache: Path | None = None,
+        answer: bool = True,
     ) -> None:
         if not re.match(ID_PATTERN, name):
             raise ForsetiError(
@@ -81,6 +82,8 @@ class LlmService:
         """Versions served before that stay loaded for rollbacks."""
         self.cache = cache or default_data_dir() / "fetched"
         """Where files announced in the object store are downloaded to."""
+        self.answer = answer
+        """Whether to answer on the completion channel (an edge device answers on its own instead)."""
         self.current: Served | None = None
         """The version answering requests now."""
         self.previous: list[Served] = []
@@ -91,7 +94,8 @@ class LlmService:
     async def start(self) -> None:
         """Follow the models channel and answer on the completion channel."""
         self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
-        self._subs.append(await self.bus.subscribe(llm_channel(self.name), self._on_request, queue="llm-serve"))
+        if self.answer:
+            self._subs.append(await self.bus.subscribe(llm_channel(self.name), self._on_request, queue="llm-serve"))
 
     async def stop(self) -> None:
         """Stop listening and free every loaded model."""
@@ -180,12 +184,13 @@ class LlmService:
         except InvalidTask as exc:
             await msg.respond(encode(LlmError(code=exc.code, message=exc.message[:4096])))
             return
+        await msg.respond(encode(await self.complete(request)))
+
+    async def complete(self, request: CompleteRequest) -> CompleteReply | LlmError:
+        """Continue a prompt with the serving version; an LlmError when none is loaded or llama.cpp refuses."""
         served = self.current
         if served is None:
-            await msg.respond(
-                encode(LlmError(code=ErrorCode.INVALID_MODEL, message=f"no version of {self.name} loaded yet"))
-            )
-            return
+            return LlmError(code=ErrorCode.INVALID_MODEL, message=f"no version of {self.name} loaded yet")
         try:
             async with served.lock:
                 done = await asyncio.to_thread(
@@ -196,9 +201,8 @@ class LlmService:
                     seed=request.seed,
                 )
         except (ValueError, RuntimeError) as exc:  # llama-cpp-python's words for a prompt past the context, etc.
-            await msg.respond(encode(LlmError(code=ErrorCode.INVALID_TASK, message=str(exc)[:4096])))
-            return
-        reply = CompleteReply(
+            return LlmError(code=ErrorCode.INVALID_TASK, message=str(exc)[:4096])
+        return CompleteReply(
             text=done.text,
             model_id=served.model_id,
             version=served.version,
@@ -206,4 +210,3 @@ class LlmService:
             completion_tokens=done.completion_tokens,
             finish_reason=done.finish_reason,
         )
-        await msg.respond(encode(reply))

@@ -4,18 +4,42 @@ rolls back what it serves."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer
+from forseti.schemas.catalog import edge_channel
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.llm import CompleteReply, CompleteRequest
 
 from ..llm import data_root_with_tiny_llama, finetune
 from .test_cli import REPO, WorkerProcess, env, forseti_cmd, run
 
 NAME = "sensor-assistant"
+
+
+async def edge_completion(bus: str, expect_version: str, timeout: float = 30) -> CompleteReply:
+    """Ask the edge device's channel until it answers from `expect_version` (loads are asynchronous)."""
+    client = create_bus(bus)
+    await client.connect()
+    request = encode(CompleteRequest(prompt="Sensor 3 reads", max_tokens=4, name=NAME))
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            reply: Any = decode(await client.request(edge_channel("dev-llm"), request, timeout=10)).data
+            if isinstance(reply, CompleteReply) and reply.version == expect_version:
+                return reply
+            if time.monotonic() > deadline:
+                raise AssertionError(f"the edge device never answered from {expect_version}: {reply}")
+            await asyncio.sleep(0.3)
+    finally:
+        await client.close()
 
 
 def ask(bus: str, expect_version: str, timeout: float = 30) -> None:
@@ -37,6 +61,14 @@ def test_finetune_serve_complete_promote_and_rollback_from_the_command_line(
     bus = nats_server.url
     data_root_with_tiny_llama(tmp_path, tiny_llama)  # the worker's default data root, <data-dir>/datasets
     worker = WorkerProcess(bus, tmp_path, handlers=["--handler", "forseti.worker.handlers.finetune:FinetuneHandler"])
+    # an edge device following the same LLM, answering on its own channel
+    edge = WorkerProcess(
+        bus,
+        tmp_path / "edge-host",
+        handlers=[],
+        command=("edge", "--device-id", "dev-llm", "--llm", NAME),
+        ready="answers on",
+    )
     serve = subprocess.Popen(
         # its own data directory, as on another host: the GGUF reaches it through the object store
         forseti_cmd(
@@ -78,6 +110,7 @@ def test_finetune_serve_complete_promote_and_rollback_from_the_command_line(
             assert done.returncode == 0, done.stderr.decode()
             ask(bus, version)
 
+        assert asyncio.run(edge_completion(bus, "v1.1")).completion_tokens == 4
         fetched = sorted(p.name for p in (tmp_path / "llm-host" / "fetched").rglob("*.gguf"))
         assert len(fetched) == 2, "both versions come through the object store:\n" + "".join(lines)
         listed = run(bus, "models", "list", NAME, "--data-dir", str(tmp_path)).stdout.decode()
@@ -101,4 +134,5 @@ def test_finetune_serve_complete_promote_and_rollback_from_the_command_line(
             drain.join(10)
         serve.stderr.close()
         worker.stop()
+        assert edge.stop() == 0, "".join(edge.lines)
     assert code == 0, "".join(lines)
