@@ -197,6 +197,7 @@ class OnnxPolicy:
     exactly as `model.predict(obs, deterministic=True)` gave them when it was trained."""
 
     def __init__(self, onnx_path: Path, *, threads: int = 1) -> None:
+        self.path = onnx_path
         self.session = _session(onnx_path, threads)
         text = self.session.get_modelmeta().custom_metadata_map.get(POLICY_KEY)
         sidecar = onnx_path.with_name("policy.json")

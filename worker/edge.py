@@ -18,6 +18,7 @@ The agent serves from what it holds, so it keeps answering local callers when th
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ class Served:
     model_id: str
     version: str
     model: OnnxModel | OnnxPolicy
+    kind: str = ""
+    """The model kind (policy, classifier, ...), to reload it the same way after a restart."""
 
 
 class EdgeAgent:
@@ -65,6 +68,8 @@ class EdgeAgent:
         self.kinds, self.names = kinds or set(), names or set()
         self.cache = data_dir / "fetched"
         """Where fetched artifacts are kept."""
+        self.state = data_dir / "edge-state.json"
+        """What each name served last, so a restart serves it again before the bus is back."""
         self.threads = threads
         self.quantization = quantization
         """Which ONNX export to take: None for the float one, int8 for the quantised one."""
@@ -93,7 +98,8 @@ class EdgeAgent:
             }
 
     async def start(self) -> None:
-        """Follow the models channel and answer on the device's channel."""
+        """Serve what was served before a restart, then follow the models channel and answer on the device's channel."""
+        await asyncio.to_thread(self._restore)
         self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
         self._subs.append(await self.bus.subscribe(edge_channel(self.device_id), self._on_request))
         for service in self.llms.values():
@@ -138,7 +144,7 @@ class EdgeAgent:
                 log.warning("edge %s: %s %s refused: %s", self.device_id, event.name, event.version, exc.message)
                 await self._report(event.model_id, event.name, event.version, ok=False, message=exc.message)
                 return False
-            self._switch(event.name, Served(event.model_id, event.version, model))
+            self._switch(event.name, Served(event.model_id, event.version, model, event.kind))
         await self._report(event.model_id, event.name, event.version, ok=True)
         return True
 
@@ -147,6 +153,30 @@ class EdgeAgent:
         if old is not None and old.model_id != served.model_id:
             self.previous[name] = old
         log.info("edge %s: %s now serves %s (%s)", self.device_id, name, served.version, served.model_id)
+        self._save()
+
+    def _save(self) -> None:
+        records = {
+            name: {"model_id": s.model_id, "version": s.version, "kind": s.kind, "path": str(s.model.path)}
+            for name, s in self.current.items()
+        }
+        self.state.parent.mkdir(parents=True, exist_ok=True)
+        partial = self.state.with_name(self.state.name + ".partial")
+        partial.write_text(json.dumps(records, indent=1))
+        partial.replace(self.state)
+
+    def _restore(self) -> None:
+        if not self.state.is_file():
+            return
+        for name, record in json.loads(self.state.read_text()).items():
+            try:
+                runtime = OnnxPolicy if record["kind"] == "policy" else OnnxModel
+                model = runtime(Path(record["path"]), threads=self.threads)
+            except (ForsetiError, KeyError) as exc:
+                log.warning("edge %s: %s not restored: %s", self.device_id, name, exc)
+                continue
+            self.current[name] = Served(record["model_id"], record["version"], model, record["kind"])
+            log.info("edge %s: %s serves %s again (restored)", self.device_id, name, record["version"])
 
     async def roll_back(self, event: ModelRollback) -> bool:
         """Return a name to the version it served before, when that is the one asked for."""
