@@ -99,7 +99,7 @@ class TrainingHandler:
             "version": float(model.version),
         }
         if outcome.trials:
-            best = min(outcome.trials, key=lambda r: abs(r["stats"]["best_score"] - stats.best_score))
+            best = outcome.trials[0]
             custom.update(trials=float(len(outcome.trials)), best_trial=float(best["trial"]))
             custom.update(best_learning_rate=best["learning_rate"], best_batch_size=float(best["batch_size"]))
         return TrainingResult(
@@ -143,7 +143,7 @@ class Outcome:
     calibration: dict[str, float]
     """Figures settled after training (an autoencoder's threshold) and the int8 export's change."""
     trials: list[dict[str, Any]]
-    """Each search trial's settings and figures; empty without a search."""
+    """Each search trial's settings and figures, the chosen one first; empty without a search."""
     test_rows: int
     int8_path: Path | None = None
     """The int8-quantised ONNX, when asked for."""

@@ -314,7 +314,7 @@ def search(
     config: TrainingConfig, ctx: JobContext, prepared: Prepared
 ) -> tuple[nn.Module, Stats, list[dict[str, Any]]]:
     """Train each trial (one when there is no search), report each, pick the best on the watched
-    validation metric; its predictor, its figures and every trial's record."""
+    validation metric; its predictor, its figures and every trial's record, the best one first."""
     configs = trial_configs(config)
     if config.search is None:
         stats = train(config, ctx, prepared, ctx.checkpoint_dir)
@@ -357,7 +357,7 @@ def search(
     best = (min if lower_is_better else max)(records, key=lambda r: float(r["stats"]["best_score"]))
     index = best["trial"] - 1
     predictor = restore(configs[index], prepared, ctx.checkpoint_dir / f"trial-{index + 1}")
-    return predictor, Stats(**best["stats"]), records
+    return predictor, Stats(**best["stats"]), [best, *(r for r in records if r is not best)]
 
 
 def quantize(prepared: Prepared, path: Path) -> tuple[Path, dict[str, float]]:
