@@ -66,7 +66,9 @@ class InferenceService:
         self.cache = cache or ModelCache()
         self.max_batch, self.max_wait = max_batch, max_wait_ms / 1000
         self._batchers: dict[str, _Batcher] = {}
-        self._loading: dict[str, asyncio.Lock] = {}
+        self._loading = asyncio.Lock()
+        """Held while a model loads: loads are rare, and a lock per asked-for id would grow with every
+        id a client makes up."""
         self._sub: Subscription | None = None
 
     async def start(self) -> None:
@@ -99,7 +101,7 @@ class InferenceService:
         batcher = self._batchers.get(model_id)
         if batcher is not None:
             return batcher
-        async with self._loading.setdefault(model_id, asyncio.Lock()):  # one load per model, however many ask
+        async with self._loading:  # one load per model, however many ask at once
             batcher = self._batchers.get(model_id)
             if batcher is None:
                 model, version = await registered_model(self.store, self.cache, model_id)
