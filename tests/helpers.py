@@ -123,6 +123,13 @@ async def submit(bus: Bus, task: TaskBase) -> None:
     await bus.publish(task_channel(kind), encode(task))
 
 
+async def run_task(bus: Bus, task: TaskBase, expect: str = "completed", timeout: float = 180) -> tuple[Any, Watcher]:
+    """Submit `task`, wait for its job to end as `expect`; the end event's data and the job's events."""
+    events = await watch(bus, task.request_id or "")
+    await submit(bus, task)
+    return (await events.wait_end(expect, timeout=timeout)).data, events
+
+
 class Inbox:
     """Raw messages from a subscription; wait for a count without polling."""
 

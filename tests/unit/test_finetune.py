@@ -18,7 +18,7 @@ from forseti.schemas.envelope import encode
 from forseti.schemas.jobs import JobState
 from forseti.worker.handlers.finetune import FinetuneHandler
 
-from ..helpers import Watcher, running_worker, stored_job, submit, watch
+from ..helpers import Watcher, run_task, running_worker, stored_job, submit, watch
 from ..llm import finetune, pairs, write_dataset
 
 
@@ -109,9 +109,7 @@ async def test_bad_inputs_fail_before_training_with_their_code(
         change(data_root)
     task = finetune(**fields)
     async with running_worker(MemoryBus(broker), [FinetuneHandler()], tmp_path):
-        events = await watch(client, task.request_id or "")
-        await submit(client, task)
-        failed = (await events.wait_end("failed", timeout=60)).data
+        failed, events = await run_task(client, task, "failed", timeout=60)
     assert failed.code == code, failed.message
     assert words in failed.message
     assert not [e for e in events.events if e.type.endswith("progress.v1")], "no training started"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-from forseti.adapters.bus import Bus, MemoryBroker, MemoryBus
+from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.inference import ModelCache, OnnxModel
 from forseti.adapters.registry import SqliteStore
 from forseti.schemas.catalog import MODELS, infer_channel
@@ -26,7 +26,7 @@ from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.handlers.training_loop import trial_configs
 from forseti.worker.infer_serve import InferenceService
 
-from ..helpers import Watcher, running_worker, submit, watch
+from ..helpers import Watcher, run_task, running_worker
 
 
 def training(model_type: str, uri: str, target: str | None, **config: Any) -> TrainingTask:
@@ -59,20 +59,13 @@ def datasets(tmp_path: Path) -> Path:
     return root
 
 
-async def run(client: Bus, task: TrainingTask | InferenceTask, expect: str = "completed") -> Any:
-    events = await watch(client, task.request_id or "")
-    await submit(client, task)
-    end = await events.wait_end(expect, timeout=180)
-    return end.data, events
-
-
 async def test_an_autoencoder_flags_anomalies_and_a_forecaster_beats_the_seasonal_naive_forecast(
     broker: MemoryBroker, client: MemoryBus, tmp_path: Path, datasets: Path
 ) -> None:
     handlers: list[Handler] = [TrainingHandler(), InferenceHandler()]
     async with running_worker(MemoryBus(broker), handlers, tmp_path):
         autoencoder = training("autoencoder", "file://digits.jsonl", "anomaly", hidden=[32, 8], epochs=30)
-        done, _ = await run(client, autoencoder)
+        done, _ = await run_task(client, autoencoder)
         custom = done.result.metrics.custom_metrics
         assert custom["test_auroc"] > 0.9
         assert custom["onnx_parity"] < 1e-5
@@ -88,7 +81,7 @@ async def test_an_autoencoder_flags_anomalies_and_a_forecaster_beats_the_seasona
         forecaster = training(
             "forecaster", "file://series.csv", "level", hidden=[16], window=24, horizon=3, season=12, epochs=40
         )
-        done, events = await run(client, forecaster)
+        done, events = await run_task(client, forecaster)
         custom = done.result.metrics.custom_metrics
         assert custom["test_mase"] < 1.0, "the LSTM must beat the seasonal naive forecast"
         assert custom["onnx_parity"] < 1e-5
@@ -99,7 +92,7 @@ async def test_an_autoencoder_flags_anomalies_and_a_forecaster_beats_the_seasona
         inference = InferenceTask(
             request_id=f"in-{uuid.uuid4().hex[:8]}", model_id=done.result.model_id, inputs=history
         )
-        result = (await run(client, inference))[0].result
+        result = (await run_task(client, inference))[0].result
         assert result.outputs[:23] == [None] * 23
         assert len(result.outputs[23]) == 3
         assert result.outputs == OnnxModel(Path(done.result.export_path)).predict(history)
@@ -111,7 +104,7 @@ async def test_a_search_reports_each_trial_and_exports_the_best(
     search = {"learning_rate": [1e-4, 1e-2], "hidden": [[8], [16]], "max_trials": 3}
     task = training("autoencoder", "file://digits.jsonl", "anomaly", epochs=3, search=search)
     async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
-        done, events = await run(client, task)
+        done, events = await run_task(client, task)
     trials = [e.data.metrics for e in events.events if e.type.endswith("progress.v1") and "trial" in e.data.metrics]
     assert [t["trial"] for t in trials] == [1.0, 2.0, 3.0]
     custom = done.result.metrics.custom_metrics
@@ -145,13 +138,13 @@ async def test_inference_refusals_and_the_session_cache(
 ) -> None:
     handler = InferenceHandler()
     async with running_worker(MemoryBus(broker), [TrainingHandler(), handler], tmp_path):
-        trained, _ = await run(client, training("autoencoder", "file://digits.jsonl", None, epochs=2, hidden=[8]))
+        trained, _ = await run_task(client, training("autoencoder", "file://digits.jsonl", None, epochs=2, hidden=[8]))
         model_id = trained.result.model_id
         for source in ({"uri": "file://digits.jsonl"}, {"inputs": [{"p0": 0.0}, {"p3": 16.0}]}):
             task = InferenceTask.model_validate(
                 {"request_id": f"in-{uuid.uuid4().hex[:8]}", "model_id": model_id, **source}
             )
-            result = (await run(client, task))[0].result
+            result = (await run_task(client, task))[0].result
             assert {"score", "anomaly"} <= set(result.outputs[0])
         assert handler.cache.loads == 1, "the second job reuses the session"
         for fields, code in (
@@ -160,7 +153,7 @@ async def test_inference_refusals_and_the_session_cache(
             ({"model_id": model_id, "uri": "file://missing.csv"}, "invalid_path"),
         ):
             task = InferenceTask.model_validate({"request_id": f"in-{uuid.uuid4().hex[:8]}", **fields})
-            failed, _ = await run(client, task, "failed")
+            failed, _ = await run_task(client, task, "failed")
             assert failed.code == code, failed.message
 
 
@@ -169,7 +162,7 @@ async def test_streaming_inference_micro_batches_and_refuses_clearly(
 ) -> None:
     async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
         forecaster = training("forecaster", "file://series.csv", "level", hidden=[8], window=6, epochs=2)
-        trained, _ = await run(client, forecaster)
+        trained, _ = await run_task(client, forecaster)
     model_id = trained.result.model_id
     store = SqliteStore(tmp_path / "registry.db")
     await store.open()
@@ -228,7 +221,7 @@ async def test_an_int8_export_is_announced_with_its_change_against_the_float_mod
     await client.subscribe(MODELS, models.on_message)
     task = training(model_type, uri, target, epochs=3, hidden=[16], window=12, quantize_int8=True)
     async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
-        done, _ = await run(client, task)
+        done, _ = await run_task(client, task)
         await models.wait_for("available", count=2)
     custom = done.result.metrics.custom_metrics
     announced = {e.data.quantization: e.data for e in models.events if e.data.format == "onnx"}

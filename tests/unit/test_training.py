@@ -25,7 +25,7 @@ from forseti.schemas.tasks import TrainingTask
 from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.handlers.training_data import Encoding
 
-from ..helpers import Watcher, running_worker, stored_job, submit, watch
+from ..helpers import Watcher, run_task, running_worker, stored_job, submit, watch
 
 
 def training(model_type: str, uri: str, target: str, **config: Any) -> TrainingTask:
@@ -133,9 +133,7 @@ async def test_bad_training_tasks_fail_with_their_code(
     base = training("classifier", "file://cancer.csv", "diagnosis").model_dump(mode="json", exclude_none=True)
     task = TrainingTask.model_validate({**base, **fields})
     async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
-        events = await watch(client, task.request_id or "")
-        await submit(client, task)
-        failed = (await events.wait_end("failed", timeout=60)).data
+        failed, _ = await run_task(client, task, "failed", timeout=60)
     assert failed.code == code, failed.message
     assert words in failed.message
 
