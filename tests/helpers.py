@@ -10,13 +10,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import onnx
+from onnx import TensorProto, helper
+
 from forseti.adapters.bus import Bus, Message
+from forseti.adapters.bus.servers import free_port
+from forseti.adapters.exporters import sha256_of
+from forseti.adapters.inference import CARD_KEY, ModelCard
 from forseti.adapters.registry import JobRecord, SqliteStore
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.catalog import jobs_channel
 from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ForsetiError
 from forseti.schemas.jobs import GenericResult
+from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import (
     TASK_MODELS,
     DataSource,
@@ -257,3 +264,75 @@ async def running_worker(
         ready.cancel()
         worker.request_stop()
         await asyncio.wait_for(task, 30)
+
+
+def tiny_classifier(path: Path) -> Path:
+    """A two-column, two-class 'classifier' (softmax of the raw columns) with its card inside."""
+    graph = helper.make_graph(
+        [helper.make_node("Softmax", ["numeric"], ["prediction"], axis=1)],
+        "tiny",
+        [helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["N", 2])],
+        [helper.make_tensor_value_info("prediction", TensorProto.FLOAT, ["N", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    card = ModelCard("classifier", numeric=["a", "b"], classes=["left", "right"])
+    helper.set_model_props(model, {CARD_KEY: card.to_json()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_announcement(folder: Path, model_id: str, *, device_id: str, version: str = "1") -> ModelAvailable:
+    """A `tiny_classifier` written under `folder`, announced as version `version` of the name tiny."""
+    path = tiny_classifier(folder / "model.onnx")
+    return ModelAvailable(
+        model_id=model_id,
+        name="tiny",
+        version=version,
+        format="onnx",
+        uri=path.as_uri(),
+        sha256=sha256_of(path),
+        size_bytes=path.stat().st_size,
+        kind="classifier",
+        created_at="2026-11-22T00:00:00Z",
+        device_id=device_id,
+    )
+
+
+class Cable:
+    """A TCP forwarder in front of a server, which a test unplugs (dropping every connection and
+    refusing new ones) and plugs in again, as a device's network would come and go."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def plug(self) -> None:
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+
+    async def unplug(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+        await self._server.wait_closed()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+
+        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))

@@ -12,7 +12,9 @@ load is refused and the serving version stays. The version served before is kept
 each with the model `name` when the device serves several) are answered on
 `forseti.edge.<device_id>.infer`. LLMs are GGUF files run by llama.cpp through the same service as
 `forseti llm-serve` (which needs `forseti[llm]`'s llama-cpp-python, not torch).
-The agent serves from what it holds, so it keeps answering local callers when the bus is away.
+The agent follows `forseti.models` as a durable follower named after its device (`Bus.follow`), so
+announcements made while it was stopped or cut off from the bus are handled, in order, when it is
+back; meanwhile it serves what it holds, and a restart serves that again from `edge-state.json`.
 """
 
 from __future__ import annotations
@@ -93,14 +95,16 @@ class EdgeAgent:
                     cache=self.cache,
                     answer=False,
                     threads=threads,
+                    durable=f"edge-{device_id}-llm-{name}",
                 )
                 for name in sorted(llms)
             }
 
     async def start(self) -> None:
-        """Serve what was served before a restart, then follow the models channel and answer on the device's channel."""
+        """Serve what was served before a restart, catch up on the announcements missed while away, then
+        follow the models channel and answer on the device's channel."""
         await asyncio.to_thread(self._restore)
-        self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
+        self._subs.append(await self.bus.follow(MODELS, self._on_model, durable=f"edge-{self.device_id}"))
         self._subs.append(await self.bus.subscribe(edge_channel(self.device_id), self._on_request))
         for service in self.llms.values():
             await service.start()

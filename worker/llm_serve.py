@@ -68,6 +68,7 @@ class LlmService:
         keep: int = 1,
         cache: Path | None = None,
         answer: bool = True,
+        durable: str | None = None,
     ) -> None:
         if not re.match(ID_PATTERN, name):
             raise ForsetiError(
@@ -84,6 +85,8 @@ class LlmService:
         """Where files announced in the object store are downloaded to."""
         self.answer = answer
         """Whether to answer on the completion channel (an edge device answers on its own instead)."""
+        self.durable = durable
+        """A follower name: announcements missed while away are handled on return (None: only live ones)."""
         self.current: Served | None = None
         """The version answering requests now."""
         self.previous: list[Served] = []
@@ -93,7 +96,10 @@ class LlmService:
 
     async def start(self) -> None:
         """Follow the models channel and answer on the completion channel."""
-        self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
+        if self.durable:
+            self._subs.append(await self.bus.follow(MODELS, self._on_model, durable=self.durable))
+        else:
+            self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
         if self.answer:
             self._subs.append(await self.bus.subscribe(llm_channel(self.name), self._on_request, queue="llm-serve"))
 

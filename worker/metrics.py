@@ -82,6 +82,10 @@ class MeteredBus:
         """Subscribe on the inner bus."""
         return await self.inner.subscribe(channel, handler, queue=queue)
 
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+        """Follow on the inner bus."""
+        return await self.inner.follow(channel, handler, durable=durable)
+
     async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
         """Request, timed (successful round trips only)."""
         start = time.perf_counter()

@@ -117,6 +117,11 @@ class Bus(Protocol):
     async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
         """Send a request and wait for the first reply; RequestTimeout when none comes in time."""
 
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+        """Call `handler` for every message on a recorded channel, one at a time and in order, from the
+        first one the follower named `durable` has not handled: what was published while it was away
+        (stopped, or cut off from the server) comes first. A new name starts from the oldest kept."""
+
     async def intake(self, channel: str, *, group: str) -> TaskIntake:
         """Take tasks from a task channel, shared with every other member of `group`."""
 

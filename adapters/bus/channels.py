@@ -9,6 +9,22 @@ TASKS_PREFIX = "forseti.tasks."
 """Task channels, which every transport stores durably."""
 
 
+RECORDED_CHANNELS = ("forseti.models",)
+"""Broadcast channels whose history the bus keeps (a JetStream stream, a one-partition Kafka topic),
+so a durable follower that was away catches up on what it missed, in order."""
+
+
+def is_recorded_channel(channel: str) -> bool:
+    """True for a channel that `Bus.follow` can follow."""
+    return channel in RECORDED_CHANNELS
+
+
+def check_recorded(channel: str) -> None:
+    """Refuse to follow a channel whose history is not kept."""
+    if not is_recorded_channel(channel):
+        raise ValueError(f"{channel!r} keeps no history to follow; recorded: {', '.join(RECORDED_CHANNELS)}")
+
+
 def is_task_channel(channel: str) -> bool:
     """True for `forseti.tasks.<kind>`."""
     return channel.startswith(TASKS_PREFIX)

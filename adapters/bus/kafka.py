@@ -8,6 +8,8 @@
   A nak publishes the task again with its attempt count raised, then lets the offset pass.
 - Request-reply: each client owns a reply topic `forseti.replies.<client id>`; a request carries
   `forseti-reply-to` and `forseti-correlation-id` headers, the answer carries the correlation id.
+- Recorded channels (`forseti.models`) are one-partition topics, so their order holds; a follower is
+  the consumer group `forseti-follow-<name>.<topic>`, committing each offset after its handler.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 from forseti.schemas.errors import BusError, RequestTimeout
 
 from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription, cancel_and_wait
-from .channels import is_task_channel, topic_and_key
+from .channels import check_recorded, is_recorded_channel, is_task_channel, topic_and_key
 from .settings import BusSettings
 
 log = logging.getLogger(__name__)
@@ -175,7 +177,8 @@ class KafkaBus:
         if self._admin is None:
             raise BusError("Kafka bus is not connected")
         with contextlib.suppress(TopicAlreadyExistsError):  # another client made it first: what we wanted
-            await self._admin.create_topics([NewTopic(topic, partitions or self.settings.partitions, 1)])
+            count = partitions or (1 if is_recorded_channel(topic) else self.settings.partitions)
+            await self._admin.create_topics([NewTopic(topic, count, 1)])
         self._topics.add(topic)
 
     async def send(
@@ -271,6 +274,16 @@ class KafkaBus:
         self._closers.append(stop)
         return stop
 
+    def _subscription(self, stop: Callable[[], Awaitable[None]]) -> Subscription:
+        """A subscription whose unsubscribe stops one pump (once, and not again at close)."""
+
+        async def unsubscribe() -> None:
+            if stop in self._closers:
+                self._closers.remove(stop)
+                await stop()
+
+        return ClosedSubscription(unsubscribe)
+
     async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
         """Consume the channel's topic from now on, filtered to the channel's key."""
         topic, want_key = topic_and_key(channel)
@@ -289,14 +302,27 @@ class KafkaBus:
             name = f"{topic}.{key}" if want_key is not None and key else topic
             await handler(Message(channel=name, data=record.value or b"", key=key, headers=headers, reply=reply))
 
-        stop = self._pump(consumer, want_key, handle)
+        return self._subscription(self._pump(consumer, want_key, handle))
 
-        async def unsubscribe() -> None:
-            if stop in self._closers:
-                self._closers.remove(stop)
-                await stop()
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+        """Consume the topic in the follower's own group from its committed offset (the oldest kept
+        for a new one), committing each record once its handler returns."""
+        check_recorded(channel)
+        topic, _ = topic_and_key(channel)
+        consumer = await self._start_consumer(topic, f"forseti-follow-{durable}", earliest=True)
 
-        return ClosedSubscription(unsubscribe)
+        async def handle(record: ConsumerRecord[bytes, bytes]) -> None:
+            try:
+                await handler(Message(channel=topic, data=record.value or b"", headers=_headers(record)))
+            except Exception:  # a follower's bug must not stop it following
+                log.exception("follower %s failed on a message of %s", durable, topic)
+            tp = TopicPartition(record.topic, record.partition)
+            try:
+                await consumer.commit({tp: record.offset + 1})
+            except KafkaError as exc:  # the record comes again after the group settles
+                log.warning("follower %s could not commit on %s: %s", durable, topic, exc)
+
+        return self._subscription(self._pump(consumer, None, handle))
 
     async def _ensure_reply_consumer(self) -> str:
         async with self._reply_lock:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import defaultdict, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -15,8 +16,10 @@ from typing import Any
 
 from forseti.schemas.errors import BusError, RequestTimeout
 
-from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription
-from .channels import is_task_channel, subject_matches
+from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription, cancel_and_wait
+from .channels import check_recorded, is_recorded_channel, is_task_channel, subject_matches
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -46,17 +49,33 @@ class _TaskQueue:
             self.ready.notify()
 
 
+class _Record:
+    """A recorded channel's history, and a wake-up for its followers."""
+
+    def __init__(self) -> None:
+        self.items: list[bytes] = []
+        self.grew = asyncio.Condition()
+
+
 class MemoryBroker:
     """The shared in-process server that MemoryBus clients connect to."""
 
     def __init__(self) -> None:
         self.subs: list[_Sub] = []
         self.queues: dict[str, _TaskQueue] = defaultdict(_TaskQueue)
+        self.records: dict[str, _Record] = defaultdict(_Record)
+        self.positions: dict[str, int] = {}
+        """Per durable follower, the index of the first recorded message it has not handled."""
         self._round_robin = itertools.count()
 
     async def route(self, channel: str, message: Message) -> None:
         if is_task_channel(channel):
             await self.queues[channel].put(_Stored(message.data))
+        if is_recorded_channel(channel):
+            record = self.records[channel]
+            async with record.grew:
+                record.items.append(message.data)
+                record.grew.notify_all()
         plain = [s for s in self.subs if s.queue is None and subject_matches(s.pattern, channel)]
         groups: dict[tuple[str, str], list[_Sub]] = defaultdict(list)
         for sub in self.subs:
@@ -169,6 +188,32 @@ class MemoryBus:
         async def stop() -> None:
             if sub in self.broker.subs:
                 self.broker.subs.remove(sub)
+
+        return ClosedSubscription(stop)
+
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+        """Hand over the channel's history from the follower's position, then each new message."""
+        self._check()
+        check_recorded(channel)
+        record, positions = self.broker.records[channel], self.broker.positions
+
+        async def pump() -> None:
+            while True:
+                async with record.grew:
+                    await record.grew.wait_for(lambda: positions.get(durable, 0) < len(record.items))
+                position = positions.get(durable, 0)
+                try:
+                    await handler(Message(channel=channel, data=record.items[position]))
+                except Exception:  # a follower's bug must not stop it following
+                    log.exception("follower %s failed on a message of %s", durable, channel)
+                positions[durable] = position + 1
+
+        task = asyncio.get_running_loop().create_task(pump())
+        self._tasks.add(task)  # close() cancels it
+        task.add_done_callback(self._tasks.discard)
+
+        async def stop() -> None:
+            await cancel_and_wait(task)
 
         return ClosedSubscription(stop)
 

@@ -4,6 +4,10 @@ Tasks live in the stream `FORSETI_TASKS` (subjects `forseti.tasks.>`, work-queue
 storage). Each task kind has one durable pull consumer that every worker of a group pulls from, so a
 task goes to one worker; it is acked only when its job ends, and delivered again after `ack_wait`
 if the worker dies first.
+
+Recorded channels (`forseti.models`) are also kept in the stream `FORSETI_RECORDS` (limits retention,
+`history_days`), so a follower reads them through a durable pull consumer of its own and, after a
+restart or a lost connection, goes on from the first message it had not acknowledged.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+from collections.abc import Awaitable
 from pathlib import Path
 
 import nats
@@ -19,19 +24,31 @@ from nats.aio.msg import Msg
 from nats.errors import ConnectionClosedError, NoRespondersError, NoServersError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, ObjectStoreConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    ObjectStoreConfig,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 from forseti.schemas.errors import BusError, RequestTimeout
 
-from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription
-from .channels import TASKS_PREFIX, is_task_channel
+from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription, cancel_and_wait
+from .channels import RECORDED_CHANNELS, TASKS_PREFIX, check_recorded, is_task_channel
 from .settings import BusSettings
 
 log = logging.getLogger(__name__)
 
 STREAM = "FORSETI_TASKS"
+RECORDS = "FORSETI_RECORDS"
+FOLLOW_ACK_WAIT = 30.0
+"""Seconds a follower may hold a message before the server offers it again; a handler that runs
+longer is kept alive by progress acks, so only a follower that died lets it lapse."""
 CONSUMER_NOT_UNIQUE = 10100  # JetStream: "filtered consumer not unique on workqueue stream"
 
 
@@ -95,6 +112,7 @@ class NatsBus:
         self._name = name
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
+        self._followers: set[asyncio.Task[None]] = set()
         self.reconnected = asyncio.Event()
         """Set each time the client reconnects after losing the server."""
 
@@ -124,17 +142,25 @@ class NatsBus:
         except (NoServersError, OSError, TimeoutError) as exc:
             raise BusError(f"cannot reach NATS at {self.url}: {exc}") from exc
         self._js = self._nc.jetstream()
-        config = StreamConfig(
+        tasks = StreamConfig(
             name=STREAM,
             subjects=[f"{TASKS_PREFIX}>"],
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=120,
         )
-        try:
-            await self._js.stream_info(STREAM)
-        except NotFoundError:
-            await self._js.add_stream(config)
+        records = StreamConfig(
+            name=RECORDS,
+            subjects=list(RECORDED_CHANNELS),
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=self.settings.history_days * 86_400,
+        )
+        for config in (tasks, records):
+            try:
+                await self._js.stream_info(config.name or "")
+            except NotFoundError:
+                await self._js.add_stream(config)
 
     async def put_object(self, bucket: str, name: str, path: Path, sha256: str) -> None:
         """Store a file in a JetStream object store bucket (made on first use), read and sent in chunks;
@@ -186,6 +212,8 @@ class NatsBus:
 
     async def close(self) -> None:
         """Drain and close."""
+        for task in list(self._followers):
+            await cancel_and_wait(task)
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None and not nc.is_closed:
             await nc.close()
@@ -239,6 +267,71 @@ class NatsBus:
             raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
         return msg.data
 
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+        """A durable pull consumer on the records stream, taken one message at a time, each acked
+        after its handler returns; one unacked message at most, so a redelivery keeps the order."""
+        check_recorded(channel)
+        assert self._js is not None
+        name = "follow-" + durable.replace(".", "_")
+        config = ConsumerConfig(
+            durable_name=name,
+            ack_policy=AckPolicy.EXPLICIT,
+            deliver_policy=DeliverPolicy.ALL,
+            filter_subject=channel,
+            ack_wait=FOLLOW_ACK_WAIT,
+            max_ack_pending=1,
+            inactive_threshold=self.settings.history_days * 86_400,
+        )
+        try:
+            sub = await self._js.pull_subscribe(channel, durable=name, stream=RECORDS, config=config)
+        except NatsError as exc:
+            raise BusError(f"cannot follow {channel} as {durable}: {exc}") from exc
+
+        async def pump() -> None:
+            while True:
+                try:
+                    msgs = await sub.fetch(1, timeout=5)
+                except TimeoutError:  # nothing new, or the server is away: the client reconnects by itself
+                    continue
+                except NatsError as exc:
+                    if self._nc is None or self._nc.is_closed:
+                        return
+                    log.warning("following %s as %s: %s; retrying", channel, durable, exc)
+                    await asyncio.sleep(1)
+                    continue
+                for msg in msgs:
+                    await self._handle_recorded(msg, handler)
+
+        task = asyncio.get_running_loop().create_task(pump())
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
+
+        async def stop() -> None:
+            await cancel_and_wait(task)
+            if self._nc is not None and not self._nc.is_closed:
+                await sub.unsubscribe()
+
+        return ClosedSubscription(stop)
+
+    async def _handle_recorded(self, msg: Msg, handler: MessageHandler) -> None:
+        message = Message(channel=msg.subject, data=msg.data, headers=dict(msg.headers or {}))
+
+        async def run() -> None:
+            await handler(message)
+
+        work = asyncio.get_running_loop().create_task(run())
+        try:
+            while not work.done():
+                await asyncio.wait([work], timeout=FOLLOW_ACK_WAIT / 3)
+                if not work.done():
+                    await _quietly(msg.in_progress())
+        except asyncio.CancelledError:  # unsubscribed mid-message: it stays unacked and comes again
+            await cancel_and_wait(work)
+            raise
+        if work.exception() is not None:  # a follower's bug must not stop it following
+            log.error("follower of %s failed on a message", msg.subject, exc_info=work.exception())
+        await _quietly(msg.ack())
+
     async def intake(self, channel: str, *, group: str) -> _NatsIntake:
         """A pull subscription on the group's durable consumer for this task channel."""
         if not is_task_channel(channel):
@@ -269,3 +362,11 @@ def _hex_digest(digest: str) -> str:
     """An object store digest (`SHA-256=<urlsafe base64>`) as lowercase hex."""
     encoded = digest.split("=", 1)[1] if digest.upper().startswith("SHA-256=") else digest
     return base64.urlsafe_b64decode(encoded).hex()
+
+
+async def _quietly(settle: Awaitable[None]) -> None:
+    """An ack or progress ack; if the connection is away the server offers the message again."""
+    try:
+        await settle
+    except (NatsError, TimeoutError) as exc:
+        log.warning("could not settle a followed message (it will come again): %s", exc)

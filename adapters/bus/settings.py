@@ -28,6 +28,9 @@ class BusSettings:
     """The same for every other consumer (tasks, progress, control, models, capabilities, status):
     their latency matters less than the broker CPU that a dozen consumers polling every few
     milliseconds would take from the hot paths."""
+    history_days: float = 30.0
+    """Days a recorded channel (`forseti.models`) keeps its messages for followers that were away
+    (NATS; a Kafka topic keeps them for the broker's retention)."""
     connect_timeout: float = 5.0
     """Seconds to wait for the server at start."""
 

@@ -1,55 +1,24 @@
-"""The edge agent on the memory bus: a restarted agent serves what it served before, with no bus event."""
+"""The edge agent on the memory bus: a restarted agent serves what it served before, with no bus event;
+a device that starts after an announcement, or was away for one, takes it from the channel's history."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import onnx
-from onnx import TensorProto, helper
-
 from forseti.adapters.bus import MemoryBroker, MemoryBus
-from forseti.adapters.exporters import sha256_of
-from forseti.adapters.inference import CARD_KEY, ModelCard
-from forseti.schemas.catalog import edge_channel
+from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferReply, InferRequest
-from forseti.schemas.models import ModelAvailable
+from forseti.schemas.models import ModelLoaded
 from forseti.worker.edge import EdgeAgent
 
-
-def tiny_classifier(path: Path) -> Path:
-    """A two-column, two-class 'classifier' (softmax of the raw columns) with its card inside."""
-    graph = helper.make_graph(
-        [helper.make_node("Softmax", ["numeric"], ["prediction"], axis=1)],
-        "tiny",
-        [helper.make_tensor_value_info("numeric", TensorProto.FLOAT, ["N", 2])],
-        [helper.make_tensor_value_info("prediction", TensorProto.FLOAT, ["N", 2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 9
-    card = ModelCard("classifier", numeric=["a", "b"], classes=["left", "right"])
-    helper.set_model_props(model, {CARD_KEY: card.to_json()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+from ..helpers import Watcher, tiny_announcement
 
 
 async def test_a_restarted_agent_serves_its_last_models_before_any_announcement(tmp_path: Path) -> None:
     broker = MemoryBroker()
-    path = tiny_classifier(tmp_path / "worker" / "model.onnx")
-    event = ModelAvailable(
-        model_id="tiny-1",
-        name="tiny",
-        version="1",
-        format="onnx",
-        uri=path.as_uri(),
-        sha256=sha256_of(path),
-        size_bytes=path.stat().st_size,
-        kind="classifier",
-        created_at="2026-11-22T00:00:00Z",
-        device_id="d1",
-    )
+    event = tiny_announcement(tmp_path / "worker", "tiny-1", device_id="d1")
     client = MemoryBus(broker)
     await client.connect()
     ask = encode(InferRequest.model_validate({"rows": [{"a": 0.0, "b": 3.0}]}))
@@ -72,3 +41,46 @@ async def test_a_restarted_agent_serves_its_last_models_before_any_announcement(
         await again.stop()
         for bus in (*buses, client):
             await bus.close()
+
+
+async def test_a_device_started_after_an_announcement_and_one_that_was_away_both_catch_up(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    client = MemoryBus(broker)
+    await client.connect()
+    models = Watcher()
+    await client.subscribe(MODELS, models.on_message)
+    v1 = tiny_announcement(tmp_path / "v1", "tiny-1", device_id="d2")
+    await client.publish(MODELS, encode(v1, subject=v1.model_id))
+
+    late = MemoryBus(broker)
+    await late.connect()
+    agent = EdgeAgent(late, device_id="d2", data_dir=tmp_path / "edge")
+    await agent.start()
+    await loaded(models, "tiny-1")
+    await agent.stop()
+    await late.close()
+
+    v2 = tiny_announcement(tmp_path / "v2", "tiny-2", device_id="d2", version="2")
+    await client.publish(MODELS, encode(v2, subject=v2.model_id))
+    back = MemoryBus(broker)
+    await back.connect()
+    again = EdgeAgent(back, device_id="d2", data_dir=tmp_path / "edge")
+    await again.start()
+    try:
+        await loaded(models, "tiny-2")
+        assert again.current["tiny"].model_id == "tiny-2"
+        reports = [e.data.model_id for e in models.events if isinstance(e.data, ModelLoaded)]
+        assert reports == ["tiny-1", "tiny-2"], "only what it missed was handled on return, in order"
+        assert again.previous["tiny"].model_id == "tiny-1"
+    finally:
+        await again.stop()
+        await back.close()
+        await client.close()
+
+
+async def loaded(models: Watcher, model_id: str) -> None:
+    """Until the agent reports `model_id` loaded."""
+    reports = await models.wait_until(
+        lambda es: [e for e in es if isinstance(e.data, ModelLoaded) and e.data.model_id == model_id]
+    )
+    assert reports[0].data.ok, reports[0].data.message
