@@ -159,6 +159,9 @@ class RLConfig(Strict):
     """Random seed for reproducible runs."""
     checkpoint_interval: int = Field(default=10_000, ge=1, le=10**10)
     """Timesteps between checkpoints."""
+    quantize_int8: bool = False
+    """Also export a dynamically int8-quantised policy ONNX (for devices), its action agreement with the
+    float policy measured."""
 
 
 class PolicyConfig(Strict):

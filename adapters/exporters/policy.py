@@ -9,7 +9,7 @@ policy mean clipped to the bounds (PPO, A2C) or unscaled from [-1, 1] (SAC's squ
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +25,13 @@ from forseti.adapters.inference import POLICY_KEY
 from forseti.envs.spaces import space_to_spec
 from forseti.schemas.errors import ErrorCode, ForsetiError
 
+from .quantize import int8_copy
 from .torch_onnx import torch_to_onnx
 
 PARITY_SAMPLES = 1000
 CONTINUOUS_TOLERANCE = 1e-4
+INT8_TOLERANCE = 0.01
+"""An int8 continuous action agrees when each dimension is within this share of its range of the float one."""
 
 
 class DeterministicPolicy(torch.nn.Module):
@@ -68,6 +71,10 @@ class PolicyExport:
     max_abs_diff: float
     agreement: float
     samples: int
+    int8_path: Path | None = None
+    """The dynamically int8-quantised graph, when asked for."""
+    int8_figures: dict[str, float] = field(default_factory=dict)
+    """How the int8 graph's actions differ from the float graph's on the parity observations."""
 
 
 def _sample_observations(space: spaces.Space[Any], count: int, seed: int) -> np.ndarray:
@@ -90,9 +97,10 @@ def export_policy(
     environment: str,
     extra: dict[str, Any] | None = None,
     seed: int = 0,
+    int8: bool = False,
 ) -> PolicyExport:
-    """Write policy.onnx, policy.safetensors and policy.json under `folder`; raise export_mismatch when
-    onnxruntime disagrees with `model.predict` on random observations."""
+    """Write policy.onnx, policy.safetensors and policy.json under `folder` (and policy.int8.onnx with
+    `int8`); raise export_mismatch when onnxruntime disagrees with `model.predict` on random observations."""
     folder.mkdir(parents=True, exist_ok=True)
     obs_space, act_space = model.observation_space, model.action_space
     if not isinstance(obs_space, spaces.Box):
@@ -146,4 +154,30 @@ def export_policy(
     graph_with_card = onnx.load(str(onnx_path))
     onnx.helper.set_model_props(graph_with_card, {POLICY_KEY: json.dumps(sidecar)})  # the file alone serves
     onnx.save(graph_with_card, str(onnx_path))
-    return PolicyExport(onnx_path, safetensors_path, sidecar_path, max_diff, agreement, PARITY_SAMPLES)
+    export = PolicyExport(onnx_path, safetensors_path, sidecar_path, max_diff, agreement, PARITY_SAMPLES)
+    if not int8:
+        return export
+    int8_path = int8_copy(onnx_path, folder / "policy.int8.onnx")
+    figures = int8_agreement(onnx_actions, _run(int8_path, observations), act_space)
+    return replace(export, int8_path=int8_path, int8_figures=figures)
+
+
+def _run(path: Path, observations: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    actions: np.ndarray = session.run(None, {"observation": observations})[0]
+    return actions
+
+
+def int8_agreement(float_actions: np.ndarray, int8_actions: np.ndarray, space: spaces.Space[Any]) -> dict[str, float]:
+    """The share of observations on which the int8 policy acts as the float one (the same discrete
+    action; each continuous dimension within INT8_TOLERANCE of its range), and the largest difference."""
+    count = len(float_actions)
+    before, after = float_actions.reshape(count, -1), int8_actions.reshape(count, -1)
+    diff = np.abs(after.astype(np.float64) - before)
+    if isinstance(space, spaces.Box):
+        span = (space.high - space.low).astype(np.float64).reshape(-1)
+        allowed = INT8_TOLERANCE * np.where(np.isfinite(span), span, 1.0)
+        same = np.all(diff <= allowed, axis=1)
+    else:
+        same = np.all(before == after, axis=1)
+    return {"int8_action_agreement": float(np.mean(same)), "int8_max_abs_diff": float(diff.max())}

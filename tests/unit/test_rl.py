@@ -46,10 +46,10 @@ def rl_task(algorithm: str, environment: str, **config: Any) -> RLTask:
 @pytest.mark.parametrize(
     ("algorithm", "environment", "config"),
     [
-        ("ppo", "CartPole-v1", {"total_timesteps": 128, "n_steps": 64}),
+        ("ppo", "CartPole-v1", {"total_timesteps": 128, "n_steps": 64, "quantize_int8": True}),
         ("a2c", "CartPole-v1", {"total_timesteps": 100, "n_steps": 5}),
         ("dqn", "CartPole-v1", {"total_timesteps": 200}),
-        ("sac", "Pendulum-v1", {"total_timesteps": 150}),
+        ("sac", "Pendulum-v1", {"total_timesteps": 150, "quantize_int8": True}),
         ("ppo", "forseti/EmailTriage-v0", {"total_timesteps": 128, "n_steps": 32, "num_envs": 2}),
     ],
 )
@@ -82,7 +82,18 @@ async def test_each_algorithm_trains_exports_registers_and_announces(
         assert announced.size_bytes == onnx.stat().st_size
         agents = await worker.store.list_rl_agents(algorithm=algorithm)
         assert [a.id for a in agents] == [job_id]
-        assert {a.format for a in await worker.store.list_artifacts(job_id)} == {"onnx", "safetensors"}
+        stored = {(a.format, a.quantization) for a in await worker.store.list_artifacts(job_id)}
+        int8 = config.get("quantize_int8", False)
+        assert stored == {("onnx", None), ("safetensors", None), *([("onnx", "int8")] if int8 else [])}
+        if int8:  # the quantised policy is announced too, its agreement with the float one in the event
+            quantized = (await models.wait_for("available", count=2)).data
+            assert (quantized.quantization, quantized.format) == ("int8", "onnx")
+            figures = {k: v for k, v in quantized.metrics.items() if k.startswith("int8_")}
+            assert figures == {k: v for k, v in result.metrics.custom_metrics.items() if k.startswith("int8_")}
+            assert set(figures) == {"int8_action_agreement", "int8_max_abs_diff", "int8_mean_reward"}
+            assert np.isfinite(figures["int8_mean_reward"]), "the int8 graph played the evaluation episodes"
+            if environment == "CartPole-v1":  # discrete: the same action on nearly every observation
+                assert figures["int8_action_agreement"] >= 0.9, figures
 
     # a device holding only the ONNX file acts with it next to the env, no bus and no worker
     onnx.with_suffix(".json").unlink()

@@ -47,6 +47,7 @@ class RLHandler:
             "std_reward": trained.std_reward,
             "onnx_max_abs_diff": export.max_abs_diff,
             "onnx_action_agreement": export.agreement,
+            **export.int8_figures,
         }
         model = await ctx.store.add_model(
             ModelRecord(
@@ -79,6 +80,8 @@ class RLHandler:
             ("onnx", None, export.onnx_path),
             ("safetensors", None, export.safetensors_path),
         ]
+        if export.int8_path is not None:
+            files.append(("onnx", "int8", export.int8_path))
         await ctx.publish_files(model, files, announce={"onnx"})
         return RLResult(
             agent_id=model.id,
@@ -95,6 +98,7 @@ class RLHandler:
                     "onnx_max_abs_diff": export.max_abs_diff,
                     "onnx_action_agreement": export.agreement,
                     "onnx_parity_samples": float(export.samples),
+                    **export.int8_figures,
                     "version": float(model.version),
                 },
             ),

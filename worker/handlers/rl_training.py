@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -24,6 +24,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from forseti.adapters.exporters.policy import PolicyExport, export_policy
+from forseti.adapters.inference import OnnxPolicy
 from forseti.envs import register_envs
 from forseti.envs.remote import RemoteVecEnv
 from forseti.schemas.errors import ErrorCode, ForsetiError
@@ -196,7 +197,12 @@ def train(task: RLTask, ctx: JobContext, *, step_timeout: float, progress_every:
         training_ms = int((time.monotonic() - started) * 1000)
     finally:
         env.close()
-    mean, std, episodes = evaluate(task, ctx, model, step_timeout=step_timeout)
+    episodes = task.evaluation.episodes
+    if episodes:
+        mean, std = evaluate(task, ctx, model, session=f"{ctx.job_id}.eval", step_timeout=step_timeout)
+    else:  # no evaluation asked for: training's last 100 episodes
+        rewards = [info["r"] for info in model.ep_info_buffer or ()] or [0.0]
+        mean, std = float(np.mean(rewards)), float(np.std(rewards))
     export = export_policy(
         model,
         ctx.artifacts_dir,
@@ -208,24 +214,44 @@ def train(task: RLTask, ctx: JobContext, *, step_timeout: float, progress_every:
             "timesteps": int(model.num_timesteps),
         },
         seed=task.config.seed or 0,
+        int8=task.config.quantize_int8,
     )
+    if export.int8_path is not None and episodes:  # the same seeded episodes, acted by the int8 graph
+        int8 = ExportedPolicy(OnnxPolicy(export.int8_path))
+        int8_mean, _ = evaluate(task, ctx, int8, session=f"{ctx.job_id}.eval-int8", step_timeout=step_timeout)
+        export = replace(export, int8_figures={**export.int8_figures, "int8_mean_reward": int8_mean})
     return TrainedPolicy(
         export, mean, std, episodes, int(model.num_timesteps), resumed_from, training_ms, callback.steps_per_second()
     )
 
 
-def evaluate(task: RLTask, ctx: JobContext, model: BaseAlgorithm, *, step_timeout: float) -> tuple[float, float, int]:
-    """Mean and std of the return over `evaluation.episodes` deterministic episodes (training's last 100
-    episodes when that is 0)."""
-    episodes = task.evaluation.episodes
-    if episodes == 0:
-        rewards = [info["r"] for info in model.ep_info_buffer or ()] or [0.0]
-        return float(np.mean(rewards)), float(np.std(rewards)), 0
-    env = make_env(task, ctx, session=f"{ctx.job_id}.eval", step_timeout=step_timeout, num_envs=1)
+class ExportedPolicy:
+    """An exported policy behind SB3's `predict`, so `evaluate_policy` runs it as it runs the model."""
+
+    def __init__(self, policy: OnnxPolicy) -> None:
+        self.policy = policy
+
+    def predict(
+        self,
+        observation: np.ndarray | dict[str, np.ndarray],
+        state: tuple[np.ndarray, ...] | None = None,
+        episode_start: np.ndarray | None = None,
+        deterministic: bool = True,
+    ) -> tuple[np.ndarray, tuple[np.ndarray, ...] | None]:
+        """The graph's (deterministic) actions for a batch of observations."""
+        return self.policy.act(observation), None
+
+
+def evaluate(
+    task: RLTask, ctx: JobContext, model: BaseAlgorithm | ExportedPolicy, *, session: str, step_timeout: float
+) -> tuple[float, float]:
+    """Mean and std of the return over `evaluation.episodes` deterministic episodes, seeded alike for
+    every model evaluated in a job."""
+    env = make_env(task, ctx, session=session, step_timeout=step_timeout, num_envs=1)
     try:
         if task.config.seed is not None:
             env.seed(task.config.seed + 10_000)
-        mean, std = evaluate_policy(model, env, n_eval_episodes=episodes, deterministic=True)
+        mean, std = evaluate_policy(model, env, n_eval_episodes=task.evaluation.episodes, deterministic=True)
     finally:
         env.close()
-    return float(cast(float, mean)), float(cast(float, std)), episodes
+    return float(cast(float, mean)), float(cast(float, std))

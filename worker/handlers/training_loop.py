@@ -365,16 +365,11 @@ def quantize(prepared: Prepared, path: Path) -> tuple[Path, dict[str, float]]:
     they flow), and how its test predictions differ from the float model's: agreement and the change
     in accuracy for a classifier, flag agreement for an autoencoder, the largest relative difference
     for values."""
-    import onnx
     import onnxruntime as ort
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantized = path.with_name("model.int8.onnx")
-    quantize_dynamic(str(path), str(quantized), weight_type=QuantType.QInt8)
-    card = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
-    model = onnx.load(str(quantized))
-    onnx.helper.set_model_props(model, card)
-    onnx.save(model, str(quantized))
+    from forseti.adapters.exporters.quantize import int8_copy
+
+    quantized = int8_copy(path, path.with_name("model.int8.onnx"))
     test = prepared.test
     before, after = (
         ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, test.feeds)
