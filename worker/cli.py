@@ -431,12 +431,21 @@ def models_promote(
     alias: AliasOpt = "production",
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
+    artifact_url: Annotated[
+        str | None,
+        typer.Option(
+            help="Without an object store (Kafka): the artifact endpoint of the worker that serves this data "
+            "dir (http://HOST:PORT/artifacts/, its --artifact-port), so other hosts can fetch what is announced."
+        ),
+    ] = None,
 ) -> None:
     """Point an alias at a version and announce its artifacts (model.available with the alias)."""
     from .models import promote, version_label
 
+    http = (data_dir / "artifacts", artifact_url.rstrip("/") + "/") if artifact_url else None
+
     async def work(store: Any, client: Bus) -> None:
-        model = await promote(store, client, name, version, alias=alias)
+        model = await promote(store, client, name, version, alias=alias, http=http)
         err.print(f"{name} {alias} -> {version_label(model)} ({model.id})")
 
     run_loop(_with_store_and_bus(data_dir, bus, work))

@@ -86,14 +86,17 @@ def announcements(
     return events
 
 
-async def promote(store: RegistryStore, bus: Bus, name: str, version: str, *, alias: str) -> ModelRecord:
-    """Point `alias` of `name` at `version` and announce that version's artifacts with the alias set."""
+async def promote(
+    store: RegistryStore, bus: Bus, name: str, version: str, *, alias: str, http: tuple[Path, str] | None = None
+) -> ModelRecord:
+    """Point `alias` of `name` at `version` and announce that version's artifacts with the alias set,
+    shared as a worker shares them (`http`: an artifacts folder and the URL a worker serves it at)."""
     model = await find_version(store, name, version)
     await store.set_alias(name, alias, model.id)
     parent = await store.get_model(model.parent_id) if model.parent_id else None
     artifacts = await store.list_artifacts(model.id)
     for event in announcements(model, artifacts, parent_version=version_label(parent) if parent else None, alias=alias):
-        await bus.publish(MODELS, encode(await share(bus, event), subject=model.id))
+        await bus.publish(MODELS, encode(await share(bus, event, http=http), subject=model.id))
     return model
 
 

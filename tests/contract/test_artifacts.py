@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,9 +13,15 @@ from forseti.adapters.artifacts import BUCKET, fetch, object_uri, share
 from forseti.adapters.bus import MemoryBus, create_bus
 from forseti.adapters.bus.servers import NatsServer
 from forseti.adapters.exporters import sha256_of
+from forseti.adapters.registry import ModelRecord, SqliteStore
+from forseti.schemas.catalog import MODELS
+from forseti.schemas.envelope import decode
 from forseti.schemas.errors import ForsetiError
 from forseti.schemas.models import ModelAvailable
 from forseti.worker.artifact_server import ArtifactServer
+from forseti.worker.models import describe, promote
+
+from ..helpers import Inbox
 
 
 def announcement(path: Path, **fields: object) -> ModelAvailable:
@@ -105,3 +112,35 @@ async def test_without_an_object_store_a_worker_serves_its_artifacts_over_http_w
                 await fetch(MemoryBus(), server.base_url + hostile, sha256="0" * 64, size=None, cache=tmp_path / "x")
     finally:
         await server.close()
+
+
+async def test_a_promote_without_an_object_store_announces_the_worker_endpoint(tmp_path: Path) -> None:
+    root = tmp_path / "artifacts"
+    original = root / "job-2" / "model.onnx"
+    original.parent.mkdir(parents=True)
+    original.write_bytes(os.urandom(4096))
+    store = SqliteStore(tmp_path / "registry.db")
+    await store.open()
+    model = await store.add_model(
+        ModelRecord(
+            id="job-2", name="promoted", model_type="classifier", export_path=str(original), export_format="onnx"
+        )
+    )
+    for artifact in describe([("onnx", None, original)], model.id):
+        await store.add_artifact(artifact)
+    bus, inbox = MemoryBus(), Inbox()
+    await bus.connect()
+    await bus.subscribe(MODELS, inbox.on_message)
+    server = ArtifactServer(root)
+    await server.start()
+    try:
+        await promote(store, bus, "promoted", "1", alias="production", http=(root, server.base_url))
+        event: Any = decode((await inbox.wait_count(1))[0]).data
+        assert isinstance(event, ModelAvailable) and event.alias == "production"
+        assert event.uri == f"{server.base_url}job-2/model.onnx", "another host can fetch it"
+        fetched = await fetch(bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=tmp_path / "device")
+        assert fetched.read_bytes() == original.read_bytes()
+    finally:
+        await server.close()
+        await store.close()
+        await bus.close()
