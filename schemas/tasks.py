@@ -247,7 +247,7 @@ class FinetuneConfig(Strict):
 class ExportConfig(Strict):
     """What a fine-tune exports."""
 
-    gguf: list[Literal["f32", "f16", "q8_0"]] = Field(default_factory=list, max_length=3)
+    gguf: list[Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]] = Field(default_factory=list, max_length=5)
     """Merged-model GGUF types to write."""
     adapter_gguf: bool = False
     """Also write the adapter as a GGUF LoRA (with an F32 GGUF of the base model to apply it to)."""

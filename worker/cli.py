@@ -475,7 +475,7 @@ def llm_serve(
         str, typer.Option(help="The model (adapter) name to serve; completions on forseti.llm.NAME.complete.")
     ],
     artifact: Annotated[
-        str, typer.Option(help="Which export to load: f32, f16, q8_0, or lora (LoRA GGUF on its base).")
+        str, typer.Option(help="Which export to load: f32, f16, q8_0, q4_0, q4_k_m, or lora (LoRA GGUF on its base).")
     ] = "f16",
     alias: Annotated[
         str | None, typer.Option(help="Only load versions promoted to this alias (default: every new version).")
@@ -582,7 +582,9 @@ def edge(
     llm: Annotated[
         list[str] | None, typer.Option(help="Also serve this fine-tuned LLM's GGUF versions (repeatable).")
     ] = None,
-    llm_artifact: Annotated[str, typer.Option(help="Which GGUF of an LLM to load: f32, f16, q8_0 or lora.")] = "q8_0",
+    llm_artifact: Annotated[
+        str, typer.Option(help="Which GGUF of an LLM to load: f32, f16, q8_0, q4_0, q4_k_m or lora.")
+    ] = "q8_0",
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
     bus: BusOpt = DEFAULT_BUS_URL,

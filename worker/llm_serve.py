@@ -21,6 +21,7 @@ from typing import Any
 
 from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
+from forseti.adapters.llm.gguf import GGUF_TYPES
 from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.schemas.base import ID_PATTERN
 from forseti.schemas.catalog import MODELS, llm_channel
@@ -32,7 +33,7 @@ from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
 from .settings import default_data_dir
 
 log = logging.getLogger(__name__)
-ARTIFACTS = ("f32", "f16", "q8_0", "lora")
+ARTIFACTS = (*GGUF_TYPES, "lora")
 """What llm-serve can follow: a merged GGUF of one type, or the LoRA GGUF on its base GGUF."""
 
 

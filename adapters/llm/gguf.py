@@ -9,20 +9,25 @@ untied models, the q/k row permutation). Torch-free: tensors arrive as numpy arr
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
 
-GgufType = Literal["f32", "f16", "q8_0"]
+GgufType = Literal["f32", "f16", "q8_0", "q4_0", "q4_k_m"]
+GGUF_TYPES: tuple[GgufType, ...] = get_args(GgufType)
+"""The whole-model GGUF types a fine-tune exports."""
+K_QUANTS = {"q4_k_m": 15}
+"""Types llama.cpp's own quantiser writes from an F16 file (LlamaFileType); gguf-py has no K-quants."""
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama"}
 """Hugging Face architectures this exporter writes, and the llama.cpp architecture each becomes."""
 BLOCK = 32
-"""Row length a Q8_0 block covers: rows that are not multiples of it are written as F16."""
+"""Row length a Q8_0 or Q4_0 block covers: rows that are not multiples of it are written as F16."""
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -181,13 +186,13 @@ def _encode(array: np.ndarray, kind: GgufType) -> tuple[np.ndarray, Any]:
 
     if kind == "f32" or array.ndim == 1:
         return array.astype(np.float32), None
-    if kind == "q8_0" and array.shape[-1] % BLOCK == 0:
-        qtype = gguf.GGMLQuantizationType.Q8_0
-        return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+    qtypes = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "q4_0": gguf.GGMLQuantizationType.Q4_0}
+    if kind in qtypes and array.shape[-1] % BLOCK == 0:
+        return gguf.quants.quantize(array.astype(np.float32), qtypes[kind]), qtypes[kind]
     return array.astype(np.float16), None
 
 
-FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7, **K_QUANTS}
 """`general.file_type` per export type (llama.cpp's LlamaFileType)."""
 
 
@@ -200,8 +205,16 @@ def write_model(
     name: str,
 ) -> Path:
     """Write a whole model as GGUF: metadata from `folder`'s config.json and tokenizer, weights from
-    `tensors` (Hugging Face names, float arrays). Written to a temporary name, then renamed."""
+    `tensors` (Hugging Face names, float arrays). Written to a temporary name, then renamed. K-quants
+    are written as F16 first and quantised by llama.cpp (llama-cpp-python)."""
     import gguf
+
+    if kind in K_QUANTS:
+        f16 = write_model(path.with_name(path.name + ".f16"), folder, tensors, "f16", name=name)
+        try:
+            return llama_quantize(f16, path, K_QUANTS[kind])
+        finally:
+            f16.unlink(missing_ok=True)
 
     layout = LlamaLayout.read(folder)
     vocab = Vocab.read(folder, layout.vocab_size)
@@ -239,6 +252,29 @@ def write_model(
     if "output.weight" not in seen and not layout.tied:
         raise ForsetiError(f"{folder}: untied model without lm_head.weight", code=ErrorCode.INVALID_MODEL)
     _finish(writer)
+    partial.replace(path)
+    return path
+
+
+def llama_quantize(source: Path, path: Path, file_type: int) -> Path:
+    """Quantise a GGUF with llama.cpp's quantiser into `file_type` (LlamaFileType). llama.cpp keeps
+    norms in F32 and writes tensors whose rows are not multiples of 256 in a fallback type."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = file_type
+    params.nthread = 0  # all cores
+    partial = path.with_name(path.name + ".partial")
+    chatter = logging.getLogger("llama-cpp-python")  # llama.cpp's log, which says a line per tensor at info
+    level = chatter.level
+    chatter.setLevel(logging.ERROR)
+    try:
+        failed = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0
+    finally:
+        chatter.setLevel(level)
+    if failed:
+        partial.unlink(missing_ok=True)
+        raise ForsetiError(f"llama.cpp could not quantise {source.name}", code=ErrorCode.EXPORT_MISMATCH)
     partial.replace(path)
     return path
 

@@ -28,15 +28,17 @@ async def test_two_versions_with_ewc_export_checked_gguf_and_announce_every_arti
     models = Watcher()
     await client.subscribe(MODELS, models.on_message)
     async with running_worker(MemoryBus(broker), [FinetuneHandler(progress_seconds=0)], tmp_path) as worker:
-        first = finetune(export={"gguf": ["f32", "f16", "q8_0"], "adapter_gguf": True})
+        first = finetune(export={"gguf": ["f32", "f16", "q8_0", "q4_0", "q4_k_m"], "adapter_gguf": True})
         events = await watch(client, first.request_id or "")
         await submit(client, first)
         v1 = (await events.wait_end(timeout=240)).data.result
         assert (v1.version, v1.parent_version) == ("v1.0", None)
-        assert set(v1.gguf) == {"f32", "f16", "q8_0", "base", "lora"}
+        assert set(v1.gguf) == {"f32", "f16", "q8_0", "q4_0", "q4_k_m", "base", "lora"}
         assert v1.metrics["f32_parity_max_abs_diff"] < 1e-4
         assert v1.metrics["f16_parity_max_abs_diff"] < 5e-3
         assert v1.metrics["q8_0_parity_top1"] >= 0.95
+        assert min(v1.metrics["q4_0_parity_top1"], v1.metrics["q4_k_m_parity_top1"]) >= 0.6
+        assert Path(v1.gguf["q4_0"]).stat().st_size < Path(v1.gguf["q8_0"]).stat().st_size
         assert v1.metrics["lora_parity_max_abs_diff"] < 1e-4
         assert v1.metrics["ewc_penalty"] == 0.0
         adapter = Path(v1.adapter_path)
@@ -46,7 +48,7 @@ async def test_two_versions_with_ewc_export_checked_gguf_and_announce_every_arti
         progress = [e.data for e in events.events if e.type.endswith("progress.v1")]
         assert {"loss", "tokens_per_second"} <= set(progress[0].metrics)
 
-        available = await models.wait_until(lambda es: [e for e in es if e.type.endswith("available.v1")], 5)
+        available = await models.wait_until(lambda es: [e for e in es if e.type.endswith("available.v1")], 7)
         announced = [e.data for e in available]
         by_format = {(a.format, a.quantization): a for a in announced}
         assert set(by_format) == {
@@ -54,6 +56,8 @@ async def test_two_versions_with_ewc_export_checked_gguf_and_announce_every_arti
             ("gguf", "f32"),
             ("gguf", "f16"),
             ("gguf", "q8_0"),
+            ("gguf", "q4_0"),
+            ("gguf", "q4_k_m"),
             ("gguf-lora", None),
         }
         lora = by_format["gguf-lora", None]

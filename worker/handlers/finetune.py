@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from forseti.adapters.llm.gguf import LlamaLayout, Vocab
+from forseti.adapters.llm.gguf import GGUF_TYPES, LlamaLayout, Vocab
 from forseti.adapters.registry import ModelRecord
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
@@ -79,7 +79,7 @@ class FinetuneHandler:
         return [
             Capability(area="fine-tuning", name="lora"),
             Capability(area="fine-tuning", name="ewc"),
-            *(Capability(area="model-export", name=f"gguf-{kind}") for kind in ("f32", "f16", "q8_0")),
+            *(Capability(area="model-export", name=f"gguf-{kind}") for kind in GGUF_TYPES),
             Capability(area="model-export", name="gguf-lora"),
             Capability(area="model-export", name="peft"),
         ]

@@ -25,8 +25,10 @@ CHECK_TOKENS = 128
 """Tokens of each example the check evaluates (the start of it)."""
 MAX_ABS_DIFF: dict[str, float] = {"f32": 1e-4, "f16": 5e-3, "lora": 1e-4}
 """Largest logit difference from torch each export may show."""
-MIN_TOP1 = {"q8_0": 0.95}
-"""Least share of positions whose most likely next token matches torch's."""
+MIN_TOP1 = {"q8_0": 0.95, "q4_0": 0.6, "q4_k_m": 0.6}
+"""Least share of positions whose most likely next token matches torch's. The 4-bit bounds are a
+floor, not a proof of layout (the f32 check is that): on tiny random models, whose next-token
+distributions are nearly flat, 4-bit files agreed on 69-81% (q4_0) and 80-89% (q4_k_m)."""
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ class Parity:
     positions: int
 
     def passes(self, role: str) -> bool:
-        """Whether this is within the bound for an export of this role (f32, f16, q8_0, lora)."""
+        """Whether this is within the bound for an export of this role (a GGUF type, or lora)."""
         if role in MIN_TOP1:
             return self.top1 >= MIN_TOP1[role]
         return self.max_abs_diff < MAX_ABS_DIFF[role]
