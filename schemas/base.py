@@ -15,6 +15,8 @@ Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 ShortText = Annotated[str, StringConstraints(max_length=255)]
 LongText = Annotated[str, StringConstraints(max_length=4096)]
+Tags = Annotated[list[Annotated[str, StringConstraints(pattern=ID_PATTERN)]], Field(max_length=32)]
+"""Device tags (`pumps`, `site-3`): ids, 32 at most."""
 
 
 def _finite(value: float) -> float:

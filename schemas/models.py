@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, StringConstraints
 
-from .base import Id, LongText, MetricMap, Name, ShortText, Strict
+from .base import Id, LongText, MetricMap, Name, ShortText, Strict, Tags
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ArtifactFormat = Literal["gguf", "gguf-lora", "onnx", "safetensors", "peft"]
@@ -51,6 +51,9 @@ class ModelAvailable(Strict):
     """Set when a promote moved an alias (production, staging) to this version."""
     device_id: ShortText | None = None
     """The device the model is for (the task's `device_id`); None: any consumer that follows it."""
+    device_tags: Tags = Field(default_factory=list)
+    """The device tags the model is for (the task's `device_tags`): an edge agent with one of them
+    takes it; empty: not addressed by tag."""
 
 
 class ModelRollback(Strict):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, StringConstraints, model_validator
 
-from .base import FiniteFloat, Id, Name, ShortText, Strict
+from .base import FiniteFloat, Id, Name, ShortText, Strict, Tags
 
 LearningRate = Annotated[float, Field(gt=0, lt=10)]
 Uri = Annotated[str, StringConstraints(min_length=1, max_length=2048)]
@@ -34,6 +34,9 @@ class TaskBase(Strict):
     """Who asked, for the registry and audit."""
     device_id: ShortText | None = None
     """The device the result is meant for, if any."""
+    device_tags: Tags = Field(default_factory=list)
+    """Tags of the devices the result is meant for, when it is not for one device: an edge agent
+    started with one of them takes it."""
 
 
 class EarlyStopping(Strict):

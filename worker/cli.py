@@ -570,11 +570,17 @@ def infer_serve(
 @app.command()
 def edge(
     device_id: Annotated[str, typer.Option(help="This device's id: it serves on forseti.edge.DEVICE_ID.infer.")],
+    tag: Annotated[
+        list[str] | None,
+        typer.Option(help="A tag of this device: take models announced for it (a task's device_tags; repeatable)."),
+    ] = None,
     kind: Annotated[
-        list[str] | None, typer.Option(help="Also take models of this kind announced for no device (repeatable).")
+        list[str] | None,
+        typer.Option(help="Also take models of this kind announced for no device or tag (repeatable)."),
     ] = None,
     name: Annotated[
-        list[str] | None, typer.Option(help="Also take models of this name announced for no device (repeatable).")
+        list[str] | None,
+        typer.Option(help="Also take models of this name announced for no device or tag (repeatable)."),
     ] = None,
     quantization: Annotated[
         str | None, typer.Option(help="Take the int8-quantised exports (int8) instead of the float ones.")
@@ -602,6 +608,7 @@ def edge(
             client,
             device_id=device_id,
             data_dir=data_dir,
+            tags=set(tag or ()),
             kinds=set(kind or ()),
             names=set(name or ()),
             quantization=quantization,

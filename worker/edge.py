@@ -1,7 +1,8 @@
 """`forseti edge`: the edge agent. Torch-free: numpy, onnxruntime and the bus client are all it needs.
 
 It follows `forseti.models` and takes the ONNX models meant for it: those announced with its
-`device_id`, and those announced for no device whose kind or name it follows (`--kind`, `--name`).
+`device_id`, those announced for one of its tags (`--tag`, the task's `device_tags`), and those
+announced for neither whose kind or name it follows (`--kind`, `--name`).
 Each is fetched (from the NATS object store, or a `file://` path on one host), checked against the
 announced size and sha256, loaded into onnxruntime beside the version serving its name, and swapped
 in with one assignment, so requests in flight finish on the model they started on. Every attempt is
@@ -59,6 +60,7 @@ class EdgeAgent:
         *,
         device_id: str,
         data_dir: Path,
+        tags: set[str] | None = None,
         kinds: set[str] | None = None,
         names: set[str] | None = None,
         quantization: str | None = None,
@@ -67,7 +69,7 @@ class EdgeAgent:
         llm_artifact: str = "q8_0",
     ) -> None:
         self.bus, self.device_id = bus, device_id
-        self.kinds, self.names = kinds or set(), names or set()
+        self.tags, self.kinds, self.names = tags or set(), kinds or set(), names or set()
         self.cache = data_dir / "fetched"
         """Where fetched artifacts are kept."""
         self.state = data_dir / "edge-state.json"
@@ -118,11 +120,14 @@ class EdgeAgent:
             await service.stop()
 
     def wants(self, event: ModelAvailable) -> bool:
-        """Whether an announcement is an ONNX model meant for this device."""
+        """Whether an announcement is an ONNX model meant for this device: by its id, else by one of its
+        tags, else (addressed to neither) by a kind or name it follows."""
         if event.format != "onnx" or event.quantization != self.quantization:
             return False
         if event.device_id is not None:
             return event.device_id == self.device_id
+        if event.device_tags:
+            return not self.tags.isdisjoint(event.device_tags)
         return event.kind in self.kinds or event.name in self.names
 
     async def _on_model(self, msg: Message) -> None:

@@ -80,6 +80,7 @@ def announcements(
                     "parent_version": parent_version,
                     "alias": alias,
                     "device_id": model.device_id,
+                    "device_tags": model.device_tags,
                 }
             )
         )

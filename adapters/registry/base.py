@@ -94,6 +94,8 @@ class ModelRecord(Registered):
     """The version this one continued from (lineage)."""
     label: str | None = None
     """A version label other than the number, when the producer keeps one (v1.0, v1.1, ...)."""
+    device_tags: list[str] = Field(default_factory=list)
+    """Tags of the devices it is meant for (the task's `device_tags`)."""
 
 
 class TrainingRun(Record):

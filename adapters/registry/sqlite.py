@@ -62,10 +62,14 @@ MIGRATIONS: list[str] = [
         model_id TEXT NOT NULL REFERENCES models(id), set_at TEXT NOT NULL);
     CREATE INDEX idx_aliases_name ON aliases(name, alias);
     """,
+    # 3: device tags a model version is addressed to (a JSON list)
+    """
+    ALTER TABLE models ADD COLUMN device_tags TEXT NOT NULL DEFAULT '[]';
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 
-_JSON_FIELDS = {"task", "result", "metrics", "config"}
+_JSON_FIELDS = {"task", "result", "metrics", "config", "device_tags"}
 
 
 def _row_values(record: Record) -> dict[str, Any]:

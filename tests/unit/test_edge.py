@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
@@ -84,3 +86,20 @@ async def loaded(models: Watcher, model_id: str) -> None:
         lambda es: [e for e in es if isinstance(e.data, ModelLoaded) and e.data.model_id == model_id]
     )
     assert reports[0].data.ok, reports[0].data.message
+
+
+@pytest.mark.parametrize(
+    ("addressed", "taken"),
+    [
+        ({"device_id": "d3"}, True),
+        ({"device_id": "other"}, False),
+        ({"device_tags": ["valves", "pumps"]}, True),
+        ({"device_tags": ["valves"]}, False),  # a kind it follows does not make a tagged model its own
+        ({}, True),  # addressed to nobody: taken for its kind
+        ({"quantization": "int8"}, False),  # not the export it takes
+    ],
+)
+def test_what_an_agent_takes_by_id_tag_or_kind(tmp_path: Path, addressed: dict[str, Any], taken: bool) -> None:
+    agent = EdgeAgent(MemoryBus(), device_id="d3", data_dir=tmp_path, tags={"pumps"}, kinds={"classifier"})
+    event = tiny_announcement(tmp_path, "tiny-1", device_id="d3").model_copy(update={"device_id": None, **addressed})
+    assert agent.wants(event) is taken

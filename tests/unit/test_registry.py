@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -35,6 +36,32 @@ async def test_migrations_apply_once(tmp_path: Path) -> None:
         store = SqliteStore(path)
         await store.open()
         assert await store.schema_version() == len(MIGRATIONS)
+        await store.close()
+
+
+async def test_a_registry_from_before_device_tags_migrates_and_keeps_its_models(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the schema as migrations 1 and 2 left it, with one model
+        db.execute("CREATE TABLE schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)")
+        for version, script in enumerate(MIGRATIONS[:2], start=1):
+            db.executescript(script)
+            db.execute("INSERT INTO schema_migrations VALUES (?, '2026-11-01T00:00:00Z')", (version,))
+        db.execute(
+            "INSERT INTO models (id, name, version, framework, model_type, export_path, export_format, metrics, "
+            "created_at, updated_at) VALUES ('old', 'm', 1, 'pytorch', 'classifier', '/m.onnx', 'onnx', '{}', 'x', 'x')"
+        )
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.schema_version() == len(MIGRATIONS)
+        old = await store.get_model("old")
+        assert old is not None and old.device_tags == []
+        tagged = ModelRecord(
+            id="new", name="m", model_type="classifier", export_path="/n.onnx", export_format="onnx",
+            device_tags=["pumps", "site-3"],
+        )  # fmt: skip
+        assert (await store.add_model(tagged)).device_tags == ["pumps", "site-3"]
+    finally:
         await store.close()
 
 

@@ -68,7 +68,12 @@ async def test_a_classifier_and_a_regressor_train_export_raw_row_onnx_and_announ
     await client.subscribe(MODELS, models.on_message)
     async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path) as worker:
         for task, check in (
-            (training("classifier", "file://cancer.csv", "diagnosis", metrics=["accuracy", "auroc"]), "accuracy"),
+            (
+                training("classifier", "file://cancer.csv", "diagnosis", metrics=["accuracy", "auroc"]).model_copy(
+                    update={"device_tags": ["clinics"]}
+                ),
+                "accuracy",
+            ),
             (training("regressor", "file://diabetes.jsonl", "progression", epochs=60, lr_scheduler="cosine"), "r2"),
         ):
             events = await watch(client, task.request_id or "")
@@ -92,6 +97,9 @@ async def test_a_classifier_and_a_regressor_train_export_raw_row_onnx_and_announ
             assert np.isfinite(prediction).all()
             announced = (await models.wait_for("available", count=2 if check == "r2" else 1)).data
             assert (announced.format, announced.kind, announced.model_id) == ("onnx", task.model_type, result.model_id)
+            assert announced.device_tags == task.device_tags, "addressed to the task's device tags"
+            registered = await worker.store.get_model(result.model_id)
+            assert registered is not None and registered.device_tags == task.device_tags
         runs = await worker.store.list_training_runs(status=JobState.COMPLETED)
         assert len(runs) == 2
 

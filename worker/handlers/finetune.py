@@ -113,6 +113,7 @@ class FinetuneHandler:
                 label=label,
                 user_id=task.user_id,
                 device_id=task.device_id,
+                device_tags=list(task.device_tags),
                 job_id=ctx.job_id,
             )
         )

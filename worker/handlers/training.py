@@ -68,6 +68,7 @@ class TrainingHandler:
                 metrics=metrics,
                 user_id=task.user_id,
                 device_id=task.device_id,
+                device_tags=list(task.device_tags),
                 job_id=ctx.job_id,
             )
         )
