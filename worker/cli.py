@@ -62,13 +62,20 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
-async def _connected(url: str) -> Bus:
-    bus = create_bus(url)
-    try:
-        await bus.connect()
-    except ForsetiError as exc:
-        raise _fail(f"{exc.message}\nstart the embedded stack with `forseti up`, or pass --bus") from exc
-    return bus
+async def _connected(url: str, *, wait: bool = False) -> Bus:
+    """A connected bus; with `wait`, tried again (every 0.5 s, backing off to 30 s) until it answers."""
+    delay = 0.5
+    while True:
+        bus = create_bus(url)
+        try:
+            await bus.connect()
+            return bus
+        except ForsetiError as exc:
+            if not wait:
+                raise _fail(f"{exc.message}\nstart the embedded stack with `forseti up`, or pass --bus") from exc
+            err.print(f"{exc.message}; trying again in {delay:g}s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
 
 
 class _Service(Protocol):
@@ -77,11 +84,12 @@ class _Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def _serve(bus: str, make: Callable[[Bus], _Service], *, ready: str = "") -> None:
-    """Connect, start the service `make` builds on the connection, and run it until SIGTERM or SIGINT."""
+def _serve(bus: str, make: Callable[[Bus], _Service], *, ready: str = "", wait_for_bus: bool = False) -> None:
+    """Connect (with `wait_for_bus`, however long the bus takes to answer), start the service `make`
+    builds on the connection, and run it until SIGTERM or SIGINT."""
 
     async def go() -> None:
-        client = await _connected(bus)
+        client = await _connected(bus, wait=wait_for_bus)
         try:
             service = make(client)
             stop = asyncio.Event()
@@ -617,7 +625,9 @@ def edge(
             llm_artifact=llm_artifact,
         )
 
-    _serve(bus, make, ready=f"edge {device_id}: follows forseti.models; answers on {edge_channel(device_id)}")
+    # a device may boot before its network or its broker: it waits for the bus instead of exiting
+    ready = f"edge {device_id}: follows forseti.models; answers on {edge_channel(device_id)}"
+    _serve(bus, make, ready=ready, wait_for_bus=True)
 
 
 @app.command()

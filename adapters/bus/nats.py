@@ -128,19 +128,13 @@ class NatsBus:
         if self._nc is not None:
             return
         try:
-            self._nc = await nats.connect(
-                self.url,
-                name=self._name,
-                connect_timeout=max(1, int(self.settings.connect_timeout)),
-                reconnect_time_wait=0.25,
-                max_reconnect_attempts=-1,
-                allow_reconnect=True,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnect,
-                reconnected_cb=self._on_reconnect,
-            )
+            # nats-py tries the first connection as often as a reconnection (forever here), so the
+            # wait for a server that is not there is bounded by connect_timeout instead
+            async with asyncio.timeout(self.settings.connect_timeout):
+                self._nc = await self._connect()
         except (NoServersError, OSError, TimeoutError) as exc:
-            raise BusError(f"cannot reach NATS at {self.url}: {exc}") from exc
+            reason = str(exc) or f"no answer within {self.settings.connect_timeout:g}s"
+            raise BusError(f"cannot reach NATS at {self.url}: {reason}") from exc
         self._js = self._nc.jetstream()
         tasks = StreamConfig(
             name=STREAM,
@@ -161,6 +155,19 @@ class NatsBus:
                 await self._js.stream_info(config.name or "")
             except NotFoundError:
                 await self._js.add_stream(config)
+
+    async def _connect(self) -> Client:
+        return await nats.connect(
+            self.url,
+            name=self._name,
+            connect_timeout=max(1, int(self.settings.connect_timeout)),
+            reconnect_time_wait=0.25,
+            max_reconnect_attempts=-1,
+            allow_reconnect=True,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnect,
+            reconnected_cb=self._on_reconnect,
+        )
 
     async def put_object(self, bucket: str, name: str, path: Path, sha256: str) -> None:
         """Store a file in a JetStream object store bucket (made on first use), read and sent in chunks;

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 
 from forseti.adapters.bus import create_bus
-from forseti.adapters.bus.servers import NatsServer, TansuBroker
+from forseti.adapters.bus.servers import NatsServer, TansuBroker, free_port
 from forseti.adapters.inference import OnnxPolicy
 from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
@@ -68,6 +69,34 @@ def test_the_edge_agent_is_torch_free() -> None:
     probe = f"{blocked}; import forseti.worker.edge, forseti.worker.cli; print('ok')"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+def test_an_edge_agent_started_before_its_bus_waits_for_it(tmp_path: Path) -> None:
+    port = free_port()
+    edge = WorkerProcess(
+        f"nats://127.0.0.1:{port}", tmp_path / "edge", handlers=[], command=("edge", "--device-id", "early"),
+        ready="trying again",
+    )  # fmt: skip
+    try:
+        with NatsServer(tmp_path / "nats", port=port) as server:
+            deadline = time.monotonic() + 30
+            while not any("answers on" in line for line in edge.lines):
+                assert edge.proc.poll() is None and time.monotonic() < deadline, "".join(edge.lines)
+                time.sleep(0.1)
+
+            async def ask() -> Any:
+                client = create_bus(server.url)
+                await client.connect()
+                try:
+                    request = encode(InferRequest.model_validate({"rows": [{"a": 1.0}]}))
+                    return decode(await client.request(edge_channel("early"), request, timeout=10)).data
+                finally:
+                    await client.close()
+
+            answer = asyncio.run(ask())
+            assert isinstance(answer, InferError) and "serves: none yet" in answer.message
+    finally:
+        assert edge.stop() == 0, "".join(edge.lines)
 
 
 @pytest.mark.parametrize("over", ["nats", "kafka"])
