@@ -191,13 +191,18 @@ async def test_nats_client_reconnects_after_a_server_restart(fresh_nats: NatsSer
     try:
         channel = unique("forseti.jobs")
         tasks = unique("forseti.tasks")
-        inbox = Inbox()
+        inbox, followed = Inbox(), Inbox()
         await bus.subscribe(channel, inbox.on_message)
+        await bus.follow(MODELS, followed.on_message, durable="across-a-restart")
         await bus.publish(tasks, b"kept across the restart")
+        await bus.publish(MODELS, b"before")
+        assert await followed.wait_count(1) == [b"before"]
         await asyncio.to_thread(fresh_nats.restart)
         await asyncio.wait_for(bus.reconnected.wait(), 20)
         await bus.publish(channel, b"after")
         assert await inbox.wait_count(1) == [b"after"]
+        await bus.publish(MODELS, b"after")
+        assert await followed.wait_count(2) == [b"before", b"after"], "the follower goes on where it was"
         delivery = await next_task(await bus.intake(tasks, group="workers"))
         assert delivery.data == b"kept across the restart"
         await delivery.ack()
