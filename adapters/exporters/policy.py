@@ -82,13 +82,6 @@ def _sample_observations(space: spaces.Space[Any], count: int, seed: int) -> np.
     return np.stack([np.asarray(space.sample()) for _ in range(count)]).astype(np.float32)
 
 
-def _to_onnx(module: DeterministicPolicy, example: torch.Tensor, path: Path) -> bytes:
-    # tracing meets torch.distributions' argument checks (constant for a fixed policy); the parity
-    # check below is what proves the graph right
-    torch_to_onnx(module, example, path, "observation", "action", quiet_tracer=True)
-    return path.read_bytes()
-
-
 def export_policy(
     model: BaseAlgorithm,
     folder: Path,
@@ -108,10 +101,10 @@ def export_policy(
     module = DeterministicPolicy(model).to("cpu").eval()
     observations = _sample_observations(obs_space, PARITY_SAMPLES, seed)
     onnx_path = folder / "policy.onnx"
-    graph = _to_onnx(module, torch.as_tensor(observations[:1]), onnx_path)
-
-    session = ort.InferenceSession(graph, providers=["CPUExecutionProvider"])
-    onnx_actions = session.run(None, {"observation": observations})[0]
+    # tracing meets torch.distributions' argument checks (constant for a fixed policy); the parity
+    # check below is what proves the graph right
+    torch_to_onnx(module, torch.as_tensor(observations[:1]), onnx_path, "observation", "action", quiet_tracer=True)
+    onnx_actions = _run(onnx_path, observations)
     sb3_actions, _ = model.predict(observations, deterministic=True)
     sb3_actions = np.asarray(sb3_actions).reshape(onnx_actions.shape)
     if isinstance(act_space, spaces.Box):
@@ -163,6 +156,7 @@ def export_policy(
 
 
 def _run(path: Path, observations: np.ndarray) -> np.ndarray:
+    """The actions an ONNX policy file gives for a batch of observations."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     actions: np.ndarray = session.run(None, {"observation": observations})[0]
     return actions
