@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from forseti.adapters.bus import Bus, Delivery, Message, MessageHandler, TaskIntake
+from forseti.adapters.bus.kafka import KafkaBus
 from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer
 from forseti.schemas.catalog import MODELS
@@ -96,6 +97,33 @@ async def test_request_reply_and_its_timeout(connect: Connect) -> None:
     assert await client.request(channel, b"ping", timeout=10) == b"re:ping"
     with pytest.raises(RequestTimeout, match="no reply"):
         await client.request(unique("forseti.nobody"), b"ping", timeout=0.5)
+
+
+async def test_overlapping_requests_and_one_after_a_pause_are_all_answered(connect: Connect) -> None:
+    # Kafka fetches a client's reply topic only while a request waits: the first answer must not
+    # stop the fetching the slower one still needs, and an idle client must wake for the next one
+    server, client = await connect(), await connect()
+    channel = unique("forseti.svc")
+    answers: set[asyncio.Task[None]] = set()
+
+    async def echo(msg: Message) -> None:
+        async def answer() -> None:
+            await asyncio.sleep(1.0 if msg.data == b"slow" else 0)
+            await msg.respond(b"re:" + msg.data)
+
+        answers.add(task := asyncio.create_task(answer()))
+        task.add_done_callback(answers.discard)
+
+    await server.subscribe(channel, echo)
+    slow = asyncio.create_task(client.request(channel, b"slow", timeout=10))
+    await asyncio.sleep(0.2)
+    assert await client.request(channel, b"fast", timeout=10) == b"re:fast"
+    assert await slow == b"re:slow"
+    await asyncio.sleep(0.5)
+    if isinstance(client, KafkaBus):
+        consumer = client._reply_consumer
+        assert consumer is not None and consumer.paused() == consumer.assignment()
+    assert await client.request(channel, b"again", timeout=10) == b"re:again"
 
 
 async def test_a_task_handed_back_is_delivered_again(connect: Connect) -> None:
