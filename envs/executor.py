@@ -78,19 +78,19 @@ class Session:
     def step(self, session_id: str, number: int, actions: list[Any]) -> EnvTransition:
         space = self.envs[0].action_space
         batch = check_batch(actions, space, len(self.envs), "actions")
+        # a Discrete env takes Python ints: tolist() makes them in one call
+        per_env = batch.tolist() if isinstance(space, spaces.Discrete) else batch
         observations, rewards, terminated, truncated, infos = [], [], [], [], []
-        for env, action in zip(self.envs, batch, strict=True):
-            act = int(action) if isinstance(space, spaces.Discrete) else action
-            obs, reward, term, trunc, info = env.step(act)
-            info = dict(info)
+        for env, action in zip(self.envs, per_env, strict=True):
+            obs, reward, term, trunc, info = env.step(action)
             if term or trunc:
-                info["terminal_observation"] = obs
+                info = {**info, "terminal_observation": obs}
                 obs, _ = env.reset()
             observations.append(to_wire(obs))
             rewards.append(float(reward))
             terminated.append(bool(term))
             truncated.append(bool(trunc))
-            infos.append(to_wire(info))
+            infos.append(to_wire(info) if info else {})
         self.last_step = number
         return EnvTransition.model_construct(
             session_id=session_id,

@@ -24,7 +24,7 @@ from forseti.schemas.env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, 
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask, RequestTimeout
 
-from .spaces import check_batch, check_flags, check_rewards, spec_to_space
+from .spaces import check_batch, check_flags, check_infos, check_rewards, spec_to_space
 
 
 class RemoteVecEnv(VecEnv):
@@ -107,7 +107,7 @@ class RemoteVecEnv(VecEnv):
         rewards = check_rewards(t.rewards, self.num_envs)
         terminated = check_flags(t.terminated, self.num_envs, "terminated")
         truncated = check_flags(t.truncated, self.num_envs, "truncated")
-        infos: list[dict[str, Any]] = [dict(info) for info in t.infos] or [{} for _ in range(self.num_envs)]
+        infos = check_infos(t.infos, self.num_envs)  # decoding made them ours: SB3 may write into them
         for i, info in enumerate(infos):
             info["TimeLimit.truncated"] = bool(truncated[i] and not terminated[i])
             if "terminal_observation" in info:

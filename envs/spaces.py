@@ -124,9 +124,10 @@ def check_rewards(values: list[float], num_envs: int) -> np.ndarray:
     if len(values) != num_envs:
         raise _invalid(f"rewards: {len(values)} values for {num_envs} sub-envs")
     rewards = np.asarray(values, dtype=np.float64)
-    for i, reward in enumerate(rewards):
-        if not math.isfinite(reward) or abs(reward) > FLOAT32_MAX:
-            raise _invalid(f"rewards[{i}]: {reward} is not a finite float32")
+    bad = ~(np.abs(rewards) <= FLOAT32_MAX)  # NaN compares False, so it is caught with the infinities
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise _invalid(f"rewards[{i}]: {rewards[i]} is not a finite float32")
     return rewards.astype(np.float32)
 
 
@@ -135,6 +136,15 @@ def check_flags(values: list[bool], num_envs: int, field: str) -> np.ndarray:
     if len(values) != num_envs:
         raise _invalid(f"{field}: {len(values)} values for {num_envs} sub-envs")
     return np.asarray(values, dtype=bool)
+
+
+def check_infos(values: list[dict[str, Any]], num_envs: int) -> list[dict[str, Any]]:
+    """Per-sub-env info dicts: one each, or none at all (then empty ones)."""
+    if not values:
+        return [{} for _ in range(num_envs)]
+    if len(values) != num_envs:
+        raise _invalid(f"infos: {len(values)} values for {num_envs} sub-envs")
+    return values
 
 
 def to_wire(value: Any) -> Any:

@@ -17,7 +17,7 @@ from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.envs import ENV_IDS, register_envs
 from forseti.envs.executor import EnvServer, gym_factory
 from forseti.envs.remote import RemoteVecEnv
-from forseti.envs.spaces import check_batch, check_rewards, space_to_spec, spec_to_space
+from forseti.envs.spaces import check_batch, check_infos, check_rewards, space_to_spec, spec_to_space
 from forseti.schemas.errors import ErrorCode, ForsetiError
 
 
@@ -47,6 +47,12 @@ def test_checks_name_the_field_and_the_sub_env() -> None:
         check_batch([7], spaces.Discrete(2), 1, "actions")
     with pytest.raises(ForsetiError, match=r"rewards\[0\]: .* is not a finite float32"):
         check_rewards([1e39], 1)
+    for bad in (math.nan, -math.inf):
+        with pytest.raises(ForsetiError, match=r"rewards\[1\]: .* is not a finite float32"):
+            check_rewards([0.5, bad, 1.0], 3)
+    with pytest.raises(ForsetiError, match=r"infos: 1 values for 2 sub-envs"):
+        check_infos([{}], 2)
+    assert check_infos([], 2) == [{}, {}]
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
