@@ -35,8 +35,9 @@ from forseti.worker.loop import run as run_loop
 
 KAFKA_KNOBS = "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=4&fetch_max_wait_ms=5"
 """fetch_max_wait_ms=5: Tansu looks for data only at points within that wait (the first at half of it),
-and a step round trip waits on two fetches. Lower is faster but unsafe on Tansu: its fetch scans the
-partition within the wait, and at 2 ms a partition past about 4,500 records is never served again."""
+and a step round trip waits on two fetches. Lower is faster but unsafe on Tansu, whose fetches behave
+as if they scanned the partition within the wait: at 2 ms a partition past about 4,500 records is
+never served again (docs/operations.md)."""
 
 
 def ppo(num_envs: int) -> dict[str, Any]:
