@@ -1,16 +1,22 @@
-"""Fixtures: real nats-server and Tansu on free ports, and a `bus_url` for every transport."""
+"""Fixtures: real nats-server, Tansu and PostgreSQL on free ports, a `bus_url` for every transport and a
+`registry_url` for every registry store."""
 
 from __future__ import annotations
 
+import tempfile
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from forseti.adapters.bus import Bus, MemoryBroker, create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker
+from forseti.adapters.registry.server import PostgresServer
 
 TRANSPORTS = ["memory", "nats", "kafka"]
+STORES = ["sqlite", "postgres"]
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +31,37 @@ def tansu() -> Iterator[TansuBroker]:
     """A real Kafka-compatible broker for the whole session."""
     with TansuBroker() as broker:
         yield broker
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A real PostgreSQL for the whole session (fsync off). Its cluster lies in a folder of its own under
+    the system's temp dir, which the server's user can reach when the tests run as root."""
+    with tempfile.TemporaryDirectory(prefix="forseti-pg-") as scratch:
+        Path(scratch).chmod(0o755)
+        with PostgresServer(Path(scratch) / "cluster", durable=False) as server:
+            yield server
+
+
+@pytest.fixture
+async def postgres_url(postgres_server: PostgresServer) -> AsyncIterator[str]:
+    """A database of this test's own on the session's server: its URL, password included."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres_server.url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        yield postgres_server.url.rsplit("/", 1)[0] + f"/{name}"
+        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture(params=STORES)
+def registry_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each registry store in turn: a SQLite file under the test's folder, a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'registry.db'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

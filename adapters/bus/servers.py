@@ -4,32 +4,13 @@
 from __future__ import annotations
 
 import shutil
-import socket
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from forseti.adapters.processes import ServerProcess, free_port, port_open
 from forseti.schemas.errors import BusError
 
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
-    """True when something accepts TCP connections at host:port."""
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+__all__ = ["NatsServer", "ServerProcess", "TansuBroker", "free_port", "nats_server_binary", "port_open"]
 
 
 def nats_server_binary() -> str:
@@ -41,60 +22,7 @@ def nats_server_binary() -> str:
     return found
 
 
-class _Process:
-    """A server process on a port; a context manager that stops it."""
-
-    name = "server"
-    ready_timeout = 20.0
-
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = Path(tempfile.mkstemp(prefix=f"forseti-{self.name}-", suffix=".log")[1])
-
-    def command(self) -> list[str]:
-        raise NotImplementedError
-
-    def start(self) -> Self:
-        """Start and wait until the port accepts connections."""
-        with self.log_path.open("ab") as log:
-            # a session of its own: Ctrl-C in a terminal reaches `forseti up`, which stops the server
-            # only after its worker has shut down against it
-            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + self.ready_timeout
-        while not port_open("127.0.0.1", self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                self.stop()
-                raise BusError(f"{self.name} did not start on port {self.port}:\n{tail}")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        """Stop the process (SIGTERM, then SIGKILL after 5 s)."""
-        if self.proc is None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.proc = None
-
-    def restart(self) -> None:
-        """Stop and start again on the same port with the same storage."""
-        self.stop()
-        self.start()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.stop()
-
-
-class NatsServer(_Process):
+class NatsServer(ServerProcess):
     """nats-server with JetStream, its store under `store_dir`."""
 
     name = "nats-server"
@@ -113,7 +41,7 @@ class NatsServer(_Process):
         return [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)]
 
 
-class TansuBroker(_Process):
+class TansuBroker(ServerProcess):
     """Tansu, an Apache-Kafka-compatible broker, with in-memory storage."""
 
     name = "tansu"

@@ -1,23 +1,31 @@
-"""Registry stores behind one protocol: SQLite by default."""
+"""Registry stores behind one protocol: SQLite on one host (the default), PostgreSQL for many."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Artifact, JobRecord, ModelRecord, RegistryStore, RLAgent, TrainingRun
+from .base import Artifact, Claim, JobRecord, ModelRecord, RegistryStore, RLAgent, TrainingRun, redact
 from .sqlite import SqliteStore
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+"""URL schemes that select the PostgreSQL store."""
 
 
 def create_store(url: str) -> RegistryStore:
-    """A store for a URL: `sqlite:///path/registry.db` or a plain path."""
+    """A store for a URL: `sqlite:///path/registry.db` (or a plain path), or `postgresql://user:pass@host/db`."""
+    if url.startswith(POSTGRES_SCHEMES):
+        from .postgres import PostgresStore  # asyncpg: only where a PostgreSQL registry is used
+
+        return PostgresStore(url)
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else url
     if "://" in path:
-        raise ValueError(f"unsupported registry URL {url!r}: use sqlite:///PATH")
+        raise ValueError(f"unsupported registry URL {redact(url)!r}: use sqlite:///PATH or postgresql://HOST/DB")
     return SqliteStore(Path(path))
 
 
 __all__ = [
     "Artifact",
+    "Claim",
     "JobRecord",
     "ModelRecord",
     "RLAgent",
@@ -25,4 +33,5 @@ __all__ = [
     "SqliteStore",
     "TrainingRun",
     "create_store",
+    "redact",
 ]

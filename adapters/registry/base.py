@@ -6,8 +6,10 @@ record, which makes intake idempotent) and `artifacts` (every exported file with
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -19,6 +21,15 @@ from forseti.schemas.tasks import TaskKind
 def utcnow() -> str:
     """Now, as ISO 8601 in UTC."""
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def redact(url: str) -> str:
+    """A store URL fit to log or show: its password replaced by `***`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Record(BaseModel):
@@ -52,6 +63,27 @@ class JobRecord(Record):
     """First seen."""
     updated_at: str = Field(default_factory=utcnow)
     """Last change."""
+    lease_owner: str | None = None
+    """The worker that holds the job's lease while it runs (None once it settled or was handed back)."""
+    lease_expires_at: str | None = None
+    """When that lease runs out unless its owner renews it (ISO 8601, the registry's clock)."""
+
+    def orphaned(self, now: str | None = None) -> bool:
+        """True for a running or paused job whose lease ran out: its worker died and no other took it over yet."""
+        live = self.state in (JobState.RUNNING, JobState.PAUSED)
+        return live and self.lease_expires_at is not None and self.lease_expires_at < (now or utcnow())
+
+
+@dataclass(frozen=True)
+class Claim:
+    """What `RegistryStore.claim_job` found: the job as it stands, and whether the caller now holds it."""
+
+    job: JobRecord
+    """The stored job after the claim (with the attempt counted, when won)."""
+    won: bool
+    """True when the caller holds the lease now and should run the job."""
+    lease_left: float = 0.0
+    """When not won and the job has not ended: seconds until the holder's lease runs out."""
 
 
 class Registered(Record):
@@ -164,7 +196,7 @@ class Artifact(Record):
 
 
 class RegistryStore(Protocol):
-    """What the worker and the CLI need from a registry; SQLite now, PostgreSQL to follow."""
+    """What the worker and the CLI need from a registry: SQLite on one host, PostgreSQL for many."""
 
     async def open(self) -> None:
         """Connect and apply pending migrations."""
@@ -185,6 +217,16 @@ class RegistryStore(Protocol):
         self, *, state: JobState | None = None, kind: TaskKind | None = None, limit: int = 50
     ) -> list[JobRecord]:
         """Newest jobs first, optionally filtered."""
+
+    async def claim_job(self, job: JobRecord, *, owner: str, ttl: float) -> Claim:
+        """Take a job's lease for `ttl` seconds and count the attempt, unless it ended or its lease is live."""
+
+    async def renew_lease(self, job_id: str, *, owner: str, ttl: float) -> bool:
+        """Extend `owner`'s lease by `ttl` seconds from now; False when another worker holds it."""
+
+    async def update_held_job(self, job: JobRecord, *, owner: str, release: bool) -> bool:
+        """Write a job's state and outcome while `owner` holds its lease (giving it up with `release`);
+        False when another worker took the job over."""
 
     async def add_model(self, model: ModelRecord) -> ModelRecord:
         """Register a model version; the store assigns the next version of its name."""

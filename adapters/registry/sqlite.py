@@ -5,19 +5,17 @@ from __future__ import annotations
 import asyncio
 import itertools
 import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiosqlite
 import orjson
 
 from forseti.schemas.errors import StoreError
-from forseti.schemas.jobs import JobState
-from forseti.schemas.tasks import TaskKind
 
-from .base import Artifact, JobRecord, ModelRecord, Record, RLAgent, TrainingRun, utcnow
-
-R = TypeVar("R", bound=Record)
+from .base import utcnow
+from .sql import JSON_FIELDS, Dialect, SqlStore
 
 MIGRATIONS: list[str] = [
     # 1: the seed's tables, plus jobs and artifacts
@@ -66,29 +64,54 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE models ADD COLUMN device_tags TEXT NOT NULL DEFAULT '[]';
     """,
+    # 4: job leases, so one worker at a time runs a job and a dead worker's job can be taken over
+    """
+    ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
+    ALTER TABLE jobs ADD COLUMN lease_expires_at TEXT;
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 
-_JSON_FIELDS = {"task", "result", "metrics", "config", "device_tags"}
+
+def _to_db(column: str, value: Any) -> Any:
+    return orjson.dumps(value).decode() if column in JSON_FIELDS and value is not None else value
 
 
-def _row_values(record: Record) -> dict[str, Any]:
-    values = record.model_dump(mode="json")
-    return {k: orjson.dumps(v).decode() if k in _JSON_FIELDS and v is not None else v for k, v in values.items()}
+def _from_db(column: str, value: Any) -> Any:
+    return orjson.loads(value) if column in JSON_FIELDS and value is not None else value
 
 
-def _from_row(cls: type[R], row: sqlite3.Row) -> R:
-    values = {k: orjson.loads(row[k]) if k in _JSON_FIELDS and row[k] is not None else row[k] for k in row.keys()}  # noqa: SIM118 (sqlite3.Row iterates values)
-    return cls.model_validate(values)
+# ISO 8601 with milliseconds and a Z, as `utcnow()` writes it, so stored times compare as text
+_NOW = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')"
+
+SQLITE = Dialect(
+    mark=lambda _: "?",
+    now=_NOW,
+    later=lambda seconds: f"strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || {seconds} || ' seconds')",
+    seconds_until=lambda column: f"(julianday({column}) - julianday('now')) * 86400.0",
+    to_db=_to_db,
+    from_db=_from_db,
+)
+"""SQLite's dialect: `?` placeholders, JSON and times as text."""
 
 
-class SqliteStore:
+_Write = tuple[str, list[Any], "asyncio.Future[list[Mapping[str, Any]]]"]
+"""A queued write: statement, parameters, and the future its rows go to."""
+
+
+def _rows(rows: Iterable[sqlite3.Row]) -> list[Mapping[str, Any]]:
+    return [dict(zip(row.keys(), row, strict=True)) for row in rows]
+
+
+class SqliteStore(SqlStore):
     """RegistryStore on one SQLite file (WAL mode, so readers such as `forseti jobs` do not block the worker)."""
+
+    dialect = SQLITE
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         self._db: aiosqlite.Connection | None = None
-        self._pending: list[tuple[str, list[Any], asyncio.Future[None]]] = []
+        self._pending: list[_Write] = []
         self._flusher: asyncio.Task[None] | None = None
 
     @property
@@ -142,167 +165,59 @@ class SqliteStore:
         rows = list(await self.db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
         return int(rows[0][0]) if rows else 0
 
-    async def _upsert(self, table: str, record: Record) -> None:
-        values = _row_values(record)
-        columns = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        await self._write(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks})", list(values.values()))
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Mapping[str, Any]]:
+        """Run one statement (autocommit) and return its rows."""
+        try:
+            return _rows(await self.db.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read the registry: {exc}") from exc
 
-    async def _write(self, sql: str, params: list[Any]) -> None:
+    async def _change(self, sql: str, params: Sequence[Any]) -> list[Mapping[str, Any]]:
         """Run one write; writes that arrive while another commits share the next transaction (group
-        commit), so a busy worker pays one thread hop and one commit for many jobs. Returns once the
-        write is committed."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((sql, params, done))
+        commit), so a busy worker pays one thread hop and one commit for many jobs. Returns its
+        `RETURNING` rows once the write is committed."""
+        done: asyncio.Future[list[Mapping[str, Any]]] = asyncio.get_running_loop().create_future()
+        self._pending.append((sql, list(params), done))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
-        await done
+        return await done
 
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
+            if len(batch) == 1:
+                await self._run_alone(*batch[0])
+                continue
             try:
-                if len(batch) == 1:
-                    await self.db.execute(batch[0][0], batch[0][1])
-                else:
-                    await self.db.execute("BEGIN")
-                    for sql, group in itertools.groupby(batch, key=lambda item: item[0]):
-                        await self.db.executemany(sql, [params for _, params, _ in group])
-                    await self.db.execute("COMMIT")
-            except sqlite3.Error as exc:
+                results = await self._run_together(batch)
+            except sqlite3.Error:
                 if self.db.in_transaction:
                     await self.db.execute("ROLLBACK")
-                error = StoreError(f"cannot write the registry: {exc}")
-                for _, _, done in batch:
-                    done.set_exception(error)
+                for item in batch:  # one bad write must not fail the others that shared its commit
+                    await self._run_alone(*item)
             else:
-                for _, _, done in batch:
-                    done.set_result(None)
+                for (_, _, done), rows in zip(batch, results, strict=True):
+                    done.set_result(rows)
 
-    async def _select(self, cls: type[R], sql: str, params: list[Any]) -> list[R]:
+    async def _run_together(self, batch: list[_Write]) -> list[list[Mapping[str, Any]]]:
+        results: list[list[Mapping[str, Any]]] = []
+        await self.db.execute("BEGIN")
+        # a run of the same statement without RETURNING (a busy worker's job rows) is one executemany
+        for sql, group in itertools.groupby(batch, key=lambda item: item[0]):
+            items = list(group)
+            if "RETURNING" in sql:
+                for _, params, _ in items:
+                    results.append(_rows(await self.db.execute_fetchall(sql, params)))
+            else:
+                await self.db.executemany(sql, [params for _, params, _ in items])
+                results += [[] for _ in items]
+        await self.db.execute("COMMIT")
+        return results
+
+    async def _run_alone(self, sql: str, params: list[Any], done: asyncio.Future[list[Mapping[str, Any]]]) -> None:
         try:
-            return [_from_row(cls, row) for row in await self.db.execute_fetchall(sql, params)]
+            rows = _rows(await self.db.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot read registry: {exc}") from exc
-
-    @staticmethod
-    def _where(filters: dict[str, Any]) -> tuple[str, list[Any]]:
-        used = {k: v for k, v in filters.items() if v is not None}
-        clause = " AND ".join(f"{k} = ?" for k in used)
-        return (f" WHERE {clause}" if clause else ""), list(used.values())
-
-    async def get_job(self, job_id: str) -> JobRecord | None:
-        """One job, or None."""
-        rows = await self._select(JobRecord, "SELECT * FROM jobs WHERE job_id = ?", [job_id])
-        return rows[0] if rows else None
-
-    async def put_job(self, job: JobRecord) -> JobRecord:
-        """Insert or replace a job; stamps updated_at."""
-        job = job.model_copy(update={"updated_at": utcnow()})
-        await self._upsert("jobs", job)
-        return job
-
-    async def list_jobs(
-        self, *, state: JobState | None = None, kind: TaskKind | None = None, limit: int = 50
-    ) -> list[JobRecord]:
-        """Newest jobs first, optionally filtered."""
-        where, params = self._where({"state": state, "kind": kind})
-        return await self._select(
-            JobRecord, f"SELECT * FROM jobs{where} ORDER BY created_at DESC LIMIT ?", [*params, limit]
-        )
-
-    async def add_model(self, model: ModelRecord) -> ModelRecord:
-        """Register a model version; the store assigns the next version of its name."""
-        values = _row_values(model)
-        values.pop("version")
-        columns = ", ".join(values)
-        marks = ", ".join("?" for _ in values)
-        # one statement, so two workers registering the same name cannot take the same version
-        sql = (
-            f"INSERT INTO models ({columns}, version) VALUES ({marks}, "
-            "(SELECT COALESCE(MAX(version), 0) + 1 FROM models WHERE name = ?))"
-        )
-        try:
-            await self.db.execute(sql, [*values.values(), model.name])
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot register model {model.name}: {exc}") from exc
-        stored = await self.get_model(model.id)
-        assert stored is not None
-        return stored
-
-    async def get_model(self, model_id: str) -> ModelRecord | None:
-        """One model version, or None."""
-        rows = await self._select(ModelRecord, "SELECT * FROM models WHERE id = ?", [model_id])
-        return rows[0] if rows else None
-
-    async def list_models(self, *, name: str | None = None, limit: int = 50) -> list[ModelRecord]:
-        """Newest versions first."""
-        where, params = self._where({"name": name})
-        return await self._select(
-            ModelRecord, f"SELECT * FROM models{where} ORDER BY created_at DESC, version DESC LIMIT ?", [*params, limit]
-        )
-
-    async def set_alias(self, name: str, alias: str, model_id: str) -> None:
-        """Point `alias` of model `name` at a version (remembering where it pointed before)."""
-        await self._write(
-            "INSERT INTO aliases (name, alias, model_id, set_at) VALUES (?, ?, ?, ?)", [name, alias, model_id, utcnow()]
-        )
-
-    async def get_alias(self, name: str, alias: str) -> ModelRecord | None:
-        """The version `alias` of `name` points at, or None."""
-        rows = await self._select(
-            ModelRecord,
-            "SELECT models.* FROM aliases JOIN models ON models.id = aliases.model_id "
-            "WHERE aliases.name = ? AND aliases.alias = ? ORDER BY aliases.seq DESC LIMIT 1",
-            [name, alias],
-        )
-        return rows[0] if rows else None
-
-    async def rollback_alias(self, name: str, alias: str) -> tuple[ModelRecord, ModelRecord] | None:
-        """Move `alias` back to where it pointed before its last move: (left, now served), or None
-        when there is no earlier position."""
-        history = await self._select(
-            ModelRecord,
-            "SELECT models.* FROM aliases JOIN models ON models.id = aliases.model_id "
-            "WHERE aliases.name = ? AND aliases.alias = ? ORDER BY aliases.seq DESC LIMIT 2",
-            [name, alias],
-        )
-        if len(history) < 2:
-            return None
-        await self._write(
-            "DELETE FROM aliases WHERE seq = (SELECT MAX(seq) FROM aliases WHERE name = ? AND alias = ?)",
-            [name, alias],
-        )
-        return history[0], history[1]
-
-    async def put_training_run(self, run: TrainingRun) -> None:
-        """Insert or replace a training run."""
-        await self._upsert("training_runs", run)
-
-    async def list_training_runs(self, *, status: JobState | None = None, limit: int = 50) -> list[TrainingRun]:
-        """Newest runs first."""
-        where, params = self._where({"status": status})
-        return await self._select(
-            TrainingRun, f"SELECT * FROM training_runs{where} ORDER BY started_at DESC LIMIT ?", [*params, limit]
-        )
-
-    async def add_rl_agent(self, agent: RLAgent) -> None:
-        """Register an agent."""
-        await self._upsert("rl_agents", agent)
-
-    async def list_rl_agents(self, *, algorithm: str | None = None, limit: int = 50) -> list[RLAgent]:
-        """Newest agents first."""
-        where, params = self._where({"algorithm": algorithm})
-        return await self._select(
-            RLAgent, f"SELECT * FROM rl_agents{where} ORDER BY created_at DESC LIMIT ?", [*params, limit]
-        )
-
-    async def add_artifact(self, artifact: Artifact) -> None:
-        """Register an exported file."""
-        await self._upsert("artifacts", artifact)
-
-    async def list_artifacts(self, model_id: str) -> list[Artifact]:
-        """Files of one model version."""
-        return await self._select(
-            Artifact, "SELECT * FROM artifacts WHERE model_id = ? ORDER BY created_at", [model_id]
-        )
+            done.set_exception(StoreError(f"cannot write the registry: {exc}"))
+        else:
+            done.set_result(rows)

@@ -1,0 +1,294 @@
+"""The registry's queries, written once for every SQL store; each store brings its dialect and a way to run them.
+
+A store subclasses `SqlStore` and implements `_fetch` (a read) and `_change` (a write, whose
+`RETURNING` rows it returns once committed). Statements are built with `Params`, which numbers the
+placeholders the way the dialect wants (`?` for SQLite, `$1` for PostgreSQL), and times come from the
+database's own clock (`Dialect.now`), so leases taken on different hosts compare on one clock.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from forseti.schemas.jobs import JobState
+from forseti.schemas.tasks import TaskKind
+
+from .base import Artifact, Claim, JobRecord, ModelRecord, Record, RLAgent, TrainingRun, utcnow
+
+R = TypeVar("R", bound=Record)
+
+JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags"})
+"""Columns that hold JSON documents."""
+TIME_FIELDS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "set_at"})
+"""Columns that hold points in time."""
+TERMINAL = tuple(state.value for state in JobState if state.terminal)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Dialect:
+    """What differs between the SQL engines a store runs on."""
+
+    mark: Callable[[int], str]
+    """The placeholder for the n-th parameter (1-based)."""
+    now: str
+    """An expression for the database's current time, in the type of the time columns."""
+    later: Callable[[str], str]
+    """An expression for now plus the seconds in a placeholder."""
+    seconds_until: Callable[[str], str]
+    """An expression for the seconds from now until a time column (negative once it passed)."""
+    to_db: Callable[[str, Any], Any]
+    """A record field's value as the driver takes it for its column."""
+    from_db: Callable[[str, Any], Any]
+    """A column's value as the record field takes it."""
+
+
+class Params:
+    """The parameters of one statement, numbered as they are added."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.values: list[Any] = []
+
+    def __call__(self, value: Any) -> str:
+        """Add a value; the placeholder to write where it goes."""
+        self.values.append(value)
+        return self.dialect.mark(len(self.values))
+
+
+class SqlStore(ABC):
+    """RegistryStore on a SQL engine: every query of the protocol, over two primitives a store provides."""
+
+    dialect: Dialect
+
+    @abstractmethod
+    async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Mapping[str, Any]]:
+        """Run one read and return its rows as column -> value."""
+
+    @abstractmethod
+    async def _change(self, sql: str, params: Sequence[Any]) -> list[Mapping[str, Any]]:
+        """Run one write and return the rows it names in `RETURNING` (none without), once committed."""
+
+    # -- rows <-> records ------------------------------------------------------------------------
+
+    def _values(self, record: Record) -> dict[str, Any]:
+        return {k: self.dialect.to_db(k, v) for k, v in record.model_dump(mode="json").items()}
+
+    def _record(self, cls: type[R], row: Mapping[str, Any]) -> R:
+        return cls.model_validate({k: self.dialect.from_db(k, row[k]) for k in row if k in cls.model_fields})
+
+    async def _select(self, cls: type[R], sql: str, params: Sequence[Any]) -> list[R]:
+        return [self._record(cls, row) for row in await self._fetch(sql, params)]
+
+    async def _upsert(self, table: str, key: str, record: Record) -> None:
+        values = self._values(record)
+        p = Params(self.dialect)
+        marks = ", ".join(p(v) for v in values.values())
+        updates = ", ".join(f"{c} = excluded.{c}" for c in values if c != key)
+        await self._change(
+            f"INSERT INTO {table} ({', '.join(values)}) VALUES ({marks}) ON CONFLICT ({key}) DO UPDATE SET {updates}",
+            p.values,
+        )
+
+    def _where(self, p: Params, filters: dict[str, Any]) -> str:
+        clause = " AND ".join(f"{k} = {p(v)}" for k, v in filters.items() if v is not None)
+        return f" WHERE {clause}" if clause else ""
+
+    # -- jobs ------------------------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> JobRecord | None:
+        """One job, or None."""
+        p = Params(self.dialect)
+        rows = await self._select(JobRecord, f"SELECT * FROM jobs WHERE job_id = {p(job_id)}", p.values)
+        return rows[0] if rows else None
+
+    async def put_job(self, job: JobRecord) -> JobRecord:
+        """Insert or replace a job; stamps updated_at."""
+        job = job.model_copy(update={"updated_at": utcnow()})
+        await self._upsert("jobs", "job_id", job)
+        return job
+
+    async def list_jobs(
+        self, *, state: JobState | None = None, kind: TaskKind | None = None, limit: int = 50
+    ) -> list[JobRecord]:
+        """Newest jobs first, optionally filtered."""
+        p = Params(self.dialect)
+        where = self._where(p, {"state": state, "kind": kind})
+        return await self._select(
+            JobRecord, f"SELECT * FROM jobs{where} ORDER BY created_at DESC LIMIT {p(limit)}", p.values
+        )
+
+    async def claim_job(self, job: JobRecord, *, owner: str, ttl: float) -> Claim:
+        """Take the lease of a job for `ttl` seconds and count the attempt, unless the job ended or its
+        lease is live (held by anyone, `owner` included); one statement, so two claims never both win."""
+        d, p = self.dialect, Params(self.dialect)
+        new = {
+            **self._values(job),
+            "state": JobState.RUNNING.value,
+            "attempt": 1,
+            "worker": owner,
+            "lease_owner": owner,
+        }
+        columns = [c for c in new if c not in ("created_at", "updated_at", "lease_expires_at")]
+        marks = [p(new[c]) for c in columns]
+        stamp, expiry = d.now, d.later(p(ttl))
+        carried = ("kind", "state", "task", "worker", "lease_owner", "updated_at", "lease_expires_at")
+        rows = await self._change(
+            f"INSERT INTO jobs ({', '.join(columns)}, created_at, updated_at, lease_expires_at) "
+            f"VALUES ({', '.join(marks)}, {stamp}, {stamp}, {expiry}) "
+            f"ON CONFLICT (job_id) DO UPDATE SET attempt = jobs.attempt + 1, "
+            f"{', '.join(f'{c} = excluded.{c}' for c in carried)} "
+            f"WHERE jobs.state NOT IN ({', '.join(p(s) for s in TERMINAL)}) "
+            f"AND (jobs.lease_expires_at IS NULL OR jobs.lease_expires_at < {stamp}) RETURNING *",
+            p.values,
+        )
+        if rows:
+            return Claim(job=self._record(JobRecord, rows[0]), won=True)
+        p = Params(self.dialect)
+        rows = await self._fetch(
+            f"SELECT *, {d.seconds_until('lease_expires_at')} AS lease_left FROM jobs WHERE job_id = {p(job.job_id)}",
+            p.values,
+        )
+        if not rows:  # deleted between the two statements: nothing holds it, so the next delivery takes it
+            return Claim(job=job, won=False)
+        left = rows[0]["lease_left"]
+        return Claim(job=self._record(JobRecord, rows[0]), won=False, lease_left=max(float(left or 0.0), 0.0))
+
+    async def renew_lease(self, job_id: str, *, owner: str, ttl: float) -> bool:
+        """Extend `owner`'s lease of a job by `ttl` seconds from now; False when another worker holds it."""
+        p = Params(self.dialect)
+        rows = await self._change(
+            f"UPDATE jobs SET lease_expires_at = {self.dialect.later(p(ttl))} "
+            f"WHERE job_id = {p(job_id)} AND lease_owner = {p(owner)} RETURNING job_id",
+            p.values,
+        )
+        return bool(rows)
+
+    async def update_held_job(self, job: JobRecord, *, owner: str, release: bool) -> bool:
+        """Write a job's state, attempt, result and error only while `owner` holds its lease, and with
+        `release` give the lease up; False (nothing written) when another worker took the job over."""
+        values = self._values(job)
+        p = Params(self.dialect)
+        fields = ("state", "attempt", "result", "error_code", "error_message", "worker")
+        sets = [f"{c} = {p(values[c])}" for c in fields]
+        sets.append(f"updated_at = {self.dialect.now}")
+        if release:
+            sets += ["lease_owner = NULL", "lease_expires_at = NULL"]
+        rows = await self._change(
+            f"UPDATE jobs SET {', '.join(sets)} WHERE job_id = {p(job.job_id)} AND lease_owner = {p(owner)} "
+            "RETURNING job_id",
+            p.values,
+        )
+        return bool(rows)
+
+    # -- models and aliases ----------------------------------------------------------------------
+
+    async def add_model(self, model: ModelRecord) -> ModelRecord:
+        """Register a model version; the store assigns the next version of its name."""
+        rows = await self._change(*self._add_model_statement(model))
+        return self._record(ModelRecord, rows[0])
+
+    def _add_model_statement(self, model: ModelRecord) -> tuple[str, list[Any]]:
+        """The insert that numbers a version: one statement, so on SQLite (one writer at a time) two
+        workers cannot take the same version; PostgreSQL adds a lock per name around it."""
+        values = self._values(model)
+        values.pop("version")
+        p = Params(self.dialect)
+        marks = ", ".join(p(v) for v in values.values())
+        sql = (
+            f"INSERT INTO models ({', '.join(values)}, version) VALUES ({marks}, "
+            f"(SELECT COALESCE(MAX(version), 0) + 1 FROM models WHERE name = {p(model.name)})) RETURNING *"
+        )
+        return sql, p.values
+
+    async def get_model(self, model_id: str) -> ModelRecord | None:
+        """One model version, or None."""
+        p = Params(self.dialect)
+        rows = await self._select(ModelRecord, f"SELECT * FROM models WHERE id = {p(model_id)}", p.values)
+        return rows[0] if rows else None
+
+    async def list_models(self, *, name: str | None = None, limit: int = 50) -> list[ModelRecord]:
+        """Newest versions first."""
+        p = Params(self.dialect)
+        where = self._where(p, {"name": name})
+        return await self._select(
+            ModelRecord,
+            f"SELECT * FROM models{where} ORDER BY created_at DESC, version DESC LIMIT {p(limit)}",
+            p.values,
+        )
+
+    async def set_alias(self, name: str, alias: str, model_id: str) -> None:
+        """Point `alias` of model `name` at a version (remembering where it pointed before)."""
+        p = Params(self.dialect)
+        await self._change(
+            f"INSERT INTO aliases (name, alias, model_id, set_at) VALUES ({p(name)}, {p(alias)}, {p(model_id)}, "
+            f"{p(self.dialect.to_db('set_at', utcnow()))})",
+            p.values,
+        )
+
+    async def _alias_history(self, name: str, alias: str, depth: int) -> list[ModelRecord]:
+        p = Params(self.dialect)
+        return await self._select(
+            ModelRecord,
+            "SELECT models.* FROM aliases JOIN models ON models.id = aliases.model_id "
+            f"WHERE aliases.name = {p(name)} AND aliases.alias = {p(alias)} ORDER BY aliases.seq DESC LIMIT {p(depth)}",
+            p.values,
+        )
+
+    async def get_alias(self, name: str, alias: str) -> ModelRecord | None:
+        """The version `alias` of `name` points at, or None."""
+        rows = await self._alias_history(name, alias, 1)
+        return rows[0] if rows else None
+
+    async def rollback_alias(self, name: str, alias: str) -> tuple[ModelRecord, ModelRecord] | None:
+        """Move `alias` back to where it pointed before its last move: (left, now served), or None
+        when there is no earlier position."""
+        history = await self._alias_history(name, alias, 2)
+        if len(history) < 2:
+            return None
+        p = Params(self.dialect)
+        await self._change(
+            "DELETE FROM aliases WHERE seq = "
+            f"(SELECT MAX(seq) FROM aliases WHERE name = {p(name)} AND alias = {p(alias)})",
+            p.values,
+        )
+        return history[0], history[1]
+
+    # -- runs, agents, artifacts -----------------------------------------------------------------
+
+    async def put_training_run(self, run: TrainingRun) -> None:
+        """Insert or replace a training run."""
+        await self._upsert("training_runs", "id", run)
+
+    async def list_training_runs(self, *, status: JobState | None = None, limit: int = 50) -> list[TrainingRun]:
+        """Newest runs first."""
+        p = Params(self.dialect)
+        where = self._where(p, {"status": status})
+        return await self._select(
+            TrainingRun, f"SELECT * FROM training_runs{where} ORDER BY started_at DESC LIMIT {p(limit)}", p.values
+        )
+
+    async def add_rl_agent(self, agent: RLAgent) -> None:
+        """Register an agent."""
+        await self._upsert("rl_agents", "id", agent)
+
+    async def list_rl_agents(self, *, algorithm: str | None = None, limit: int = 50) -> list[RLAgent]:
+        """Newest agents first."""
+        p = Params(self.dialect)
+        where = self._where(p, {"algorithm": algorithm})
+        return await self._select(
+            RLAgent, f"SELECT * FROM rl_agents{where} ORDER BY created_at DESC LIMIT {p(limit)}", p.values
+        )
+
+    async def add_artifact(self, artifact: Artifact) -> None:
+        """Register an exported file."""
+        await self._upsert("artifacts", "id", artifact)
+
+    async def list_artifacts(self, model_id: str) -> list[Artifact]:
+        """Files of one model version."""
+        p = Params(self.dialect)
+        return await self._select(
+            Artifact, f"SELECT * FROM artifacts WHERE model_id = {p(model_id)} ORDER BY created_at", p.values
+        )
