@@ -77,12 +77,20 @@ class _KafkaDelivery(Delivery):
         self._intake, self._record, self._key = intake, record, record.key
 
     async def _do_settle(self, how: Settle, delay: float) -> None:
+        if how is Settle.NAK and delay > 0:
+            # the wait runs in the background, so a task handed back for later holds no worker slot;
+            # its offset stays uncommitted meanwhile, so a worker that stops first loses nothing
+            self._intake.later(delay, self._hand_back)
+            return
         if how is Settle.NAK:
-            if delay > 0:
-                await asyncio.sleep(delay)
-            await self._intake.bus.send(
-                self._record.topic, self.data, key=self._key, headers={ATTEMPT: str(self.attempt + 1)}
-            )
+            await self._hand_back()
+            return
+        await self._intake.settle(self._record)
+
+    async def _hand_back(self) -> None:
+        await self._intake.bus.send(
+            self._record.topic, self.data, key=self._key, headers={ATTEMPT: str(self.attempt + 1)}
+        )
         await self._intake.settle(self._record)
 
 
@@ -90,6 +98,21 @@ class _KafkaIntake:
     def __init__(self, bus: KafkaBus, channel: str, consumer: AIOKafkaConsumer) -> None:
         self.bus, self.channel, self.consumer = bus, channel, consumer
         self.tracker = _OffsetTracker()
+        self._waiting: set[asyncio.Task[None]] = set()
+
+    def later(self, delay: float, hand_back: Callable[[], Awaitable[None]]) -> None:
+        """Hand a task back after `delay` seconds, in the background."""
+
+        async def wait_then() -> None:
+            await asyncio.sleep(delay)
+            try:
+                await hand_back()
+            except BusError as exc:  # its offset stays uncommitted: the group delivers it again
+                log.warning("a task handed back for later could not be requeued: %s", exc)
+
+        task = asyncio.create_task(wait_then())
+        self._waiting.add(task)
+        task.add_done_callback(self._waiting.discard)
 
     async def take(self, limit: int, timeout: float) -> list[Delivery]:
         try:
@@ -120,6 +143,8 @@ class _KafkaIntake:
             raise BusError(f"commit on {self.channel} took more than {limit:g}s") from exc
 
     async def close(self) -> None:
+        for task in list(self._waiting):
+            await cancel_and_wait(task)
         await self.consumer.stop()
 
 
@@ -381,8 +406,5 @@ class KafkaBus:
         consumer = await self._start_consumer(channel, group, earliest=True)
         intake = _KafkaIntake(self, channel, consumer)
 
-        async def close() -> None:
-            await consumer.stop()
-
-        self._closers.append(close)
+        self._closers.append(intake.close)
         return intake
