@@ -220,3 +220,10 @@ class JobStatus(Strict):
     """When the job was first seen (ISO 8601)."""
     updated_at: ShortText
     """When it last changed (ISO 8601)."""
+    worker: ShortText | None = None
+    """The worker that runs it, or ran it last."""
+    lease_expires_at: ShortText | None = None
+    """While it runs: when its worker's lease runs out unless renewed (ISO 8601)."""
+    orphaned: bool = False
+    """True when it is running or paused but its worker stopped renewing the lease (it died, and no
+    other worker has taken the job over yet); the bus delivers it again to one that will."""

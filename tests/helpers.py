@@ -17,7 +17,7 @@ from forseti.adapters.bus import Bus, Message
 from forseti.adapters.bus.servers import free_port
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.inference import CARD_KEY, ModelCard
-from forseti.adapters.registry import JobRecord, SqliteStore
+from forseti.adapters.registry import JobRecord, SqliteStore, create_store
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.catalog import jobs_channel
 from forseti.schemas.envelope import Event, decode, encode
@@ -246,12 +246,9 @@ async def running_worker(
     bus: Bus, handlers: list[Handler], tmp: Path, metrics: Metrics | None = None, **overrides: Any
 ) -> AsyncIterator[Worker]:
     """A worker running in the background until the block ends."""
+    configured = settings(tmp, **overrides)  # registry_url=... shares one registry between workers
     worker = Worker(
-        bus=bus,
-        store=SqliteStore(tmp / "registry.db"),
-        handlers=handlers,
-        settings=settings(tmp, **overrides),
-        metrics=metrics,
+        bus=bus, store=create_store(configured.registry), handlers=handlers, settings=configured, metrics=metrics
     )
     task = asyncio.create_task(worker.run())
     ready = asyncio.create_task(worker.ready.wait())

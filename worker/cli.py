@@ -8,6 +8,7 @@ import signal
 import sys
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Any, Protocol
 
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forseti.adapters.bus import Bus, create_bus
-from forseti.adapters.registry import create_store
+from forseti.adapters.registry import RegistryStore, create_store
 from forseti.schemas.base import Strict
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, infer_channel, llm_channel
@@ -28,7 +29,7 @@ from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import TASK_MODELS, TaskBase, TaskKind, task_channel
 
 from .context import Handler
-from .embedded import run_stack
+from .embedded import EmbeddedRegistry, run_stack
 from .follow import ExitCode, JobStream, follow
 from .logs import setup_logging
 from .loop import run as run_loop
@@ -55,6 +56,23 @@ DataDirOpt = Annotated[
     typer.Option("--data-dir", envvar="FORSETI_DATA_DIR", help="Registry, checkpoints and the embedded NATS store."),
 ]
 LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line.")]
+RegistryOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--registry-url",
+        envvar="FORSETI_REGISTRY_URL",
+        help="sqlite:///PATH, or postgresql://USER:PASSWORD@HOST/DB shared by many hosts [<data-dir>/registry.db].",
+        show_envvar=True,
+    ),
+]
+
+
+def _store(data_dir: Path, registry_url: str | None) -> RegistryStore:
+    """The registry a command reads: `--registry-url`, else the data dir's SQLite file."""
+    try:
+        return create_store(WorkerSettings(data_dir=data_dir, registry_url=registry_url).registry)
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -120,6 +138,7 @@ def _handlers(specs: list[str]) -> list[Handler]:
 def worker_cmd(
     bus: BusOpt = DEFAULT_BUS_URL,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    registry_url: RegistryOpt = None,
     data_root: Annotated[
         Path | None, typer.Option(envvar="FORSETI_DATA_ROOT", help="Input files must lie here [<data-dir>/datasets].")
     ] = None,
@@ -160,6 +179,7 @@ def worker_cmd(
     settings = WorkerSettings(
         bus_url=bus,
         data_dir=data_dir,
+        registry_url=registry_url,
         data_root=data_root,
         concurrency=concurrency,
         metrics_port=metrics_port,
@@ -283,14 +303,15 @@ def resume(job_id: JobArg, reason: ReasonOpt = "", bus: BusOpt = DEFAULT_BUS_URL
 @app.command()
 def jobs(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    registry_url: RegistryOpt = None,
     state: Annotated[JobState | None, typer.Option(help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="JSON lines instead of a table.")] = False,
 ) -> None:
-    """List the jobs in this machine's registry."""
+    """List the jobs in the registry (this machine's, or the shared one FORSETI_REGISTRY_URL names)."""
 
     async def go() -> None:
-        store = create_store(WorkerSettings(data_dir=data_dir).registry)  # FORSETI_REGISTRY_URL counts too
+        store = _store(data_dir, registry_url)
         await store.open()
         try:
             rows = await store.list_jobs(state=state, limit=limit)
@@ -300,9 +321,13 @@ def jobs(
             for row in rows:
                 print(row.model_dump_json())
             return
-        table = Table("job", "kind", "state", "attempt", "error", "updated")
+        table = Table("job", "kind", "state", "attempt", "worker", "error", "updated")
         for row in rows:
-            table.add_row(row.job_id, row.kind, row.state, str(row.attempt), row.error_code or "", row.updated_at)
+            # a job whose worker died shows as such, not as running for ever
+            shown = f"{row.state} (orphaned)" if row.orphaned() else row.state
+            table.add_row(
+                row.job_id, row.kind, shown, str(row.attempt), row.worker or "", row.error_code or "", row.updated_at
+            )
         out.print(table)
 
     run_loop(go())
@@ -364,16 +389,31 @@ def up(
         "CartPole-v1"
     ),
     demo: Annotated[bool, typer.Option(help="Run the PPO demo job through the local executor.")] = True,
+    registry: Annotated[
+        EmbeddedRegistry,
+        typer.Option(help="sqlite: a file under the data dir; postgres: a PostgreSQL server started under it."),
+    ] = EmbeddedRegistry.SQLITE,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Start the embedded stack: a local nats-server (when nothing answers at --bus), a worker, a local
     executor, and a PPO demo job through it."""
-    from .embedded import embedded_nats
+    from .embedded import embedded_nats, embedded_registry
 
     setup_logging(json_lines=log_json)
     handlers = _handlers(handler)
-    settings = WorkerSettings(bus_url=bus, data_dir=data_dir, concurrency=concurrency, metrics_port=metrics_port)
-    with embedded_nats(bus, data_dir) as started:
+    with ExitStack() as stack:
+        try:
+            registry_url = stack.enter_context(embedded_registry(registry, data_dir, console=err))
+        except ForsetiError as exc:
+            raise _fail(exc.message) from exc
+        settings = WorkerSettings(
+            bus_url=bus,
+            data_dir=data_dir,
+            concurrency=concurrency,
+            metrics_port=metrics_port,
+            registry_url=registry_url,
+        )
+        started = stack.enter_context(embedded_nats(bus, data_dir))
         where = "started" if started else "found"
         err.print(f"[bold]forseti {forseti_version()}[/bold]: {where} NATS at {bus}; data in {data_dir}")
         kinds = ", ".join(h.kind.value for h in handlers) or "none installed yet"
@@ -394,8 +434,7 @@ app.add_typer(models_app, name="models")
 AliasOpt = Annotated[str, typer.Option(help="The alias to move (MLflow style: production, staging, ...).")]
 
 
-async def _with_store_and_bus(data_dir: Path, bus: str | None, work: Any) -> Any:
-    store = create_store(WorkerSettings(data_dir=data_dir).registry)
+async def _with_store_and_bus(store: RegistryStore, bus: str | None, work: Any) -> Any:
     await store.open()
     client = await _connected(bus) if bus is not None else None
     try:
@@ -412,6 +451,7 @@ async def _with_store_and_bus(data_dir: Path, bus: str | None, work: Any) -> Any
 def models_list(
     name: Annotated[str | None, typer.Argument(help="Only versions of this model name.")] = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    registry_url: RegistryOpt = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
 ) -> None:
     """List model versions in this machine's registry, with their lineage."""
@@ -429,7 +469,7 @@ def models_list(
             )
         out.print(table)
 
-    run_loop(_with_store_and_bus(data_dir, None, work))
+    run_loop(_with_store_and_bus(_store(data_dir, registry_url), None, work))
 
 
 @models_app.command("promote")
@@ -438,6 +478,7 @@ def models_promote(
     version: Annotated[str, typer.Argument(help="Version label (v1.1) or number.")],
     alias: AliasOpt = "production",
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    registry_url: RegistryOpt = None,
     bus: BusOpt = DEFAULT_BUS_URL,
     artifact_url: Annotated[
         str | None,
@@ -456,7 +497,7 @@ def models_promote(
         model = await promote(store, client, name, version, alias=alias, http=http)
         err.print(f"{name} {alias} -> {version_label(model)} ({model.id})")
 
-    run_loop(_with_store_and_bus(data_dir, bus, work))
+    run_loop(_with_store_and_bus(_store(data_dir, registry_url), bus, work))
 
 
 @models_app.command("rollback")
@@ -465,6 +506,7 @@ def models_rollback(
     alias: AliasOpt = "production",
     reason: ReasonOpt = "rolled back from the command line",
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    registry_url: RegistryOpt = None,
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
     """Return an alias to the version it pointed at before, and announce it (model.rollback)."""
@@ -474,7 +516,7 @@ def models_rollback(
         event = await rollback(store, client, name, alias=alias, reason=reason)
         err.print(f"{name} {alias}: {event.from_version} -> {event.to_version} ({event.model_id})")
 
-    run_loop(_with_store_and_bus(data_dir, bus, work))
+    run_loop(_with_store_and_bus(_store(data_dir, registry_url), bus, work))
 
 
 @app.command("llm-serve")
@@ -540,6 +582,7 @@ def _ask(bus: str, channel: str, request: Strict, *, timeout: float, service: st
 @app.command("infer-serve")
 def infer_serve(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    registry_url: RegistryOpt = None,
     max_batch: Annotated[int, typer.Option(min=1, help="Requests per onnxruntime call at most.")] = 64,
     max_wait_ms: Annotated[
         float, typer.Option(min=0, help="How long a batch waits for more requests after its first (0: never).")
@@ -554,7 +597,7 @@ def infer_serve(
     from .infer_serve import InferenceService
 
     setup_logging(json_lines=log_json)
-    store = create_store(WorkerSettings(data_dir=data_dir).registry)
+    store = _store(data_dir, registry_url)
 
     class WithStore:
         def __init__(self, service: InferenceService) -> None:

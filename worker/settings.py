@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_BUS_URL = "nats://127.0.0.1:4222"
@@ -30,7 +30,8 @@ class WorkerSettings(BaseSettings):
     data_root: Path | None = None
     """Input files (`file://` URIs) are confined to this folder; `<data_dir>/datasets` when unset."""
     registry_url: str | None = None
-    """Registry store; `<data_dir>/registry.db` (SQLite) when unset."""
+    """Registry store: `sqlite:///PATH`, or `postgresql://user:password@host:5432/db` for workers on many
+    hosts sharing one job state; `<data_dir>/registry.db` (SQLite) when unset."""
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Name in job events and logs."""
     group: str = "forseti-workers"
@@ -43,7 +44,11 @@ class WorkerSettings(BaseSettings):
     poll_interval: float = Field(default=1.0, gt=0)
     """Seconds one intake poll waits for a task."""
     heartbeat_interval: float = Field(default=10.0, gt=0)
-    """Seconds between 'still working' signals for a running task (keep under the bus's ack_wait)."""
+    """Seconds between 'still working' signals for a running task (keep under the bus's ack_wait); each
+    also renews the job's lease in the registry."""
+    lease_ttl: float = Field(default=30.0, gt=0)
+    """Seconds a job's lease lasts unless renewed: once a worker dies, its job waits this long before
+    another delivery may take it over. At least twice `heartbeat_interval`."""
     retry_delay: float = Field(default=5.0, ge=0)
     """Seconds before a task that failed with a retriable error is delivered again."""
     max_attempts: int = Field(default=5, ge=1)
@@ -63,6 +68,15 @@ class WorkerSettings(BaseSettings):
     """Host name other machines reach the artifact endpoint by (default: `artifact_host`)."""
     burst: bool = False
     """Exit once no task arrives within one poll and nothing is running (for tests and batch runs)."""
+
+    @model_validator(mode="after")
+    def _lease_outlives_heartbeats(self) -> WorkerSettings:
+        if self.lease_ttl < 2 * self.heartbeat_interval:
+            raise ValueError(
+                f"lease_ttl ({self.lease_ttl:g}s) must be at least twice heartbeat_interval "
+                f"({self.heartbeat_interval:g}s), or one late renewal would hand a live job to another worker"
+            )
+        return self
 
     @property
     def registry(self) -> str:

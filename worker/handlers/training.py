@@ -42,8 +42,8 @@ class TrainingHandler:
         try:
             outcome = await ctx.run(self._train, task, ctx)
         except JobStopped as stopped:
-            # a shutdown hands the job back (it resumes); a cancel ends it
-            status = JobState.PENDING if stopped.reason is StopReason.SHUTDOWN else JobState.CANCELLED
+            # a shutdown or a takeover hands the job back (it resumes); a cancel ends it
+            status = JobState.CANCELLED if stopped.reason is StopReason.CANCEL else JobState.PENDING
             await ctx.store.put_training_run(run.model_copy(update={"status": status}))
             raise
         except Exception:
