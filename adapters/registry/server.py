@@ -135,8 +135,8 @@ class PostgresServer(ServerProcess):
                     os.chown(path, self.os_user.pw_uid, self.os_user.pw_gid)
                 if self._run(["test", "-w", str(self.data_dir)]).returncode != 0:
                     raise StoreError(
-                        f"the PostgreSQL user {self.os_user.pw_name!r} cannot reach {self.data_dir}: "
-                        "give a data dir outside root's home (--data-dir)"
+                        f"the PostgreSQL user {self.os_user.pw_name!r} cannot reach {self.data_dir}: give a "
+                        "data dir whose every parent folder it may enter (--data-dir; not under /root)"
                     )
             done = self._run(
                 [

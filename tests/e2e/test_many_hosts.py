@@ -1,18 +1,26 @@
 """Two `forseti worker` processes with data dirs of their own (two hosts) on one nats-server and one
-PostgreSQL registry: the one running a job is killed with SIGKILL, the other takes the job over."""
+PostgreSQL registry: the one running a job is killed with SIGKILL, the other takes the job over; and
+`forseti up --registry postgres`."""
 
 from __future__ import annotations
 
 import asyncio
+import io
 import signal
+import stat
+import tempfile
 from pathlib import Path
 
 import orjson
 import pytest
+from rich.console import Console
 
 from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer
+from forseti.adapters.registry import create_store
+from forseti.adapters.registry.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from forseti.schemas.envelope import encode
+from forseti.worker.embedded import EmbeddedRegistry, embedded_registry
 
 from ..helpers import training, watch
 from .test_cli import WorkerProcess, run
@@ -57,3 +65,36 @@ def test_a_job_whose_worker_is_killed_is_finished_by_the_other_host_once(
     assert listed.returncode == 0, listed.stderr.decode()
     (row,) = [orjson.loads(line) for line in listed.stdout.splitlines()]
     assert (row["job_id"], row["state"], row["attempt"], row["lease_owner"]) == (job_id, "completed", 2, None)
+
+
+def test_forseti_up_keeps_its_registry_in_a_postgres_server_under_the_data_dir() -> None:
+    # under root the server runs as the postgres user, who cannot enter pytest's folders
+    with tempfile.TemporaryDirectory(prefix="forseti-up-") as scratch:
+        Path(scratch).chmod(0o755)
+        check_embedded_postgres(Path(scratch) / "data")
+
+
+def check_embedded_postgres(data_dir: Path) -> None:
+    printed = io.StringIO()
+    console = Console(file=printed)
+    with embedded_registry(EmbeddedRegistry.POSTGRES, data_dir, console=console) as started:
+        assert started is not None
+        url = started
+        url_file = data_dir / "postgres.url"
+        assert url_file.read_text().strip() == url
+        assert stat.S_IMODE(url_file.stat().st_mode) == 0o600
+        password = url.split(":")[2].split("@")[0]
+        assert password not in printed.getvalue()
+
+        async def check() -> int:
+            store = create_store(url)
+            await store.open()
+            try:
+                return await store.schema_version()
+            finally:
+                await store.close()
+
+        assert asyncio.run(check()) == len(POSTGRES_MIGRATIONS)
+    assert (data_dir / "postgres" / "PG_VERSION").exists()
+    with embedded_registry(EmbeddedRegistry.SQLITE, data_dir, console=console) as none:
+        assert none is None, "sqlite: the worker's own file under the data dir"
