@@ -1,15 +1,16 @@
-"""The registry on SQLite (aiosqlite): the default store, one file under the data dir."""
+"""The registry on SQLite (the standard library's sqlite3, in a thread of its own): the default store, one
+file under the data dir."""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-import aiosqlite
 import orjson
 
 from forseti.schemas.errors import StoreError
@@ -88,7 +89,9 @@ SQLITE = Dialect(
     mark=lambda _: "?",
     now=_NOW,
     later=lambda seconds: f"strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+' || {seconds} || ' seconds')",
-    seconds_until=lambda column: f"(julianday({column}) - julianday('now')) * 86400.0",
+    # julianday is a float of days: rounded to the milliseconds the times are stored in, or a lease
+    # just taken for 30 s could read as 30.00004 s left
+    seconds_until=lambda column: f"ROUND((julianday({column}) - julianday('now')) * 86400.0, 3)",
     to_db=_to_db,
     from_db=_from_db,
 )
@@ -97,6 +100,10 @@ SQLITE = Dialect(
 
 _Write = tuple[str, list[Any], "asyncio.Future[list[Mapping[str, Any]]]"]
 """A queued write: statement, parameters, and the future its rows go to."""
+_Done = list[Mapping[str, Any]] | StoreError
+"""What became of one write of a batch: its RETURNING rows, or why it failed."""
+
+T = TypeVar("T")
 
 
 def _rows(rows: Iterable[sqlite3.Row]) -> list[Mapping[str, Any]]:
@@ -104,19 +111,31 @@ def _rows(rows: Iterable[sqlite3.Row]) -> list[Mapping[str, Any]]:
 
 
 class SqliteStore(SqlStore):
-    """RegistryStore on one SQLite file (WAL mode, so readers such as `forseti jobs` do not block the worker)."""
+    """RegistryStore on one SQLite file (WAL mode, so readers such as `forseti jobs` do not block the worker).
+
+    The connection lives in one thread of the store's own, and every call is one hop to it: a read,
+    or a whole batch of writes (group commit). A busy worker's writes arrive while the previous
+    batch commits and share the next one, so they cost one hop and one commit together.
+    """
 
     dialect = SQLITE
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        self._db: aiosqlite.Connection | None = None
+        self._db: sqlite3.Connection | None = None
+        self._thread: ThreadPoolExecutor | None = None
         self._pending: list[_Write] = []
         self._flusher: asyncio.Task[None] | None = None
 
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn` in the connection's thread."""
+        if self._thread is None:
+            raise StoreError(f"registry {self.path} is not open")
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
+
     @property
-    def db(self) -> aiosqlite.Connection:
-        """The open connection."""
+    def db(self) -> sqlite3.Connection:
+        """The open connection (use it only in the store's thread)."""
         if self._db is None:
             raise StoreError(f"registry {self.path} is not open")
         return self._db
@@ -126,56 +145,62 @@ class SqliteStore(SqlStore):
         if self._db is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forseti-sqlite")
         try:
-            # autocommit: each statement is its own transaction, one thread hop per call (the worker
-            # makes three per job); migrations bring their own BEGIN / COMMIT
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-            self._db.row_factory = sqlite3.Row
-            await self._db.execute("PRAGMA journal_mode=WAL")
-            # WAL + NORMAL stays consistent after a crash and skips an fsync per commit; a job lost in a
-            # power cut is not lost to the system, because its task is acked on the bus only after this.
-            await self._db.execute("PRAGMA synchronous=NORMAL")
-            await self._db.execute("PRAGMA foreign_keys=ON")
-            await self._migrate()
+            self._db = await self._call(self._connect)
         except sqlite3.Error as exc:
+            self._thread.shutdown()
+            self._thread = None
             raise StoreError(f"cannot open registry {self.path}: {exc}") from exc
 
-    async def _migrate(self) -> None:
-        await self.db.execute(
+    def _connect(self) -> sqlite3.Connection:
+        # autocommit: each statement is its own transaction; batches and migrations bring their own BEGIN
+        db = sqlite3.connect(self.path, isolation_level=None)
+        db.row_factory = sqlite3.Row
+        db.execute("PRAGMA journal_mode=WAL")
+        # WAL + NORMAL stays consistent after a crash and skips an fsync per commit; a job lost in a
+        # power cut is not lost to the system, because its task is acked on the bus only after this.
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)"
         )
-        current = await self.schema_version()
+        current = int(db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0])
         for version, script in enumerate(MIGRATIONS, start=1):
-            if version <= current:
-                continue
-            await self.db.executescript(
-                f"BEGIN;\n{script}\nINSERT INTO schema_migrations VALUES ({version}, '{utcnow()}');\nCOMMIT;"
-            )
+            if version > current:
+                db.executescript(
+                    f"BEGIN;\n{script}\nINSERT INTO schema_migrations VALUES ({version}, '{utcnow()}');\nCOMMIT;"
+                )
+        return db
 
     async def close(self) -> None:
-        """Close the file."""
+        """Close the file and the store's thread."""
         if self._flusher is not None:
             await self._flusher
         db, self._db = self._db, None
         if db is not None:
-            await db.close()
+            await self._call(db.close)
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.shutdown()
 
     async def schema_version(self) -> int:
         """The newest applied migration."""
-        rows = list(await self.db.execute_fetchall("SELECT COALESCE(MAX(version), 0) FROM schema_migrations"))
-        return int(rows[0][0]) if rows else 0
+        rows = await self._fetch("SELECT COALESCE(MAX(version), 0) AS version FROM schema_migrations", [])
+        return int(rows[0]["version"])
 
     async def _fetch(self, sql: str, params: Sequence[Any]) -> list[Mapping[str, Any]]:
-        """Run one statement (autocommit) and return its rows."""
+        """Run one read (autocommit) and return its rows."""
+        return await self._call(self._read, sql, list(params))
+
+    def _read(self, sql: str, params: list[Any]) -> list[Mapping[str, Any]]:
         try:
-            return _rows(await self.db.execute_fetchall(sql, params))
+            return _rows(self.db.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
             raise StoreError(f"cannot read the registry: {exc}") from exc
 
     async def _change(self, sql: str, params: Sequence[Any]) -> list[Mapping[str, Any]]:
-        """Run one write; writes that arrive while another commits share the next transaction (group
-        commit), so a busy worker pays one thread hop and one commit for many jobs. Returns its
-        `RETURNING` rows once the write is committed."""
+        """Queue one write for the next batch; returns its `RETURNING` rows once the batch is committed."""
         done: asyncio.Future[list[Mapping[str, Any]]] = asyncio.get_running_loop().create_future()
         self._pending.append((sql, list(params), done))
         if self._flusher is None or self._flusher.done():
@@ -185,39 +210,38 @@ class SqliteStore(SqlStore):
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
-            if len(batch) == 1:
-                await self._run_alone(*batch[0])
-                continue
-            try:
-                results = await self._run_together(batch)
-            except sqlite3.Error:
-                if self.db.in_transaction:
-                    await self.db.execute("ROLLBACK")
-                for item in batch:  # one bad write must not fail the others that shared its commit
-                    await self._run_alone(*item)
-            else:
-                for (_, _, done), rows in zip(batch, results, strict=True):
-                    done.set_result(rows)
+            outcomes = await self._call(self._commit, [(sql, params) for sql, params, _ in batch])
+            for (_, _, done), outcome in zip(batch, outcomes, strict=True):
+                if isinstance(outcome, StoreError):
+                    done.set_exception(outcome)
+                else:
+                    done.set_result(outcome)
 
-    async def _run_together(self, batch: list[_Write]) -> list[list[Mapping[str, Any]]]:
-        results: list[list[Mapping[str, Any]]] = []
-        await self.db.execute("BEGIN")
-        # a run of the same statement without RETURNING (a busy worker's job rows) is one executemany
-        for sql, group in itertools.groupby(batch, key=lambda item: item[0]):
-            items = list(group)
-            if "RETURNING" in sql:
-                for _, params, _ in items:
-                    results.append(_rows(await self.db.execute_fetchall(sql, params)))
-            else:
-                await self.db.executemany(sql, [params for _, params, _ in items])
-                results += [[] for _ in items]
-        await self.db.execute("COMMIT")
-        return results
-
-    async def _run_alone(self, sql: str, params: list[Any], done: asyncio.Future[list[Mapping[str, Any]]]) -> None:
+    def _commit(self, batch: list[tuple[str, list[Any]]]) -> list[_Done]:
+        """Run a batch of writes in one transaction (in the store's thread); should one fail, each
+        runs alone, so a bad write does not fail the others that shared its commit."""
+        if len(batch) == 1:
+            return [self._alone(*batch[0])]
         try:
-            rows = _rows(await self.db.execute_fetchall(sql, params))
+            self.db.execute("BEGIN")
+            outcomes: list[_Done] = []
+            # a run of the same statement without RETURNING (a busy worker's job rows) is one executemany
+            for sql, group in itertools.groupby(batch, key=lambda item: item[0]):
+                items = [params for _, params in group]
+                if "RETURNING" in sql:
+                    outcomes += [_rows(self.db.execute(sql, params).fetchall()) for params in items]
+                else:
+                    self.db.executemany(sql, items)
+                    outcomes += [[] for _ in items]
+            self.db.execute("COMMIT")
+            return outcomes
+        except sqlite3.Error:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            return [self._alone(sql, params) for sql, params in batch]
+
+    def _alone(self, sql: str, params: list[Any]) -> _Done:
+        try:
+            return _rows(self.db.execute(sql, params).fetchall())
         except sqlite3.Error as exc:
-            done.set_exception(StoreError(f"cannot write the registry: {exc}"))
-        else:
-            done.set_result(rows)
+            return StoreError(f"cannot write the registry: {exc}")
