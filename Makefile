@@ -15,10 +15,23 @@ all: lint test
 
 install: $(VENV)/.installed
 
+# llama-cpp-python has no wheel on PyPI. Built with pip's defaults it targets the build host's CPU
+# (GGML_NATIVE), and pip's wheel cache then hands that build to any machine: one built where AMX and
+# AVX-512 are usable segfaulted in llama_decode on a VM where they are not. So it is built once per
+# machine for x86-64-v3 (AVX2, FMA, F16C), kept in a cache of its own, and installed from there.
+LLAMA := llama-cpp-python==0.3.36
+LLAMA_WHEELS ?= $(HOME)/.cache/forseti/wheels/llama-x86-64-v3
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	if [ "$(TORCH)" != "none" ]; then $(BIN)/pip install --quiet $(TORCH); fi
+	if [ "$(TORCH)" != "none" ]; then \
+	  ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	    CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel --quiet --no-deps --no-cache-dir -w $(LLAMA_WHEELS) "$(LLAMA)"; \
+	  $(BIN)/pip install --quiet $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl; \
+	fi
 	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
