@@ -337,7 +337,25 @@ class NatsBus:
             raise
         if work.exception() is not None:  # a follower's bug must not stop it following
             log.error("follower of %s failed on a message", msg.subject, exc_info=work.exception())
-        await _quietly(msg.ack())
+        await self._ack_until_stored(msg)
+
+    async def _ack_until_stored(self, msg: Msg) -> None:
+        """Ack a followed message and wait for the server to confirm it, again after a reconnect. A
+        plain ack is fire-and-forget: one sent as the server went down was lost, and with one message
+        in flight at most the follower then stalled for the whole ack wait before it came again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + FOLLOW_ACK_WAIT
+        while True:
+            try:
+                await msg.ack_sync(timeout=2)
+                return
+            except (TimeoutError, NatsError) as exc:
+                nc = self._nc
+                # unanswered while connected: the server took the ack (or will redeliver); no use asking again
+                if nc is None or nc.is_closed or nc.is_connected or loop.time() > deadline:
+                    log.debug("ack of a followed message on %s not confirmed: %s", msg.subject, exc)
+                    return
+                await asyncio.sleep(0.25)
 
     async def intake(self, channel: str, *, group: str) -> _NatsIntake:
         """A pull subscription on the group's durable consumer for this task channel."""
