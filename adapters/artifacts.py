@@ -36,6 +36,9 @@ class ObjectBus(Protocol):
     async def get_object(self, bucket: str, name: str, dest: Path) -> None:
         """Stream a stored file into `dest`."""
 
+    async def delete_object(self, bucket: str, name: str) -> None:
+        """Remove a stored file (nothing when it is not there)."""
+
 
 def object_uri(bucket: str, name: str) -> str:
     """The URI of an object in a bucket."""

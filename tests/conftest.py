@@ -1,5 +1,5 @@
-"""Fixtures: real nats-server, Tansu and PostgreSQL on free ports, a `bus_url` for every transport and a
-`registry_url` for every registry store."""
+"""Fixtures: real nats-server, Tansu, PostgreSQL and an S3 server on free ports, a `bus_url` for every
+transport and a `registry_url` for every registry store."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pytest
 from forseti.adapters.bus import Bus, MemoryBroker, create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker
 from forseti.adapters.registry.server import PostgresServer
+
+from .s3 import SeaweedS3
 
 TRANSPORTS = ["memory", "nats", "kafka"]
 STORES = ["sqlite", "postgres"]
@@ -41,6 +43,27 @@ def postgres_server() -> Iterator[PostgresServer]:
         Path(scratch).chmod(0o755)
         with PostgresServer(Path(scratch) / "cluster", durable=False) as server:
             yield server
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedS3]:
+    """A real S3-compatible server (SeaweedFS) for the whole session, which requires requests signed with
+    the keys set here (the server and boto3 both read them from the environment)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("AWS_ACCESS_KEY_ID", "forseti-tests")
+    mp.setenv("AWS_SECRET_ACCESS_KEY", "forseti-tests")
+    try:
+        with SeaweedS3(tmp_path_factory.mktemp("s3")) as server:
+            yield server
+    finally:
+        mp.undo()
+
+
+@pytest.fixture
+def s3_url(s3_server: SeaweedS3) -> str:
+    """An object store URL with a key prefix of this test's own, in one bucket of the session's S3 server
+    (made by the first test that writes: SeaweedFS gives each bucket volumes of its own, and runs out)."""
+    return f"s3://forseti-tests/t-{uuid.uuid4().hex[:12]}?endpoint={s3_server.endpoint}"
 
 
 @pytest.fixture

@@ -81,6 +81,7 @@ class StepHandler:
                 ctx.check()
                 time.sleep(self.delay)
                 checkpoint.write_text(str(step + 1))
+                ctx.checkpointed(step + 1)
                 ctx.progress((step + 1) / total, step=step + 1, total=total, metrics={"loss": 1 / (step + 1)})
             return start
 

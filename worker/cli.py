@@ -171,6 +171,14 @@ def worker_cmd(
         str | None,
         typer.Option(envvar="FORSETI_ARTIFACT_ADVERTISE", help="Host name others reach it by [artifact-host]."),
     ] = None,
+    object_store_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FORSETI_OBJECT_STORE_URL",
+            help="Share checkpoints here: s3://BUCKET/PREFIX?endpoint=URL, nats-object://BUCKET or none "
+            "[the NATS bus's bucket forseti-checkpoints].",
+        ),
+    ] = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Run a worker: take tasks for every installed handler, until SIGTERM."""
@@ -189,6 +197,7 @@ def worker_cmd(
         artifact_port=artifact_port,
         artifact_host=artifact_host,
         artifact_advertise=artifact_advertise,
+        object_store_url=object_store_url,
         **overrides,
     )
     try:

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable, Container
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
 from forseti.adapters.bus import Bus
 from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
@@ -22,6 +22,9 @@ from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import JobProgress, JobResult, JobState
 from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TaskKind
+
+if TYPE_CHECKING:
+    from .checkpoints import SharedCheckpoints
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -72,6 +75,7 @@ class JobContext:
         loop: asyncio.AbstractEventLoop,
         bus: Bus | None = None,
         artifacts_root: Path | None = None,
+        checkpoints: SharedCheckpoints | None = None,
     ) -> None:
         self.job_id, self.kind, self.attempt, self.resumed = job_id, kind, attempt, resumed
         self._work_dir = work_dir
@@ -83,6 +87,7 @@ class JobContext:
         self.store = store
         self._announcer = announcer
         self._loop = loop
+        self._checkpoints = checkpoints
         self._stop: StopReason | None = None
         self._stop_detail = ""
         self._unpaused = threading.Event()
@@ -118,6 +123,13 @@ class JobContext:
         path = self._work_dir / "checkpoints"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+    def checkpointed(self, step: int) -> None:
+        """Say that a whole checkpoint was just written to `checkpoint_dir` at `step`: where the workers
+        share an object store, the folder is packed now and uploaded in the background, so another
+        worker can resume from it. Call from the handler's thread, after the checkpoint's last write."""
+        if self._checkpoints is not None:
+            self._checkpoints.snapshot(step)
 
     @property
     def should_stop(self) -> bool:

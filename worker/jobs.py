@@ -31,6 +31,7 @@ from forseti.schemas.jobs import (
 )
 from forseti.schemas.tasks import dump_task
 
+from .checkpoints import SharedCheckpoints, forget
 from .context import Handler, JobContext, JobStopped, StopReason
 from .intake import Accepted
 from .logs import job_id_var
@@ -68,6 +69,8 @@ class JobRunner:
         self.worker, self.delivery, self.accepted, self.handler = worker, delivery, accepted, handler
         self.job_id, self.kind = accepted.job_id, accepted.kind
         self.ctx: JobContext | None = None
+        self.shared: SharedCheckpoints | None = None
+        """The job's checkpoints on the shared object store, when the workers have one."""
         self._events: asyncio.Queue[JobProgress | None] = asyncio.Queue()
 
     async def run(self) -> None:
@@ -126,18 +129,31 @@ class JobRunner:
 
     async def _execute(self, record: JobRecord) -> None:
         worker = self.worker
+        work_dir = worker.settings.data_dir / "jobs" / self.job_id
+        loop = asyncio.get_running_loop()
+        if worker.objects is not None:
+            self.shared = SharedCheckpoints(
+                worker.objects,
+                worker.store,
+                job_id=self.job_id,
+                attempt=record.attempt,
+                folder=work_dir / "checkpoints",
+                spool=work_dir / "shared",
+                loop=loop,
+            )
         self.ctx = JobContext(
             job_id=self.job_id,
             kind=self.kind,
             attempt=record.attempt,
             resumed=record.attempt > 1,
-            work_dir=worker.settings.data_dir / "jobs" / self.job_id,
+            work_dir=work_dir,
             inputs_root=worker.settings.inputs_root,
             store=worker.store,
             announcer=worker,
-            loop=asyncio.get_running_loop(),
+            loop=loop,
             bus=worker.bus,
             artifacts_root=worker.settings.data_dir / "artifacts",
+            checkpoints=self.shared,
         )
         worker.running[self.job_id] = self
         running = worker.metrics.jobs_running.labels(self.kind.value)
@@ -146,8 +162,12 @@ class JobRunner:
         heartbeat = asyncio.create_task(self._heartbeat())
         started = time.monotonic()
         try:
+            if self.shared is not None and record.attempt > 1:
+                await self._restore(self.shared)
             outcome = await self._outcome(record)
         finally:
+            if self.shared is not None:  # under the lease still: the heartbeat renews it meanwhile
+                await self.shared.close(timeout=worker.settings.lease_ttl)
             heartbeat.cancel()
             self._events.put_nowait(None)
             await pump
@@ -173,6 +193,25 @@ class JobRunner:
             )
         else:
             await self._finish(record, JobState.CANCELLED, outcome, elapsed)
+
+    async def _restore(self, shared: SharedCheckpoints) -> None:
+        """A job taken over from another worker starts from the newest checkpoint it shared."""
+        try:
+            restored = await shared.restore()
+        except ForsetiError as exc:  # the registry is away: resume from what this disk holds
+            log.warning("shared checkpoints not read: %s", exc.message)
+            return
+        if restored is not None:
+            self.progress(
+                JobProgress(
+                    job_id=self.job_id,
+                    kind=self.kind,
+                    state=JobState.RUNNING,
+                    fraction=0.0,
+                    step=restored.step,
+                    message=f"resuming from the checkpoint an earlier attempt shared at step {restored.step}",
+                )
+            )
 
     async def _outcome(self, record: JobRecord) -> JobCompleted | JobFailed | JobCancelled | Requeue:
         assert self.ctx is not None
@@ -222,6 +261,13 @@ class JobRunner:
         self.worker.metrics.jobs.labels(self.kind.value, state.value).inc()
         self.worker.metrics.job_duration.labels(self.kind.value, state.value).observe(elapsed)
         log.info("job %s in %.2fs", state.value, elapsed)
+        objects = self.worker.objects
+        # only a job that shared checkpoints (here, or on an earlier attempt elsewhere) has any to remove
+        if objects is not None and (record.attempt > 1 or (self.shared is not None and self.shared.shared)):
+            try:
+                await forget(objects, self.worker.store, self.job_id)
+            except ForsetiError as exc:  # what is left is pruned at a worker's next start
+                log.warning("checkpoints of the ended job not removed: %s", exc.message)
 
     async def _requeue(self, record: JobRecord, requeue: Requeue, elapsed: float) -> None:
         held = await self.worker.store.update_held_job(

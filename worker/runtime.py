@@ -21,6 +21,7 @@ from typing import Any
 
 from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus, Delivery, Message, Subscription, TaskIntake
+from forseti.adapters.objects import ObjectStore, open_object_store
 from forseti.adapters.registry import RegistryStore, redact
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, STATUS, jobs_channel
@@ -32,6 +33,7 @@ from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TaskKind, task_channel
 
 from .artifact_server import ArtifactServer
+from .checkpoints import prune_ended
 from .context import Handler, StopReason
 from .http import MetricsServer
 from .intake import Refused, read_task
@@ -104,6 +106,9 @@ class Worker:
         self._devices: list[str] | None = None
         self._http: MetricsServer | None = None
         self._artifacts: ArtifactServer | None = None
+        self.objects: ObjectStore | None = None
+        """Where checkpoints are shared with the other workers (None: local disk only)."""
+        self._pruning: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -112,6 +117,10 @@ class Worker:
         await self.store.open()
         await self.bus.connect()
         try:
+            # the transport itself: the metering wrapper holds no objects
+            self.objects = open_object_store(self.settings.object_store_url, self.bus.inner)
+            if self.objects is not None:
+                self._pruning = asyncio.create_task(self._prune_checkpoints(self.objects), name="prune-checkpoints")
             await self._start_http()
             if self.settings.artifact_port is not None:
                 self._artifacts = ArtifactServer(
@@ -171,7 +180,18 @@ class Worker:
             log.warning("a job did not stop in time; its task goes back to the bus")
             task.cancel()
 
+    async def _prune_checkpoints(self, objects: ObjectStore) -> None:
+        try:
+            removed = await prune_ended(objects, self.store)
+        except ForsetiError as exc:
+            log.warning("checkpoints of ended jobs not pruned: %s", exc.message)
+            return
+        if removed:
+            log.info("removed %d checkpoint(s) of jobs that had ended", removed)
+
     async def _close(self) -> None:
+        if self._pruning is not None:
+            self._pruning.cancel()
         for sub in self._subs:
             await sub.unsubscribe()
         for intake in self._intakes:
@@ -200,6 +220,7 @@ class Worker:
             "bus": self.bus.url,
             "bus_ok": self._bus_ok,
             "registry": redact(self.settings.registry),
+            "object_store": self.objects.location if self.objects is not None else None,
             "running_jobs": len(self.running),
             "stopping": self._stopping.is_set(),
         }

@@ -32,6 +32,10 @@ class WorkerSettings(BaseSettings):
     registry_url: str | None = None
     """Registry store: `sqlite:///PATH`, or `postgresql://user:password@host:5432/db` for workers on many
     hosts sharing one job state; `<data_dir>/registry.db` (SQLite) when unset."""
+    object_store_url: str | None = None
+    """Where checkpoints are shared so another worker can resume a job: `s3://bucket/prefix?endpoint=URL`
+    (credentials from the AWS_* variables), `nats-object://BUCKET`, or `none` (local disk only); on NATS
+    the bus's own object store (bucket `forseti-checkpoints`) when unset."""
     worker_id: str = Field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     """Name in job events and logs."""
     group: str = "forseti-workers"
@@ -76,6 +80,21 @@ class WorkerSettings(BaseSettings):
                 f"lease_ttl ({self.lease_ttl:g}s) must be at least twice heartbeat_interval "
                 f"({self.heartbeat_interval:g}s), or one late renewal would hand a live job to another worker"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _object_store_url_is_known(self) -> WorkerSettings:
+        url = self.object_store_url
+        if url and url != "none":
+            if url.startswith("s3://"):
+                from forseti.adapters.objects import S3ObjectStore
+
+                S3ObjectStore(url)  # raises on a malformed URL, before the worker connects anywhere
+            elif not url.startswith("nats-object://"):
+                raise ValueError(
+                    f"unsupported object store URL {url!r}: "
+                    "use s3://BUCKET/PREFIX?endpoint=URL, nats-object://BUCKET or none"
+                )
         return self
 
     @property

@@ -196,6 +196,18 @@ class NatsBus:
         except NatsError as exc:
             raise BusError(f"cannot fetch {bucket}/{name}: {exc}") from exc
 
+    async def delete_object(self, bucket: str, name: str) -> None:
+        """Remove an object; nothing when it, or its bucket, is not there."""
+        if self._js is None:
+            raise BusError("NATS bus is not connected")
+        try:
+            store = await self._js.object_store(bucket)
+            await store.delete(name)
+        except (BucketNotFoundError, NotFoundError):
+            return
+        except NatsError as exc:
+            raise BusError(f"cannot delete {bucket}/{name}: {exc}") from exc
+
     async def _object_store(self, bucket: str, *, create: bool) -> ObjectStore:
         if self._js is None:
             raise BusError("NATS bus is not connected")

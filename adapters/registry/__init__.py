@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Artifact, Claim, JobRecord, ModelRecord, RegistryStore, RLAgent, TrainingRun, redact
+from .base import Artifact, CheckpointRecord, Claim, JobRecord, ModelRecord, RegistryStore, RLAgent, TrainingRun, redact
 from .sqlite import SqliteStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -25,6 +25,7 @@ def create_store(url: str) -> RegistryStore:
 
 __all__ = [
     "Artifact",
+    "CheckpointRecord",
     "Claim",
     "JobRecord",
     "ModelRecord",

@@ -195,6 +195,25 @@ class Artifact(Record):
     """Written at."""
 
 
+class CheckpointRecord(Record):
+    """One snapshot of a running job's checkpoint folder in the shared object store."""
+
+    job_id: str
+    """The job it belongs to."""
+    seq: int
+    """Orders a job's snapshots across hosts: attempt * 1,000,000 + the snapshot's number in that attempt."""
+    uri: str
+    """Where the snapshot (a tar of the checkpoint folder) lies in the object store."""
+    sha256: str
+    """Its digest: a download that does not match is refused."""
+    size_bytes: int
+    """Its size."""
+    step: int
+    """How far the job had got (timesteps, epochs, optimizer steps, finished trials)."""
+    created_at: str = Field(default_factory=utcnow)
+    """Written at."""
+
+
 class RegistryStore(Protocol):
     """What the worker and the CLI need from a registry: SQLite on one host, PostgreSQL for many."""
 
@@ -263,3 +282,15 @@ class RegistryStore(Protocol):
 
     async def list_artifacts(self, model_id: str) -> list[Artifact]:
         """Files of one model version."""
+
+    async def add_checkpoint(self, checkpoint: CheckpointRecord) -> None:
+        """Record a job's checkpoint snapshot once it is in the object store."""
+
+    async def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        """A job's checkpoint snapshots, newest (highest seq) first."""
+
+    async def delete_checkpoint(self, job_id: str, seq: int) -> None:
+        """Forget one snapshot (after its object was removed)."""
+
+    async def ended_checkpoints(self, limit: int = 100) -> list[CheckpointRecord]:
+        """Snapshots of jobs that have ended (completed, failed or cancelled), oldest first: what retention prunes."""

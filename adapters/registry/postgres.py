@@ -74,6 +74,12 @@ MIGRATIONS: list[str] = [
     CREATE INDEX idx_runs_user ON training_runs(user_id);
     CREATE INDEX idx_agents_user ON rl_agents(user_id);
     """,
+    # 5: checkpoint snapshots in the shared object store, so another worker can resume a job
+    """
+    CREATE TABLE checkpoints (
+        job_id TEXT NOT NULL, seq BIGINT NOT NULL, uri TEXT NOT NULL, sha256 TEXT NOT NULL,
+        size_bytes BIGINT NOT NULL, step BIGINT NOT NULL, created_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (job_id, seq));
+    """,
 ]
 """Schema migrations in order, numbered as SQLite's; migration N is applied once and recorded in `schema_migrations`."""
 

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import TaskKind
 
-from .base import Artifact, Claim, JobRecord, ModelRecord, Record, RLAgent, TrainingRun, utcnow
+from .base import Artifact, CheckpointRecord, Claim, JobRecord, ModelRecord, Record, RLAgent, TrainingRun, utcnow
 
 R = TypeVar("R", bound=Record)
 
@@ -291,4 +291,39 @@ class SqlStore(ABC):
         p = Params(self.dialect)
         return await self._select(
             Artifact, f"SELECT * FROM artifacts WHERE model_id = {p(model_id)} ORDER BY created_at", p.values
+        )
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    async def add_checkpoint(self, checkpoint: CheckpointRecord) -> None:
+        """Record a job's checkpoint snapshot once it is in the object store."""
+        values = self._values(checkpoint)
+        p = Params(self.dialect)
+        marks = ", ".join(p(v) for v in values.values())
+        await self._change(
+            f"INSERT INTO checkpoints ({', '.join(values)}) VALUES ({marks}) ON CONFLICT (job_id, seq) DO NOTHING",
+            p.values,
+        )
+
+    async def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        """A job's checkpoint snapshots, newest (highest seq) first."""
+        p = Params(self.dialect)
+        return await self._select(
+            CheckpointRecord, f"SELECT * FROM checkpoints WHERE job_id = {p(job_id)} ORDER BY seq DESC", p.values
+        )
+
+    async def delete_checkpoint(self, job_id: str, seq: int) -> None:
+        """Forget one snapshot (after its object was removed)."""
+        p = Params(self.dialect)
+        await self._change(f"DELETE FROM checkpoints WHERE job_id = {p(job_id)} AND seq = {p(seq)}", p.values)
+
+    async def ended_checkpoints(self, limit: int = 100) -> list[CheckpointRecord]:
+        """Snapshots of jobs that have ended (completed, failed or cancelled), oldest first: what retention prunes."""
+        p = Params(self.dialect)
+        return await self._select(
+            CheckpointRecord,
+            "SELECT checkpoints.* FROM checkpoints JOIN jobs ON jobs.job_id = checkpoints.job_id "
+            f"WHERE jobs.state IN ({', '.join(p(s) for s in TERMINAL)}) ORDER BY checkpoints.created_at "
+            f"LIMIT {p(limit)}",
+            p.values,
         )

@@ -70,6 +70,12 @@ MIGRATIONS: list[str] = [
     ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
     ALTER TABLE jobs ADD COLUMN lease_expires_at TEXT;
     """,
+    # 5: checkpoint snapshots in the shared object store, so another worker can resume a job
+    """
+    CREATE TABLE checkpoints (
+        job_id TEXT NOT NULL, seq INTEGER NOT NULL, uri TEXT NOT NULL, sha256 TEXT NOT NULL,
+        size_bytes INTEGER NOT NULL, step INTEGER NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (job_id, seq));
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 

@@ -9,6 +9,7 @@ import pytest
 
 from forseti.adapters.registry import (
     Artifact,
+    CheckpointRecord,
     JobRecord,
     ModelRecord,
     RegistryStore,
@@ -202,3 +203,22 @@ async def test_a_postgres_registry_that_refuses_the_password_says_so_without_it(
         await store.open()
     assert "not-the-password-x9" not in refused.value.message
     assert "password authentication failed" in refused.value.message
+
+
+async def test_checkpoints_are_listed_newest_first_and_pruned_once_their_job_ended(store: RegistryStore) -> None:
+    for job_id in ("live", "done"):
+        await store.put_job(JobRecord(job_id=job_id, kind=TaskKind.RL, state=JobState.RUNNING))
+        for seq in (1_000_001, 2_000_001, 1_000_002):
+            record = CheckpointRecord(
+                job_id=job_id, seq=seq, uri=f"s3://b/{job_id}/{seq}", sha256="ab" * 32, size_bytes=10, step=seq % 100
+            )
+            await store.add_checkpoint(record)
+            await store.add_checkpoint(record)  # recorded twice (a retried write): one row
+    assert [c.seq for c in await store.list_checkpoints("live")] == [2_000_001, 1_000_002, 1_000_001]
+    assert await store.ended_checkpoints() == []
+    await store.put_job(JobRecord(job_id="done", kind=TaskKind.RL, state=JobState.COMPLETED))
+    assert {(c.job_id, c.seq) for c in await store.ended_checkpoints()} == {
+        ("done", 1_000_001), ("done", 2_000_001), ("done", 1_000_002)
+    }  # fmt: skip
+    await store.delete_checkpoint("done", 2_000_001)
+    assert [c.seq for c in await store.list_checkpoints("done")] == [1_000_002, 1_000_001]

@@ -1,6 +1,7 @@
 """Two `forseti worker` processes with data dirs of their own (two hosts) on one nats-server and one
-PostgreSQL registry: the one running a job is killed with SIGKILL, the other takes the job over; and
-`forseti up --registry postgres`."""
+PostgreSQL registry, sharing checkpoints through the bus's object store or a real S3 server: the one
+running a job is killed with SIGKILL after it shared a checkpoint, the other takes the job over and
+finishes it from that checkpoint, once; and `forseti up --registry postgres`."""
 
 from __future__ import annotations
 
@@ -8,8 +9,12 @@ import asyncio
 import io
 import signal
 import stat
+import subprocess
 import tempfile
+import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -20,10 +25,12 @@ from forseti.adapters.bus.servers import NatsServer
 from forseti.adapters.registry import create_store
 from forseti.adapters.registry.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from forseti.schemas.envelope import encode
+from forseti.schemas.tasks import RLTask, TaskBase, TrainingTask
 from forseti.worker.embedded import EmbeddedRegistry, embedded_registry
 
-from ..helpers import training, watch
-from .test_cli import WorkerProcess, run
+from ..helpers import watch
+from ..llm import data_root_with_tiny_llama, finetune
+from .test_cli import REPO, WorkerProcess, env, forseti_cmd, run
 
 
 @pytest.fixture
@@ -31,40 +38,130 @@ def bus_url(nats_server: NatsServer) -> str:
     return nats_server.url + "?ack_wait=2"
 
 
-def test_a_job_whose_worker_is_killed_is_finished_by_the_other_host_once(
-    bus_url: str, tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def hosts_env(monkeypatch: pytest.MonkeyPatch, postgres_url: str) -> str:
+    """Both hosts' settings: the shared registry, and leases short enough to take a job over quickly."""
     monkeypatch.setenv("FORSETI_LEASE_TTL", "2")  # the heartbeat is 0.5 s in these tests
     monkeypatch.setenv("FORSETI_REGISTRY_URL", postgres_url)
-    task = training(steps=60)
+    return postgres_url
+
+
+def take_over(bus_url: str, registry_url: str, tmp_path: Path, kind: str, task: TaskBase) -> Any:
+    """Publish `task` to two hosts, SIGKILL the one that runs it as soon as the registry records a shared
+    checkpoint of it, and return the survivor's `completed` event data, having checked that the job
+    ran twice (attempt 1 on the first host, attempt 2 resumed on the other), ended once, and left no
+    checkpoints behind."""
     job_id = task.request_id or ""
 
-    async def scenario() -> None:
+    async def scenario() -> Any:
         client = NatsBus(bus_url.split("?")[0])
         await client.connect()
+        store = create_store(registry_url)
+        await store.open()
         events = await watch(client, job_id)
-        hosts = {name: WorkerProcess(bus_url, tmp_path / name, "--worker-id", name) for name in ("host-a", "host-b")}
+        hosts = {
+            name: WorkerProcess(bus_url, tmp_path / name, "--worker-id", name, handlers=[])
+            for name in ("host-a", "host-b")
+        }
         try:
-            await client.publish("forseti.tasks.training", encode(task))
-            first = (await events.wait_for("accepted", timeout=30)).data
-            await events.wait_for("progress", count=5, timeout=30)
+            await client.publish(f"forseti.tasks.{kind}", encode(task))
+            first = (await events.wait_for("accepted", timeout=60)).data
+            deadline = time.monotonic() + 120
+            while not await store.list_checkpoints(job_id):
+                assert time.monotonic() < deadline, "no checkpoint was shared:\n" + "".join(hosts[first.worker].lines)
+                await asyncio.sleep(0.02)
             hosts[first.worker].stop(signal.SIGKILL)  # no ack, no nak, no lease renewal any more
-            done = await events.wait_for("completed", timeout=60)
+            done = await events.wait_end(timeout=180)
             await asyncio.sleep(1.0)  # not waiting for anything: a second run would end within this window
+            left = await store.list_checkpoints(job_id)
         finally:
             for host in hosts.values():
                 host.stop()
+            await store.close()
             await client.close()
         accepted = [e.data for e in events.events if e.type.endswith("accepted.v1")]
         survivor = next(name for name in hosts if name != first.worker)
         assert [(a.attempt, a.resumed, a.worker) for a in accepted] == [(1, False, first.worker), (2, True, survivor)]
         assert [e.type for e in events.events if e.type.endswith(("completed.v1", "failed.v1"))] == [done.type]
+        assert any("resuming from the checkpoint" in getattr(e.data, "message", "") for e in events.events)
+        assert left == [], "an ended job's checkpoints are removed"
+        return done.data
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_training_job_whose_worker_is_killed_is_finished_from_its_s3_checkpoint_by_the_other_host(
+    bus_url: str, hosts_env: str, tmp_path: Path, s3_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sklearn.datasets import load_breast_cancer
+
+    monkeypatch.setenv("FORSETI_OBJECT_STORE_URL", s3_url)
+    cancer = load_breast_cancer()
+    rows = [
+        {**{f"f{i}": float(v) for i, v in enumerate(row)}, "label": int(label)}
+        for row, label in zip(cancer.data, cancer.target, strict=True)
+    ]
+    task = TrainingTask.model_validate(
+        {
+            "request_id": f"tr-{uuid.uuid4().hex[:8]}",
+            "model_type": "classifier",
+            "config": {"epochs": 60, "batch_size": 4, "hidden": [16], "checkpoint_interval": 2},
+            "data_sources": [{"rows": rows, "target": "label"}],
+        }
+    )
+    done = take_over(bus_url, hosts_env, tmp_path, "training", task)
+    assert done.result.metrics.custom_metrics["resumed_from_epoch"] >= 2
+    assert done.result.metrics.total_epochs == 60
+
     listed = run(bus_url, "jobs", "--json", "--data-dir", str(tmp_path / "elsewhere"))
     assert listed.returncode == 0, listed.stderr.decode()
     (row,) = [orjson.loads(line) for line in listed.stdout.splitlines()]
-    assert (row["job_id"], row["state"], row["attempt"], row["lease_owner"]) == (job_id, "completed", 2, None)
+    assert (row["job_id"], row["state"], row["attempt"], row["lease_owner"]) == (task.request_id, "completed", 2, None)
+
+
+def test_a_ppo_job_on_a_remote_executor_is_finished_from_its_shared_checkpoint_by_the_other_host(
+    bus_url: str, hosts_env: str, tmp_path: Path
+) -> None:
+    executor = subprocess.Popen(
+        forseti_cmd("executor", "--env", "CartPole-v1", "--id", "cartpole", "--num-envs", "2"),
+        cwd=REPO,
+        env=env(bus_url.split("?")[0]),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert executor.stderr is not None
+    for line in executor.stderr:
+        if "serving" in line:
+            break
+    task = RLTask.model_validate(
+        {
+            "request_id": f"rl-{uuid.uuid4().hex[:8]}",
+            "algorithm": "ppo",
+            "environment": "CartPole-v1",
+            "executor": "cartpole",
+            "config": {"total_timesteps": 6000, "n_steps": 128, "num_envs": 2, "checkpoint_interval": 512, "seed": 1},
+            "policy": {"net_arch": [16]},
+            "evaluation": {"episodes": 1},
+        }
+    )
+    try:
+        done = take_over(bus_url, hosts_env, tmp_path, "rl", task)
+    finally:
+        executor.send_signal(signal.SIGTERM)
+        executor.wait(30)
+        executor.stderr.close()
+    assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 512
+    assert done.result.metrics.custom_metrics["timesteps"] >= 6000
+
+
+def test_a_finetune_whose_worker_is_killed_is_finished_from_its_shared_checkpoint_by_the_other_host(
+    bus_url: str, hosts_env: str, tmp_path: Path, tiny_llama: Path
+) -> None:
+    for host in ("host-a", "host-b"):  # each host has the base model and the dataset on its own disk
+        data_root_with_tiny_llama(tmp_path / host, tiny_llama)
+    task = finetune(config={"epochs": 60, "checkpoint_interval": 5})
+    done = take_over(bus_url, hosts_env, tmp_path, "finetune", task)
+    assert done.result.metrics["resumed_from_step"] >= 5
 
 
 def test_forseti_up_keeps_its_registry_in_a_postgres_server_under_the_data_dir() -> None:

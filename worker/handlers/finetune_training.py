@@ -233,6 +233,7 @@ def train(
         adapter = {name: p.detach().cpu() for name, p in params.items()}
         torch.save({"adapter": adapter, "optimizer": optimizer.state_dict(), "step": step}, partial)
         partial.replace(checkpoint)
+        ctx.checkpointed(step)
 
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)

@@ -21,6 +21,7 @@ from stable_baselines3 import A2C, DQN, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from forseti.adapters.exporters.policy import PolicyExport, export_policy
@@ -45,6 +46,8 @@ ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "gelu": torch.nn.GELU,
 }
 CHECKPOINT = "model.zip"
+REPLAY_BUFFER = "replay_buffer.pkl"
+"""Beside an off-policy algorithm's checkpoint: its replay buffer, so a resumed DQN / SAC keeps its experience."""
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,9 @@ def build_model(task: RLTask, env: VecEnv, checkpoint: Path) -> tuple[BaseAlgori
     algo = ALGORITHMS[task.algorithm]
     if checkpoint.exists():
         model = algo.load(checkpoint, env=env, device="cpu")
+        buffer = checkpoint.with_name(REPLAY_BUFFER)
+        if isinstance(model, OffPolicyAlgorithm) and buffer.exists():
+            model.load_replay_buffer(buffer)
         return model, int(model.num_timesteps)
     config = task.config
     kwargs: dict[str, Any] = {
@@ -174,7 +180,13 @@ class JobCallback(BaseCallback):
         partial = self.checkpoint.with_name("partial-" + self.checkpoint.name)
         self.model.save(partial)
         partial.replace(self.checkpoint)
+        if isinstance(self.model, OffPolicyAlgorithm):  # DQN / SAC resume with the transitions they had
+            buffer = self.checkpoint.with_name(REPLAY_BUFFER)
+            partial = buffer.with_name("partial-" + REPLAY_BUFFER)
+            self.model.save_replay_buffer(partial)
+            partial.replace(buffer)
         (self.checkpoint.parent / "checkpoint.json").write_text(json.dumps({"timesteps": self.num_timesteps}))
+        self.ctx.checkpointed(self.num_timesteps)
 
 
 def train(task: RLTask, ctx: JobContext, *, step_timeout: float, progress_every: int) -> TrainedPolicy:

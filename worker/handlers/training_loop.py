@@ -216,6 +216,10 @@ def train(
         )
         partial.replace(path)
 
+    def checkpoint() -> None:
+        save(latest)
+        ctx.checkpointed(epoch)
+
     x_train, y_train, x_val, y_val = (
         torch.from_numpy(a).to(device) for a in (prepared.train.x, prepared.train.y, prepared.val.x, prepared.val.y)
     )
@@ -253,7 +257,7 @@ def train(
             else:
                 stale += 1
             if epoch % config.checkpoint_interval == 0 or epoch == config.epochs:
-                save(latest)
+                checkpoint()
             low, high = span
             ctx.progress(
                 low + (high - low) * epoch / config.epochs,
@@ -263,10 +267,10 @@ def train(
                 metrics={**figures, "learning_rate": optimizer.param_groups[0]["lr"], **_resource_metrics()},
             )
             if stopping is not None and stale >= stopping.patience:
-                save(latest)
+                checkpoint()
                 break
     except JobStopped:
-        save(latest)
+        checkpoint()
         raise
     elapsed = time.monotonic() - started
     return Stats(
@@ -337,6 +341,7 @@ def search(
                 "stats": asdict(stats),
             }
             done.write_text(json.dumps(record))
+            ctx.checkpointed(k + 1)  # the finished trial is skipped by whichever worker resumes the search
         records.append(record)
         score = record["stats"]["best_score"]
         ctx.progress(
