@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from forseti.adapters.bus import Delivery
-from forseti.adapters.registry import Claim, JobRecord
+from forseti.adapters.bus import Bus, Delivery
+from forseti.adapters.objects import ObjectStore
+from forseti.adapters.registry import Claim, JobRecord, RegistryStore
 from forseti.schemas.errors import BusError, ErrorCode, ForsetiError
 from forseti.schemas.jobs import (
     FinetuneResult,
@@ -22,6 +24,7 @@ from forseti.schemas.jobs import (
     JobAccepted,
     JobCancelled,
     JobCompleted,
+    JobEvent,
     JobFailed,
     JobProgress,
     JobResult,
@@ -29,15 +32,15 @@ from forseti.schemas.jobs import (
     RLResult,
     TrainingResult,
 )
+from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import dump_task
 
 from .checkpoints import SharedCheckpoints, forget
 from .context import Handler, JobContext, JobStopped, StopReason
 from .intake import Accepted
 from .logs import job_id_var
-
-if TYPE_CHECKING:
-    from .runtime import Worker
+from .metrics import Metrics
+from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,38 @@ def load_result(data: dict[str, object]) -> JobResult:
     raise ValueError(f"stored result matches no result model: {sorted(data)}")
 
 
+class JobEvents(Protocol):
+    """Where a job's events go (the worker, which publishes them on its bus)."""
+
+    async def publish_job(self, event: JobEvent) -> None:
+        """Publish a job event on `forseti.jobs.<job_id>`."""
+
+    async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
+        """Publish `forseti.model.available.v1`, its files first put where other hosts reach them."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobServices:
+    """What a job needs from the worker that runs it, and nothing more."""
+
+    settings: WorkerSettings
+    """The worker's settings (folders, leases, retries, heartbeats)."""
+    store: RegistryStore
+    """The registry: the job's lease, state and outcome."""
+    metrics: Metrics
+    """Job counters and durations."""
+    events: JobEvents
+    """Publishes the job's events."""
+    bus: Bus
+    """The bus, for handlers that talk to executors."""
+    objects: ObjectStore | None
+    """Where checkpoints are shared with the other workers (None: local disk only)."""
+    running: dict[str, JobRunner]
+    """The worker's running jobs by id, where control events and shutdown find them."""
+    early_cancel: Callable[[str], str | None]
+    """The reason of a cancel that came before the job did, taken once."""
+
+
 @dataclass(frozen=True)
 class Requeue:
     """The job goes back to the bus for another try (shutdown, or a retriable error)."""
@@ -65,8 +100,8 @@ class Requeue:
 class JobRunner:
     """Runs one accepted task to a settled delivery."""
 
-    def __init__(self, worker: Worker, delivery: Delivery, accepted: Accepted, handler: Handler) -> None:
-        self.worker, self.delivery, self.accepted, self.handler = worker, delivery, accepted, handler
+    def __init__(self, services: JobServices, delivery: Delivery, accepted: Accepted, handler: Handler) -> None:
+        self.services, self.delivery, self.accepted, self.handler = services, delivery, accepted, handler
         self.job_id, self.kind = accepted.job_id, accepted.kind
         self.ctx: JobContext | None = None
         self.shared: SharedCheckpoints | None = None
@@ -77,11 +112,11 @@ class JobRunner:
         """Claim the job's lease and run it, or settle a delivery that must not run it: replay an ended
         job's outcome, or hand back a duplicate of a job whose lease is live (here or on another host)."""
         job_id_var.set(self.job_id)
-        worker = self.worker
-        claim = await worker.store.claim_job(
+        services = self.services
+        claim = await services.store.claim_job(
             JobRecord(job_id=self.job_id, kind=self.kind, task=dump_task(self.accepted.task)),
             owner=self.owner,
-            ttl=worker.settings.lease_ttl,
+            ttl=services.settings.lease_ttl,
         )
         if not claim.won:
             if claim.job.state.terminal:
@@ -90,18 +125,18 @@ class JobRunner:
                 await self._defer(claim)
             return
         record = claim.job
-        early_cancel = worker.take_early_cancel(self.job_id)
+        early_cancel = services.early_cancel(self.job_id)
         if early_cancel is not None:
             await self._finish(
                 record, JobState.CANCELLED, JobCancelled(job_id=self.job_id, kind=self.kind, reason=early_cancel), 0.0
             )
             return
-        await worker.publish_job(
+        await services.events.publish_job(
             JobAccepted(
                 job_id=self.job_id,
                 kind=self.kind,
                 attempt=record.attempt,
-                worker=worker.settings.worker_id,
+                worker=services.settings.worker_id,
                 resumed=record.attempt > 1,
             )
         )
@@ -111,13 +146,13 @@ class JobRunner:
     @property
     def owner(self) -> str:
         """The lease owner's name: this worker's id."""
-        return self.worker.settings.worker_id
+        return self.services.settings.worker_id
 
     async def _defer(self, claim: Claim) -> None:
         """Another delivery of a job whose lease is live. It is handed back to come again when that
         lease would run out, never acked: it may be the only message of a job whose worker just died
         (the bus redelivers before the lease lapses), and then it is the one that takes the job over."""
-        delay = min(max(claim.lease_left, 1.0), self.worker.settings.lease_ttl) + 0.5
+        delay = min(max(claim.lease_left, 1.0), self.services.settings.lease_ttl) + 0.5
         log.info(
             "job runs on %s (lease for %.1fs more); this delivery comes back in %.1fs",
             claim.job.lease_owner,
@@ -125,16 +160,16 @@ class JobRunner:
             delay,
         )
         await self.delivery.nak(delay)
-        self.worker.metrics.jobs.labels(self.kind.value, "deferred").inc()
+        self.services.metrics.jobs.labels(self.kind.value, "deferred").inc()
 
     async def _execute(self, record: JobRecord) -> None:
-        worker = self.worker
-        work_dir = worker.settings.data_dir / "jobs" / self.job_id
+        services = self.services
+        work_dir = services.settings.data_dir / "jobs" / self.job_id
         loop = asyncio.get_running_loop()
-        if worker.objects is not None:
+        if services.objects is not None:
             self.shared = SharedCheckpoints(
-                worker.objects,
-                worker.store,
+                services.objects,
+                services.store,
                 job_id=self.job_id,
                 attempt=record.attempt,
                 folder=work_dir / "checkpoints",
@@ -147,16 +182,16 @@ class JobRunner:
             attempt=record.attempt,
             resumed=record.attempt > 1,
             work_dir=work_dir,
-            inputs_root=worker.settings.inputs_root,
-            store=worker.store,
-            announcer=worker,
+            inputs_root=services.settings.inputs_root,
+            store=services.store,
+            announcer=self,
             loop=loop,
-            bus=worker.bus,
-            artifacts_root=worker.settings.data_dir / "artifacts",
+            bus=services.bus,
+            artifacts_root=services.settings.data_dir / "artifacts",
             checkpoints=self.shared,
         )
-        worker.running[self.job_id] = self
-        running = worker.metrics.jobs_running.labels(self.kind.value)
+        services.running[self.job_id] = self
+        running = services.metrics.jobs_running.labels(self.kind.value)
         running.inc()
         pump = asyncio.create_task(self._pump_progress())
         heartbeat = asyncio.create_task(self._heartbeat())
@@ -167,12 +202,12 @@ class JobRunner:
             outcome = await self._outcome(record)
         finally:
             if self.shared is not None:  # under the lease still: the heartbeat renews it meanwhile
-                await self.shared.close(timeout=worker.settings.lease_ttl)
+                await self.shared.close(timeout=services.settings.lease_ttl)
             heartbeat.cancel()
             self._events.put_nowait(None)
             await pump
             running.dec()
-            worker.running.pop(self.job_id, None)
+            services.running.pop(self.job_id, None)
         elapsed = time.monotonic() - started
         if isinstance(outcome, Requeue):
             await self._requeue(record, outcome, elapsed)
@@ -225,8 +260,8 @@ class JobRunner:
                 return Requeue(0.0, "another worker took the job over")
             return JobCancelled(job_id=self.job_id, kind=self.kind, reason=stop.message)
         except ForsetiError as exc:
-            if exc.retriable and record.attempt < self.worker.settings.max_attempts:
-                return Requeue(self.worker.settings.retry_delay, f"{exc.code}: {exc.message}")
+            if exc.retriable and record.attempt < self.services.settings.max_attempts:
+                return Requeue(self.services.settings.retry_delay, f"{exc.code}: {exc.message}")
             code = ErrorCode.RETRIES_EXHAUSTED if exc.retriable else exc.code
             return JobFailed(
                 job_id=self.job_id, kind=self.kind, code=code, message=exc.message[:4096], retriable=exc.retriable
@@ -244,40 +279,40 @@ class JobRunner:
     async def _finish(
         self, record: JobRecord, state: JobState, event: JobCompleted | JobFailed | JobCancelled, elapsed: float
     ) -> None:
-        held = await self.worker.store.update_held_job(
+        held = await self.services.store.update_held_job(
             record.model_copy(update={"state": state}), owner=self.owner, release=True
         )
         if not held:
             await self._lost(state.value)
             return
         try:
-            await self.worker.publish_job(event)
+            await self.services.events.publish_job(event)
         except BusError:
             # stored as terminal: the redelivery replays it instead of running the job again
             log.warning("could not announce %s; handing the task back to replay it", state)
-            await self.delivery.nak(self.worker.settings.retry_delay)
+            await self.delivery.nak(self.services.settings.retry_delay)
             return
         await self.delivery.ack()
-        self.worker.metrics.jobs.labels(self.kind.value, state.value).inc()
-        self.worker.metrics.job_duration.labels(self.kind.value, state.value).observe(elapsed)
+        self.services.metrics.jobs.labels(self.kind.value, state.value).inc()
+        self.services.metrics.job_duration.labels(self.kind.value, state.value).observe(elapsed)
         log.info("job %s in %.2fs", state.value, elapsed)
-        objects = self.worker.objects
+        objects = self.services.objects
         # only a job that shared checkpoints (here, or on an earlier attempt elsewhere) has any to remove
         if objects is not None and (record.attempt > 1 or (self.shared is not None and self.shared.shared)):
             try:
-                await forget(objects, self.worker.store, self.job_id)
+                await forget(objects, self.services.store, self.job_id)
             except ForsetiError as exc:  # what is left is pruned at a worker's next start
                 log.warning("checkpoints of the ended job not removed: %s", exc.message)
 
     async def _requeue(self, record: JobRecord, requeue: Requeue, elapsed: float) -> None:
-        held = await self.worker.store.update_held_job(
+        held = await self.services.store.update_held_job(
             record.model_copy(update={"state": JobState.PENDING}), owner=self.owner, release=True
         )
         if not held:
             await self._lost("handed back")
             return
         try:
-            await self.worker.publish_job(
+            await self.services.events.publish_job(
                 JobProgress(
                     job_id=self.job_id,
                     kind=self.kind,
@@ -289,21 +324,21 @@ class JobRunner:
         except BusError:
             log.warning("could not announce the hand-back")
         await self.delivery.nak(requeue.delay)
-        self.worker.metrics.jobs.labels(self.kind.value, "requeued").inc()
+        self.services.metrics.jobs.labels(self.kind.value, "requeued").inc()
         log.info("job handed back after %.2fs: %s", elapsed, requeue.why)
 
     async def _lost(self, outcome: str) -> None:
         """Another worker took the job over (this one's lease lapsed, its registry out of reach): its
         outcome is that worker's to announce, so this one says nothing and hands its delivery back."""
         log.warning("job ended here as %s, but another worker holds it now; its outcome is not announced", outcome)
-        await self.delivery.nak(self.worker.settings.lease_ttl)
-        self.worker.metrics.jobs.labels(self.kind.value, "lost").inc()
+        await self.delivery.nak(self.services.settings.lease_ttl)
+        self.services.metrics.jobs.labels(self.kind.value, "lost").inc()
 
     async def set_state(self, state: JobState) -> None:
         """Record a pause or a resume of the running job (its lease kept)."""
-        record = await self.worker.store.get_job(self.job_id)
+        record = await self.services.store.get_job(self.job_id)
         if record is not None:
-            await self.worker.store.update_held_job(
+            await self.services.store.update_held_job(
                 record.model_copy(update={"state": state}), owner=self.owner, release=False
             )
 
@@ -323,23 +358,27 @@ class JobRunner:
         else:
             event = JobCancelled(job_id=self.job_id, kind=self.kind, reason="cancelled earlier")
         log.info("duplicate of a %s job: announcing the stored outcome", prior.state.value)
-        await self.worker.publish_job(event)
+        await self.services.events.publish_job(event)
         await self.delivery.ack()
-        self.worker.metrics.jobs.labels(self.kind.value, "replayed").inc()
+        self.services.metrics.jobs.labels(self.kind.value, "replayed").inc()
 
     def progress(self, event: JobProgress) -> None:
-        """Queue a progress event (called on the loop)."""
+        """Queue a progress event behind the job's earlier ones (the context's Announcer; on the loop)."""
         self._events.put_nowait(event)
+
+    async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
+        """Announce a model the job registered (the context's Announcer)."""
+        await self.services.events.announce_model(event, job_id)
 
     async def _pump_progress(self) -> None:
         while (event := await self._events.get()) is not None:
             try:
-                await self.worker.publish_job(event)
+                await self.services.events.publish_job(event)
             except BusError as exc:
                 log.warning("progress not published: %s", exc)
 
     async def _heartbeat(self) -> None:
-        settings = self.worker.settings
+        settings = self.services.settings
         while True:
             await asyncio.sleep(settings.heartbeat_interval)
             try:
@@ -347,7 +386,7 @@ class JobRunner:
             except BusError as exc:
                 log.warning("heartbeat failed: %s", exc)
             try:
-                held = await self.worker.store.renew_lease(self.job_id, owner=self.owner, ttl=settings.lease_ttl)
+                held = await self.services.store.renew_lease(self.job_id, owner=self.owner, ttl=settings.lease_ttl)
             except ForsetiError as exc:  # the registry is away: keep running, renew at the next beat
                 log.warning("lease not renewed: %s", exc)
                 continue

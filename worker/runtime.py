@@ -37,7 +37,7 @@ from .checkpoints import prune_ended
 from .context import Handler, StopReason
 from .http import MetricsServer
 from .intake import Refused, read_task
-from .jobs import JobRunner, load_result
+from .jobs import JobRunner, JobServices, load_result
 from .logs import job_id_var
 from .metrics import MeteredBus, Metrics
 from .settings import WorkerSettings
@@ -283,7 +283,7 @@ class Worker:
             return
         job_id_var.set(verdict.job_id)
         try:
-            await JobRunner(self, delivery, verdict, self.handlers[kind]).run()
+            await JobRunner(self._job_services(), delivery, verdict, self.handlers[kind]).run()
         except ForsetiError as exc:  # the store or the bus failed around the job: try again later
             log.warning("job could not be run: %s; handing it back", exc)
             await self._nak_quietly(delivery)
@@ -335,14 +335,20 @@ class Worker:
         """Publish a job event on `forseti.jobs.<job_id>`."""
         await self.bus.publish(jobs_channel(event.job_id), encode(event, source=self._source, subject=event.job_id))
 
-    def progress(self, event: JobProgress) -> None:
-        """Queue a progress event behind the job's earlier ones (Announcer)."""
-        runner = self.running.get(event.job_id)
-        if runner is not None:
-            runner.progress(event)
+    def _job_services(self) -> JobServices:
+        return JobServices(
+            settings=self.settings,
+            store=self.store,
+            metrics=self.metrics,
+            events=self,
+            bus=self.bus,
+            objects=self.objects,
+            running=self.running,
+            early_cancel=self.take_early_cancel,
+        )
 
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
-        """Publish `forseti.model.available.v1` (Announcer), its files first put where other hosts can
+        """Publish `forseti.model.available.v1` (JobEvents), its files first put where other hosts can
         fetch them (the object store, on NATS)."""
         served = self._artifacts
         http = (served.root, served.base_url) if served is not None else None
