@@ -120,6 +120,25 @@ def training(job_id: str | None = None, steps: int = 5) -> TrainingTask:
     )
 
 
+def breast_cancer_training(request_id: str, **config: Any) -> TrainingTask:
+    """A classifier task on scikit-learn's breast-cancer rows (a real dataset of 569 rows, 30 columns)."""
+    from sklearn.datasets import load_breast_cancer
+
+    cancer = load_breast_cancer()
+    rows = [
+        {**{f"f{i}": float(v) for i, v in enumerate(row)}, "label": int(label)}
+        for row, label in zip(cancer.data, cancer.target, strict=True)
+    ]
+    return TrainingTask.model_validate(
+        {
+            "request_id": request_id,
+            "model_type": "classifier",
+            "config": config,
+            "data_sources": [{"rows": rows, "target": "label"}],
+        }
+    )
+
+
 def inference(job_id: str | None = None, rows: int = 2) -> InferenceTask:
     """An inference task for EchoHandler."""
     return InferenceTask(request_id=job_id or uuid.uuid4().hex, model_id="m1", inputs=[{"x": i} for i in range(rows)])

@@ -25,7 +25,7 @@ from forseti.envs.remote import RemoteVecEnv
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask, TrainingTask
 
-from ..helpers import watch
+from ..helpers import breast_cancer_training, watch
 
 REPO = Path(__file__).resolve().parents[2]
 HANDLERS = ["--handler", "tests.helpers:StepHandler", "--handler", "tests.helpers:FailingHandler"]
@@ -58,14 +58,14 @@ class WorkerProcess:
     def __init__(
         self,
         bus: str,
-        data_dir: Path,
+        data_dir: Path | None,
         *extra: str,
         handlers: list[str] = HANDLERS,
         command: tuple[str, ...] = ("worker", "--shutdown-grace", "5"),
         ready: str = "pulling",
     ) -> None:
         self.proc = subprocess.Popen(
-            forseti_cmd(*command, "--data-dir", str(data_dir), *handlers, *extra),
+            forseti_cmd(*command, *(("--data-dir", str(data_dir)) if data_dir else ()), *handlers, *extra),
             cwd=REPO,
             env=env(bus),
             stderr=subprocess.PIPE,
@@ -229,22 +229,8 @@ def test_a_killed_rl_worker_is_replaced_by_one_that_resumes_training(bus_url: st
 def test_a_killed_training_worker_is_replaced_by_one_that_resumes_from_its_checkpoint(
     bus_url: str, tmp_path: Path
 ) -> None:
-    from sklearn.datasets import load_breast_cancer
-
-    cancer = load_breast_cancer()
-    rows = [
-        {**{f"f{i}": float(v) for i, v in enumerate(row)}, "label": int(label)}
-        for row, label in zip(cancer.data, cancer.target, strict=True)
-    ]
-    task = TrainingTask.model_validate(
-        {
-            "request_id": f"tr-resume-{uuid.uuid4().hex[:6]}",
-            "model_type": "classifier",
-            "config": {"epochs": 40, "batch_size": 4, "hidden": [16]},
-            "data_sources": [{"rows": rows, "target": "label"}],
-        }
-    )
-
+    task = breast_cancer_training(f"tr-resume-{uuid.uuid4().hex[:6]}", epochs=40, batch_size=4, hidden=[16])
+    rows = task.data_sources[0].rows or []
     done = killed_and_resumed(bus_url, tmp_path, task, progress=3)
     assert done.result.metrics.custom_metrics["resumed_from_epoch"] >= 3
     assert done.result.metrics.total_epochs == 40
@@ -291,17 +277,13 @@ def test_forseti_up_runs_the_ppo_demo_through_its_executor_and_stops_cleanly(tmp
 
 
 def test_forseti_executor_serves_an_env_over_nats(nats_server: NatsServer) -> None:
-    proc = subprocess.Popen(
-        forseti_cmd("executor", "--env", "forseti/SensorAnomaly-v0", "--id", "sensors", "--num-envs", "3"),
-        cwd=REPO,
-        env=env(nats_server.url),
-        stderr=subprocess.PIPE,
-        text=True,
+    executor = WorkerProcess(
+        nats_server.url,
+        None,
+        handlers=[],
+        command=("executor", "--env", "forseti/SensorAnomaly-v0", "--id", "sensors", "--num-envs", "3"),
+        ready="serving",
     )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if "serving" in line:
-            break
 
     async def use() -> tuple[int, tuple[int, ...]]:
         bus = NatsBus(nats_server.url)
@@ -321,6 +303,4 @@ def test_forseti_executor_serves_an_env_over_nats(nats_server: NatsServer) -> No
             await bus.close()
 
     assert asyncio.run(use()) == (3, (3, 16))
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(30) == 0
-    proc.stderr.close()
+    assert executor.stop() == 0

@@ -9,7 +9,6 @@ import asyncio
 import io
 import signal
 import stat
-import subprocess
 import tempfile
 import time
 import uuid
@@ -25,12 +24,12 @@ from forseti.adapters.bus.servers import NatsServer
 from forseti.adapters.registry import create_store
 from forseti.adapters.registry.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from forseti.schemas.envelope import encode
-from forseti.schemas.tasks import RLTask, TaskBase, TrainingTask
+from forseti.schemas.tasks import RLTask, TaskBase
 from forseti.worker.embedded import EmbeddedRegistry, embedded_registry
 
-from ..helpers import watch
+from ..helpers import breast_cancer_training, watch
 from ..llm import data_root_with_tiny_llama, finetune
-from .test_cli import REPO, WorkerProcess, env, forseti_cmd, run
+from .test_cli import WorkerProcess, run
 
 
 @pytest.fixture
@@ -93,21 +92,9 @@ def take_over(bus_url: str, registry_url: str, tmp_path: Path, kind: str, task: 
 def test_a_training_job_whose_worker_is_killed_is_finished_from_its_s3_checkpoint_by_the_other_host(
     bus_url: str, hosts_env: str, tmp_path: Path, s3_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sklearn.datasets import load_breast_cancer
-
     monkeypatch.setenv("FORSETI_OBJECT_STORE_URL", s3_url)
-    cancer = load_breast_cancer()
-    rows = [
-        {**{f"f{i}": float(v) for i, v in enumerate(row)}, "label": int(label)}
-        for row, label in zip(cancer.data, cancer.target, strict=True)
-    ]
-    task = TrainingTask.model_validate(
-        {
-            "request_id": f"tr-{uuid.uuid4().hex[:8]}",
-            "model_type": "classifier",
-            "config": {"epochs": 60, "batch_size": 4, "hidden": [16], "checkpoint_interval": 2},
-            "data_sources": [{"rows": rows, "target": "label"}],
-        }
+    task = breast_cancer_training(
+        f"tr-{uuid.uuid4().hex[:8]}", epochs=60, batch_size=4, hidden=[16], checkpoint_interval=2
     )
     done = take_over(bus_url, hosts_env, tmp_path, "training", task)
     assert done.result.metrics.custom_metrics["resumed_from_epoch"] >= 2
@@ -122,17 +109,13 @@ def test_a_training_job_whose_worker_is_killed_is_finished_from_its_s3_checkpoin
 def test_a_ppo_job_on_a_remote_executor_is_finished_from_its_shared_checkpoint_by_the_other_host(
     bus_url: str, hosts_env: str, tmp_path: Path
 ) -> None:
-    executor = subprocess.Popen(
-        forseti_cmd("executor", "--env", "CartPole-v1", "--id", "cartpole", "--num-envs", "2"),
-        cwd=REPO,
-        env=env(bus_url.split("?")[0]),
-        stderr=subprocess.PIPE,
-        text=True,
+    executor = WorkerProcess(
+        bus_url.split("?")[0],
+        None,
+        handlers=[],
+        command=("executor", "--env", "CartPole-v1", "--id", "cartpole", "--num-envs", "2"),
+        ready="serving",
     )
-    assert executor.stderr is not None
-    for line in executor.stderr:
-        if "serving" in line:
-            break
     task = RLTask.model_validate(
         {
             "request_id": f"rl-{uuid.uuid4().hex[:8]}",
@@ -147,9 +130,7 @@ def test_a_ppo_job_on_a_remote_executor_is_finished_from_its_shared_checkpoint_b
     try:
         done = take_over(bus_url, hosts_env, tmp_path, "rl", task)
     finally:
-        executor.send_signal(signal.SIGTERM)
-        executor.wait(30)
-        executor.stderr.close()
+        executor.stop()
     assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 512
     assert done.result.metrics.custom_metrics["timesteps"] >= 6000
 
