@@ -14,6 +14,7 @@ from typing import Annotated, Any, Protocol
 
 import orjson
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
@@ -73,6 +74,16 @@ def _store(data_dir: Path, registry_url: str | None) -> RegistryStore:
         return create_store(WorkerSettings(data_dir=data_dir, registry_url=registry_url).registry)
     except ValueError as exc:
         raise _fail(str(exc)) from exc
+
+
+def _settings(**values: Any) -> WorkerSettings:
+    """Worker settings from the options and FORSETI_* variables; a bad value ends the command with
+    its reason, not a traceback."""
+    try:
+        return WorkerSettings(**values)
+    except ValidationError as exc:
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        raise _fail(f"invalid settings: {reasons}") from exc
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -184,7 +195,7 @@ def worker_cmd(
     """Run a worker: take tasks for every installed handler, until SIGTERM."""
     setup_logging(json_lines=log_json)
     overrides: dict[str, Any] = {"worker_id": worker_id} if worker_id else {}
-    settings = WorkerSettings(
+    settings = _settings(
         bus_url=bus,
         data_dir=data_dir,
         registry_url=registry_url,
@@ -415,7 +426,7 @@ def up(
             registry_url = stack.enter_context(embedded_registry(registry, data_dir, console=err))
         except ForsetiError as exc:
             raise _fail(exc.message) from exc
-        settings = WorkerSettings(
+        settings = _settings(
             bus_url=bus,
             data_dir=data_dir,
             concurrency=concurrency,

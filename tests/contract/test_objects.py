@@ -21,6 +21,7 @@ from forseti.schemas.errors import StoreError
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import TaskKind
 from forseti.worker.checkpoints import KEEP, MARKER, SharedCheckpoints, forget, local_seq, prune_ended
+from forseti.worker.settings import WorkerSettings
 
 
 @pytest.fixture(params=["nats", "s3"])
@@ -75,6 +76,8 @@ def test_object_store_urls() -> None:
     for bad in ("s3://k:secret@b", "s3://b?endpoint=x&colour=red", "ftp://b", "s3://"):
         with pytest.raises(ValueError):  # noqa: PT011 - each one's message is its own
             open_object_store(bad, object())
+        with pytest.raises(ValueError):  # noqa: PT011 - refused before the worker connects anywhere
+            WorkerSettings(object_store_url=bad)
 
 
 async def started_job(store: RegistryStore, job_id: str, attempt: int = 1) -> None:

@@ -304,3 +304,11 @@ def test_forseti_executor_serves_an_env_over_nats(nats_server: NatsServer) -> No
 
     assert asyncio.run(use()) == (3, (3, 16))
     assert executor.stop() == 0
+
+
+def test_a_worker_with_a_bad_setting_says_why_and_exits_1(tmp_path: Path) -> None:
+    done = run("memory://", "worker", "--data-dir", str(tmp_path), "--object-store-url", "ftp://x", timeout=30)
+    assert done.returncode == 1
+    said = done.stderr.decode()
+    assert "invalid settings: unsupported object store URL 'ftp://x'" in " ".join(said.split())
+    assert "Traceback" not in said

@@ -42,6 +42,7 @@ async def test_metrics_and_health_are_served(tmp_path: Path) -> None:
         status, health = await http_get(port, "/healthz")
         assert status == 200
         assert '"ok":true' in health
+        assert '"object_store":null' in health, "the memory bus has no object store: checkpoints stay local"
         status, text = await http_get(port, "/metrics")
         assert status == 200
         assert 'forseti_tasks_received_total{kind="inference"}' in text
