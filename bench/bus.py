@@ -45,10 +45,10 @@ from forseti.schemas.capabilities import Capability
 from forseti.schemas.envelope import encode
 from forseti.schemas.jobs import GenericResult
 from forseti.schemas.tasks import InferenceTask, TaskKind, task_channel
-from forseti.worker.context import JobContext
-from forseti.worker.loop import run as run_loop
-from forseti.worker.runtime import Worker
-from forseti.worker.settings import WorkerSettings
+from forseti.worker.engine.context import JobContext
+from forseti.worker.engine.loop import run as run_loop
+from forseti.worker.engine.runtime import Worker
+from forseti.worker.engine.settings import WorkerSettings
 
 PAYLOAD = b"x" * 256
 PG_ONE = "nats, one worker, PostgreSQL registry"

@@ -43,8 +43,8 @@ from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import ActReply, ActRequest
 from forseti.schemas.models import ModelAvailable
-from forseti.worker.edge import EdgeAgent
-from forseti.worker.loop import run as run_loop
+from forseti.worker.engine.loop import run as run_loop
+from forseti.worker.services.edge import EdgeAgent
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = """

@@ -41,12 +41,12 @@ from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.llm import CompleteReply, CompleteRequest
 from forseti.schemas.models import ModelLoaded
 from forseti.schemas.tasks import FinetuneTask
+from forseti.worker.engine.loop import run as run_loop
+from forseti.worker.engine.models import announcements, find_version
 from forseti.worker.handlers.finetune import FinetuneHandler
 from forseti.worker.handlers.finetune_data import read_lines, tokenize
 from forseti.worker.handlers.finetune_training import collate, example_losses
-from forseti.worker.llm_serve import LlmService
-from forseti.worker.loop import run as run_loop
-from forseti.worker.models import announcements, find_version
+from forseti.worker.services.llm_serve import LlmService
 
 SYLLABLES = ["zor", "bit", "ka", "lum", "vex", "dra", "nol", "pim", "qua", "rist", "sel", "tor", "ump", "wen", "yar"]
 PLACES = ["the river", "the old mill", "a glass tower", "the north field", "the harbour", "a quiet cave"]

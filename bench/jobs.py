@@ -13,9 +13,9 @@ from forseti.schemas.catalog import jobs_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.jobs import JobCompleted, JobEvent, JobFailed, JobProgress, JobResult
 from forseti.schemas.tasks import TASK_MODELS, TaskBase, task_channel
-from forseti.worker.context import Handler
-from forseti.worker.runtime import Worker
-from forseti.worker.settings import WorkerSettings
+from forseti.worker.engine.context import Handler
+from forseti.worker.engine.runtime import Worker
+from forseti.worker.engine.settings import WorkerSettings
 
 
 async def run_job(

@@ -23,7 +23,7 @@ from report import write_section
 from rl_common import run_rl
 
 from forseti.adapters.bus.servers import NatsServer
-from forseti.worker.loop import run as run_loop
+from forseti.worker.engine.loop import run as run_loop
 
 CASES: list[tuple[str, dict[str, Any], int, float]] = [
     (

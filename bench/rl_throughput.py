@@ -31,7 +31,7 @@ from rl_common import executor_process, run_rl
 from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker
 from forseti.envs.remote import RemoteVecEnv
-from forseti.worker.loop import run as run_loop
+from forseti.worker.engine.loop import run as run_loop
 
 KAFKA_KNOBS = "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=4&fetch_max_wait_ms=5"
 """fetch_max_wait_ms=5: Tansu looks for data only at points within that wait (the first at half of it),

@@ -40,11 +40,11 @@ from sklearn.preprocessing import StandardScaler
 
 from forseti.schemas.jobs import TrainingResult
 from forseti.schemas.tasks import TrainingTask
+from forseti.worker.engine.loop import run as run_loop
 from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.handlers.training_data import read_rows
 from forseti.worker.handlers.training_metrics import auroc_binary
 from forseti.worker.handlers.training_models import Forecast, prepare
-from forseti.worker.loop import run as run_loop
 
 
 def write_csv(path: Path, header: list[str], rows: Any) -> None:

@@ -44,11 +44,11 @@ from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferReply, InferRequest
 from forseti.schemas.jobs import TrainingResult
 from forseti.schemas.tasks import TrainingTask
+from forseti.worker.engine.loop import run as run_loop
 from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.handlers.training_data import read_rows
 from forseti.worker.handlers.training_models import mlp, prepare
-from forseti.worker.infer_serve import InferenceService
-from forseti.worker.loop import run as run_loop
+from forseti.worker.services.infer_serve import InferenceService
 
 TRAIN_CONFIG: dict[str, Any] = {
     "epochs": 4,

@@ -35,10 +35,10 @@ from forseti.schemas.tasks import (
     TrainingTask,
     task_channel,
 )
-from forseti.worker.context import Handler, JobContext
-from forseti.worker.metrics import Metrics
-from forseti.worker.runtime import Worker
-from forseti.worker.settings import WorkerSettings
+from forseti.worker.engine.context import Handler, JobContext
+from forseti.worker.engine.metrics import Metrics
+from forseti.worker.engine.runtime import Worker
+from forseti.worker.engine.settings import WorkerSettings
 
 
 class EchoHandler:

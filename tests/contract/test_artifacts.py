@@ -18,8 +18,8 @@ from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import decode
 from forseti.schemas.errors import ForsetiError
 from forseti.schemas.models import ModelAvailable
-from forseti.worker.artifact_server import ArtifactServer
-from forseti.worker.models import describe, promote
+from forseti.worker.engine.artifact_server import ArtifactServer
+from forseti.worker.engine.models import describe, promote
 
 from ..helpers import Inbox
 

@@ -12,7 +12,7 @@ from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferReply, InferRequest
 from forseti.schemas.models import ModelLoaded
-from forseti.worker.edge import EdgeAgent
+from forseti.worker.services.edge import EdgeAgent
 
 from ..helpers import Cable, Watcher, tiny_announcement
 

@@ -20,8 +20,8 @@ from forseti.adapters.registry import CheckpointRecord, JobRecord, RegistryStore
 from forseti.schemas.errors import StoreError
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import TaskKind
-from forseti.worker.checkpoints import KEEP, MARKER, SharedCheckpoints, forget, local_seq, prune_ended
-from forseti.worker.settings import WorkerSettings
+from forseti.worker.engine.checkpoints import KEEP, MARKER, SharedCheckpoints, forget, local_seq, prune_ended
+from forseti.worker.engine.settings import WorkerSettings
 
 
 @pytest.fixture(params=["nats", "s3"])

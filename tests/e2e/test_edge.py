@@ -66,7 +66,7 @@ def policy_task() -> RLTask:
 
 def test_the_edge_agent_is_torch_free() -> None:
     blocked = "import sys; sys.modules.update(dict.fromkeys(['torch', 'transformers', 'peft', 'stable_baselines3']))"
-    probe = f"{blocked}; import forseti.worker.edge, forseti.worker.cli; print('ok')"
+    probe = f"{blocked}; import forseti.worker.services.edge, forseti.worker.cli; print('ok')"
     done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=False)
     assert done.stdout.strip() == "ok", done.stderr
 

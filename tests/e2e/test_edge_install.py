@@ -12,7 +12,7 @@ from .test_cli import REPO
 
 PROBE = """
 import importlib.util
-import forseti.worker.edge, forseti.adapters.inference
+import forseti.worker.services.edge, forseti.adapters.inference
 heavy = [m for m in ("torch", "transformers", "peft", "stable_baselines3") if importlib.util.find_spec(m)]
 print("heavy:", heavy)
 """

@@ -25,7 +25,7 @@ from forseti.adapters.registry import create_store
 from forseti.adapters.registry.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask, TaskBase
-from forseti.worker.embedded import EmbeddedRegistry, embedded_registry
+from forseti.worker.cli.embedded import EmbeddedRegistry, embedded_registry
 
 from ..helpers import breast_cancer_training, watch
 from ..llm import data_root_with_tiny_llama, finetune

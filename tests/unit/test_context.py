@@ -11,7 +11,7 @@ from forseti.adapters.registry import SqliteStore
 from forseti.schemas.jobs import JobProgress
 from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TaskKind
-from forseti.worker.context import JobContext, JobStopped, StopReason
+from forseti.worker.engine.context import JobContext, JobStopped, StopReason
 
 
 class Collect:

@@ -13,9 +13,9 @@ from forseti.schemas.catalog import MODELS, llm_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
 from forseti.schemas.models import ModelAvailable
+from forseti.worker.engine.models import promote, rollback
 from forseti.worker.handlers.finetune import FinetuneHandler
-from forseti.worker.llm_serve import LlmService
-from forseti.worker.models import promote, rollback
+from forseti.worker.services.llm_serve import LlmService
 
 from ..helpers import Watcher, running_worker, submit, watch
 from ..llm import finetune

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import uvloop
 
-from forseti.worker.loop import run
+from forseti.worker.engine.loop import run
 
 
 async def loop_type() -> type[asyncio.AbstractEventLoop]:

@@ -8,7 +8,7 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
-from forseti.worker.metrics import Metrics
+from forseti.worker.engine.metrics import Metrics
 
 from ..helpers import EchoHandler, inference, running_worker, submit, watch
 

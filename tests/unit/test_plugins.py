@@ -7,8 +7,8 @@ from importlib.metadata import EntryPoint
 import pytest
 
 from forseti.schemas.tasks import TaskKind
-from forseti.worker import plugins
-from forseti.worker.plugins import installed_handlers, load_handler
+from forseti.worker.engine import plugins
+from forseti.worker.engine.plugins import installed_handlers, load_handler
 
 
 def test_installed_handlers_include_rl_and_finetune() -> None:
@@ -29,7 +29,9 @@ def test_a_handler_whose_dependency_is_missing_is_skipped_with_a_warning(
     assert "handler broken not loaded: forseti_absent_extra is not installed" in caplog.text
 
 
-@pytest.mark.parametrize(("spec", "words"), [("nocolon", "not of the form"), ("forseti.worker.plugins:nope", "has no")])
+@pytest.mark.parametrize(
+    ("spec", "words"), [("nocolon", "not of the form"), ("forseti.worker.engine.plugins:nope", "has no")]
+)
 def test_bad_handler_specs_are_refused(spec: str, words: str) -> None:
     with pytest.raises(ValueError, match=words):
         load_handler(spec)

@@ -20,11 +20,11 @@ from forseti.schemas.catalog import MODELS, infer_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferError, InferReply, InferRequest
 from forseti.schemas.tasks import InferenceTask, TrainingTask
-from forseti.worker.context import Handler
+from forseti.worker.engine.context import Handler
 from forseti.worker.handlers.inference import InferenceHandler
 from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.handlers.training_loop import trial_configs
-from forseti.worker.infer_serve import InferenceService
+from forseti.worker.services.infer_serve import InferenceService
 
 from ..helpers import Watcher, run_task, running_worker
 

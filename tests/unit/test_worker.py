@@ -18,7 +18,7 @@ from forseti.schemas.control import CancelJob, PauseJob, ResumeJob
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.jobs import JobState, JobStatus, JobStatusQuery
 from forseti.schemas.tasks import RLTask, TaskKind, task_channel
-from forseti.worker.slots import Slots
+from forseti.worker.engine.slots import Slots
 
 from ..helpers import (
     EchoHandler,
@@ -288,7 +288,7 @@ async def test_capabilities_and_status_are_answered(broker: MemoryBroker, client
 
 
 async def test_burst_mode_ends_once_the_queue_is_empty(broker: MemoryBroker, client: MemoryBus, tmp_path: Path) -> None:
-    from forseti.worker.runtime import Worker
+    from forseti.worker.engine.runtime import Worker
 
     from ..helpers import settings
 

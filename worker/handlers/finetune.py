@@ -15,9 +15,9 @@ from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.tasks import FinetuneTask, TaskKind
-from forseti.worker.context import JobContext
-from forseti.worker.inputs import resolve_input
-from forseti.worker.models import ANNOUNCED_FORMATS, BASE_FORMAT
+from forseti.worker.engine.context import JobContext
+from forseti.worker.engine.inputs import resolve_input
+from forseti.worker.engine.models import ANNOUNCED_FORMATS, BASE_FORMAT
 
 LABEL = re.compile(r"^v(\d+)\.(\d+)$")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
-from forseti.worker.inputs import jsonl_objects
+from forseti.worker.engine.inputs import jsonl_objects
 
 FEEDBACK_WEIGHTS = {1: 2.0, -1: 0.5}
 """Loss weight of an example by its feedback; 1.0 without feedback."""

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import FinetuneTask
-from forseti.worker.context import JobContext, JobStopped
+from forseti.worker.engine.context import JobContext, JobStopped
 
 from .finetune_data import IGNORE, Example, read_lines, tokenize
 

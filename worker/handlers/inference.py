@@ -14,7 +14,7 @@ from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import InferenceResult
 from forseti.schemas.tasks import DataSource, InferenceTask, TaskKind
-from forseti.worker.context import JobContext
+from forseti.worker.engine.context import JobContext
 
 from .training_data import read_rows
 

@@ -11,7 +11,7 @@ from forseti.adapters.registry import ModelRecord, RLAgent
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.jobs import RLMetrics, RLResult
 from forseti.schemas.tasks import RLTask, TaskKind
-from forseti.worker.context import JobContext
+from forseti.worker.engine.context import JobContext
 
 ALGORITHM_NAMES = ("ppo", "sac", "dqn", "a2c")
 

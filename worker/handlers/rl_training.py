@@ -30,7 +30,7 @@ from forseti.envs import register_envs
 from forseti.envs.remote import RemoteVecEnv
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import RLTask
-from forseti.worker.context import JobContext
+from forseti.worker.engine.context import JobContext
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "sac": SAC, "dqn": DQN, "a2c": A2C}
 ACTION_SPACES: dict[str, tuple[type[spaces.Space[Any]], ...]] = {

@@ -15,7 +15,7 @@ from forseti.adapters.registry.base import utcnow
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.jobs import JobState, TrainingMetrics, TrainingResult
 from forseti.schemas.tasks import TaskKind, TrainingTask
-from forseti.worker.context import JobContext, JobStopped, StopReason
+from forseti.worker.engine.context import JobContext, JobStopped, StopReason
 
 if TYPE_CHECKING:  # torch is imported in the training thread, not when the worker loads its handlers
     from .training_loop import Exported, Stats

@@ -23,7 +23,7 @@ import numpy as np
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import DataSource
-from forseti.worker.inputs import jsonl_objects, resolve_input
+from forseti.worker.engine.inputs import jsonl_objects, resolve_input
 
 Cell = str | float | int | bool | None
 Row = dict[str, Cell]

@@ -24,7 +24,7 @@ from forseti.adapters.exporters.torch_onnx import torch_to_onnx
 from forseti.adapters.inference import CARD, CARD_KEY
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import TrainingConfig
-from forseti.worker.context import JobContext, JobStopped
+from forseti.worker.engine.context import JobContext, JobStopped
 
 from .training_models import Prepared, loss_function, predict
 

@@ -29,14 +29,14 @@ from forseti.schemas.errors import ForsetiError, InvalidTask, RequestTimeout
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import TASK_MODELS, TaskBase, TaskKind, task_channel
 
-from .context import Handler
+from ..engine.context import Handler
+from ..engine.logs import setup_logging
+from ..engine.loop import run as run_loop
+from ..engine.plugins import installed_handlers, load_handler
+from ..engine.runtime import forseti_version
+from ..engine.settings import DEFAULT_BUS_URL, WorkerSettings, default_data_dir
 from .embedded import EmbeddedRegistry, run_stack
 from .follow import ExitCode, JobStream, follow
-from .logs import setup_logging
-from .loop import run as run_loop
-from .plugins import installed_handlers, load_handler
-from .runtime import forseti_version
-from .settings import DEFAULT_BUS_URL, WorkerSettings, default_data_dir
 
 DEFAULT_DATA_DIR = default_data_dir()
 
@@ -475,7 +475,7 @@ def models_list(
     limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
 ) -> None:
     """List model versions in this machine's registry, with their lineage."""
-    from .models import version_label
+    from ..engine.models import version_label
 
     async def work(store: Any, _: Any) -> None:
         rows = await store.list_models(name=name, limit=limit)
@@ -509,7 +509,7 @@ def models_promote(
     ] = None,
 ) -> None:
     """Point an alias at a version and announce its artifacts (model.available with the alias)."""
-    from .models import promote, version_label
+    from ..engine.models import promote, version_label
 
     http = (data_dir / "artifacts", artifact_url.rstrip("/") + "/") if artifact_url else None
 
@@ -530,7 +530,7 @@ def models_rollback(
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
     """Return an alias to the version it pointed at before, and announce it (model.rollback)."""
-    from .models import rollback
+    from ..engine.models import rollback
 
     async def work(store: Any, client: Bus) -> None:
         event = await rollback(store, client, name, alias=alias, reason=reason)
@@ -562,7 +562,7 @@ def llm_serve(
     import os
     import socket
 
-    from .llm_serve import LlmService
+    from ..services.llm_serve import LlmService
 
     setup_logging(json_lines=log_json)
 
@@ -614,7 +614,7 @@ def infer_serve(
     """Serve streaming inference of registered ONNX models on forseti.infer.MODEL_ID, micro-batched, until SIGTERM."""
     from forseti.adapters.inference import ModelCache
 
-    from .infer_serve import InferenceService
+    from ..services.infer_serve import InferenceService
 
     setup_logging(json_lines=log_json)
     store = _store(data_dir, registry_url)
@@ -670,7 +670,7 @@ def edge(
     """The edge agent: fetch, verify, hot-swap and serve the ONNX models meant for this device, until SIGTERM."""
     from forseti.schemas.catalog import edge_channel
 
-    from .edge import EdgeAgent
+    from ..services.edge import EdgeAgent
 
     setup_logging(json_lines=log_json)
 

@@ -30,7 +30,7 @@ from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
 from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
 from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
 
-from .settings import default_data_dir
+from ..engine.settings import default_data_dir
 
 log = logging.getLogger(__name__)
 ARTIFACTS = (*GGUF_TYPES, "lora")

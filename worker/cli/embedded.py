@@ -21,10 +21,10 @@ from forseti.adapters.registry import create_store, redact
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask, TaskKind, task_channel
 
-from .context import Handler
+from ..engine.context import Handler
+from ..engine.runtime import Worker
+from ..engine.settings import WorkerSettings
 from .follow import ExitCode, JobStream, follow
-from .runtime import Worker
-from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
 from forseti.schemas.inference import InferError, InferReply, InferRequest
 
-from .handlers.inference import registered_model
+from ..handlers.inference import registered_model
 
 log = logging.getLogger(__name__)
 PREFIX = INFER.removesuffix("{model_id}")

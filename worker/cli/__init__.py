@@ -1,0 +1,5 @@
+"""The `forseti` command."""
+
+from .commands import app, main
+
+__all__ = ["app", "main"]

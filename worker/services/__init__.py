@@ -1,0 +1,1 @@
+"""The stand-alone services: the edge agent, the LLM service, streaming inference."""
