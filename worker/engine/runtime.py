@@ -109,6 +109,7 @@ class Worker:
         self.objects: ObjectStore | None = None
         """Where checkpoints are shared with the other workers (None: local disk only)."""
         self._pruning: asyncio.Task[None] | None = None
+        self._job_services: JobServices | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -121,6 +122,7 @@ class Worker:
             self.objects = open_object_store(self.settings.object_store_url, self.bus.inner)
             if self.objects is not None:
                 self._pruning = asyncio.create_task(self._prune_checkpoints(self.objects), name="prune-checkpoints")
+            self._job_services = self._make_services()
             await self._start_http()
             if self.settings.artifact_port is not None:
                 self._artifacts = ArtifactServer(
@@ -283,7 +285,8 @@ class Worker:
             return
         job_id_var.set(verdict.job_id)
         try:
-            await JobRunner(self._job_services(), delivery, verdict, self.handlers[kind]).run()
+            assert self._job_services is not None, "tasks are taken only once run() has started"
+            await JobRunner(self._job_services, delivery, verdict, self.handlers[kind]).run()
         except ForsetiError as exc:  # the store or the bus failed around the job: try again later
             log.warning("job could not be run: %s; handing it back", exc)
             await self._nak_quietly(delivery)
@@ -335,7 +338,8 @@ class Worker:
         """Publish a job event on `forseti.jobs.<job_id>`."""
         await self.bus.publish(jobs_channel(event.job_id), encode(event, source=self._source, subject=event.job_id))
 
-    def _job_services(self) -> JobServices:
+    def _make_services(self) -> JobServices:
+        """What every job of this worker is given (after run() opened the object store)."""
         return JobServices(
             settings=self.settings,
             store=self.store,
