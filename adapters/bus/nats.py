@@ -306,8 +306,10 @@ class NatsBus:
         except NatsError as exc:
             raise BusError(f"cannot follow {channel} as {durable}: {exc}") from exc
 
+        stopping = asyncio.Event()
+
         async def pump() -> None:
-            while True:
+            while not stopping.is_set():
                 try:
                     msgs = await sub.fetch(1, timeout=5)
                 except TimeoutError:  # nothing new, or the server is away: the client reconnects by itself
@@ -319,6 +321,8 @@ class NatsBus:
                     await asyncio.sleep(1)
                     continue
                 for msg in msgs:
+                    if stopping.is_set():  # fetched as the cancel was lost: left unacked, it comes again
+                        return
                     await self._handle_recorded(msg, handler)
 
         task = asyncio.get_running_loop().create_task(pump())
@@ -326,6 +330,7 @@ class NatsBus:
         task.add_done_callback(self._followers.discard)
 
         async def stop() -> None:
+            stopping.set()
             await cancel_and_wait(task)
             if self._nc is not None and not self._nc.is_closed:
                 await sub.unsubscribe()
