@@ -2,24 +2,30 @@
 
 On NATS the worker stores each announced file in the JetStream object store bucket
 `forseti-artifacts` under `<model_id>/<file name>` and announces `nats-object://forseti-artifacts/...`,
-so a consumer on another host needs nothing but its bus connection. On Kafka a worker with an
-artifact endpoint (`worker/artifact_server.py`) announces `http://host:port/artifacts/...`, fetched
-with resumable range requests. Otherwise the URI stays `file://` (one host). `fetch` turns any of
-them into a verified local file: size and sha256 must match the announcement, or the file is
-refused with `invalid_model`. Torch-free.
+so a consumer on another host needs nothing but its bus connection. On Kafka a worker with an S3
+object store (`FORSETI_OBJECT_STORE_URL=s3://...`) uploads them under `artifacts/<model_id>/` there
+and announces `s3://bucket/key`, which a consumer started with an S3 store of that bucket fetches
+with its own credentials, whether the worker is up or not; without one, a worker with an artifact
+endpoint (`worker/engine/artifact_server.py`) announces `http://host:port/artifacts/...`, fetched with
+resumable range requests. Otherwise the URI stays `file://` (one host). `fetch` turns any of them
+into a verified local file: size and sha256 must match the announcement, or the file is refused
+with `invalid_model`. Torch-free.
 """
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
-from typing import Protocol, runtime_checkable
-from urllib.parse import quote, unquote, urlparse
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from urllib.parse import ParseResult, quote, unquote, urlparse
 
 from forseti.schemas.errors import BusError, ErrorCode, ForsetiError
 from forseti.schemas.models import ModelAvailable
 
 from .exporters import sha256_of
+
+if TYPE_CHECKING:
+    from .objects import ObjectStore
 
 SCHEME = "nats-object"
 BUCKET = "forseti-artifacts"
@@ -50,10 +56,16 @@ def local_path(uri: str) -> Path:
     return Path(unquote(urlparse(uri).path))
 
 
-async def share(bus: object, event: ModelAvailable, *, http: tuple[Path, str] | None = None) -> ModelAvailable:
-    """The announcement with its files where other hosts can fetch them: put into the object store when
-    the bus has one; else, with `http` (a folder and the URL that serves it), named by their URL under
-    it; else unchanged."""
+async def share(
+    bus: object,
+    event: ModelAvailable,
+    *,
+    objects: ObjectStore | None = None,
+    http: tuple[Path, str] | None = None,
+) -> ModelAvailable:
+    """The announcement with its files where other hosts can fetch them: put into the bus's object store
+    when it has one; else into `objects` (the worker's S3 store) under `artifacts/<model_id>/`; else,
+    with `http` (a folder and the URL that serves it), named by their URL under it; else unchanged."""
     update: dict[str, str] = {}
     for field, digest in (("uri", event.sha256), ("base_uri", event.base_sha256)):
         uri = getattr(event, field)
@@ -64,40 +76,35 @@ async def share(bus: object, event: ModelAvailable, *, http: tuple[Path, str] | 
             name = f"{event.model_id}/{path.name}"
             await bus.put_object(BUCKET, name, path, digest)
             update[field] = object_uri(BUCKET, name)
+        elif objects is not None:
+            update[field] = await _put(objects, f"artifacts/{event.model_id}/{path.name}", path, digest)
         elif http is not None and path.resolve().is_relative_to(http[0].resolve()):
             update[field] = http[1] + quote(str(path.resolve().relative_to(http[0].resolve())))
     return event.model_copy(update=update)
 
 
-async def fetch(bus: object, uri: str, *, sha256: str, size: int | None, cache: Path) -> Path:
+async def _put(objects: ObjectStore, name: str, path: Path, sha256: str) -> str:
+    try:
+        return await objects.put(name, path, sha256)
+    except ForsetiError as exc:  # the store's error, as the bus's is: the announcement cannot be made
+        raise BusError(f"cannot share {path.name} in {objects.location}: {exc.message}") from exc
+
+
+async def fetch(
+    bus: object, uri: str, *, sha256: str, size: int | None, cache: Path, objects: ObjectStore | None = None
+) -> Path:
     """A verified local copy of `uri`: a `file://` file checked in place, or an object downloaded into
-    `cache` (once: a verified copy there is reused). invalid_model when it cannot be had or its size
-    or digest differ from the announcement."""
+    `cache` (once: a verified copy there is reused); `s3://` objects through `objects`, this consumer's
+    own S3 store. invalid_model when it cannot be had or its size or digest differ from the
+    announcement."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         path = local_path(uri)
-    elif parsed.scheme == SCHEME:
-        if not isinstance(bus, ObjectBus):
-            raise ForsetiError(f"cannot fetch {uri}: this bus has no object store", code=ErrorCode.INVALID_MODEL)
-        name = unquote(parsed.path.lstrip("/"))
-        path = cache / parsed.netloc / name
-        if path.is_file() and await asyncio.to_thread(_matches, path, sha256, size):
-            return path  # fetched before
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(path.name + ".partial")
-        try:
-            await bus.get_object(parsed.netloc, name, partial)
-        except BusError as exc:
-            raise ForsetiError(f"cannot fetch {uri}: {exc.message}", code=ErrorCode.INVALID_MODEL) from exc
-        partial.replace(path)
-    elif parsed.scheme in ("http", "https"):
-        path = cache / parsed.netloc.replace(":", "_") / unquote(parsed.path.lstrip("/"))
-        if path.is_file() and await asyncio.to_thread(_matches, path, sha256, size):
-            return path  # fetched before
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(_download, uri, path)
     else:
-        raise ForsetiError(f"cannot fetch {uri!r}: unknown scheme {parsed.scheme!r}", code=ErrorCode.INVALID_MODEL)
+        path = _cached(parsed, sha256, cache)
+        if not (path.is_file() and await asyncio.to_thread(_matches, path, sha256, size)):  # else fetched before
+            path.parent.mkdir(parents=True, exist_ok=True)
+            await _download_into(bus, objects, parsed, path)
     if not path.is_file():
         raise ForsetiError(f"{uri} names no file", code=ErrorCode.INVALID_MODEL)
     if size is not None and path.stat().st_size != size:
@@ -105,6 +112,49 @@ async def fetch(bus: object, uri: str, *, sha256: str, size: int | None, cache: 
     if await asyncio.to_thread(sha256_of, path) != sha256:
         raise ForsetiError(f"{uri} fails its sha256 check", code=ErrorCode.INVALID_MODEL)
     return path
+
+
+def _cached(parsed: ParseResult, sha256: str, cache: Path) -> Path:
+    """Where the downloaded copy of an object is kept under `cache`."""
+    if parsed.scheme == SCHEME:
+        return cache / parsed.netloc / unquote(parsed.path.lstrip("/"))
+    if parsed.scheme in ("http", "https"):
+        return cache / parsed.netloc.replace(":", "_") / unquote(parsed.path.lstrip("/"))
+    if parsed.scheme == "s3":
+        # named by its digest (checked by the announcement's schema), never by the key it came under
+        leaf = PurePosixPath(unquote(parsed.path)).name
+        return cache / "s3" / sha256 / (leaf if leaf not in ("", ".", "..") else "object")
+    raise ForsetiError(
+        f"cannot fetch {parsed.geturl()!r}: unknown scheme {parsed.scheme!r}", code=ErrorCode.INVALID_MODEL
+    )
+
+
+async def _download_into(bus: object, objects: ObjectStore | None, parsed: ParseResult, path: Path) -> None:
+    """Download the object `parsed` names into `path`, through a `.partial` file beside it."""
+    uri = parsed.geturl()
+    if parsed.scheme in ("http", "https"):
+        await asyncio.to_thread(_download, uri, path)
+        return
+    partial = path.with_name(path.name + ".partial")
+    try:
+        if parsed.scheme == SCHEME:
+            if not isinstance(bus, ObjectBus):
+                raise ForsetiError(f"cannot fetch {uri}: this bus has no object store", code=ErrorCode.INVALID_MODEL)
+            await bus.get_object(parsed.netloc, unquote(parsed.path.lstrip("/")), partial)
+        else:
+            if objects is None:
+                raise ForsetiError(
+                    f"cannot fetch {uri}: start this consumer with --object-store-url "
+                    f"s3://{parsed.netloc}?endpoint=... (and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
+                    "to read the workers' S3 store",
+                    code=ErrorCode.INVALID_MODEL,
+                )
+            await objects.get(uri, partial)
+    except ForsetiError as exc:  # BusError, StoreError: the announcement cannot be had
+        if exc.code == ErrorCode.INVALID_MODEL:
+            raise
+        raise ForsetiError(f"cannot fetch {uri}: {exc.message}", code=ErrorCode.INVALID_MODEL) from exc
+    partial.replace(path)
 
 
 def _matches(path: Path, sha256: str, size: int | None) -> bool:

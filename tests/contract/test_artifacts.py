@@ -13,6 +13,7 @@ from forseti.adapters.artifacts import BUCKET, fetch, object_uri, share
 from forseti.adapters.bus import MemoryBus, create_bus
 from forseti.adapters.bus.servers import NatsServer
 from forseti.adapters.exporters import sha256_of
+from forseti.adapters.objects import S3ObjectStore
 from forseti.adapters.registry import ModelRecord, SqliteStore
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import decode
@@ -144,3 +145,37 @@ async def test_a_promote_without_an_object_store_announces_the_worker_endpoint(t
         await server.close()
         await store.close()
         await bus.close()
+
+
+async def test_without_a_bus_object_store_artifacts_go_to_s3_and_come_back_from_it(tmp_path: Path, s3_url: str) -> None:
+    original = tmp_path / "worker" / "model.onnx"
+    original.parent.mkdir()
+    original.write_bytes(os.urandom(2**20 + 3))
+    # the worker's S3 store (Kafka has no object store of its own), and a device's store of that bucket
+    worker_store, device_store = S3ObjectStore(s3_url), S3ObjectStore(s3_url)
+    bus = MemoryBus()
+    event = await share(bus, announcement(original), objects=worker_store, http=(tmp_path, "http://unused/"))
+    assert event.uri.startswith("s3://forseti-tests/") and event.uri.endswith(f"artifacts/{event.model_id}/model.onnx")
+
+    cache = tmp_path / "device"
+    fetched = await fetch(bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=cache, objects=device_store)
+    assert fetched.is_relative_to(cache) and fetched.read_bytes() == original.read_bytes()
+    stamp = fetched.stat().st_mtime_ns
+    again = await fetch(bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=cache, objects=device_store)
+    assert again == fetched and again.stat().st_mtime_ns == stamp, "a verified copy is reused"
+
+    with pytest.raises(ForsetiError, match="--object-store-url") as unreadable:
+        await fetch(bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=tmp_path / "bare")
+    assert unreadable.value.code == "invalid_model"
+    with pytest.raises(ForsetiError, match="sha256") as wrong:
+        await fetch(bus, event.uri, sha256="0" * 64, size=event.size_bytes, cache=tmp_path / "o", objects=device_store)
+    assert wrong.value.code == "invalid_model"
+    missing = event.uri.replace("model.onnx", "missing.onnx")
+    with pytest.raises(ForsetiError, match="cannot fetch") as absent:
+        await fetch(bus, missing, sha256=event.sha256, size=None, cache=tmp_path / "o", objects=device_store)
+    assert absent.value.code == "invalid_model"
+    # a key that climbs out of its folder is stored under its digest, inside the cache
+    hostile = f"s3://forseti-tests/{'%2e%2e/' * 6}etc/model.onnx"
+    with pytest.raises(ForsetiError, match="cannot fetch"):
+        await fetch(bus, hostile, sha256="1" * 64, size=None, cache=tmp_path / "h", objects=device_store)
+    assert not list(tmp_path.glob("etc")) and not (tmp_path.parent / "etc").exists()

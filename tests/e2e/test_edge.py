@@ -99,11 +99,13 @@ def test_an_edge_agent_started_before_its_bus_waits_for_it(tmp_path: Path) -> No
         assert edge.stop() == 0, "".join(edge.lines)
 
 
-@pytest.mark.parametrize("over", ["nats", "kafka"])
+@pytest.mark.parametrize("over", ["nats", "kafka", "kafka-s3"])
 def test_a_worker_and_an_edge_agent_on_separate_hosts(
     over: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
-    # NATS: artifacts through the object store; Kafka: through the worker's HTTP endpoint
+    # NATS: artifacts through the object store; Kafka: through the worker's HTTP endpoint, or through
+    # an S3 store that the worker and the device both reach (no endpoint of the worker's needed)
+    device: tuple[str, ...] = ()
     if over == "nats":
         server: NatsServer | TansuBroker = request.getfixturevalue("nats_server")
         bus_url, expected, extra = server.url + "?ack_wait=2", "nats-object://forseti-artifacts/", []
@@ -111,8 +113,15 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(
         server = request.getfixturevalue("fresh_tansu")
         bus_url = server.url + "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=2"
         expected, extra = "http://127.0.0.1:", ["--artifact-port", "0"]
+        if over == "kafka-s3":
+            s3_url: str = request.getfixturevalue("s3_url")
+            expected, extra, device = (
+                "s3://forseti-tests/",
+                ["--object-store-url", s3_url],
+                ("--object-store-url", s3_url),
+            )
     edge = WorkerProcess(
-        bus_url, tmp_path / "edge", handlers=[], command=("edge", "--device-id", DEVICE), ready="answers on"
+        bus_url, tmp_path / "edge", handlers=[], command=("edge", "--device-id", DEVICE, *device), ready="answers on"
     )
     worker = WorkerProcess(
         bus_url,

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import orjson
 import typer
@@ -38,6 +38,9 @@ from ..engine.settings import DEFAULT_BUS_URL, WorkerSettings, default_data_dir
 from .embedded import EmbeddedRegistry, run_stack
 from .follow import ExitCode, JobStream, follow
 
+if TYPE_CHECKING:
+    from forseti.adapters.objects import S3ObjectStore
+
 DEFAULT_DATA_DIR = default_data_dir()
 
 app = typer.Typer(
@@ -57,6 +60,15 @@ DataDirOpt = Annotated[
     typer.Option("--data-dir", envvar="FORSETI_DATA_DIR", help="Registry, checkpoints and the embedded NATS store."),
 ]
 LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line.")]
+ReadObjectsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--object-store-url",
+        envvar="FORSETI_OBJECT_STORE_URL",
+        help="The S3 store that workers on Kafka put announced artifacts in (s3://BUCKET/PREFIX?endpoint=URL; "
+        "credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Not needed on NATS.",
+    ),
+]
 RegistryOpt = Annotated[
     str | None,
     typer.Option(
@@ -136,6 +148,18 @@ def _serve(bus: str, make: Callable[[Bus], _Service], *, ready: str = "", wait_f
             await client.close()
 
     run_loop(go())
+
+
+def _s3_store(url: str | None) -> S3ObjectStore | None:
+    """The S3 store a consumer reads `s3://` announcements from; exit 1 on a URL that names none."""
+    from forseti.adapters.objects import S3ObjectStore
+
+    if not url:
+        return None
+    try:
+        return S3ObjectStore(url)
+    except ValueError as exc:
+        raise _fail(f"invalid --object-store-url: {exc}") from exc
 
 
 def _handlers(specs: list[str]) -> list[Handler]:
@@ -507,14 +531,23 @@ def models_promote(
             "dir (http://HOST:PORT/artifacts/, its --artifact-port), so other hosts can fetch what is announced."
         ),
     ] = None,
+    object_store_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FORSETI_OBJECT_STORE_URL",
+            help="On Kafka: the S3 store to put the announced artifacts in (s3://BUCKET/PREFIX?endpoint=URL), "
+            "as the workers do; it comes before --artifact-url.",
+        ),
+    ] = None,
 ) -> None:
     """Point an alias at a version and announce its artifacts (model.available with the alias)."""
     from ..engine.models import promote, version_label
 
     http = (data_dir / "artifacts", artifact_url.rstrip("/") + "/") if artifact_url else None
+    objects = _s3_store(object_store_url)
 
     async def work(store: Any, client: Bus) -> None:
-        model = await promote(store, client, name, version, alias=alias, http=http)
+        model = await promote(store, client, name, version, alias=alias, objects=objects, http=http)
         err.print(f"{name} {alias} -> {version_label(model)} ({model.id})")
 
     run_loop(_with_store_and_bus(_store(data_dir, registry_url), bus, work))
@@ -555,16 +588,18 @@ def llm_serve(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for llama.cpp.")] = 2,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
+    object_store_url: ReadObjectsOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Serve completions of a fine-tuned model with llama.cpp, hot-swapping announced versions, until SIGTERM.
-    Files announced in the NATS object store are downloaded under DATA_DIR/fetched."""
+    Files announced in the NATS object store (or, on Kafka, an S3 store) are downloaded under DATA_DIR/fetched."""
     import os
     import socket
 
     from ..services.llm_serve import LlmService
 
     setup_logging(json_lines=log_json)
+    objects = _s3_store(object_store_url)
 
     def make(client: Bus) -> LlmService:
         try:
@@ -577,6 +612,7 @@ def llm_serve(
                 context=context,
                 threads=threads,
                 cache=data_dir / "fetched",
+                objects=objects,
             )
         except ForsetiError as exc:
             raise _fail(exc.message) from exc
@@ -665,6 +701,7 @@ def edge(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
     bus: BusOpt = DEFAULT_BUS_URL,
+    object_store_url: ReadObjectsOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """The edge agent: fetch, verify, hot-swap and serve the ONNX models meant for this device, until SIGTERM."""
@@ -673,6 +710,7 @@ def edge(
     from ..services.edge import EdgeAgent
 
     setup_logging(json_lines=log_json)
+    objects = _s3_store(object_store_url)
 
     def make(client: Bus) -> EdgeAgent:
         return EdgeAgent(
@@ -686,6 +724,7 @@ def edge(
             threads=threads,
             llms=set(llm or ()),
             llm_artifact=llm_artifact,
+            objects=objects,
         )
 
     # a device may boot before its network or its broker: it waits for the bus instead of exiting

@@ -9,6 +9,7 @@ from pathlib import Path
 from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus
 from forseti.adapters.exporters import sha256_of
+from forseti.adapters.objects import ObjectStore
 from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import encode
@@ -88,16 +89,24 @@ def announcements(
 
 
 async def promote(
-    store: RegistryStore, bus: Bus, name: str, version: str, *, alias: str, http: tuple[Path, str] | None = None
+    store: RegistryStore,
+    bus: Bus,
+    name: str,
+    version: str,
+    *,
+    alias: str,
+    objects: ObjectStore | None = None,
+    http: tuple[Path, str] | None = None,
 ) -> ModelRecord:
     """Point `alias` of `name` at `version` and announce that version's artifacts with the alias set,
-    shared as a worker shares them (`http`: an artifacts folder and the URL a worker serves it at)."""
+    shared as a worker shares them (`objects`: its S3 store; `http`: an artifacts folder and the URL a
+    worker serves it at)."""
     model = await find_version(store, name, version)
     await store.set_alias(name, alias, model.id)
     parent = await store.get_model(model.parent_id) if model.parent_id else None
     artifacts = await store.list_artifacts(model.id)
     for event in announcements(model, artifacts, parent_version=version_label(parent) if parent else None, alias=alias):
-        await bus.publish(MODELS, encode(await share(bus, event, http=http), subject=model.id))
+        await bus.publish(MODELS, encode(await share(bus, event, objects=objects, http=http), subject=model.id))
     return model
 
 

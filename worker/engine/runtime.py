@@ -353,11 +353,11 @@ class Worker:
 
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
         """Publish `forseti.model.available.v1` (JobEvents), its files first put where other hosts can
-        fetch them (the object store, on NATS)."""
+        fetch them (the bus's object store on NATS, the S3 object store on Kafka)."""
         served = self._artifacts
         http = (served.root, served.base_url) if served is not None else None
         # the transport itself: the metering wrapper holds no objects
-        event = await share(self.bus.inner, event, http=http)
+        event = await share(self.bus.inner, event, objects=self.objects, http=http)
         await self.bus.publish(MODELS, encode(event, source=self._source, subject=job_id))
 
     def take_early_cancel(self, job_id: str) -> str | None:

@@ -30,6 +30,7 @@ from typing import Any
 from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.adapters.inference import OnnxModel, OnnxPolicy
+from forseti.adapters.objects import ObjectStore
 from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
@@ -67,8 +68,11 @@ class EdgeAgent:
         threads: int = 1,
         llms: set[str] | None = None,
         llm_artifact: str = "q8_0",
+        objects: ObjectStore | None = None,
     ) -> None:
         self.bus, self.device_id = bus, device_id
+        self.objects = objects
+        """The S3 store `s3://` announcements are fetched from (Kafka deployments; None: none)."""
         self.tags, self.kinds, self.names = tags or set(), kinds or set(), names or set()
         self.cache = data_dir / "fetched"
         """Where fetched artifacts are kept."""
@@ -98,6 +102,7 @@ class EdgeAgent:
                     answer=False,
                     threads=threads,
                     durable=f"edge-{device_id}-llm-{name}",
+                    objects=objects,
                 )
                 for name in sorted(llms)
             }
@@ -145,7 +150,14 @@ class EdgeAgent:
         """Fetch, check and load an announced version beside the serving one, then switch; report either way."""
         async with self._swap:
             try:
-                path = await fetch(self.bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=self.cache)
+                path = await fetch(
+                    self.bus,
+                    event.uri,
+                    sha256=event.sha256,
+                    size=event.size_bytes,
+                    cache=self.cache,
+                    objects=self.objects,
+                )
                 model: OnnxModel | OnnxPolicy = await asyncio.to_thread(
                     OnnxPolicy if event.kind == "policy" else OnnxModel, path, threads=self.threads
                 )

@@ -23,6 +23,7 @@ from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.adapters.llm.gguf import GGUF_TYPES
 from forseti.adapters.llm.llama import LlamaRuntime
+from forseti.adapters.objects import ObjectStore
 from forseti.schemas.base import ID_PATTERN
 from forseti.schemas.catalog import MODELS, llm_channel
 from forseti.schemas.envelope import Event, decode, encode
@@ -70,6 +71,7 @@ class LlmService:
         cache: Path | None = None,
         answer: bool = True,
         durable: str | None = None,
+        objects: ObjectStore | None = None,
     ) -> None:
         if not re.match(ID_PATTERN, name):
             raise ForsetiError(
@@ -84,6 +86,8 @@ class LlmService:
         """Versions served before that stay loaded for rollbacks."""
         self.cache = cache or default_data_dir() / "fetched"
         """Where files announced in the object store are downloaded to."""
+        self.objects = objects
+        """The S3 store `s3://` announcements are fetched from (Kafka deployments; None: none)."""
         self.answer = answer
         """Whether to answer on the completion channel (an edge device answers on its own instead)."""
         self.durable = durable
@@ -147,10 +151,17 @@ class LlmService:
         return True
 
     async def _open(self, event: ModelAvailable) -> LlamaRuntime:
-        path = await fetch(self.bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=self.cache)
+        path = await fetch(
+            self.bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=self.cache, objects=self.objects
+        )
         if event.format == "gguf-lora":
             base = await fetch(
-                self.bus, event.base_uri or "", sha256=event.base_sha256 or "", size=None, cache=self.cache
+                self.bus,
+                event.base_uri or "",
+                sha256=event.base_sha256 or "",
+                size=None,
+                cache=self.cache,
+                objects=self.objects,
             )
             return await asyncio.to_thread(
                 LlamaRuntime, base, lora_path=path, context=self.context, threads=self.threads
