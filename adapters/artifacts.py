@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import ParseResult, quote, unquote, urlparse
 
-from forseti.schemas.errors import BusError, ErrorCode, ForsetiError
+from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.models import ModelAvailable
 
 from .exporters import sha256_of
@@ -77,17 +77,10 @@ async def share(
             await bus.put_object(BUCKET, name, path, digest)
             update[field] = object_uri(BUCKET, name)
         elif objects is not None:
-            update[field] = await _put(objects, f"artifacts/{event.model_id}/{path.name}", path, digest)
+            update[field] = await objects.put(f"artifacts/{event.model_id}/{path.name}", path, digest)
         elif http is not None and path.resolve().is_relative_to(http[0].resolve()):
             update[field] = http[1] + quote(str(path.resolve().relative_to(http[0].resolve())))
     return event.model_copy(update=update)
-
-
-async def _put(objects: ObjectStore, name: str, path: Path, sha256: str) -> str:
-    try:
-        return await objects.put(name, path, sha256)
-    except ForsetiError as exc:  # the store's error, as the bus's is: the announcement cannot be made
-        raise BusError(f"cannot share {path.name} in {objects.location}: {exc.message}") from exc
 
 
 async def fetch(
@@ -136,23 +129,21 @@ async def _download_into(bus: object, objects: ObjectStore | None, parsed: Parse
         await asyncio.to_thread(_download, uri, path)
         return
     partial = path.with_name(path.name + ".partial")
+    if parsed.scheme == SCHEME:
+        if not isinstance(bus, ObjectBus):
+            raise ForsetiError(f"cannot fetch {uri}: this bus has no object store", code=ErrorCode.INVALID_MODEL)
+        download = bus.get_object(parsed.netloc, unquote(parsed.path.lstrip("/")), partial)
+    elif objects is not None:
+        download = objects.get(uri, partial)
+    else:
+        raise ForsetiError(
+            f"cannot fetch {uri}: start this consumer with --object-store-url s3://{parsed.netloc}?endpoint=... "
+            "(and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) to read the workers' S3 store",
+            code=ErrorCode.INVALID_MODEL,
+        )
     try:
-        if parsed.scheme == SCHEME:
-            if not isinstance(bus, ObjectBus):
-                raise ForsetiError(f"cannot fetch {uri}: this bus has no object store", code=ErrorCode.INVALID_MODEL)
-            await bus.get_object(parsed.netloc, unquote(parsed.path.lstrip("/")), partial)
-        else:
-            if objects is None:
-                raise ForsetiError(
-                    f"cannot fetch {uri}: start this consumer with --object-store-url "
-                    f"s3://{parsed.netloc}?endpoint=... (and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY) "
-                    "to read the workers' S3 store",
-                    code=ErrorCode.INVALID_MODEL,
-                )
-            await objects.get(uri, partial)
+        await download
     except ForsetiError as exc:  # BusError, StoreError: the announcement cannot be had
-        if exc.code == ErrorCode.INVALID_MODEL:
-            raise
         raise ForsetiError(f"cannot fetch {uri}: {exc.message}", code=ErrorCode.INVALID_MODEL) from exc
     partial.replace(path)
 

@@ -60,12 +60,12 @@ DataDirOpt = Annotated[
     typer.Option("--data-dir", envvar="FORSETI_DATA_DIR", help="Registry, checkpoints and the embedded NATS store."),
 ]
 LogJsonOpt = Annotated[bool, typer.Option("--log-json", help="Log one JSON object per line.")]
-ReadObjectsOpt = Annotated[
+ArtifactStoreOpt = Annotated[
     str | None,
     typer.Option(
         "--object-store-url",
         envvar="FORSETI_OBJECT_STORE_URL",
-        help="The S3 store that workers on Kafka put announced artifacts in (s3://BUCKET/PREFIX?endpoint=URL; "
+        help="On Kafka: the S3 store the workers put announced artifacts in (s3://BUCKET/PREFIX?endpoint=URL; "
         "credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Not needed on NATS.",
     ),
 ]
@@ -528,17 +528,11 @@ def models_promote(
         str | None,
         typer.Option(
             help="Without an object store (Kafka): the artifact endpoint of the worker that serves this data "
-            "dir (http://HOST:PORT/artifacts/, its --artifact-port), so other hosts can fetch what is announced."
+            "dir (http://HOST:PORT/artifacts/, its --artifact-port), so other hosts can fetch what is announced "
+            "(an --object-store-url comes first)."
         ),
     ] = None,
-    object_store_url: Annotated[
-        str | None,
-        typer.Option(
-            envvar="FORSETI_OBJECT_STORE_URL",
-            help="On Kafka: the S3 store to put the announced artifacts in (s3://BUCKET/PREFIX?endpoint=URL), "
-            "as the workers do; it comes before --artifact-url.",
-        ),
-    ] = None,
+    object_store_url: ArtifactStoreOpt = None,
 ) -> None:
     """Point an alias at a version and announce its artifacts (model.available with the alias)."""
     from ..engine.models import promote, version_label
@@ -588,7 +582,7 @@ def llm_serve(
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for llama.cpp.")] = 2,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
-    object_store_url: ReadObjectsOpt = None,
+    object_store_url: ArtifactStoreOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Serve completions of a fine-tuned model with llama.cpp, hot-swapping announced versions, until SIGTERM.
@@ -701,7 +695,7 @@ def edge(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
     bus: BusOpt = DEFAULT_BUS_URL,
-    object_store_url: ReadObjectsOpt = None,
+    object_store_url: ArtifactStoreOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """The edge agent: fetch, verify, hot-swap and serve the ONNX models meant for this device, until SIGTERM."""
