@@ -357,9 +357,12 @@ class NatsBus:
         await self._ack_until_stored(msg)
 
     async def _ack_until_stored(self, msg: Msg) -> None:
-        """Ack a followed message and wait for the server to confirm it, again after a reconnect. A
-        plain ack is fire-and-forget: one sent as the server went down was lost, and with one message
-        in flight at most the follower then stalled for the whole ack wait before it came again."""
+        """Ack a followed message and wait for the server to confirm it, asking again until it does.
+        A plain ack is fire-and-forget: one sent as the server went down was lost, and with one
+        message in flight at most the follower then stalled for the whole ack wait before it came
+        again. Asking again is safe (the server confirms an ack it already has) and needed on any
+        failure: an ack sent on the connection that dropped is unanswered on the new one, and a
+        server stopping its JetStream answers "no responders" while the connection still stands."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + FOLLOW_ACK_WAIT
         while True:
@@ -368,8 +371,7 @@ class NatsBus:
                 return
             except (TimeoutError, NatsError) as exc:
                 nc = self._nc
-                # unanswered while connected: the server took the ack (or will redeliver); no use asking again
-                if nc is None or nc.is_closed or nc.is_connected or loop.time() > deadline:
+                if nc is None or nc.is_closed or loop.time() > deadline:
                     log.debug("ack of a followed message on %s not confirmed: %s", msg.subject, exc)
                     return
                 await asyncio.sleep(0.25)
