@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import threading
 import warnings
 from pathlib import Path
 
 import torch
 
 OPSET = 17
+
+_EXPORTING = threading.Lock()
+"""One export at a time in a process: `torch.onnx.export` keeps process-global state (its
+`GLOBALS.in_onnx_export` flag; concurrent jobs failed with "in_onnx_export must be False"), and
+`warnings.catch_warnings` swaps a process-global filter list."""
 
 
 def torch_to_onnx(
@@ -22,7 +28,7 @@ def torch_to_onnx(
     """Export `module` (one input; one output, or a tuple of them named by `output_name`) to `path`.
     Every caller checks the graph against the module afterwards, which is what proves it right."""
     outputs = [output_name] if isinstance(output_name, str) else output_name
-    with warnings.catch_warnings():
+    with _EXPORTING, warnings.catch_warnings():
         # torch >= 2.9 marks the TorchScript exporter deprecated; the new one needs onnxscript and is
         # much slower for a small MLP
         warnings.filterwarnings(
