@@ -10,6 +10,7 @@ from typing import Any
 import gymnasium
 import numpy as np
 import pytest
+from stable_baselines3 import PPO
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.exporters import sha256_of
@@ -183,3 +184,41 @@ async def test_ppo_trains_on_a_remote_executor_and_a_killed_executor_fails_the_j
         assert failed.code == "executor_timeout"
         assert "executor 'cart-exec' did not answer step" in failed.message
     await executor_bus.close()
+
+
+async def test_a_job_redelivered_after_its_last_checkpoint_evaluates_and_exports(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """Killed between its final checkpoint and its end, the job had nothing left to learn, and its
+    callback then saved without a model: a permanent handler_error (issue 13)."""
+    task = rl_task("ppo", "CartPole-v1", total_timesteps=128, n_steps=64, episodes=1)
+    job_id = task.request_id or ""
+    checkpoint = tmp_path / "jobs" / job_id / "checkpoints" / "model.zip"
+    checkpoint.parent.mkdir(parents=True)
+    trained = PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, policy_kwargs={"net_arch": [16, 16]}, seed=1)
+    trained.learn(128)
+    trained.save(checkpoint)
+    events = await watch(client, job_id)
+    async with running_worker(MemoryBus(broker), [RLHandler()], tmp_path):
+        await submit(client, task)
+        done = (await events.wait_end()).data
+    assert done.result.metrics.custom_metrics["resumed_from_timesteps"] == trained.num_timesteps
+    assert done.result.metrics.total_episodes == 1
+    assert Path(done.result.policy_path).is_file()
+
+
+async def test_cancel_reaches_the_evaluation_episodes(broker: MemoryBroker, client: MemoryBus, tmp_path: Path) -> None:
+    """A cancel during 100,000 evaluation episodes was ignored until they had all run (issue 13)."""
+    # progress only at the end of training, so the cancel comes once the evaluation has begun
+    async with running_worker(MemoryBus(broker), [RLHandler(progress_every=10_000)], tmp_path):
+        task = rl_task("ppo", "CartPole-v1", total_timesteps=64, n_steps=64, episodes=100_000)
+        job_id = task.request_id or ""
+        events = await watch(client, job_id)
+        await submit(client, task)
+        await events.wait_until(
+            lambda seen: [e for e in seen if e.type.endswith("progress.v1") and e.data.fraction == 1.0]
+        )
+        asked = asyncio.get_running_loop().time()
+        await client.publish(CONTROL, encode(CancelJob(job_id=job_id, reason="enough")))
+        await events.wait_end("cancelled", timeout=30)
+        assert asyncio.get_running_loop().time() - asked < 2.0

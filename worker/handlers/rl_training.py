@@ -201,11 +201,14 @@ def train(task: RLTask, ctx: JobContext, *, step_timeout: float, progress_every:
             ctx, total, checkpoint, every=task.config.checkpoint_interval, progress_every=progress_every
         )
         started = time.monotonic()
+        # a job redelivered after its last checkpoint has nothing left to learn: it goes straight to
+        # evaluation and export (the callback has no model until learn() gives it one)
         if total > model.num_timesteps:
             model.learn(total - model.num_timesteps, callback=callback, reset_num_timesteps=False)
-        callback.save()  # the last state, whether finished, cancelled or handed back
+            callback.save()  # the last state, whether finished, cancelled or handed back
+            ctx.check()
+            callback.report()
         ctx.check()
-        callback.report()
         training_ms = int((time.monotonic() - started) * 1000)
     finally:
         env.close()
@@ -263,7 +266,13 @@ def evaluate(
     try:
         if task.config.seed is not None:
             env.seed(task.config.seed + 10_000)
-        mean, std = evaluate_policy(model, env, n_eval_episodes=task.evaluation.episodes, deterministic=True)
+        mean, std = evaluate_policy(
+            model,
+            env,
+            n_eval_episodes=task.evaluation.episodes,
+            deterministic=True,
+            callback=lambda _locals, _globals: ctx.check(),  # pause and cancel reach every step
+        )
     finally:
         env.close()
     return float(cast(float, mean)), float(cast(float, std))
