@@ -49,6 +49,9 @@ class JobRecord(Record):
     """Lifecycle state."""
     attempt: int = 0
     """Deliveries that reached a handler."""
+    crashes: int = 0
+    """Attempts whose worker went away without an outcome (killed, out of memory, crashed): counted
+    when a claim finds the job still running or paused with its lease run out."""
     task: dict[str, Any] = Field(default_factory=dict)
     """The validated task payload."""
     result: dict[str, Any] | None = None

@@ -80,6 +80,10 @@ MIGRATIONS: list[str] = [
         job_id TEXT NOT NULL, seq BIGINT NOT NULL, uri TEXT NOT NULL, sha256 TEXT NOT NULL,
         size_bytes BIGINT NOT NULL, step BIGINT NOT NULL, created_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (job_id, seq));
     """,
+    # 6: attempts whose worker went away without an outcome (poison tasks)
+    """
+    ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 """Schema migrations in order, numbered as SQLite's; migration N is applied once and recorded in `schema_migrations`."""
 

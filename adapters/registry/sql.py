@@ -25,6 +25,8 @@ JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags"})
 TIME_FIELDS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "set_at"})
 """Columns that hold points in time."""
 TERMINAL = tuple(state.value for state in JobState if state.terminal)
+LIVE = (JobState.RUNNING.value, JobState.PAUSED.value)
+"""States of a job that a worker holds: found so with the lease run out, its worker went away."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,8 +123,9 @@ class SqlStore(ABC):
         )
 
     async def claim_job(self, job: JobRecord, *, owner: str, ttl: float) -> Claim:
-        """Take the lease of a job for `ttl` seconds and count the attempt, unless the job ended or its
-        lease is live (held by anyone, `owner` included); one statement, so two claims never both win."""
+        """Take the lease of a job for `ttl` seconds and count the attempt (and, when the job was still
+        running or paused, its last attempt's crash), unless the job ended or its lease is live (held
+        by anyone, `owner` included); one statement, so two claims never both win."""
         d, p = self.dialect, Params(self.dialect)
         new = {
             **self._values(job),
@@ -139,6 +142,7 @@ class SqlStore(ABC):
             f"INSERT INTO jobs ({', '.join(columns)}, created_at, updated_at, lease_expires_at) "
             f"VALUES ({', '.join(marks)}, {stamp}, {stamp}, {expiry}) "
             f"ON CONFLICT (job_id) DO UPDATE SET attempt = jobs.attempt + 1, "
+            f"crashes = jobs.crashes + CASE WHEN jobs.state IN ({', '.join(p(s) for s in LIVE)}) THEN 1 ELSE 0 END, "
             f"{', '.join(f'{c} = excluded.{c}' for c in carried)} "
             f"WHERE jobs.state NOT IN ({', '.join(p(s) for s in TERMINAL)}) "
             f"AND (jobs.lease_expires_at IS NULL OR jobs.lease_expires_at < {stamp}) RETURNING *",

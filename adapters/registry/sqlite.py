@@ -76,6 +76,11 @@ MIGRATIONS: list[str] = [
         job_id TEXT NOT NULL, seq INTEGER NOT NULL, uri TEXT NOT NULL, sha256 TEXT NOT NULL,
         size_bytes INTEGER NOT NULL, step INTEGER NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (job_id, seq));
     """,
+    # 6: attempts whose worker went away without an outcome, so a task that kills every worker it
+    # reaches is failed instead of taking them down one after another
+    """
+    ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 

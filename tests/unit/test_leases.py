@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,12 @@ import pytest
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.registry import JobRecord, create_store
-from forseti.schemas.catalog import STATUS
+from forseti.schemas.catalog import DEADLETTER, STATUS
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.jobs import JobState, JobStatus, JobStatusQuery
-from forseti.schemas.tasks import TaskKind, dump_task
+from forseti.schemas.tasks import TaskKind, TrainingTask, dump_task
 
-from ..helpers import StepHandler, running_worker, submit, training, watch
+from ..helpers import StepHandler, Watcher, running_worker, submit, training, watch
 
 LEASES: dict[str, Any] = {"heartbeat_interval": 0.2, "lease_ttl": 1.0}
 """Short leases, so a deferred duplicate comes back within a second or two."""
@@ -91,3 +92,58 @@ async def test_the_registry_password_is_neither_logged_nor_shown_in_health(
     assert password not in orjson.dumps(health).decode()
     assert "registry postgresql://forseti:***@" in caplog.text
     assert password not in caplog.text
+
+
+async def _die_holding(registry_url: str, task: TrainingTask, times: int, *, hand_back: bool = False) -> None:
+    """`times` workers on other hosts claim the job; each dies holding it (its lease lapses), or with
+    `hand_back` gives it back as a worker shutting down does."""
+    store = create_store(registry_url)
+    await store.open()
+    try:
+        for n in range(times):
+            record = JobRecord(job_id=task.request_id or "", kind=TaskKind.TRAINING, task=dump_task(task))
+            claim = await store.claim_job(record, owner=f"host-{n}", ttl=0.05)
+            assert claim.won
+            if hand_back:
+                pending = claim.job.model_copy(update={"state": JobState.PENDING})
+                assert await store.update_held_job(pending, owner=f"host-{n}", release=True)
+            await asyncio.sleep(0.1)  # the lease lapses
+    finally:
+        await store.close()
+
+
+async def test_a_task_that_killed_every_worker_it_reached_is_dead_lettered_and_failed(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, registry_url: str
+) -> None:
+    """A poison task vanished after the bus's max_deliver, its job `running` for ever (issue 13)."""
+    task = training(steps=3)
+    job_id = task.request_id or ""
+    await _die_holding(registry_url, task, 3)
+    letters = Watcher()
+    await client.subscribe(DEADLETTER, letters.on_message)
+    handler = StepHandler()
+    async with running_worker(MemoryBus(broker), [handler], tmp_path, registry_url=registry_url, **LEASES):
+        watcher = await watch(client, job_id)
+        await submit(client, task)
+        failed = (await watcher.wait_end("failed")).data
+        assert failed.code == "retries_exhausted"
+        assert "3 attempts ended with their worker gone" in failed.message
+        letter = (await letters.wait_for("deadletter")).data
+        assert (letter.reason, letter.job_id) == ("retries_exhausted", job_id)
+        assert orjson.loads(base64.b64decode(letter.original_b64))["data"]["request_id"] == job_id
+        reply = await client.request(STATUS, encode(JobStatusQuery(job_id=job_id)), timeout=5)
+        status = decode(reply, expect=JobStatus).data
+        assert (status.state, status.attempt) == (JobState.FAILED, 4)
+    assert not handler.started.is_set(), "the poison task was not run again"
+
+
+async def test_tasks_handed_back_at_shutdown_are_not_taken_for_poison(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, registry_url: str
+) -> None:
+    task = training(steps=2)
+    await _die_holding(registry_url, task, 4, hand_back=True)
+    async with running_worker(MemoryBus(broker), [StepHandler()], tmp_path, registry_url=registry_url, **LEASES):
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        assert (await watcher.wait_for("accepted")).data.attempt == 5
+        await watcher.wait_end("completed")

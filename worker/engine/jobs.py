@@ -37,7 +37,7 @@ from forseti.schemas.tasks import dump_task
 
 from .checkpoints import SharedCheckpoints, forget
 from .context import Handler, JobContext, JobStopped, StopReason
-from .intake import Accepted
+from .intake import Accepted, Refused
 from .logs import job_id_var
 from .metrics import Metrics
 from .settings import WorkerSettings
@@ -65,6 +65,9 @@ class JobEvents(Protocol):
 
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
         """Publish `forseti.model.available.v1`, its files first put where other hosts reach them."""
+
+    async def dead_letter(self, refused: Refused, raw: bytes, *, channel: str) -> None:
+        """Publish a `forseti.deadletter.v1` record."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,6 +128,9 @@ class JobRunner:
                 await self._defer(claim)
             return
         record = claim.job
+        if record.crashes >= services.settings.max_crashes:
+            await self._give_up(record)
+            return
         early_cancel = services.early_cancel(self.job_id)
         if early_cancel is not None:
             await self._finish(
@@ -147,6 +153,27 @@ class JobRunner:
     def owner(self) -> str:
         """The lease owner's name: this worker's id."""
         return self.services.settings.worker_id
+
+    async def _give_up(self, record: JobRecord) -> None:
+        """A poison task: its earlier attempts each ended with their worker gone (killed, out of memory,
+        crashed), so it is not run again, where it would take this worker down too. It goes to the
+        dead-letter channel and its job fails, so neither the task nor a waiting client is lost."""
+        detail = (
+            f"{record.crashes} attempts ended with their worker gone, without an outcome (killed, out of "
+            f"memory, or crashed); not run again (max_crashes is {self.services.settings.max_crashes})"
+        )
+        log.error("poison task: %s", detail)
+        refused = Refused(ErrorCode.RETRIES_EXHAUSTED, detail, self.job_id)
+        try:
+            await self.services.events.dead_letter(refused, self.delivery.data, channel=self.delivery.channel)
+        except BusError as exc:  # the record is the reason to drop the task: without it, try again later
+            log.warning("dead-letter not recorded (%s); handing the task back", exc)
+            await self.delivery.nak(self.services.settings.retry_delay)
+            return
+        failed = JobFailed(job_id=self.job_id, kind=self.kind, code=ErrorCode.RETRIES_EXHAUSTED, message=detail)
+        await self._finish(
+            record.model_copy(update={"error_code": failed.code, "error_message": detail}), JobState.FAILED, failed, 0.0
+        )
 
     async def _defer(self, claim: Claim) -> None:
         """Another delivery of a job whose lease is live. It is handed back to come again when that

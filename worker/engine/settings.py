@@ -57,6 +57,9 @@ class WorkerSettings(BaseSettings):
     """Seconds before a task that failed with a retriable error is delivered again."""
     max_attempts: int = Field(default=5, ge=1)
     """Deliveries before a retriable failure becomes final."""
+    max_crashes: int = Field(default=3, ge=1)
+    """Attempts that may end with their worker gone (killed, out of memory, crashed) before the task is
+    taken for poison: dead-lettered and failed as `retries_exhausted`, not run on another worker."""
     shutdown_grace: float = Field(default=30.0, ge=0)
     """On SIGTERM, seconds running jobs may take to finish before they are stopped and handed back."""
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
