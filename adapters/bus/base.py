@@ -125,6 +125,9 @@ class Bus(Protocol):
     async def intake(self, channel: str, *, group: str) -> TaskIntake:
         """Take tasks from a task channel, shared with every other member of `group`."""
 
+    async def reachable(self) -> bool:
+        """Whether the server answers now, for health checks: False while the client reconnects. Never raises."""
+
 
 class ClosedSubscription:
     """A subscription that runs a callback on unsubscribe; transports build theirs from it."""

@@ -182,6 +182,17 @@ class KafkaBus:
             await self.close()
             raise BusError(f"cannot reach Kafka at {self.url}: {exc}") from exc
 
+    async def reachable(self) -> bool:
+        """True when a broker answers a metadata request within `connect_timeout`: aiokafka keeps no
+        standing connection whose state would say so."""
+        if self._producer is None:
+            return False
+        try:
+            await asyncio.wait_for(self._producer.client.fetch_all_metadata(), self.settings.connect_timeout)
+        except (TimeoutError, KafkaError, OSError):
+            return False
+        return True
+
     async def close(self) -> None:
         """Stop every consumer, drop the reply topic, stop the producer."""
         for closer in reversed(self._closers):

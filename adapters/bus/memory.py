@@ -138,6 +138,10 @@ class MemoryBus:
         """Nothing to open; marks the client usable."""
         self._connected = True
 
+    async def reachable(self) -> bool:
+        """True while connected: the broker lives in this process."""
+        return self._connected
+
     async def close(self) -> None:
         """Drop this client's subscriptions and hand back its unsettled tasks."""
         self._connected = False

@@ -229,6 +229,10 @@ class NatsBus:
         log.info("nats: reconnected to %s", self.url)
         self.reconnected.set()
 
+    async def reachable(self) -> bool:
+        """True while the connection stands (nats-py pings the server and reconnects by itself)."""
+        return self._nc is not None and self._nc.is_connected
+
     async def close(self) -> None:
         """Drain and close."""
         for task in list(self._followers):

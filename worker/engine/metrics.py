@@ -96,3 +96,7 @@ class MeteredBus:
     async def intake(self, channel: str, *, group: str) -> TaskIntake:
         """Task intake on the inner bus."""
         return await self.inner.intake(channel, group=group)
+
+    async def reachable(self) -> bool:
+        """Whether the inner bus's server answers now."""
+        return await self.inner.reachable()

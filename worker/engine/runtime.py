@@ -46,6 +46,8 @@ from .slots import Slots
 log = logging.getLogger(__name__)
 
 EARLY_CANCELS_KEPT = 10_000
+BUS_PROBE_INTERVAL = 1.0
+"""Seconds between checks that the bus's server answers, which /healthz reports."""
 
 
 def forseti_version() -> str:
@@ -109,6 +111,8 @@ class Worker:
         self.objects: ObjectStore | None = None
         """Where checkpoints are shared with the other workers (None: local disk only)."""
         self._pruning: asyncio.Task[None] | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._bus_reachable = True
         self._job_services: JobServices | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -143,6 +147,7 @@ class Worker:
                 self._intakes.append(intake)
                 loops.append(asyncio.create_task(self._intake_loop(kind, intake), name=f"intake-{kind.value}"))
             self._bus_ok = True
+            self._probe = asyncio.create_task(self._probe_bus(), name="probe-bus")
             self.ready.set()
             log.info(
                 "worker %s pulling %s on %s (concurrency %d, registry %s)",
@@ -191,9 +196,21 @@ class Worker:
         if removed:
             log.info("removed %d checkpoint(s) of jobs that had ended", removed)
 
+    async def _probe_bus(self) -> None:
+        """Ask the bus whether its server answers, for /healthz: an intake whose server is away sees
+        only empty fetches while its client reconnects, so health answered 200 through a whole outage."""
+        while not self._stopping.is_set():
+            reachable = await self.bus.reachable()
+            if reachable != self._bus_reachable:
+                level, state = (logging.INFO, "answers again") if reachable else (logging.WARNING, "does not answer")
+                log.log(level, "the bus at %s %s", redact(self.bus.url), state)
+            self._bus_reachable = reachable
+            await self._sleep_unless_stopping(BUS_PROBE_INTERVAL)
+
     async def _close(self) -> None:
-        if self._pruning is not None:
-            self._pruning.cancel()
+        for background in (self._pruning, self._probe):
+            if background is not None:
+                background.cancel()
         for sub in self._subs:
             await sub.unsubscribe()
         for intake in self._intakes:
@@ -216,11 +233,12 @@ class Worker:
 
     def health(self) -> tuple[bool, dict[str, object]]:
         """Healthy while pulling tasks with a working bus."""
-        ok = self.ready.is_set() and self._bus_ok and not self._stopping.is_set()
+        bus_ok = self._bus_ok and self._bus_reachable
+        ok = self.ready.is_set() and bus_ok and not self._stopping.is_set()
         return ok, {
             "worker": self.settings.worker_id,
             "bus": self.bus.url,
-            "bus_ok": self._bus_ok,
+            "bus_ok": bus_ok,
             "registry": redact(self.settings.registry),
             "object_store": self.objects.location if self.objects is not None else None,
             "running_jobs": len(self.running),
