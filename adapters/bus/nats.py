@@ -113,6 +113,7 @@ class NatsBus:
         self._nc: Client | None = None
         self._js: JetStreamContext | None = None
         self._followers: set[asyncio.Task[None]] = set()
+        self._last_error: str | None = None
         self.reconnected = asyncio.Event()
         """Set each time the client reconnects after losing the server."""
 
@@ -219,13 +220,18 @@ class NatsBus:
             return await self._js.create_object_store(bucket, config=ObjectStoreConfig(storage=StorageType.FILE))
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("nats: %s", exc)
+        # nats-py reports every failed try (four a second while a server is away): the same error
+        # again is only worth a debug line
+        said = str(exc)
+        log.log(logging.DEBUG if said == self._last_error else logging.WARNING, "nats: %s", said)
+        self._last_error = said
 
     async def _on_disconnect(self) -> None:
         if self._nc is not None:  # None while close() runs: an intended disconnect
             log.warning("nats: disconnected from %s, reconnecting", self.url)
 
     async def _on_reconnect(self) -> None:
+        self._last_error = None
         log.info("nats: reconnected to %s", self.url)
         self.reconnected.set()
 

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -312,3 +313,19 @@ def test_a_worker_with_a_bad_setting_says_why_and_exits_1(tmp_path: Path) -> Non
     said = done.stderr.decode()
     assert "invalid settings: unsupported object store URL 'ftp://x'" in " ".join(said.split())
     assert "Traceback" not in said
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_worker_waiting_for_its_bus_stops_at_once_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
+    """With no server on its bus, the worker could not be stopped but by SIGKILL (issue 13); it now
+    ends its wait when told, after one warning rather than four a second."""
+    absent = f"nats://127.0.0.1:{free_port()}?connect_timeout=120"
+    worker = WorkerProcess(absent, tmp_path, command=("worker",), ready="Connection refused")
+    time.sleep(1.5)  # several more tries, said only once
+    asked = time.monotonic()
+    code = worker.stop(sig)
+    assert time.monotonic() - asked < 10, "the worker went on waiting for its bus"
+    assert code == 0
+    said = "".join(worker.lines)
+    assert said.count("Connection refused") == 1, said
+    assert "stopped before its bus" in said

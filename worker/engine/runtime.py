@@ -21,6 +21,7 @@ from typing import Any
 
 from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus, Delivery, Message, Subscription, TaskIntake
+from forseti.adapters.bus.base import cancel_and_wait
 from forseti.adapters.objects import ObjectStore, open_object_store
 from forseti.adapters.registry import RegistryStore, redact
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
@@ -119,8 +120,8 @@ class Worker:
 
     async def run(self) -> None:
         """Connect, serve until asked to stop (or idle in burst mode), then shut down gracefully."""
-        await self.store.open()
-        await self.bus.connect()
+        if not await self._connect():
+            return
         try:
             # the transport itself: the metering wrapper holds no objects
             self.objects = open_object_store(self.settings.object_store_url, self.bus.inner)
@@ -168,6 +169,30 @@ class Worker:
             await self._shutdown()
         finally:
             await self._close()
+
+    async def _connect(self) -> bool:
+        """Open the registry and the bus; False when asked to stop first. A bus that does not answer
+        is tried until its `connect_timeout`, and a SIGTERM or Ctrl-C meanwhile ends the wait now."""
+        opening = asyncio.create_task(self._open())
+        stopping = asyncio.create_task(self._stopping.wait())
+        await asyncio.wait([opening, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not opening.done():
+            await cancel_and_wait(opening)
+            await self.bus.close()
+            await self.store.close()
+            log.info("worker %s stopped before its bus %s answered", self.settings.worker_id, redact(self.bus.url))
+            return False
+        opening.result()
+        return True
+
+    async def _open(self) -> None:
+        await self.store.open()
+        try:
+            await self.bus.connect()
+        except BaseException:
+            await self.store.close()
+            raise
 
     def request_stop(self) -> None:
         """Stop pulling and shut down (what SIGTERM calls)."""
