@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -127,6 +127,10 @@ class Bus(Protocol):
 
     async def reachable(self) -> bool:
         """Whether the server answers now, for health checks: False while the client reconnects. Never raises."""
+
+    async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
+        """Up to `limit` tasks stored on task channels outside `owned`, which no intake takes and the
+        bus would otherwise keep for ever; `term()` (or `ack()`) removes one, `nak()` leaves it."""
 
 
 class ClosedSubscription:

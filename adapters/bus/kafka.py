@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from urllib.parse import urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -181,6 +181,11 @@ class KafkaBus:
         except (KafkaConnectionError, KafkaError, OSError) as exc:
             await self.close()
             raise BusError(f"cannot reach Kafka at {self.url}: {exc}") from exc
+
+    async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
+        """None: on Kafka each task kind is a topic of its own, and a topic that no kind owns is bounded
+        by the broker's retention (`retention.ms`, `retention.bytes`), not kept for ever."""
+        return []
 
     async def reachable(self) -> bool:
         """True when a broker answers a metadata request within `connect_timeout`: aiokafka keeps no

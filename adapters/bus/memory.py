@@ -10,7 +10,7 @@ import asyncio
 import itertools
 import logging
 from collections import defaultdict, deque
-from collections.abc import Coroutine
+from collections.abc import Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,6 +235,15 @@ class MemoryBus:
             return await asyncio.wait_for(answer, timeout)
         except TimeoutError as exc:
             raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
+
+    async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
+        """Tasks queued on task channels outside `owned`."""
+        self._check()
+        strays: list[Delivery] = []
+        for channel, queue in list(self.broker.queues.items()):
+            if channel not in owned and queue.pending and len(strays) < limit:
+                strays += await _MemoryIntake(self, channel, queue).take(limit - len(strays), 0.01)
+        return strays
 
     async def intake(self, channel: str, *, group: str) -> _MemoryIntake:
         """Take tasks from a task channel; every intake of the channel shares its queue."""

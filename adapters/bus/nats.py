@@ -15,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Collection
+from dataclasses import replace
 from pathlib import Path
 
 import nats
@@ -28,7 +29,9 @@ from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
     DeliverPolicy,
+    DiscardPolicy,
     ObjectStoreConfig,
+    RawStreamMsg,
     RetentionPolicy,
     StorageType,
     StreamConfig,
@@ -72,6 +75,24 @@ class _NatsDelivery(Delivery):
                 await self._msg.term()
         except (ConnectionClosedError, TimeoutError) as exc:
             raise BusError(f"could not {how} task on {self.channel}: {exc}") from exc
+
+
+class _StoredTask(Delivery):
+    """A task read straight from the stream by its sequence number, not through a consumer."""
+
+    def __init__(self, js: JetStreamContext, msg: RawStreamMsg) -> None:
+        super().__init__(msg.subject or "", msg.data or b"", 1)
+        self._js, self._seq = js, msg.seq or 0
+
+    async def _do_settle(self, how: Settle, delay: float) -> None:
+        if how is Settle.NAK:  # stays stored; the next sweep finds it again
+            return
+        try:
+            await self._js.delete_msg(STREAM, self._seq)
+        except NotFoundError:  # another worker's sweep removed it first
+            return
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"could not remove task {self._seq} on {self.channel}: {exc}") from exc
 
 
 class _NatsIntake:
@@ -143,6 +164,9 @@ class NatsBus:
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             duplicate_window=120,
+            max_bytes=self.settings.tasks_max_bytes,
+            max_age=self.settings.tasks_max_age_days * 86_400,
+            discard=DiscardPolicy.NEW,
         )
         records = StreamConfig(
             name=RECORDS,
@@ -153,9 +177,19 @@ class NatsBus:
         )
         for config in (tasks, records):
             try:
-                await self._js.stream_info(config.name or "")
+                info = await self._js.stream_info(config.name or "")
             except NotFoundError:
                 await self._js.add_stream(config)
+                continue
+            current = info.config
+            if config is tasks and (
+                current.max_bytes != tasks.max_bytes
+                or abs((current.max_age or 0) - (tasks.max_age or 0)) > 1
+                or current.discard != tasks.discard
+            ):  # a stream made before these limits, or under other settings: the newest start sets them
+                await self._js.update_stream(
+                    replace(current, max_bytes=tasks.max_bytes, max_age=tasks.max_age, discard=tasks.discard)
+                )
 
     async def _connect(self) -> Client:
         return await nats.connect(
@@ -257,6 +291,8 @@ class NatsBus:
                 await self.nc.publish(channel, data)
         except (ConnectionClosedError, TimeoutError, NoRespondersError) as exc:
             raise BusError(f"publish to {channel} failed: {exc}") from exc
+        except NatsError as exc:  # JetStream refused it: the task stream is full (tasks_max_bytes)
+            raise BusError(f"publish to {channel} refused by {self.url}: {exc}") from exc
 
     async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
         """Subscribe with core NATS; `queue` makes it a queue group."""
@@ -385,6 +421,27 @@ class NatsBus:
                     log.debug("ack of a followed message on %s not confirmed: %s", msg.subject, exc)
                     return
                 await asyncio.sleep(0.25)
+
+    async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
+        """Tasks stored on subjects under `forseti.tasks.>` outside `owned`: the work-queue stream
+        takes every such subject, and a subject that no consumer filters on is kept for ever."""
+        if self._js is None:
+            raise BusError("NATS bus is not connected")
+        strays: list[Delivery] = []
+        try:
+            info = await self._js.stream_info(STREAM, subjects_filter=f"{TASKS_PREFIX}>")
+            for subject in sorted(set(info.state.subjects or {}) - set(owned)):
+                seq = 1
+                while len(strays) < limit:
+                    try:
+                        msg = await self._js.get_msg(STREAM, seq=seq, subject=subject, next=True)
+                    except NotFoundError:
+                        break
+                    strays.append(_StoredTask(self._js, msg))
+                    seq = (msg.seq or seq) + 1
+        except (NatsError, TimeoutError) as exc:
+            raise BusError(f"cannot read stray tasks from {STREAM}: {exc}") from exc
+        return strays
 
     async def intake(self, channel: str, *, group: str) -> _NatsIntake:
         """A pull subscription on the group's durable consumer for this task channel."""

@@ -28,6 +28,11 @@ class BusSettings:
     """The same for every other consumer (tasks, progress, control, models, capabilities, status):
     their latency matters less than the broker CPU that a dozen consumers polling every few
     milliseconds would take from the hot paths."""
+    tasks_max_bytes: int = 1 << 30
+    """Bytes of tasks the task stream holds (NATS): a publish beyond it is refused with an error the
+    publisher sees (back-pressure), rather than the oldest untaken tasks being dropped."""
+    tasks_max_age_days: float = 7.0
+    """Days a task nobody took stays stored (NATS) before the server drops it."""
     history_days: float = 30.0
     """Days a recorded channel (`forseti.models`) keeps its messages for followers that were away
     (NATS; a Kafka topic keeps them for the broker's retention)."""

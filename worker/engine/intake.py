@@ -7,11 +7,13 @@ import re
 import uuid
 from dataclasses import dataclass
 
+import orjson
+
 from forseti.schemas.base import ID_PATTERN
 from forseti.schemas.deadletter import DeadLetter
 from forseti.schemas.envelope import decode, peek_job_id
 from forseti.schemas.errors import ErrorCode, InvalidTask
-from forseti.schemas.tasks import TaskBase, TaskKind, task_type
+from forseti.schemas.tasks import TaskBase, TaskKind, task_channel, task_type
 
 
 @dataclass(frozen=True)
@@ -70,3 +72,23 @@ def read_task(raw: bytes, kind: TaskKind, *, max_bytes: int) -> Accepted | Refus
             peek_job_id(raw),
         )
     return Accepted(job_id_for(event.data, event.id), kind, event.data)
+
+
+OWNED_CHANNELS = frozenset(task_channel(kind) for kind in TaskKind)
+"""The task channels some kind owns; a task anywhere else under `forseti.tasks.` is a stray."""
+
+
+def read_stray(raw: bytes, channel: str, *, max_bytes: int) -> tuple[Refused, TaskKind | None]:
+    """Why a task on a channel that no kind owns is refused, and the kind its event names (so its
+    job can be failed where an id can be read)."""
+    detail = f"no task kind is published on {channel}: tasks go on " + ", ".join(sorted(OWNED_CHANNELS))
+    if len(raw) > max_bytes:
+        return Refused(ErrorCode.UNKNOWN_KIND, f"{detail} (not parsed: {len(raw)} bytes)", None), None
+    named = {task_type(kind): kind for kind in TaskKind}
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        doc = None
+    named_type = doc.get("type") if isinstance(doc, dict) else None
+    kind = named.get(named_type) if isinstance(named_type, str) else None
+    return Refused(ErrorCode.UNKNOWN_KIND, detail, peek_job_id(raw)), kind

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from forseti.adapters.bus import Bus, MessageHandler, Subscription, TaskIntake
+from forseti.adapters.bus import Bus, Delivery, MessageHandler, Subscription, TaskIntake
 
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600)
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
@@ -100,3 +101,7 @@ class MeteredBus:
     async def reachable(self) -> bool:
         """Whether the inner bus's server answers now."""
         return await self.inner.reachable()
+
+    async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
+        """Stray tasks of the inner bus."""
+        return await self.inner.take_strays(owned, limit)

@@ -37,7 +37,7 @@ from .artifact_server import ArtifactServer
 from .checkpoints import prune_ended
 from .context import Handler, StopReason
 from .http import MetricsServer
-from .intake import Refused, read_task
+from .intake import OWNED_CHANNELS, Refused, read_stray, read_task
 from .jobs import JobRunner, JobServices, load_result
 from .logs import job_id_var
 from .metrics import MeteredBus, Metrics
@@ -47,6 +47,8 @@ from .slots import Slots
 log = logging.getLogger(__name__)
 
 EARLY_CANCELS_KEPT = 10_000
+STRAYS_PER_SWEEP = 100
+"""Stray tasks read per round trip of a sweep; a sweep goes on until it finds fewer."""
 BUS_PROBE_INTERVAL = 1.0
 """Seconds between checks that the bus's server answers, which /healthz reports."""
 
@@ -113,6 +115,7 @@ class Worker:
         """Where checkpoints are shared with the other workers (None: local disk only)."""
         self._pruning: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._sweep: asyncio.Task[None] | None = None
         self._bus_reachable = True
         self._job_services: JobServices | None = None
 
@@ -149,6 +152,7 @@ class Worker:
                 loops.append(asyncio.create_task(self._intake_loop(kind, intake), name=f"intake-{kind.value}"))
             self._bus_ok = True
             self._probe = asyncio.create_task(self._probe_bus(), name="probe-bus")
+            self._sweep = asyncio.create_task(self._sweep_strays(), name="sweep-strays")
             self.ready.set()
             log.info(
                 "worker %s pulling %s on %s (concurrency %d, registry %s)",
@@ -232,8 +236,23 @@ class Worker:
             self._bus_reachable = reachable
             await self._sleep_unless_stopping(BUS_PROBE_INTERVAL)
 
+    async def _sweep_strays(self) -> None:
+        """Dead-letter the tasks stored on channels that no kind owns, every `stray_sweep_interval`:
+        nobody takes them, so the bus kept them (and their bytes) for ever."""
+        while not self._stopping.is_set():
+            try:
+                strays = await self.bus.take_strays(OWNED_CHANNELS, STRAYS_PER_SWEEP)
+            except BusError as exc:
+                log.warning("stray tasks not swept: %s", exc)
+                strays = []
+            for delivery in strays:
+                refused, kind = read_stray(delivery.data, delivery.channel, max_bytes=self.settings.max_task_bytes)
+                await self._refuse(delivery, kind, refused)
+            if len(strays) < STRAYS_PER_SWEEP:
+                await self._sleep_unless_stopping(self.settings.stray_sweep_interval)
+
     async def _close(self) -> None:
-        for background in (self._pruning, self._probe):
+        for background in (self._pruning, self._probe, self._sweep):
             if background is not None:
                 background.cancel()
         for sub in self._subs:
@@ -343,12 +362,12 @@ class Worker:
         except BusError as exc:
             log.warning("could not hand the task back (%s); the bus redelivers it after ack_wait", exc)
 
-    async def _refuse(self, delivery: Delivery, kind: TaskKind, refused: Refused) -> None:
-        """Dead-letter an invalid task, fail its job where an id could be read, and drop it."""
+    async def _refuse(self, delivery: Delivery, kind: TaskKind | None, refused: Refused) -> None:
+        """Dead-letter an invalid task, fail its job where an id (and a kind) could be read, and drop it."""
         log.warning("refused a task on %s: %s: %s", delivery.channel, refused.reason.value, refused.detail)
         try:
             await self.dead_letter(refused, delivery.data, channel=delivery.channel)
-            if refused.job_id is not None:
+            if refused.job_id is not None and kind is not None:
                 await self.publish_job(
                     JobFailed(
                         job_id=refused.job_id,

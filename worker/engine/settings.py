@@ -57,6 +57,9 @@ class WorkerSettings(BaseSettings):
     """Seconds before a task that failed with a retriable error is delivered again."""
     max_attempts: int = Field(default=5, ge=1)
     """Deliveries before a retriable failure becomes final."""
+    stray_sweep_interval: float = Field(default=30.0, gt=0)
+    """Seconds between sweeps that dead-letter tasks stored on channels no kind owns (a typo such as
+    `forseti.tasks.trainig`), which the bus would otherwise keep for ever."""
     max_crashes: int = Field(default=3, ge=1)
     """Attempts that may end with their worker gone (killed, out of memory, crashed) before the task is
     taken for poison: dead-lettered and failed as `retries_exhausted`, not run on another worker."""
