@@ -175,7 +175,12 @@ class KafkaBus:
             self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
             await self._admin.start()
             self._producer = AIOKafkaProducer(
-                bootstrap_servers=self.bootstrap, client_id=self.client_id, linger_ms=0, acks=1
+                bootstrap_servers=self.bootstrap,
+                client_id=self.client_id,
+                linger_ms=0,
+                # every in-sync replica has a task before its publish returns
+                acks="all",
+                enable_idempotence=self.settings.idempotence,
             )
             await self._producer.start()
         except (KafkaConnectionError, KafkaError, OSError) as exc:

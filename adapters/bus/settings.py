@@ -20,6 +20,9 @@ class BusSettings:
     """Consumer-group session timeout (Kafka)."""
     heartbeat_interval_ms: int = 1_000
     """Consumer-group heartbeat (Kafka)."""
+    idempotence: bool = False
+    """Idempotent producing (Kafka): a retried send is stored once. Off by default because Tansu, the
+    embedded broker, does not answer InitProducerId; turn it on (`?idempotence=true`) on a Kafka cluster."""
     fetch_max_wait_ms: int = 20
     """How long the broker may hold a fetch open when it has no data (Kafka), on the hot request-reply
     paths: reply topics and the env, LLM and inference request channels. It bounds their latency, at
@@ -44,9 +47,14 @@ class BusSettings:
         """The URL without its query, and the settings the query names; unknown names are an error."""
         parts = urlsplit(url)
         known = {f.name: f.type for f in fields(cls)}
-        values: dict[str, float | int] = {}
+        values: dict[str, float | int | bool] = {}
         for name, raw in parse_qsl(parts.query, strict_parsing=False):
             if name not in known:
                 raise ValueError(f"unknown bus setting {name!r} in {url!r}; known: {', '.join(known)}")
-            values[name] = float(raw) if known[name] == "float" else int(raw)
+            if known[name] == "bool":
+                if raw.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(f"bus setting {name} is true or false, not {raw!r}")
+                values[name] = raw.lower() in ("true", "1")
+            else:
+                values[name] = float(raw) if known[name] == "float" else int(raw)
         return urlunsplit(parts._replace(query="")), cls(**values)  # type: ignore[arg-type]

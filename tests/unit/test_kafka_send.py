@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from aiokafka.errors import KafkaError, NotLeaderForPartitionError, RecordTooLargeError
 
+from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.kafka import SEND_ATTEMPTS, KafkaBus
 from forseti.schemas.errors import BusError
 
@@ -46,3 +47,24 @@ async def test_a_persisting_retriable_error_and_a_final_error_become_bus_errors(
     with pytest.raises(BusError):
         await bus_with(final).send("t", b"x")
     assert final.calls == 1
+
+
+async def test_the_producer_waits_for_every_in_sync_replica_and_idempotence_is_a_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Tasks were produced with acks=1: a leader that failed before its followers copied one lost it (issue 13)."""
+    made: list[dict[str, Any]] = []
+
+    class Recorded:
+        def __init__(self, **config: Any) -> None:
+            made.append(config)
+
+        async def start(self) -> None:
+            return None
+
+    monkeypatch.setattr("forseti.adapters.bus.kafka.AIOKafkaProducer", Recorded)
+    monkeypatch.setattr("forseti.adapters.bus.kafka.AIOKafkaAdminClient", Recorded)
+    for url, idempotent in [("kafka://127.0.0.1:9", False), ("kafka://127.0.0.1:9?idempotence=true", True)]:
+        await create_bus(url).connect()
+        producer = made[-1]
+        assert (producer["acks"], producer["enable_idempotence"]) == ("all", idempotent)
