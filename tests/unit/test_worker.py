@@ -320,3 +320,32 @@ async def test_slots_serve_waiters_in_turn_so_no_kind_starves() -> None:
     assert order == ["a", "b", "c"] * 3
     slots.close()
     assert await slots.reserve(1) == 0
+
+
+class Idle(EchoHandler):
+    """A handler for a kind on which nothing is published."""
+
+    def __init__(self, kind: TaskKind) -> None:
+        super().__init__()
+        self.kind = kind
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+async def test_idle_kinds_hold_no_slot_while_a_busy_kind_has_work(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, concurrency: int
+) -> None:
+    """Each kind's intake held a slot through its whole poll: at concurrency 1 with idle kinds
+    beside it, a 42 ms job took 3 s (issue 13). Polls here last 3 s; jobs must not wait for them."""
+    idle = [Idle(kind) for kind in (TaskKind.RL, TaskKind.TRAINING, TaskKind.FINETUNE)]
+    async with running_worker(
+        MemoryBus(broker), [EchoHandler(), *idle], tmp_path, concurrency=concurrency, poll_interval=3.0
+    ):
+        await asyncio.sleep(0.2)  # every kind is polling
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(4):
+            task = inference()
+            events = await watch(client, task.request_id or "")
+            await submit(client, task)
+            await events.wait_end("completed", timeout=30)
+        assert loop.time() - started < 1.5, "jobs waited for the idle kinds' polls to end"

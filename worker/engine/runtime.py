@@ -297,15 +297,16 @@ class Worker:
     # -- intake ----------------------------------------------------------------------------------
 
     async def _intake_loop(self, kind: TaskKind, intake: TaskIntake) -> None:
-        # each kind may take a share of the free slots per round trip, so one busy kind cannot hold
-        # every slot while the others wait to poll
+        # Slots are taken for what is ready, never held through a poll: a kind that waited on an
+        # empty channel with a slot kept it from the kinds that had work (at concurrency 1, a 42 ms
+        # job took 3 s). With no slot free, a kind still looks ahead by one task and waits for a
+        # slot with it in hand. Each kind takes a share of the free slots per round trip, so one
+        # busy kind cannot take every slot at once.
         share = max(1, self.settings.concurrency // len(self.handlers))
         while not self._stopping.is_set():
-            reserved = await self._slots.reserve(share)
-            if reserved == 0:
-                return
+            reserved = self._slots.try_reserve(share)
             try:
-                deliveries = await intake.take(reserved, self.settings.poll_interval)
+                deliveries = await intake.take(max(reserved, 1), self.settings.poll_interval)
             except BusError as exc:
                 self._slots.release(reserved)
                 self._bus_ok = False
@@ -321,7 +322,12 @@ class Worker:
                 self._slots.release(reserved)
                 raise
             self._bus_ok = True
-            self._slots.release(reserved - len(deliveries))
+            if len(deliveries) > reserved:  # the task taken ahead: it starts once a slot is free
+                if not await self._slot_for(deliveries[reserved]):
+                    await self._nak_quietly(deliveries[reserved], delay=0.0)
+                    deliveries = deliveries[:reserved]
+            else:
+                self._slots.release(reserved - len(deliveries))
             if not deliveries and self.settings.burst and not self._jobs:
                 return
             for delivery in deliveries:
@@ -329,6 +335,19 @@ class Worker:
                 job = asyncio.create_task(self._handle(kind, delivery))
                 self._jobs.add(job)
                 job.add_done_callback(self._job_done)
+
+    async def _slot_for(self, delivery: Delivery) -> bool:
+        """Wait in line for a slot for a task already taken, telling the bus it is still in hand;
+        False when the worker stops first."""
+        waiting = asyncio.create_task(self._slots.reserve(1))
+        while not waiting.done():
+            await asyncio.wait([waiting], timeout=self.settings.heartbeat_interval)
+            if not waiting.done():
+                try:
+                    await delivery.in_progress()
+                except BusError as exc:
+                    log.debug("task waiting for a slot not kept alive: %s", exc)
+        return waiting.result() > 0
 
     def _job_done(self, job: asyncio.Task[None]) -> None:
         self._jobs.discard(job)
@@ -356,9 +375,9 @@ class Worker:
             log.exception("job could not be run; handing it back")
             await self._nak_quietly(delivery)
 
-    async def _nak_quietly(self, delivery: Delivery) -> None:
+    async def _nak_quietly(self, delivery: Delivery, *, delay: float | None = None) -> None:
         try:
-            await delivery.nak(self.settings.retry_delay)
+            await delivery.nak(self.settings.retry_delay if delay is None else delay)
         except BusError as exc:
             log.warning("could not hand the task back (%s); the bus redelivers it after ack_wait", exc)
 

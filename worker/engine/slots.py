@@ -48,6 +48,15 @@ class Slots:
         self.free -= taken
         return taken
 
+    def try_reserve(self, most: int) -> int:
+        """Take up to `most` free slots now, without waiting: 0 when none is free, or when others
+        wait in line for one (they go first), or once closed."""
+        if self._closed or self._waiters:
+            return 0
+        taken = max(0, min(most, self.free - self._promised))
+        self.free -= taken
+        return taken
+
     def release(self, count: int = 1) -> None:
         """Give slots back, to the longest waiters first."""
         self.free += count
