@@ -223,6 +223,8 @@ class SqliteStore(SqlStore):
             batch, self._pending = self._pending, []
             outcomes = await self._call(self._commit, [(sql, params) for sql, params, _ in batch])
             for (_, _, done), outcome in zip(batch, outcomes, strict=True):
+                if done.done():  # its caller was cancelled (a heartbeat stopped mid-renewal): the write stands
+                    continue
                 if isinstance(outcome, StoreError):
                     done.set_exception(outcome)
                 else:

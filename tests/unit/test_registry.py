@@ -3,14 +3,16 @@ itself is tests/contract/test_registry.py, run on SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from forseti.adapters.registry import ModelRecord, SqliteStore, create_store, redact
+from forseti.adapters.registry import JobRecord, ModelRecord, SqliteStore, create_store, redact
 from forseti.adapters.registry.postgres import PostgresStore
 from forseti.adapters.registry.sqlite import MIGRATIONS
+from forseti.schemas.tasks import TaskKind
 
 
 async def test_a_registry_from_before_device_tags_migrates_and_keeps_its_models(tmp_path: Path) -> None:
@@ -52,3 +54,22 @@ def test_urls_are_shown_without_their_password() -> None:
     )
     assert redact("postgresql://db/reg") == "postgresql://db/reg"
     assert "s3cr" not in repr(create_store("postgresql://forseti:s3cret@db/reg"))
+
+
+async def test_a_write_whose_caller_was_cancelled_does_not_strand_the_others_of_its_batch(tmp_path: Path) -> None:
+    """A heartbeat cancelled while its lease renewal shared a commit with other writes made the
+    batch's flusher die on the cancelled future, and every other write in it waited for ever: a
+    job's outcome was never stored (seen as a hung RL job once executor timeouts were retried)."""
+    store = SqliteStore(tmp_path / "r.db")
+    await store.open()
+    try:
+        jobs = [JobRecord(job_id=f"j{n}", kind=TaskKind.TRAINING) for n in range(3)]
+        writes = [asyncio.create_task(store.claim_job(job, owner="w", ttl=30)) for job in jobs]
+        while not store._pending:  # all three queued for one commit
+            await asyncio.sleep(0)
+        writes[0].cancel()
+        claims = await asyncio.wait_for(asyncio.gather(*writes[1:]), 10)
+        assert [claim.won for claim in claims] == [True, True]
+        assert (await store.get_job("j0")) is not None, "the cancelled caller's write was committed all the same"
+    finally:
+        await store.close()
