@@ -58,9 +58,12 @@ class RemoteVecEnv(VecEnv):
             raw = future.result(self.step_timeout + 5)
         except (RequestTimeout, TimeoutError) as exc:
             future.cancel()
+            # retriable: a broker restarting, or an executor restarted under its id, is back within
+            # seconds, and the job resumes from its checkpoint on its next attempt
             raise ForsetiError(
                 f"executor {self.executor_id!r} did not answer {what} within {self.step_timeout:g}s",
                 code=ErrorCode.EXECUTOR_TIMEOUT,
+                retriable=True,
             ) from exc
         try:
             reply: Strict = decode(raw).data

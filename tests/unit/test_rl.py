@@ -167,7 +167,8 @@ async def test_ppo_trains_on_a_remote_executor_and_a_killed_executor_fails_the_j
     await executor_bus.connect()
     server = EnvServer(executor_bus, "cart-exec", gym_factory("CartPole-v1"), num_envs=2, environment="CartPole-v1")
     await server.start()
-    async with running_worker(MemoryBus(broker), [RLHandler(step_timeout=1.0, progress_every=64)], tmp_path):
+    handlers = [RLHandler(step_timeout=1.0, progress_every=64)]
+    async with running_worker(MemoryBus(broker), handlers, tmp_path, max_attempts=2, retry_delay=0.2):
         task = rl_task("ppo", "CartPole-v1", total_timesteps=128, n_steps=32, executor="cart-exec", episodes=1)
         events = await watch(client, task.request_id or "")
         await submit(client, task)
@@ -179,11 +180,46 @@ async def test_ppo_trains_on_a_remote_executor_and_a_killed_executor_fails_the_j
         events = await watch(client, doomed.request_id or "")
         await submit(client, doomed)
         await events.wait_for("progress", timeout=60)
-        await server.stop()  # the executor goes away mid-training
+        await server.stop()  # the executor goes away mid-training, for good
         failed = (await events.wait_end("failed", timeout=30)).data
-        assert failed.code == "executor_timeout"
-        assert "executor 'cart-exec' did not answer step" in failed.message
+        assert failed.code == "retries_exhausted"
+        assert "executor_timeout on attempt 2, the last: executor 'cart-exec' did not answer open" in failed.message
+        assert [e.data.attempt for e in events.events if e.type.endswith("accepted.v1")] == [1, 2]
     await executor_bus.close()
+
+
+async def test_an_executor_restarted_under_its_id_is_used_again_from_the_checkpoint(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """An executor restarted under the same id 3 s after a kill failed its job with executor_timeout,
+    retriable: false, and the job's checkpoint was never used (issue 13)."""
+
+    async def executor() -> tuple[MemoryBus, EnvServer]:
+        bus = MemoryBus(broker)
+        await bus.connect()
+        server = EnvServer(bus, "cart-exec", gym_factory("CartPole-v1"), num_envs=2, environment="CartPole-v1")
+        await server.start()
+        return bus, server
+
+    bus, server = await executor()
+    handlers = [RLHandler(step_timeout=1.0, progress_every=64)]
+    async with running_worker(MemoryBus(broker), handlers, tmp_path, retry_delay=1.0):
+        task = rl_task(
+            "ppo", "CartPole-v1", total_timesteps=1_024, n_steps=32, checkpoint_interval=64, executor="cart-exec"
+        )
+        events = await watch(client, task.request_id or "")
+        await submit(client, task)
+        await events.wait_for("progress", count=2, timeout=60)
+        await server.stop()
+        await bus.close()
+        await asyncio.sleep(3.0)
+        bus, server = await executor()  # the same id, a new process's worth of state
+        done = (await events.wait_end(timeout=60)).data
+        assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 64
+        assert done.result.metrics.custom_metrics["timesteps"] >= 1_024
+        assert [e.data.attempt for e in events.events if e.type.endswith("accepted.v1")][-1] >= 2
+    await server.stop()
+    await bus.close()
 
 
 async def test_a_job_redelivered_after_its_last_checkpoint_evaluates_and_exports(

@@ -289,9 +289,14 @@ class JobRunner:
         except ForsetiError as exc:
             if exc.retriable and record.attempt < self.services.settings.max_attempts:
                 return Requeue(self.services.settings.retry_delay, f"{exc.code}: {exc.message}")
-            code = ErrorCode.RETRIES_EXHAUSTED if exc.retriable else exc.code
+            code, message = exc.code, exc.message
+            if exc.retriable:
+                code, message = (
+                    ErrorCode.RETRIES_EXHAUSTED,
+                    f"{exc.code.value} on attempt {record.attempt}, the last: {message}",
+                )
             return JobFailed(
-                job_id=self.job_id, kind=self.kind, code=code, message=exc.message[:4096], retriable=exc.retriable
+                job_id=self.job_id, kind=self.kind, code=code, message=message[:4096], retriable=exc.retriable
             )
         except Exception as exc:  # a handler bug fails its job, never the worker
             log.exception("handler raised")
