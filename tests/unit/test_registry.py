@@ -65,8 +65,8 @@ async def test_a_write_whose_caller_was_cancelled_does_not_strand_the_others_of_
     try:
         jobs = [JobRecord(job_id=f"j{n}", kind=TaskKind.TRAINING) for n in range(3)]
         writes = [asyncio.create_task(store.claim_job(job, owner="w", ttl=30)) for job in jobs]
-        while not store._pending:  # all three queued for one commit
-            await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert len(store._pending) == 3, "all three wait for one commit"
         writes[0].cancel()
         claims = await asyncio.wait_for(asyncio.gather(*writes[1:]), 10)
         assert [claim.won for claim in claims] == [True, True]

@@ -23,6 +23,7 @@ from forseti.schemas.envelope import encode
 from forseti.schemas.errors import ForsetiError
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import RLTask
+from forseti.worker.engine.context import Handler
 from forseti.worker.handlers.rl import RLHandler
 
 from ..helpers import Watcher, running_worker, stored_job, submit, watch
@@ -167,7 +168,7 @@ async def test_ppo_trains_on_a_remote_executor_and_a_killed_executor_fails_the_j
     await executor_bus.connect()
     server = EnvServer(executor_bus, "cart-exec", gym_factory("CartPole-v1"), num_envs=2, environment="CartPole-v1")
     await server.start()
-    handlers = [RLHandler(step_timeout=1.0, progress_every=64)]
+    handlers: list[Handler] = [RLHandler(step_timeout=1.0, progress_every=64)]
     async with running_worker(MemoryBus(broker), handlers, tmp_path, max_attempts=2, retry_delay=0.2):
         task = rl_task("ppo", "CartPole-v1", total_timesteps=128, n_steps=32, executor="cart-exec", episodes=1)
         events = await watch(client, task.request_id or "")
@@ -202,7 +203,7 @@ async def test_an_executor_restarted_under_its_id_is_used_again_from_the_checkpo
         return bus, server
 
     bus, server = await executor()
-    handlers = [RLHandler(step_timeout=1.0, progress_every=64)]
+    handlers: list[Handler] = [RLHandler(step_timeout=1.0, progress_every=64)]
     async with running_worker(MemoryBus(broker), handlers, tmp_path, retry_delay=1.0):
         task = rl_task(
             "ppo", "CartPole-v1", total_timesteps=1_024, n_steps=32, checkpoint_interval=64, executor="cart-exec"
