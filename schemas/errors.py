@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     UNSUPPORTED_MODEL = "unsupported_model"
     EXPORT_MISMATCH = "export_mismatch"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
     SHUTDOWN = "shutdown"
 
 

@@ -23,6 +23,8 @@ from forseti.schemas.jobs import JobProgress, JobResult, JobState
 from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TaskKind
 
+from .limits import default_memory_limit
+
 if TYPE_CHECKING:
     from .checkpoints import SharedCheckpoints
 
@@ -76,6 +78,7 @@ class JobContext:
         bus: Bus | None = None,
         artifacts_root: Path | None = None,
         checkpoints: SharedCheckpoints | None = None,
+        memory_limit: int | None = None,
     ) -> None:
         self.job_id, self.kind, self.attempt, self.resumed = job_id, kind, attempt, resumed
         self._work_dir = work_dir
@@ -85,6 +88,8 @@ class JobContext:
         self.inputs_root = inputs_root
         """Input files must lie under this folder."""
         self.store = store
+        self.memory_limit = memory_limit if memory_limit is not None else default_memory_limit()
+        """Bytes this job may plan to hold (its network and buffers), checked before they are made."""
         self._announcer = announcer
         self._loop = loop
         self._checkpoints = checkpoints

@@ -216,6 +216,9 @@ class JobRunner:
             bus=services.bus,
             artifacts_root=services.settings.data_dir / "artifacts",
             checkpoints=self.shared,
+            memory_limit=None
+            if services.settings.max_job_memory_mb is None
+            else services.settings.max_job_memory_mb << 20,
         )
         services.running[self.job_id] = self
         running = services.metrics.jobs_running.labels(self.kind.value)

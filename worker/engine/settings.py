@@ -60,6 +60,9 @@ class WorkerSettings(BaseSettings):
     stray_sweep_interval: float = Field(default=30.0, gt=0)
     """Seconds between sweeps that dead-letter tasks stored on channels no kind owns (a typo such as
     `forseti.tasks.trainig`), which the bus would otherwise keep for ever."""
+    max_job_memory_mb: int | None = Field(default=None, ge=1)
+    """MiB one job may plan for its network and buffers (checked before they exist, refused as
+    `resource_exhausted`); unset: half this host's memory."""
     max_crashes: int = Field(default=3, ge=1)
     """Attempts that may end with their worker gone (killed, out of memory, crashed) before the task is
     taken for poison: dead-lettered and failed as `retries_exhausted`, not run on another worker."""

@@ -31,6 +31,7 @@ from forseti.envs.remote import RemoteVecEnv
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import RLTask
 from forseti.worker.engine.context import JobContext
+from forseti.worker.engine.limits import TRAINED_BYTES_PER_PARAMETER, check_fits, mlp_parameters
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "sac": SAC, "dqn": DQN, "a2c": A2C}
 ACTION_SPACES: dict[str, tuple[type[spaces.Space[Any]], ...]] = {
@@ -99,6 +100,29 @@ def make_env(task: RLTask, ctx: JobContext, *, session: str, step_timeout: float
     return VecMonitor(venv)
 
 
+def replay_size(task: RLTask) -> int:
+    """Transitions an off-policy algorithm's replay buffer holds."""
+    return int(min(1_000_000, max(task.config.total_timesteps, 1_000)))
+
+
+def check_fits_memory(task: RLTask, env: VecEnv, limit: int) -> None:
+    """Refuse (resource_exhausted) an algorithm whose networks and buffer would not fit in `limit`
+    bytes, before SB3 allocates them: PPO / A2C train a policy and a value net and keep a rollout,
+    DQN a Q-net and its target and a replay buffer, SAC an actor, two critics, their targets and a
+    replay buffer (observations stored twice, as SB3 does)."""
+    obs, act = spaces.flatdim(env.observation_space), spaces.flatdim(env.action_space)
+    arch = list(task.policy.net_arch)
+    if task.algorithm == "sac":
+        parameters = mlp_parameters([obs, *arch, 2 * act]) + 4 * mlp_parameters([obs + act, *arch, 1])
+    else:
+        parameters = 2 * mlp_parameters([obs, *arch, act])
+    off_policy = task.algorithm in ("dqn", "sac")
+    transitions = replay_size(task) if off_policy else task.config.n_steps * env.num_envs
+    buffer = transitions * (2 * obs + act + 4) * 4
+    what = f"{task.algorithm} with net_arch {arch} ({parameters:,} parameters) and {transitions:,} stored steps"
+    check_fits(what, parameters * TRAINED_BYTES_PER_PARAMETER + buffer, limit)
+
+
 def build_model(task: RLTask, env: VecEnv, checkpoint: Path) -> tuple[BaseAlgorithm, int]:
     """A fresh model, or the last checkpoint's when there is one; and the timesteps it starts from."""
     algo = ALGORITHMS[task.algorithm]
@@ -123,7 +147,7 @@ def build_model(task: RLTask, env: VecEnv, checkpoint: Path) -> tuple[BaseAlgori
         rollout = config.n_steps * env.num_envs
         kwargs["batch_size"] = max(d for d in range(1, min(64, rollout) + 1) if rollout % d == 0)
     if task.algorithm in ("dqn", "sac"):
-        kwargs["buffer_size"] = int(min(1_000_000, max(config.total_timesteps, 1_000)))
+        kwargs["buffer_size"] = replay_size(task)
         kwargs["learning_starts"] = int(min(100, config.total_timesteps // 2))
     return algo("MlpPolicy", env, **kwargs), 0
 
@@ -195,6 +219,7 @@ def train(task: RLTask, ctx: JobContext, *, step_timeout: float, progress_every:
     env = make_env(task, ctx, session=ctx.job_id, step_timeout=step_timeout, num_envs=task.config.num_envs)
     try:
         check_algorithm(task.algorithm, env.action_space)
+        check_fits_memory(task, env, ctx.memory_limit)
         model, resumed_from = build_model(task, env, checkpoint)
         total = task.config.total_timesteps
         callback = JobCallback(

@@ -25,6 +25,7 @@ from forseti.adapters.inference import CARD, CARD_KEY
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import TrainingConfig
 from forseti.worker.engine.context import JobContext, JobStopped
+from forseti.worker.engine.limits import TRAINED_BYTES_PER_PARAMETER, check_fits, module_parameters
 
 from .training_models import Prepared, loss_function, predict
 
@@ -180,6 +181,8 @@ def train(
     device = device_for(config)
     precision = Precision(device)
     torch.manual_seed(config.seed)
+    parameters = module_parameters(lambda: prepared.build(config)[0])
+    check_fits(f"a network of {parameters:,} parameters", parameters * TRAINED_BYTES_PER_PARAMETER, ctx.memory_limit)
     network, predictor = prepared.build(config)
     network.to(device)
     criterion = loss_function(prepared.task, config.loss_function)
