@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from forseti.adapters.artifacts import share
-from forseti.adapters.bus import Bus, Delivery, Message, Subscription, TaskIntake
+from forseti.adapters.bus import Bus, Delivery, Message, Settle, Subscription, TaskIntake
 from forseti.adapters.bus.base import cancel_and_wait
 from forseti.adapters.objects import ObjectStore, open_object_store
 from forseti.adapters.registry import RegistryStore, redact
@@ -248,7 +248,9 @@ class Worker:
             for delivery in strays:
                 refused, kind = read_stray(delivery.data, delivery.channel, max_bytes=self.settings.max_task_bytes)
                 await self._refuse(delivery, kind, refused)
-            if len(strays) < STRAYS_PER_SWEEP:
+            # a full round that removed them all may have more behind it; one that left some (the
+            # dead-letter channel refused them) must not read the same ones again at once
+            if sum(1 for d in strays if d.settled is Settle.TERM) < STRAYS_PER_SWEEP:
                 await self._sleep_unless_stopping(self.settings.stray_sweep_interval)
 
     async def _close(self) -> None:
