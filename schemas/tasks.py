@@ -37,6 +37,9 @@ class TaskBase(Strict):
     device_tags: Tags = Field(default_factory=list)
     """Tags of the devices the result is meant for, when it is not for one device: an edge agent
     started with one of them takes it."""
+    max_duration: float | None = Field(default=None, gt=0, le=30 * 86_400)
+    """Seconds the job may take from its first start, across attempts, before it is stopped and
+    failed as `timeout`; it can only lower the worker's own `max_duration`."""
 
 
 class EarlyStopping(Strict):

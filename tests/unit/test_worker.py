@@ -6,18 +6,19 @@ import asyncio
 import base64
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
-from forseti.adapters.registry import SqliteStore
+from forseti.adapters.registry import JobRecord, SqliteStore
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, STATUS
 from forseti.schemas.control import CancelJob, PauseJob, ResumeJob
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.jobs import JobState, JobStatus, JobStatusQuery
-from forseti.schemas.tasks import RLTask, TaskKind, task_channel
+from forseti.schemas.tasks import RLTask, TaskKind, dump_task, task_channel
 from forseti.worker.engine.slots import Slots
 
 from ..helpers import (
@@ -349,3 +350,38 @@ async def test_idle_kinds_hold_no_slot_while_a_busy_kind_has_work(
             await submit(client, task)
             await events.wait_end("completed", timeout=30)
         assert loop.time() - started < 1.5, "jobs waited for the idle kinds' polls to end"
+
+
+@pytest.mark.parametrize("where", ["task", "worker"])
+async def test_a_job_past_its_max_duration_is_stopped_and_failed_as_timeout(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, where: str
+) -> None:
+    """Nothing bounded a job: `total_timesteps: 1e10` or `epochs: 1e5` ran without end (issue 13)."""
+    task = training(steps=200).model_copy(update={"max_duration": 0.5 if where == "task" else None})
+    limits: dict[str, Any] = {"max_duration": 0.5} if where == "worker" else {}
+    handler = StepHandler(delay=0.05)
+    async with running_worker(MemoryBus(broker), [handler], tmp_path, **limits):
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        failed = (await watcher.wait_end("failed", timeout=30)).data
+        assert failed.code == "timeout"
+        assert "ran past its max_duration of 0.5s" in failed.message
+        steps = [e.data.step for e in watcher.events if e.type.endswith("progress.v1")]
+        assert steps and max(steps) < 100, "stopped long before its 200 steps"
+
+
+async def test_max_duration_counts_from_the_first_start_across_attempts(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    task = training(steps=10).model_copy(update={"max_duration": 1.0})  # 0.5 s of work: one attempt fits
+    store = SqliteStore(tmp_path / "registry.db")
+    await store.open()
+    record = JobRecord(job_id=task.request_id or "", kind=TaskKind.TRAINING, task=dump_task(task))
+    assert (await store.claim_job(record, owner="host-that-died", ttl=0.05)).won
+    await store.close()
+    await asyncio.sleep(1.2)  # the first attempt spent the whole budget before its worker died
+    handler = StepHandler(delay=0.05)
+    async with running_worker(MemoryBus(broker), [handler], tmp_path, lease_ttl=1.0, heartbeat_interval=0.2):
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        assert (await watcher.wait_end("failed", timeout=30)).data.code == "timeout"

@@ -39,6 +39,8 @@ class StopReason(StrEnum):
     SHUTDOWN = "shutdown"
     LEASE_LOST = "lease_lost"
     """Another worker took the job over: this one stops and leaves the outcome to it."""
+    TIMEOUT = "timeout"
+    """The job ran past its `max_duration`: it stops and fails as `timeout`."""
 
 
 class JobStopped(ForsetiError):

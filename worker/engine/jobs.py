@@ -11,6 +11,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from forseti.adapters.bus import Bus, Delivery
@@ -154,6 +155,20 @@ class JobRunner:
         """The lease owner's name: this worker's id."""
         return self.services.settings.worker_id
 
+    def _deadline(self, record: JobRecord) -> asyncio.TimerHandle | None:
+        """Stop the job once it has run `max_duration` seconds since its first start (the worker's
+        limit, or the task's where lower), counted on the registry's record so a resumed job does
+        not start its time again."""
+        limits = [x for x in (self.services.settings.max_duration, self.accepted.task.max_duration) if x is not None]
+        if not limits or self.ctx is None:
+            return None
+        limit = min(limits)
+        spent = (datetime.now(UTC) - datetime.fromisoformat(record.created_at.replace("Z", "+00:00"))).total_seconds()
+        detail = f"the job ran past its max_duration of {limit:g}s"
+        return asyncio.get_running_loop().call_later(
+            max(limit - spent, 0.0), self.ctx.request_stop, StopReason.TIMEOUT, detail
+        )
+
     async def _give_up(self, record: JobRecord) -> None:
         """A poison task: its earlier attempts each ended with their worker gone (killed, out of memory,
         crashed), so it is not run again, where it would take this worker down too. It goes to the
@@ -225,6 +240,7 @@ class JobRunner:
         running.inc()
         pump = asyncio.create_task(self._pump_progress())
         heartbeat = asyncio.create_task(self._heartbeat())
+        deadline = self._deadline(record)
         started = time.monotonic()
         try:
             if self.shared is not None and record.attempt > 1:
@@ -234,6 +250,8 @@ class JobRunner:
             if self.shared is not None:  # under the lease still: the heartbeat renews it meanwhile
                 await self.shared.close(timeout=services.settings.lease_ttl)
             heartbeat.cancel()
+            if deadline is not None:
+                deadline.cancel()
             self._events.put_nowait(None)
             await pump
             running.dec()
@@ -288,6 +306,8 @@ class JobRunner:
                 return Requeue(0.0, "worker shutting down")
             if stop.reason is StopReason.LEASE_LOST:  # the hand-back finds the lease gone and stays quiet
                 return Requeue(0.0, "another worker took the job over")
+            if stop.reason is StopReason.TIMEOUT:
+                return JobFailed(job_id=self.job_id, kind=self.kind, code=ErrorCode.TIMEOUT, message=stop.message)
             return JobCancelled(job_id=self.job_id, kind=self.kind, reason=stop.message)
         except ForsetiError as exc:
             if exc.retriable and record.attempt < self.services.settings.max_attempts:

@@ -60,6 +60,9 @@ class WorkerSettings(BaseSettings):
     stray_sweep_interval: float = Field(default=30.0, gt=0)
     """Seconds between sweeps that dead-letter tasks stored on channels no kind owns (a typo such as
     `forseti.tasks.trainig`), which the bus would otherwise keep for ever."""
+    max_duration: float | None = Field(default=None, gt=0)
+    """Seconds a job may take from its first start, across attempts, before it is stopped at its next
+    safe point and failed as `timeout` (a task's own `max_duration` may lower it); unset: no limit."""
     max_job_memory_mb: int | None = Field(default=None, ge=1)
     """MiB one job may plan for its network and buffers (checked before they exist, refused as
     `resource_exhausted`); unset: half this host's memory."""
