@@ -181,15 +181,21 @@ class NatsBus:
             except NotFoundError:
                 await self._js.add_stream(config)
                 continue
-            current = info.config
-            if config is tasks and (
-                current.max_bytes != tasks.max_bytes
-                or abs((current.max_age or 0) - (tasks.max_age or 0)) > 1
-                or current.discard != tasks.discard
-            ):  # a stream made before these limits, or under other settings: the newest start sets them
-                await self._js.update_stream(
-                    replace(current, max_bytes=tasks.max_bytes, max_age=tasks.max_age, discard=tasks.discard)
-                )
+            if config is tasks:
+                await self._limit_tasks(info.config, tasks)
+
+    async def _limit_tasks(self, current: StreamConfig, tasks: StreamConfig) -> None:
+        """Give a task stream made before its limits, or under other settings, this worker's: the
+        newest worker to start sets them."""
+        assert self._js is not None
+        if (
+            current.max_bytes != tasks.max_bytes
+            or abs((current.max_age or 0) - (tasks.max_age or 0)) > 1
+            or current.discard != tasks.discard
+        ):
+            await self._js.update_stream(
+                replace(current, max_bytes=tasks.max_bytes, max_age=tasks.max_age, discard=tasks.discard)
+            )
 
     async def _connect(self) -> Client:
         return await nats.connect(

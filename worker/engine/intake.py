@@ -76,6 +76,7 @@ def read_task(raw: bytes, kind: TaskKind, *, max_bytes: int) -> Accepted | Refus
 
 OWNED_CHANNELS = frozenset(task_channel(kind) for kind in TaskKind)
 """The task channels some kind owns; a task anywhere else under `forseti.tasks.` is a stray."""
+_KIND_OF_TYPE = {task_type(kind): kind for kind in TaskKind}
 
 
 def read_stray(raw: bytes, channel: str, *, max_bytes: int) -> tuple[Refused, TaskKind | None]:
@@ -84,11 +85,10 @@ def read_stray(raw: bytes, channel: str, *, max_bytes: int) -> tuple[Refused, Ta
     detail = f"no task kind is published on {channel}: tasks go on " + ", ".join(sorted(OWNED_CHANNELS))
     if len(raw) > max_bytes:
         return Refused(ErrorCode.UNKNOWN_KIND, f"{detail} (not parsed: {len(raw)} bytes)", None), None
-    named = {task_type(kind): kind for kind in TaskKind}
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
         doc = None
     named_type = doc.get("type") if isinstance(doc, dict) else None
-    kind = named.get(named_type) if isinstance(named_type, str) else None
+    kind = _KIND_OF_TYPE.get(named_type) if isinstance(named_type, str) else None
     return Refused(ErrorCode.UNKNOWN_KIND, detail, peek_job_id(raw)), kind

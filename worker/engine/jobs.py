@@ -163,7 +163,7 @@ class JobRunner:
         if not limits or self.ctx is None:
             return None
         limit = min(limits)
-        spent = (datetime.now(UTC) - datetime.fromisoformat(record.created_at.replace("Z", "+00:00"))).total_seconds()
+        spent = (datetime.now(UTC) - datetime.fromisoformat(record.created_at)).total_seconds()
         detail = f"the job ran past its max_duration of {limit:g}s"
         return asyncio.get_running_loop().call_later(
             max(limit - spent, 0.0), self.ctx.request_stop, StopReason.TIMEOUT, detail
