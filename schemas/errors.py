@@ -17,6 +17,7 @@ class ErrorCode(StrEnum):
     OVERSIZED = "oversized"
     MALFORMED_JSON = "malformed_json"
     HANDLER_ERROR = "handler_error"
+    HANDLER_CRASHED = "handler_crashed"
     TIMEOUT = "timeout"
     BUS_UNAVAILABLE = "bus_unavailable"
     STORE_ERROR = "store_error"

@@ -40,6 +40,10 @@ class TaskBase(Strict):
     max_duration: float | None = Field(default=None, gt=0, le=30 * 86_400)
     """Seconds the job may take from its first start, across attempts, before it is stopped and
     failed as `timeout`; it can only lower the worker's own `max_duration`."""
+    max_memory_mb: int | None = Field(default=None, ge=1, le=2**24)
+    """MiB the job may take; it can only lower the worker's own `max_job_memory_mb`."""
+    max_threads: int | None = Field(default=None, ge=1, le=1024)
+    """CPU threads the job's training may use; it can only lower the worker's own `job_threads`."""
 
 
 class EarlyStopping(Strict):
@@ -64,7 +68,7 @@ class SearchSpace(Strict):
     """Batch sizes to try; the config's own when empty."""
     hidden: list[list[Annotated[int, Field(ge=1, le=65_536)]]] = Field(default_factory=list, max_length=64)
     """Hidden layer sizes to try; the config's own when empty."""
-    max_trials: int = Field(default=8, ge=1, le=1000)
+    max_trials: int = Field(default=8, ge=1, le=256)
     """Trials to run at most."""
     seed: int = Field(default=0, ge=0, le=2**32 - 1)
     """Seed of the random draw."""
@@ -151,10 +155,11 @@ class TrainingTask(TaskBase):
 class RLConfig(Strict):
     """RL settings (the seed's RLConfig)."""
 
-    total_timesteps: int = Field(default=100_000, ge=1, le=10**10)
-    """Environment steps to train for."""
-    num_envs: int = Field(default=1, ge=1, le=1024)
-    """Parallel environments."""
+    total_timesteps: int = Field(default=100_000, ge=1, le=10**9)
+    """Environment steps to train for (at most 10^9: days of CPU even for the smallest policy; the
+    worker's `max_duration` bounds the time)."""
+    num_envs: int = Field(default=1, ge=1, le=256)
+    """Parallel environments (at most 256)."""
     gamma: float = Field(default=0.99, gt=0, le=1)
     """Discount factor."""
     learning_rate: LearningRate = 3e-4
@@ -163,7 +168,7 @@ class RLConfig(Strict):
     """Rollout length per env for on-policy algorithms."""
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     """Random seed for reproducible runs."""
-    checkpoint_interval: int = Field(default=10_000, ge=1, le=10**10)
+    checkpoint_interval: int = Field(default=10_000, ge=1, le=10**9)
     """Timesteps between checkpoints."""
     quantize_int8: bool = False
     """Also export a dynamically int8-quantised policy ONNX (for devices), its action agreement with the
@@ -182,7 +187,7 @@ class PolicyConfig(Strict):
 class EvaluationConfig(Strict):
     """Evaluation after training."""
 
-    episodes: int = Field(default=10, ge=0, le=100_000)
+    episodes: int = Field(default=10, ge=0, le=10_000)
     """Deterministic evaluation episodes."""
 
 

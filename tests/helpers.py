@@ -256,6 +256,10 @@ def settings(tmp: Path, **overrides: Any) -> WorkerSettings:
         "heartbeat_interval": 0.5,
         "retry_delay": 0.0,
         "shutdown_grace": 5.0,
+        # handlers' tests run their work in threads: a child process costs seconds of torch import per
+        # worker, and monkeypatched handler internals would not reach it; test_isolation runs the
+        # real handlers in child processes, as workers do by default
+        "isolation": "thread",
         "worker_id": f"w-{uuid.uuid4().hex[:6]}",
     }
     return WorkerSettings(**{**values, **overrides})

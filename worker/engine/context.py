@@ -1,9 +1,11 @@
 """What a handler sees of its job: progress, cancellation and pause points, folders, the registry.
 
-Handlers run their heavy work in a thread (`await ctx.run(fn, ...)`), so the event loop keeps
-serving control events and progress while they compute. From that thread they call
-`ctx.progress(...)`, and `ctx.checkpoint_due()`-style hooks call `ctx.check()` or read
-`ctx.should_stop` (the SB3 `_on_step() -> bool` shape).
+Handlers run their heavy work off the event loop, so it keeps serving control events and progress
+while they compute: `await ctx.work(fn, ...)` runs it in a child process of the worker where the
+worker isolates jobs (isolation.py), else in a thread; `await ctx.run(fn, ...)` always in a thread,
+for light blocking calls. The work gets a `Work` (this context, or its mirror in the child) and calls
+`progress(...)`, `checkpointed(step)`, and at its safe points `check()` or `hold()` (the SB3
+`_on_step() -> bool` shape).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from .limits import default_memory_limit
 
 if TYPE_CHECKING:
     from .checkpoints import SharedCheckpoints
+    from .isolation import ChildPool
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -62,6 +65,61 @@ class Announcer(Protocol):
         """Publish a model.available event."""
 
 
+class Work(Protocol):
+    """What a job's heavy work may use of its job, in a thread of the worker or in a child process."""
+
+    job_id: str
+    kind: TaskKind
+    attempt: int
+    resumed: bool
+    inputs_root: Path
+    memory_limit: int
+
+    @property
+    def bus(self) -> Bus | None:
+        """The worker's bus; None in a child process."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's event loop (raises in a child process)."""
+
+    @property
+    def work_dir(self) -> Path:
+        """The job's private folder."""
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where the job's exported files go."""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the job's checkpoints go."""
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the job was asked to stop."""
+
+    def hold(self) -> bool:
+        """Block while paused; False once asked to stop."""
+
+    def check(self) -> None:
+        """Block while paused; raise JobStopped once asked to stop."""
+
+    def progress(
+        self,
+        fraction: float,
+        *,
+        step: int = 0,
+        total: int | None = None,
+        message: str = "",
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Report progress."""
+
+    def checkpointed(self, step: int) -> None:
+        """Say a whole checkpoint was just written to `checkpoint_dir` at `step`."""
+
+
 class JobContext:
     """One running job, as its handler sees it."""
 
@@ -81,6 +139,8 @@ class JobContext:
         artifacts_root: Path | None = None,
         checkpoints: SharedCheckpoints | None = None,
         memory_limit: int | None = None,
+        threads: int | None = None,
+        pool: ChildPool | None = None,
     ) -> None:
         self.job_id, self.kind, self.attempt, self.resumed = job_id, kind, attempt, resumed
         self._work_dir = work_dir
@@ -92,6 +152,10 @@ class JobContext:
         self.store = store
         self.memory_limit = memory_limit if memory_limit is not None else default_memory_limit()
         """Bytes this job may plan to hold (its network and buffers), checked before they are made."""
+        self.threads = threads
+        """Torch CPU threads for the job's work in a child process (None: the pool's default)."""
+        self._pool = pool
+        self._watchers: list[Callable[[], None]] = []
         self._announcer = announcer
         self._loop = loop
         self._checkpoints = checkpoints
@@ -153,19 +217,40 @@ class JobContext:
         """True while a pause is in force."""
         return not self._unpaused.is_set()
 
+    @property
+    def stop_detail(self) -> str:
+        """What the stop said about itself ("the job ran past its max_duration of 60s")."""
+        return self._stop_detail
+
     def request_stop(self, reason: StopReason, detail: str = "") -> None:
         """Ask the job to stop at its next safe point (a cancel outranks a shutdown)."""
         if self._stop is None or reason is StopReason.CANCEL:
             self._stop, self._stop_detail = reason, detail
         self._unpaused.set()  # a paused job must wake up to stop
+        self._changed()
 
     def pause(self) -> None:
         """Hold the job at its next pause point."""
         self._unpaused.clear()
+        self._changed()
 
     def resume(self) -> None:
         """Let a paused job continue."""
         self._unpaused.set()
+        self._changed()
+
+    def control_state(self) -> tuple[bool, StopReason | None, str]:
+        """(paused, stop reason, stop detail): what a child process mirrors of this job."""
+        return self.paused, self._stop, self._stop_detail
+
+    def watch(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` after every pause, resume and stop; returns what undoes it."""
+        self._watchers.append(callback)
+        return lambda: self._watchers.remove(callback)
+
+    def _changed(self) -> None:
+        for callback in list(self._watchers):
+            callback()
 
     def check(self) -> None:
         """A safe point: block while paused, raise JobStopped when asked to stop. Call from the handler's thread."""
@@ -229,6 +314,15 @@ class JobContext:
     async def run(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run blocking work in a thread, keeping the event loop free."""
         return await asyncio.to_thread(fn, *args, **kwargs)
+
+    async def work(self, fn: Callable[..., T], *args: Any, isolate: bool = True) -> T:
+        """Run the job's heavy work, `fn(*args, work)` with `work` a `Work`: in a child process when
+        the worker isolates jobs and `isolate` holds (then `fn`, its arguments and its result must
+        pickle), else in a thread with this context. Work that needs the bus passes isolate=False."""
+        if self._pool is None or not isolate:
+            return await asyncio.to_thread(fn, *args, self)
+        result: T = await self._pool.run(self, fn, args)
+        return result
 
 
 class Handler(Protocol):

@@ -39,6 +39,8 @@ from forseti.schemas.tasks import dump_task
 from .checkpoints import SharedCheckpoints, forget
 from .context import Handler, JobContext, JobStopped, StopReason
 from .intake import Accepted, Refused
+from .isolation import ChildPool
+from .limits import default_memory_limit
 from .logs import job_id_var
 from .metrics import Metrics
 from .settings import WorkerSettings
@@ -91,6 +93,8 @@ class JobServices:
     """The worker's running jobs by id, where control events and shutdown find them."""
     early_cancel: Callable[[str], str | None]
     """The reason of a cancel that came before the job did, taken once."""
+    pool: ChildPool | None = None
+    """The child processes jobs' heavy work runs in (None: threads of the worker)."""
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,12 @@ class JobRunner:
     def owner(self) -> str:
         """The lease owner's name: this worker's id."""
         return self.services.settings.worker_id
+
+    def _memory_limit(self) -> int:
+        """Bytes the job may take: the worker's limit (half the host when unset), lowered by the task's."""
+        worker, task = self.services.settings.max_job_memory_mb, self.accepted.task.max_memory_mb
+        limit = default_memory_limit() if worker is None else worker << 20
+        return limit if task is None else min(limit, task << 20)
 
     def _deadline(self, record: JobRecord) -> asyncio.TimerHandle | None:
         """Stop the job once it has run `max_duration` seconds since its first start (the worker's
@@ -231,9 +241,9 @@ class JobRunner:
             bus=services.bus,
             artifacts_root=services.settings.data_dir / "artifacts",
             checkpoints=self.shared,
-            memory_limit=None
-            if services.settings.max_job_memory_mb is None
-            else services.settings.max_job_memory_mb << 20,
+            memory_limit=self._memory_limit(),
+            threads=min(services.settings.threads_per_job, self.accepted.task.max_threads or 1024),
+            pool=services.pool,
         )
         services.running[self.job_id] = self
         running = services.metrics.jobs_running.labels(self.kind.value)

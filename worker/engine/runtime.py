@@ -38,6 +38,7 @@ from .checkpoints import prune_ended
 from .context import Handler, StopReason
 from .http import MetricsServer
 from .intake import OWNED_CHANNELS, Refused, read_stray, read_task
+from .isolation import ChildPool
 from .jobs import JobRunner, JobServices, load_result
 from .logs import job_id_var
 from .metrics import MeteredBus, Metrics
@@ -118,6 +119,15 @@ class Worker:
         self._sweep: asyncio.Task[None] | None = None
         self._bus_reachable = True
         self._job_services: JobServices | None = None
+        self._pool = (
+            ChildPool(
+                size=self.settings.concurrency,
+                threads=self.settings.threads_per_job,
+                stop_grace=self.settings.stop_grace,
+            )
+            if self.settings.isolation == "process"
+            else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -265,6 +275,8 @@ class Worker:
             await self._http.close()
         if self._artifacts is not None:
             await self._artifacts.close()
+        if self._pool is not None:
+            await asyncio.to_thread(self._pool.close)
         await self.bus.close()
         await self.store.close()
         log.info("worker %s stopped", self.settings.worker_id)
@@ -432,6 +444,7 @@ class Worker:
             objects=self.objects,
             running=self.running,
             early_cancel=self.take_early_cancel,
+            pool=self._pool,
         )
 
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:

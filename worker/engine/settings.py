@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -66,6 +67,15 @@ class WorkerSettings(BaseSettings):
     max_job_memory_mb: int | None = Field(default=None, ge=1)
     """MiB one job may plan for its network and buffers (checked before they exist, refused as
     `resource_exhausted`); unset: half this host's memory."""
+    isolation: Literal["process", "thread"] = "process"
+    """Where jobs' heavy work runs: `process`, in warm child processes of the worker (spawned, reused),
+    so a segfault, an out-of-memory kill or a runaway job ends that job alone; `thread`, in threads
+    of the worker itself (no start-up cost, no isolation)."""
+    job_threads: int | None = Field(default=None, ge=1, le=1024)
+    """Torch CPU threads per job in a child process; unset: this host's cores over `concurrency`."""
+    stop_grace: float = Field(default=2.0, gt=0)
+    """Seconds a job asked to cancel or past its max_duration may take to reach a safe point before
+    its child process is killed."""
     max_crashes: int = Field(default=3, ge=1)
     """Attempts that may end with their worker gone (killed, out of memory, crashed) before the task is
     taken for poison: dead-lettered and failed as `retries_exhausted`, not run on another worker."""
@@ -113,6 +123,11 @@ class WorkerSettings(BaseSettings):
     def registry(self) -> str:
         """The registry store URL in force."""
         return self.registry_url or f"sqlite:///{self.data_dir / 'registry.db'}"
+
+    @property
+    def threads_per_job(self) -> int:
+        """Torch CPU threads a job's child process gets: `job_threads`, or the cores shared out."""
+        return self.job_threads or max(1, (os.cpu_count() or 1) // self.concurrency)
 
     @property
     def inputs_root(self) -> Path:

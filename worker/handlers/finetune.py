@@ -15,7 +15,7 @@ from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.tasks import FinetuneTask, TaskKind
-from forseti.worker.engine.context import JobContext
+from forseti.worker.engine.context import JobContext, Work
 from forseti.worker.engine.inputs import resolve_input
 from forseti.worker.engine.models import ANNOUNCED_FORMATS, BASE_FORMAT
 
@@ -85,7 +85,7 @@ class FinetuneHandler:
         ]
 
     async def run(self, task: FinetuneTask, ctx: JobContext) -> FinetuneResult:
-        """Check inputs, train in a thread, export and check, then register and announce."""
+        """Check inputs, train (in a child process), export and check, then register and announce."""
         folder, origin = await base_of(task, ctx)
         dataset = resolve_input(task.dataset, ctx.inputs_root, what="dataset")
         layout = LlamaLayout.read(folder)
@@ -94,7 +94,7 @@ class FinetuneHandler:
 
         earlier = [m for m in await ctx.store.list_models(name=task.name, limit=2) if m.id != ctx.job_id]
         label, parent = next_label(earlier[0] if earlier else None, str(folder), origin)
-        produced = await ctx.run(self._produce, task, ctx, folder, dataset, parent, label)
+        produced = await ctx.work(self._produce, task, folder, dataset, parent, label)
 
         metrics = dict(produced.metrics)
         for role, figures in produced.parity.items():
@@ -136,7 +136,7 @@ class FinetuneHandler:
         )
 
     def _produce(
-        self, task: FinetuneTask, ctx: JobContext, folder: Path, dataset: Path, parent: ModelRecord | None, label: str
+        self, task: FinetuneTask, folder: Path, dataset: Path, parent: ModelRecord | None, label: str, ctx: Work
     ) -> Produced:
         from .finetune_export import export_gguf
         from .finetune_training import Parent, save_adapter, train

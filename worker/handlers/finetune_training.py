@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import FinetuneTask
-from forseti.worker.engine.context import JobContext, JobStopped
+from forseti.worker.engine.context import JobStopped, Work
 
 from .finetune_data import IGNORE, Example, read_lines, tokenize
 
@@ -199,7 +199,7 @@ def fisher_information(
 
 
 def train(
-    task: FinetuneTask, ctx: JobContext, folder: Path, dataset: Path, parent: Parent | None, *, progress_seconds: float
+    task: FinetuneTask, ctx: Work, folder: Path, dataset: Path, parent: Parent | None, *, progress_seconds: float
 ) -> Trained:
     """Check the inputs, then train (or resume) the adapter; raises JobStopped when stopped."""
     config = task.config

@@ -11,7 +11,7 @@ from forseti.adapters.registry import ModelRecord, RLAgent
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.jobs import RLMetrics, RLResult
 from forseti.schemas.tasks import RLTask, TaskKind
-from forseti.worker.engine.context import JobContext
+from forseti.worker.engine.context import JobContext, Work
 
 ALGORITHM_NAMES = ("ppo", "sac", "dqn", "a2c")
 
@@ -38,8 +38,9 @@ class RLHandler:
         ]
 
     async def run(self, task: RLTask, ctx: JobContext) -> RLResult:
-        """Train in a thread, then register and announce the policy."""
-        trained = await ctx.run(self._train, task, ctx)
+        """Train (in a child process, for an env in the worker), then register and announce the policy."""
+        # a remote env talks over the worker's bus, which a child process does not have
+        trained = await ctx.work(self._train, task, isolate=task.executor is None)
         export = trained.export
         name = task.name or re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task.algorithm}-{task.environment}")
         metrics = {
@@ -105,7 +106,7 @@ class RLHandler:
             ),
         )
 
-    def _train(self, task: RLTask, ctx: JobContext) -> Any:
+    def _train(self, task: RLTask, ctx: Work) -> Any:
         import torch
 
         from .rl_training import train

@@ -30,7 +30,7 @@ from forseti.envs import register_envs
 from forseti.envs.remote import RemoteVecEnv
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import RLTask
-from forseti.worker.engine.context import JobContext
+from forseti.worker.engine.context import Work
 from forseti.worker.engine.limits import TRAINED_BYTES_PER_PARAMETER, check_fits, mlp_parameters
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "sac": SAC, "dqn": DQN, "a2c": A2C}
@@ -77,7 +77,7 @@ def check_algorithm(algorithm: str, action_space: spaces.Space[Any]) -> None:
         )
 
 
-def make_env(task: RLTask, ctx: JobContext, *, session: str, step_timeout: float, num_envs: int) -> VecEnv:
+def make_env(task: RLTask, ctx: Work, *, session: str, step_timeout: float, num_envs: int) -> VecEnv:
     """The training (or evaluation) env: in this process, or on the task's executor; with episode stats."""
     if task.executor is None:
         register_envs()
@@ -155,7 +155,7 @@ def build_model(task: RLTask, env: VecEnv, checkpoint: Path) -> tuple[BaseAlgori
 class JobCallback(BaseCallback):
     """Progress, checkpoints, pause and cancel, from inside SB3's loop."""
 
-    def __init__(self, ctx: JobContext, total: int, checkpoint: Path, *, every: int, progress_every: int) -> None:
+    def __init__(self, ctx: Work, total: int, checkpoint: Path, *, every: int, progress_every: int) -> None:
         super().__init__()
         self.ctx, self.total, self.checkpoint = ctx, total, checkpoint
         self.every, self.progress_every = every, progress_every
@@ -213,7 +213,7 @@ class JobCallback(BaseCallback):
         self.ctx.checkpointed(self.num_timesteps)
 
 
-def train(task: RLTask, ctx: JobContext, *, step_timeout: float, progress_every: int) -> TrainedPolicy:
+def train(task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int) -> TrainedPolicy:
     """Train (or resume), evaluate and export; raises JobStopped (via ctx.check) when stopped."""
     checkpoint = ctx.checkpoint_dir / CHECKPOINT
     env = make_env(task, ctx, session=ctx.job_id, step_timeout=step_timeout, num_envs=task.config.num_envs)
@@ -283,7 +283,7 @@ class ExportedPolicy:
 
 
 def evaluate(
-    task: RLTask, ctx: JobContext, model: BaseAlgorithm | ExportedPolicy, *, session: str, step_timeout: float
+    task: RLTask, ctx: Work, model: BaseAlgorithm | ExportedPolicy, *, session: str, step_timeout: float
 ) -> tuple[float, float]:
     """Mean and std of the return over `evaluation.episodes` deterministic episodes, seeded alike for
     every model evaluated in a job."""

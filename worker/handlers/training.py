@@ -15,7 +15,7 @@ from forseti.adapters.registry.base import utcnow
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.jobs import JobState, TrainingMetrics, TrainingResult
 from forseti.schemas.tasks import TaskKind, TrainingTask
-from forseti.worker.engine.context import JobContext, JobStopped, StopReason
+from forseti.worker.engine.context import JobContext, JobStopped, StopReason, Work
 
 if TYPE_CHECKING:  # torch is imported in the training thread, not when the worker loads its handlers
     from .training_loop import Exported, Stats
@@ -36,11 +36,11 @@ class TrainingHandler:
         ]
 
     async def run(self, task: TrainingTask, ctx: JobContext) -> TrainingResult:
-        """Read and encode the data, train in a thread, export and check, register and announce."""
+        """Read and encode the data, train (in a child process), export and check, register and announce."""
         run = TrainingRun(id=ctx.job_id, config=task.config.model_dump(mode="json"), user_id=task.user_id)
         await ctx.store.put_training_run(run)
         try:
-            outcome = await ctx.run(self._train, task, ctx)
+            outcome = await ctx.work(self._train, task)
         except JobStopped as stopped:
             # a shutdown or a takeover hands the job back (it resumes); a cancel ends it
             status = JobState.CANCELLED if stopped.reason is StopReason.CANCEL else JobState.PENDING
@@ -115,7 +115,7 @@ class TrainingHandler:
             ),
         )
 
-    def _train(self, task: TrainingTask, ctx: JobContext) -> Outcome:
+    def _train(self, task: TrainingTask, ctx: Work) -> Outcome:
         from .training_data import read_rows
         from .training_loop import export, quantize, search
         from .training_models import prepare

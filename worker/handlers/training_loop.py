@@ -24,7 +24,7 @@ from forseti.adapters.exporters.torch_onnx import torch_to_onnx
 from forseti.adapters.inference import CARD, CARD_KEY
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import TrainingConfig
-from forseti.worker.engine.context import JobContext, JobStopped
+from forseti.worker.engine.context import JobStopped, Work
 from forseti.worker.engine.limits import TRAINED_BYTES_PER_PARAMETER, check_fits, module_parameters
 
 from .training_models import Prepared, loss_function, predict
@@ -168,7 +168,7 @@ def one_epoch(
 
 def train(
     config: TrainingConfig,
-    ctx: JobContext,
+    ctx: Work,
     prepared: Prepared,
     folder: Path,
     *,
@@ -317,9 +317,7 @@ def trial_configs(config: TrainingConfig) -> list[TrainingConfig]:
     ]
 
 
-def search(
-    config: TrainingConfig, ctx: JobContext, prepared: Prepared
-) -> tuple[nn.Module, Stats, list[dict[str, Any]]]:
+def search(config: TrainingConfig, ctx: Work, prepared: Prepared) -> tuple[nn.Module, Stats, list[dict[str, Any]]]:
     """Train each trial (one when there is no search), report each, pick the best on the watched
     validation metric; its predictor, its figures and every trial's record, the best one first."""
     configs = trial_configs(config)
