@@ -51,6 +51,9 @@ class Delivery(ABC):
         self.data = data
         self.attempt = attempt
         self.settled: Settle | None = None
+        self.given_up_after: int | None = None
+        """Deliveries after which the bus stopped delivering this task (`on_given_up`); None for a task
+        taken from an intake."""
 
     async def ack(self) -> None:
         """The job reached a terminal state: never deliver this task again."""
@@ -131,6 +134,21 @@ class Bus(Protocol):
     async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
         """Up to `limit` tasks stored on task channels outside `owned`, which no intake takes and the
         bus would otherwise keep for ever; `term()` (or `ack()`) removes one, `nak()` leaves it."""
+
+    async def on_given_up(self, handler: Callable[[Delivery], Awaitable[None]], *, group: str) -> Subscription:
+        """Call `handler` (once per group) with each task the bus stopped delivering to `group`'s
+        intakes, delivered `max_deliver` times without being settled; `term()` or `ack()` removes it,
+        `nak()` stores it again as a new task. Transports that redeliver until a task is settled
+        never give up and never call it."""
+
+
+async def _nothing_to_stop() -> None:
+    return None
+
+
+def empty_subscription() -> Subscription:
+    """A subscription with nothing behind it, for what a transport never delivers."""
+    return ClosedSubscription(_nothing_to_stop)
 
 
 class ClosedSubscription:

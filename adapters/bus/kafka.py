@@ -28,7 +28,16 @@ from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExists
 
 from forseti.schemas.errors import BusError, RequestTimeout
 
-from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription, cancel_and_wait
+from .base import (
+    ClosedSubscription,
+    Delivery,
+    Message,
+    MessageHandler,
+    Settle,
+    Subscription,
+    cancel_and_wait,
+    empty_subscription,
+)
 from .channels import check_recorded, is_recorded_channel, is_task_channel, topic_and_key
 from .settings import BusSettings
 
@@ -186,6 +195,11 @@ class KafkaBus:
         except (KafkaConnectionError, KafkaError, OSError) as exc:
             await self.close()
             raise BusError(f"cannot reach Kafka at {self.url}: {exc}") from exc
+
+    async def on_given_up(self, handler: Callable[[Delivery], Awaitable[None]], *, group: str) -> Subscription:
+        """Never called: a nak on Kafka publishes the task again (its attempt header raised), so the
+        broker never gives up on one; the registry counts the attempts."""
+        return empty_subscription()
 
     async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
         """None: on Kafka each task kind is a topic of its own, and a topic that no kind owns is bounded

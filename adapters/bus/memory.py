@@ -10,13 +10,22 @@ import asyncio
 import itertools
 import logging
 from collections import defaultdict, deque
-from collections.abc import Collection, Coroutine
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from forseti.schemas.errors import BusError, RequestTimeout
 
-from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription, cancel_and_wait
+from .base import (
+    ClosedSubscription,
+    Delivery,
+    Message,
+    MessageHandler,
+    Settle,
+    Subscription,
+    cancel_and_wait,
+    empty_subscription,
+)
 from .channels import check_recorded, is_recorded_channel, is_task_channel, subject_matches
 
 log = logging.getLogger(__name__)
@@ -235,6 +244,10 @@ class MemoryBus:
             return await asyncio.wait_for(answer, timeout)
         except TimeoutError as exc:
             raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
+
+    async def on_given_up(self, handler: Callable[[Delivery], Awaitable[None]], *, group: str) -> Subscription:
+        """Never called: the in-process broker redelivers a task until it is settled."""
+        return empty_subscription()
 
     async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
         """Tasks queued on task channels outside `owned`."""

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import logging
-from collections.abc import Awaitable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
 from pathlib import Path
 
@@ -52,6 +53,8 @@ RECORDS = "FORSETI_RECORDS"
 FOLLOW_ACK_WAIT = 30.0
 """Seconds a follower may hold a message before the server offers it again; a handler that runs
 longer is kept alive by progress acks, so only a follower that died lets it lapse."""
+MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
+"""Where JetStream says a consumer stopped delivering a message (`.<stream>.<consumer>`)."""
 CONSUMER_NOT_UNIQUE = 10100  # JetStream: "filtered consumer not unique on workqueue stream"
 
 
@@ -93,6 +96,23 @@ class _StoredTask(Delivery):
             return
         except (NatsError, TimeoutError) as exc:
             raise BusError(f"could not remove task {self._seq} on {self.channel}: {exc}") from exc
+
+
+class _GivenUpTask(_StoredTask):
+    """A task the consumer stopped delivering (max_deliver): settled by removing it, or, for a nak,
+    by storing it again as a new message that the consumer delivers afresh."""
+
+    def __init__(self, js: JetStreamContext, msg: RawStreamMsg, deliveries: int) -> None:
+        super().__init__(js, msg)
+        self.attempt = self.given_up_after = deliveries
+
+    async def _do_settle(self, how: Settle, delay: float) -> None:
+        if how is Settle.NAK:
+            try:
+                await self._js.publish(self.channel, self.data, stream=STREAM)
+            except (NatsError, TimeoutError) as exc:
+                raise BusError(f"could not store task {self._seq} on {self.channel} again: {exc}") from exc
+        await super()._do_settle(Settle.TERM, 0.0)
 
 
 class _NatsIntake:
@@ -448,6 +468,47 @@ class NatsBus:
         except (NatsError, TimeoutError) as exc:
             raise BusError(f"cannot read stray tasks from {STREAM}: {exc}") from exc
         return strays
+
+    async def on_given_up(self, handler: Callable[[Delivery], Awaitable[None]], *, group: str) -> Subscription:
+        """Follow JetStream's max-deliveries advisories for the group's task consumers (a core NATS
+        queue subscription, so one worker of the group takes each) and hand over the task they name,
+        read from the stream by its sequence. An advisory sent while no worker listens is lost: its
+        task stays stored until `tasks_max_age_days`."""
+        if self._js is None:
+            raise BusError("NATS bus is not connected")
+        js = self._js
+        prefix = durable_name(group, TASKS_PREFIX)
+
+        async def on_advisory(msg: Msg) -> None:
+            try:
+                advisory = json.loads(msg.data)
+                consumer, seq, deliveries = (
+                    advisory["consumer"],
+                    int(advisory["stream_seq"]),
+                    int(advisory["deliveries"]),
+                )
+            except (ValueError, KeyError, TypeError):
+                log.warning("unreadable max-deliveries advisory: %r", msg.data[:200])
+                return
+            if not consumer.startswith(prefix):
+                return  # another group's consumer (or a follower's): not this group's task
+            try:
+                stored = await js.get_msg(STREAM, seq=seq)
+            except NotFoundError:
+                return  # settled (or swept) since
+            except (NatsError, TimeoutError) as exc:
+                log.warning("task %d that %s gave up on was not read: %s", seq, consumer, exc)
+                return
+            await handler(_GivenUpTask(js, stored, deliveries))
+
+        sub = await self.nc.subscribe(f"{MAX_DELIVERIES}.{STREAM}.*", queue=group, cb=on_advisory)
+        await self._flush_subscriptions()
+
+        async def stop() -> None:
+            if not self.nc.is_closed:
+                await sub.unsubscribe()
+
+        return ClosedSubscription(stop)
 
     async def intake(self, channel: str, *, group: str) -> _NatsIntake:
         """A pull subscription on the group's durable consumer for this task channel."""

@@ -437,6 +437,14 @@ def up(
         EmbeddedRegistry,
         typer.Option(help="sqlite: a file under the data dir; postgres: a PostgreSQL server started under it."),
     ] = EmbeddedRegistry.SQLITE,
+    nats_sync: Annotated[
+        str | None,
+        typer.Option(
+            envvar="FORSETI_NATS_SYNC",
+            help="How often the embedded nats-server fsyncs its store: 'always' (every write, before it is "
+            "acknowledged) or a duration such as 30s; nats-server's default is 2m.",
+        ),
+    ] = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Start the embedded stack: a local nats-server (when nothing answers at --bus), a worker, a local
@@ -457,7 +465,10 @@ def up(
             metrics_port=metrics_port,
             registry_url=registry_url,
         )
-        started = stack.enter_context(embedded_nats(bus, data_dir))
+        try:
+            started = stack.enter_context(embedded_nats(bus, data_dir, sync=nats_sync))
+        except ForsetiError as exc:
+            raise _fail(exc.message) from exc
         where = "started" if started else "found"
         err.print(f"[bold]forseti {forseti_version()}[/bold]: {where} NATS at {bus}; data in {data_dir}")
         kinds = ", ".join(h.kind.value for h in handlers) or "none installed yet"

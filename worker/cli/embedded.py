@@ -32,15 +32,15 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 @contextmanager
-def embedded_nats(bus_url: str, data_dir: Path) -> Iterator[bool]:
-    """Start nats-server (JetStream under `<data_dir>/nats`) when `bus_url` is a local NATS URL that nothing
-    answers; yields whether it was started here, and stops it on exit."""
+def embedded_nats(bus_url: str, data_dir: Path, *, sync: str | None = None) -> Iterator[bool]:
+    """Start nats-server (JetStream under `<data_dir>/nats`, fsynced as `sync` says) when `bus_url` is a
+    local NATS URL that nothing answers; yields whether it was started here, and stops it on exit."""
     parts = urlsplit(bus_url)
     host, port = parts.hostname or "", parts.port or 4222
     if parts.scheme != "nats" or host not in LOCAL_HOSTS or port_open(host, port):
         yield False
         return
-    server = NatsServer(data_dir / "nats", port=port)
+    server = NatsServer(data_dir / "nats", port=port, sync=sync)
     server.start()
     log.info("started nats-server on %s (log: %s)", server.url, server.log_path)
     try:

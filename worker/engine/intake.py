@@ -74,7 +74,9 @@ def read_task(raw: bytes, kind: TaskKind, *, max_bytes: int) -> Accepted | Refus
     return Accepted(job_id_for(event.data, event.id), kind, event.data)
 
 
-OWNED_CHANNELS = frozenset(task_channel(kind) for kind in TaskKind)
+KIND_OF_CHANNEL = {task_channel(kind): kind for kind in TaskKind}
+"""The task kind each owned task channel carries."""
+OWNED_CHANNELS = frozenset(KIND_OF_CHANNEL)
 """The task channels some kind owns; a task anywhere else under `forseti.tasks.` is a stray."""
 _KIND_OF_TYPE = {task_type(kind): kind for kind in TaskKind}
 

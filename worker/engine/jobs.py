@@ -108,7 +108,7 @@ class Requeue:
 class JobRunner:
     """Runs one accepted task to a settled delivery."""
 
-    def __init__(self, services: JobServices, delivery: Delivery, accepted: Accepted, handler: Handler) -> None:
+    def __init__(self, services: JobServices, delivery: Delivery, accepted: Accepted, handler: Handler | None) -> None:
         self.services, self.delivery, self.accepted, self.handler = services, delivery, accepted, handler
         self.job_id, self.kind = accepted.job_id, accepted.kind
         self.ctx: JobContext | None = None
@@ -134,7 +134,10 @@ class JobRunner:
             return
         record = claim.job
         if record.crashes >= services.settings.max_crashes:
-            await self._give_up(record)
+            await self._give_up(record, self._crashed(record))
+            return
+        if self.delivery.given_up_after is not None:
+            await self._give_up(record, self._undelivered(record, self.delivery.given_up_after))
             return
         early_cancel = services.early_cancel(self.job_id)
         if early_cancel is not None:
@@ -179,15 +182,25 @@ class JobRunner:
             max(limit - spent, 0.0), self.ctx.request_stop, StopReason.TIMEOUT, detail
         )
 
-    async def _give_up(self, record: JobRecord) -> None:
-        """A poison task: its earlier attempts each ended with their worker gone (killed, out of memory,
-        crashed), so it is not run again, where it would take this worker down too. It goes to the
-        dead-letter channel and its job fails, so neither the task nor a waiting client is lost."""
-        detail = (
+    def _crashed(self, record: JobRecord) -> str:
+        return (
             f"{record.crashes} attempts ended with their worker gone, without an outcome (killed, out of "
             f"memory, or crashed); not run again (max_crashes is {self.services.settings.max_crashes})"
         )
-        log.error("poison task: %s", detail)
+
+    def _undelivered(self, record: JobRecord, deliveries: int) -> str:
+        return (
+            f"the bus gave up on the task after {deliveries} deliveries without an outcome (max_deliver); "
+            f"the registry counted {record.attempt - 1} earlier attempts, {record.crashes} of them ending "
+            "with their worker gone"
+        )
+
+    async def _give_up(self, record: JobRecord, detail: str) -> None:
+        """A task that will not be run again: a poison task, whose earlier attempts each ended with
+        their worker gone (killed, out of memory, crashed), where it would take this worker down too;
+        or one the bus stopped delivering. It goes to the dead-letter channel and its job fails, so
+        neither the task nor a waiting client is lost."""
+        log.error("task given up: %s", detail)
         refused = Refused(ErrorCode.RETRIES_EXHAUSTED, detail, self.job_id)
         try:
             await self.services.events.dead_letter(refused, self.delivery.data, channel=self.delivery.channel)
@@ -307,7 +320,7 @@ class JobRunner:
             )
 
     async def _outcome(self, record: JobRecord) -> JobCompleted | JobFailed | JobCancelled | Requeue:
-        assert self.ctx is not None
+        assert self.ctx is not None and self.handler is not None
         try:
             result = await self.handler.run(self.accepted.task, self.ctx)
             self.ctx.check()  # a stop that came as the handler returned still counts

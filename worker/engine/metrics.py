@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -101,6 +101,10 @@ class MeteredBus:
     async def reachable(self) -> bool:
         """Whether the inner bus's server answers now."""
         return await self.inner.reachable()
+
+    async def on_given_up(self, handler: Callable[[Delivery], Awaitable[None]], *, group: str) -> Subscription:
+        """Tasks the inner bus gave up on."""
+        return await self.inner.on_given_up(handler, group=group)
 
     async def take_strays(self, owned: Collection[str], limit: int) -> list[Delivery]:
         """Stray tasks of the inner bus."""

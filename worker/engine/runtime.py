@@ -37,7 +37,7 @@ from .artifact_server import ArtifactServer
 from .checkpoints import prune_ended
 from .context import Handler, StopReason
 from .http import MetricsServer
-from .intake import OWNED_CHANNELS, Refused, read_stray, read_task
+from .intake import KIND_OF_CHANNEL, OWNED_CHANNELS, Refused, read_stray, read_task
 from .isolation import ChildPool
 from .jobs import JobRunner, JobServices, load_result
 from .logs import job_id_var
@@ -154,6 +154,7 @@ class Worker:
                 await self.bus.subscribe(CONTROL, self._on_control),
                 await self.bus.subscribe(CAPABILITIES, self._on_capabilities),
                 await self.bus.subscribe(STATUS, self._on_status),
+                await self.bus.on_given_up(self._on_given_up, group=self.settings.group),
             ]
             loops = []
             for kind in self.handlers:
@@ -388,6 +389,27 @@ class Worker:
         except Exception:
             log.exception("job could not be run; handing it back")
             await self._nak_quietly(delivery)
+
+    async def _on_given_up(self, delivery: Delivery) -> None:
+        """A task the bus stopped delivering: its job goes through the claim like any delivery (a job
+        that ended replays its outcome, one whose lease is live gets the task stored again, as a
+        copy it may need), and otherwise is dead-lettered and failed as `retries_exhausted`. Any
+        worker of the group does this, whether or not it runs the task's kind."""
+        kind = KIND_OF_CHANNEL.get(delivery.channel)
+        if kind is None:
+            refused, stray_kind = read_stray(delivery.data, delivery.channel, max_bytes=self.settings.max_task_bytes)
+            await self._refuse(delivery, stray_kind, refused)
+            return
+        verdict = read_task(delivery.data, kind, max_bytes=self.settings.max_task_bytes)
+        if isinstance(verdict, Refused):
+            await self._refuse(delivery, kind, verdict)
+            return
+        job_id_var.set(verdict.job_id)
+        assert self._job_services is not None
+        try:
+            await JobRunner(self._job_services, delivery, verdict, self.handlers.get(kind)).run()
+        except ForsetiError as exc:
+            log.warning("a task the bus gave up on was not settled: %s", exc)
 
     async def _nak_quietly(self, delivery: Delivery, *, delay: float | None = None) -> None:
         try:
