@@ -156,6 +156,10 @@ async def test_a_given_up_task_handed_back_is_stored_again_and_delivered_afresh(
         await again[0].ack()
         await intake.close()
         assert bus._js is not None
+        for _ in range(50):  # the ack is not waited for: the server removes the task once it reads it
+            if (await bus._js.stream_info(STREAM)).state.messages == 0:
+                break
+            await asyncio.sleep(0.05)
         assert (await bus._js.stream_info(STREAM)).state.messages == 0
     finally:
         await bus.close()
