@@ -120,7 +120,50 @@ class Work(Protocol):
         """Say a whole checkpoint was just written to `checkpoint_dir` at `step`."""
 
 
-class JobContext:
+class SafePoints:
+    """A job's pause and stop state, and the safe points where its work honours them: the same for
+    the job's context in the worker and for its mirror in a child process."""
+
+    def __init__(self) -> None:
+        self._stop: StopReason | None = None
+        self._stop_detail = ""
+        self._unpaused = threading.Event()
+        self._unpaused.set()
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a cancel or a shutdown asked the job to stop."""
+        return self._stop is not None
+
+    @property
+    def stop_reason(self) -> StopReason | None:
+        """Why the job was asked to stop, if it was."""
+        return self._stop
+
+    @property
+    def stop_detail(self) -> str:
+        """What the stop said about itself ("the job ran past its max_duration of 60s")."""
+        return self._stop_detail
+
+    @property
+    def paused(self) -> bool:
+        """True while a pause is in force."""
+        return not self._unpaused.is_set()
+
+    def hold(self) -> bool:
+        """A safe point for callbacks shaped like SB3's `_on_step() -> bool`: blocks while paused,
+        returns False once the job was asked to stop. Call from the work's thread."""
+        self._unpaused.wait()
+        return self._stop is None
+
+    def check(self) -> None:
+        """A safe point: block while paused, raise JobStopped when asked to stop. Call from the work's thread."""
+        self._unpaused.wait()
+        if self._stop is not None:
+            raise JobStopped(self._stop, self._stop_detail)
+
+
+class JobContext(SafePoints):
     """One running job, as its handler sees it."""
 
     def __init__(
@@ -142,6 +185,7 @@ class JobContext:
         threads: int | None = None,
         pool: ChildPool | None = None,
     ) -> None:
+        super().__init__()
         self.job_id, self.kind, self.attempt, self.resumed = job_id, kind, attempt, resumed
         self._work_dir = work_dir
         self._artifacts_root = artifacts_root or work_dir.parent.parent / "artifacts"
@@ -159,10 +203,6 @@ class JobContext:
         self._announcer = announcer
         self._loop = loop
         self._checkpoints = checkpoints
-        self._stop: StopReason | None = None
-        self._stop_detail = ""
-        self._unpaused = threading.Event()
-        self._unpaused.set()
 
     @property
     def work_dir(self) -> Path:
@@ -182,12 +222,6 @@ class JobContext:
         """The event loop that owns the bus, for threads that need to reach it."""
         return self._loop
 
-    def hold(self) -> bool:
-        """A safe point for callbacks shaped like SB3's `_on_step() -> bool`: blocks while paused,
-        returns False once the job was asked to stop. Call from the handler's thread."""
-        self._unpaused.wait()
-        return self._stop is None
-
     @property
     def checkpoint_dir(self) -> Path:
         """Where checkpoints go, made on first use; non-empty on a resumed job that checkpointed before."""
@@ -201,26 +235,6 @@ class JobContext:
         worker can resume from it. Call from the handler's thread, after the checkpoint's last write."""
         if self._checkpoints is not None:
             self._checkpoints.snapshot(step)
-
-    @property
-    def should_stop(self) -> bool:
-        """True once a cancel or a shutdown asked the job to stop."""
-        return self._stop is not None
-
-    @property
-    def stop_reason(self) -> StopReason | None:
-        """Why the job was asked to stop, if it was."""
-        return self._stop
-
-    @property
-    def paused(self) -> bool:
-        """True while a pause is in force."""
-        return not self._unpaused.is_set()
-
-    @property
-    def stop_detail(self) -> str:
-        """What the stop said about itself ("the job ran past its max_duration of 60s")."""
-        return self._stop_detail
 
     def request_stop(self, reason: StopReason, detail: str = "") -> None:
         """Ask the job to stop at its next safe point (a cancel outranks a shutdown)."""
@@ -251,12 +265,6 @@ class JobContext:
     def _changed(self) -> None:
         for callback in list(self._watchers):
             callback()
-
-    def check(self) -> None:
-        """A safe point: block while paused, raise JobStopped when asked to stop. Call from the handler's thread."""
-        self._unpaused.wait()
-        if self._stop is not None:
-            raise JobStopped(self._stop, self._stop_detail)
 
     async def acheck(self) -> None:
         """`check()` for handlers that run on the event loop."""

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import TaskKind
 
-from .context import JobStopped, StopReason
+from .context import JobStopped, SafePoints, StopReason
 
 if TYPE_CHECKING:
     from .context import JobContext
@@ -90,7 +90,7 @@ class WorkOrder:
 # -- the child's side ----------------------------------------------------------------------------
 
 
-class ChildContext:
+class ChildContext(SafePoints):
     """What a job's work sees of its job inside a child process: the calls of `JobContext` that work
     running off the event loop makes, each one sent to or answered by the worker over the pipe."""
 
@@ -98,6 +98,7 @@ class ChildContext:
     """A child has no bus: work that talks to remote executors runs in the worker (`isolate=False`)."""
 
     def __init__(self, order: WorkOrder, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__()
         self.job_id, self.kind, self.attempt, self.resumed = order.job_id, order.kind, order.attempt, order.resumed
         self.inputs_root = order.inputs_root
         """Input files must lie under this folder."""
@@ -106,9 +107,8 @@ class ChildContext:
         self._work_dir, self._artifacts_dir = order.work_dir, order.artifacts_dir
         self._send = send
         self._stop, self._stop_detail = order.stop, order.stop_detail
-        self._unpaused = threading.Event()
-        if not order.paused:
-            self._unpaused.set()
+        if order.paused:
+            self._unpaused.clear()
         self._acks: queue.SimpleQueue[None] = queue.SimpleQueue()
 
     @property
@@ -134,32 +134,6 @@ class ChildContext:
     def loop(self) -> asyncio.AbstractEventLoop:
         """The worker's event loop is not in this process."""
         raise RuntimeError("work in a child process has no event loop; run it with isolate=False")
-
-    @property
-    def should_stop(self) -> bool:
-        """True once a cancel or a shutdown asked the job to stop."""
-        return self._stop is not None
-
-    @property
-    def stop_reason(self) -> StopReason | None:
-        """Why the job was asked to stop, if it was."""
-        return self._stop
-
-    @property
-    def paused(self) -> bool:
-        """True while a pause is in force."""
-        return not self._unpaused.is_set()
-
-    def hold(self) -> bool:
-        """Block while paused; False once the job was asked to stop (SB3's `_on_step` shape)."""
-        self._unpaused.wait()
-        return self._stop is None
-
-    def check(self) -> None:
-        """A safe point: block while paused, raise JobStopped when asked to stop."""
-        self._unpaused.wait()
-        if self._stop is not None:
-            raise JobStopped(self._stop, self._stop_detail)
 
     def progress(
         self,
