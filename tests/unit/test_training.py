@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,21 @@ async def test_cancel_keeps_the_checkpoint_and_a_handed_back_job_resumes(
         done = (await events.wait_end(timeout=120)).data
     assert done.result.metrics.custom_metrics["resumed_from_epoch"] >= 3
     assert done.result.metrics.total_epochs == 12
+
+
+async def test_a_job_redelivered_after_its_last_checkpoint_completes_with_the_loss_it_saved(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, datasets: Path
+) -> None:
+    """A training job killed after its final checkpoint trained no epoch when it was delivered again
+    and failed with handler_error: its final loss was NaN (found by bench/faults.py, issue 13)."""
+    first = training("classifier", "file://cancer.csv", "diagnosis", epochs=3)
+    async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
+        done, _ = await run_task(client, first)
+    again = first.model_copy(update={"request_id": f"{first.request_id}-again"})
+    # what the killed worker left: every epoch checkpointed, the job never ended
+    shutil.copytree(tmp_path / "jobs" / (first.request_id or ""), tmp_path / "jobs" / (again.request_id or ""))
+    async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
+        redone, _ = await run_task(client, again)
+    metrics = redone.result.metrics
+    assert metrics.custom_metrics["resumed_from_epoch"] == 3 and metrics.total_epochs == 3
+    assert metrics.final_loss == done.result.metrics.final_loss

@@ -5,6 +5,7 @@ checked against torch, registered and announced."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,7 +108,7 @@ class TrainingHandler:
             model_id=model.id,
             export_path=str(exported.onnx_path),
             metrics=TrainingMetrics(
-                final_loss=stats.final_loss,
+                final_loss=stats.final_loss if math.isfinite(stats.final_loss) else None,
                 final_accuracy=outcome.test_metrics.get("accuracy"),
                 total_epochs=stats.epochs,
                 training_time_ms=stats.training_time_ms,

@@ -194,6 +194,7 @@ def train(
 
     latest, best_path = folder / LATEST, folder / BEST
     epoch, best_score, best_epoch, stale = 0, float("inf"), 0, 0
+    train_loss = float("nan")
     if latest.exists():
         state = torch.load(latest, weights_only=True, map_location=device)
         network.load_state_dict(state["model"])
@@ -201,7 +202,10 @@ def train(
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
         epoch, best_score, best_epoch, stale = state["epoch"], state["best_score"], state["best_epoch"], state["stale"]
+        # a job redelivered after its last checkpoint trains no epoch: it reports the loss that one saved
+        train_loss = float(state.get("train_loss", train_loss))
     resumed_from = epoch
+    stopped_early = stopping is not None and stale >= stopping.patience
 
     def save(path: Path) -> None:
         partial = path.with_name("partial-" + path.name)
@@ -214,6 +218,7 @@ def train(
                 "best_score": best_score,
                 "best_epoch": best_epoch,
                 "stale": stale,
+                "train_loss": train_loss,
             },
             partial,
         )
@@ -227,9 +232,9 @@ def train(
         torch.from_numpy(a).to(device) for a in (prepared.train.x, prepared.train.y, prepared.val.x, prepared.val.y)
     )
     generator = torch.Generator().manual_seed(config.seed + epoch)
-    started, samples, train_loss = time.monotonic(), 0, float("nan")
+    started, samples = time.monotonic(), 0
     try:
-        while epoch < config.epochs:
+        while epoch < config.epochs and not stopped_early:
             ctx.check()
             order = torch.randperm(len(x_train), generator=generator).to(device)
             train_loss = one_epoch(
