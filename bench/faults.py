@@ -1,0 +1,434 @@
+"""Fault injection, Jepsen-style: a mixed workload on real servers while a nemesis strikes, then a
+checker that counts what was lost, duplicated or left stuck.
+
+    python bench/faults.py                      # every scenario, 200 tasks each; rewrites its docs section
+    python bench/faults.py --tasks 40 --quick   # a smaller run, printed only
+    python bench/faults.py --scenarios kill     # one scenario
+
+Two `forseti worker` processes with data dirs of their own (two hosts) share one nats-server and one
+PostgreSQL registry, with leases of 3 s and an `ack_wait` of 4 s so that faults are noticed quickly.
+The workload is supervised training on scikit-learn's iris rows, PPO on CartPole in the worker,
+and inference on a model trained first. The nemeses, one per scenario, then all of them in turn:
+
+- `kill`: SIGKILL a worker, start it again at once (same data dir);
+- `pause`: SIGSTOP a worker for longer than its lease and `ack_wait`, then SIGCONT;
+- `nats`: restart nats-server (3 s down, same store);
+- `combined`: the three above in turn.
+
+The checker reads the registry and the job events: every request id must have exactly one terminal
+outcome (lost: none by the end; duplicated: two different terminal outcomes for one id, or a model
+announced twice; stuck: a job still running or pending at the end). Recovery is, for each fault,
+the time from the fault until every job the registry had running at that moment had ended.
+Not covered here: Tansu restarts (its memory store drops every record when it stops, so a restart
+loses by design), executor kills (tests/unit/test_rl.py covers an executor restarted under its id),
+fine-tunes (minutes each on this machine), and a TCP proxy cutting one worker's connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from report import write_section
+from sklearn.datasets import load_iris
+
+from forseti.adapters.bus import Message
+from forseti.adapters.bus.nats import NatsBus
+from forseti.adapters.bus.servers import NatsServer, free_port
+from forseti.adapters.registry import RegistryStore, create_store
+from forseti.adapters.registry.server import PostgresServer
+from forseti.schemas.catalog import MODELS
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.errors import InvalidTask
+from forseti.schemas.jobs import JobCancelled, JobCompleted, JobEvent, JobFailed, JobState
+from forseti.schemas.models import ModelAvailable
+from forseti.schemas.tasks import TASK_MODELS, InferenceTask, RLTask, TaskBase, TrainingTask, task_channel
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = ("kill", "pause", "nats", "combined")
+LEASE_TTL, ACK_WAIT = 3.0, 4.0
+PAUSE_SECONDS = 8.0
+"""Longer than the lease and ack_wait: the paused worker's jobs are taken over while it sleeps."""
+FAULT_EVERY = 12.0
+"""Seconds between faults."""
+END_WAIT = 240.0
+"""Seconds the checker waits, after the last fault, for every job to end."""
+
+
+def iris_rows() -> list[dict[str, Any]]:
+    """scikit-learn's iris measurements with their class, as inline rows."""
+    iris = load_iris()
+    return [
+        {**{f"f{i}": float(v) for i, v in enumerate(row)}, "species": int(label)}
+        for row, label in zip(iris.data, iris.target, strict=True)
+    ]
+
+
+def training(request_id: str, rows: list[dict[str, Any]]) -> TrainingTask:
+    """A small classifier on `rows`, checkpointed every epoch."""
+    return TrainingTask.model_validate(
+        {
+            "request_id": request_id,
+            "model_type": "classifier",
+            "config": {"epochs": 4, "hidden": [16], "checkpoint_interval": 1},
+            "data_sources": [{"rows": rows, "target": "species"}],
+        }
+    )
+
+
+def workload(n: int, model_id: str, seed: int) -> list[TaskBase]:
+    """`n` tasks: 60% training, 20% PPO, 20% inference on `model_id`, in a seeded shuffle."""
+    rows, rng = iris_rows(), random.Random(seed)
+    tasks: list[TaskBase] = []
+    for i in range(n):
+        request_id = f"fault-{seed}-{i}-{uuid.uuid4().hex[:6]}"
+        share = i % 5
+        if share < 3:
+            tasks.append(training(request_id, rows))
+        elif share == 3:
+            tasks.append(
+                RLTask.model_validate(
+                    {
+                        "request_id": request_id,
+                        "algorithm": "ppo",
+                        "environment": "CartPole-v1",
+                        "config": {"total_timesteps": 512, "n_steps": 128, "checkpoint_interval": 128, "seed": i},
+                        "policy": {"net_arch": [16, 16]},
+                        "evaluation": {"episodes": 2},
+                    }
+                )
+            )
+        else:
+            inputs = [{k: v for k, v in row.items() if k != "species"} for row in rng.sample(rows, 8)]
+            tasks.append(InferenceTask(request_id=request_id, model_id=model_id, inputs=inputs))
+    rng.shuffle(tasks)
+    return tasks
+
+
+class Worker:
+    """One `forseti worker` process: a host with its own data dir."""
+
+    def __init__(self, name: str, bus_url: str, registry_url: str, data_dir: Path) -> None:
+        self.name, self.bus_url, self.registry_url, self.data_dir = name, bus_url, registry_url, data_dir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.paused = False
+
+    def start(self) -> None:
+        """Start the process and wait until it pulls tasks."""
+        env = {
+            **os.environ,
+            "FORSETI_REGISTRY_URL": self.registry_url,
+            "FORSETI_LEASE_TTL": str(LEASE_TTL),
+            "FORSETI_HEARTBEAT_INTERVAL": "1",
+            "FORSETI_POLL_INTERVAL": "0.2",
+            "FORSETI_RETRY_DELAY": "1",
+            "FORSETI_OBJECT_STORE_URL": "none",
+        }
+        log_path = self.data_dir.parent / f"{self.name}.log"
+        offset = log_path.stat().st_size if log_path.exists() else 0  # a restart appends to the same log
+        log = log_path.open("ab")
+        command = [sys.executable, "-m", "forseti.worker", "worker", "--bus", self.bus_url]
+        command += ["--data-dir", str(self.data_dir), "--worker-id", self.name, "--concurrency", "2"]
+        self.proc = subprocess.Popen(
+            [*command, "--shutdown-grace", "5"],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 60
+        while b"pulling" not in log_path.read_bytes()[offset:]:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.name} did not start; see {log_path}")
+            time.sleep(0.1)
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the worker process."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def stop(self) -> None:
+        """SIGCONT (if paused), then SIGTERM and wait."""
+        if self.proc is None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@dataclass
+class Observed:
+    """What a client saw on the bus during one scenario."""
+
+    ends: dict[str, list[tuple[str, bool, float]]] = field(default_factory=lambda: defaultdict(list))
+    """Per job id: (terminal event type, replayed, when seen)."""
+    announcements: Counter[tuple[str, str, str | None]] = field(default_factory=Counter)
+    """model.available events per (model id, format, quantization)."""
+
+    async def on_job(self, msg: Message) -> None:
+        """Record a job's terminal events."""
+        event = decode(msg.data, expect=JobEvent).data
+        if isinstance(event, JobCompleted | JobFailed | JobCancelled):
+            replayed = isinstance(event, JobCompleted) and event.replayed
+            self.ends[event.job_id].append((type(event).__name__, replayed, time.monotonic()))
+
+    async def on_model(self, msg: Message) -> None:
+        """Count announcements."""
+        try:
+            event = decode(msg.data, expect=ModelAvailable).data
+        except InvalidTask:  # another event on the models channel (an alias moved)
+            return
+        self.announcements[event.model_id, event.format, event.quantization] += 1
+
+
+@dataclass
+class Outcome:
+    """One scenario's figures."""
+
+    scenario: str
+    tasks: int
+    faults: int
+    lost: int
+    duplicated: int
+    stuck: int
+    failed: Counter[str]
+    unseen: int
+    recovery: list[float]
+    seconds: float
+
+
+def duplicates(ends: dict[str, list[tuple[str, bool, float]]], announced: Counter[Any]) -> int:
+    """Ids with two different terminal outcomes or two non-replayed completions, plus models announced twice."""
+    twice = sum(1 for e in ends.values() if len({kind for kind, _, _ in e}) > 1)
+    twice += sum(
+        1 for e in ends.values() if sum(1 for kind, replayed, _ in e if kind == "JobCompleted" and not replayed) > 1
+    )
+    return twice + sum(1 for count in announced.values() if count > 1)
+
+
+async def publish(client: NatsBus, task: TaskBase) -> None:
+    """Publish a task on its kind's channel, trying again while the server is away."""
+    kind = next(kind for kind, model in TASK_MODELS.items() if isinstance(task, model))
+    for _ in range(100):
+        try:
+            await client.publish(task_channel(kind), encode(task))
+            return
+        except Exception:  # the server is restarting: a publisher tries again, as a client would
+            await asyncio.sleep(0.2)
+    raise RuntimeError(f"could not publish {task.request_id}")
+
+
+async def wait_ended(store: RegistryStore, ids: list[str], timeout: float) -> dict[str, JobState | None]:
+    """Poll the registry until every id has a terminal state or `timeout` passes; the last states."""
+    deadline = time.monotonic() + timeout
+    states: dict[str, JobState | None] = {}
+    while True:
+        for job_id in ids:
+            state = states.get(job_id)
+            if state is None or not state.terminal:
+                try:
+                    job = await store.get_job(job_id)
+                except Exception:
+                    job = None
+                states[job_id] = job.state if job else None
+        if all(s is not None and s.terminal for s in states.values()) or time.monotonic() > deadline:
+            return states
+        await asyncio.sleep(0.5)
+
+
+async def scenario(name: str, n: int, root: Path, nats: NatsServer, registry_url: str, seed: int) -> Outcome:
+    """Run `n` tasks through two workers while the `name` nemesis strikes; check what came out."""
+    bus_url = f"{nats.url}?ack_wait={ACK_WAIT:g}"
+    workers = [Worker(f"{name}-{h}", bus_url, registry_url, root / f"{name}-{h}") for h in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    client, store = NatsBus(nats.url), create_store(registry_url)
+    await client.connect()
+    await store.open()
+    seen = Observed()
+    await client.subscribe("forseti.jobs.*", seen.on_job)
+    await client.subscribe(MODELS, seen.on_model)
+    started = time.monotonic()
+    try:
+        model_id = f"fault-model-{seed}-{uuid.uuid4().hex[:6]}"  # what the inference tasks run
+        await publish(client, training(model_id, iris_rows()))
+        await wait_ended(store, [model_id], 120)
+        tasks = workload(n, model_id, seed)
+        ids = [t.request_id or "" for t in tasks]
+        for task in tasks:
+            await publish(client, task)
+        faults, snapshots = await nemesis(name, workers, nats, store, ids)
+        states = await wait_ended(store, ids, END_WAIT)
+    finally:
+        for worker in workers:
+            worker.stop()
+    await asyncio.sleep(1.0)  # late events of jobs that just ended
+    failed: Counter[str] = Counter()
+    for job_id in ids:
+        job = await store.get_job(job_id)
+        if job is not None and job.state is JobState.FAILED:
+            failed[str(job.error_code)] += 1
+    ends = {job_id: seen.ends.get(job_id, []) for job_id in ids}
+    outcome = Outcome(
+        scenario=name,
+        tasks=n,
+        faults=faults,
+        lost=sum(1 for s in states.values() if s is None or s is JobState.PENDING),
+        duplicated=duplicates(ends, seen.announcements),
+        stuck=sum(1 for s in states.values() if s in (JobState.RUNNING, JobState.PAUSED)),
+        failed=failed,
+        unseen=sum(1 for e in ends.values() if not e),
+        recovery=[
+            max((min(t for _, _, t in ends[j]) for j in running if ends.get(j)), default=at) - at
+            for at, running in snapshots
+        ],
+        seconds=time.monotonic() - started,
+    )
+    await store.close()
+    await client.close()
+    return outcome
+
+
+async def nemesis(
+    name: str, workers: list[Worker], nats: NatsServer, store: RegistryStore, ids: list[str]
+) -> tuple[int, list[tuple[float, list[str]]]]:
+    """Strike every FAULT_EVERY seconds while jobs of `ids` are unfinished; the faults, and for each
+    the time it struck with the jobs the registry had running then."""
+    moves: dict[str, Callable[[int], Awaitable[None]]] = {
+        "kill": lambda k: kill(workers[k % 2]),
+        "pause": lambda k: pause(workers[k % 2]),
+        "nats": lambda k: restart(nats),
+    }
+    order = ["kill", "pause", "nats"] if name == "combined" else [name]
+    snapshots: list[tuple[float, list[str]]] = []
+    pending = set(ids)
+    k = 0
+    while pending and k < 40:
+        await asyncio.sleep(FAULT_EVERY)
+        try:
+            running = [j.job_id for j in await store.list_jobs(state=JobState.RUNNING, limit=200)]
+        except Exception:
+            running = []
+        snapshots.append((time.monotonic(), [j for j in running if j in pending]))
+        await moves[order[k % len(order)]](k)
+        k += 1
+        done = await wait_ended(store, list(pending), 0)
+        pending = {j for j, s in done.items() if s is None or not s.terminal}
+    return k, snapshots
+
+
+async def kill(worker: Worker) -> None:
+    """SIGKILL, then start again on the same data dir."""
+    worker.signal(signal.SIGKILL)
+    assert worker.proc is not None
+    worker.proc.wait()
+    await asyncio.to_thread(worker.start)
+
+
+async def pause(worker: Worker) -> None:
+    """SIGSTOP for PAUSE_SECONDS, then SIGCONT."""
+    worker.signal(signal.SIGSTOP)
+    await asyncio.sleep(PAUSE_SECONDS)
+    worker.signal(signal.SIGCONT)
+
+
+async def restart(nats: NatsServer) -> None:
+    """Stop nats-server, wait 3 s, start it again on its port and store."""
+    await asyncio.to_thread(nats.stop)
+    await asyncio.sleep(3.0)
+    await asyncio.to_thread(nats.start)
+
+
+def render(outcomes: list[Outcome]) -> str:
+    """The docs section."""
+    lines = [
+        "## Fault injection (`bench/faults.py`)",
+        "",
+        f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {os.cpu_count()} cores: two "
+        "`forseti worker` processes (separate data dirs, concurrency 2 each, jobs in child processes) on one "
+        f"nats-server and one PostgreSQL registry, leases of {LEASE_TTL:g} s, `ack_wait` {ACK_WAIT:g} s, a "
+        f"fault every {FAULT_EVERY:g} s while jobs remain. Workload: 60% training (iris, 4 epochs), 20% PPO "
+        "(CartPole, 512 steps), 20% inference. Rerun with `python bench/faults.py`.",
+        "",
+        "| scenario | tasks | faults | lost | duplicated | stuck | failed | outcome unseen on the bus "
+        "| recovery p50 / max (s) | wall (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
+    ]
+    for o in outcomes:
+        failed = ", ".join(f"{code} {count}" for code, count in sorted(o.failed.items())) or "0"
+        recovery = f"{statistics.median(o.recovery):.1f} / {max(o.recovery):.1f}" if o.recovery else "-"
+        lines.append(
+            f"| {o.scenario} | {o.tasks} | {o.faults} | {o.lost} | {o.duplicated} | {o.stuck} | {failed} "
+            f"| {o.unseen} | {recovery} | {o.seconds:.0f} |"
+        )
+    lines += [
+        "",
+        "Lost: no terminal outcome in the registry by the end. Duplicated: two different terminal outcomes "
+        "for one id, two non-replayed completions, or a model announced twice. Stuck: still running at the "
+        "end. Outcome unseen: the registry has the outcome but the client, subscribed throughout, never saw "
+        "its event (core NATS drops what is published while the server is down; `forseti status` answers "
+        "from the registry). Recovery: from a fault until every job the registry had running then had ended.",
+    ]
+    return "\n".join(lines)
+
+
+def workspace() -> Path:
+    """A fresh folder for the servers, workers and logs."""
+    root = Path(tempfile.mkdtemp(prefix="forseti-faults-"))
+    root.chmod(0o755)  # PostgreSQL runs as its own user when this runs as root
+    return root
+
+
+async def main(scenarios: list[str], n: int, seed: int, root: Path) -> list[Outcome]:
+    """Start the servers once and run each scenario on them."""
+    nats = NatsServer(root / "nats", port=free_port()).start()
+    postgres = PostgresServer(root / "postgres", durable=True).start()
+    outcomes = []
+    try:
+        for k, name in enumerate(scenarios):
+            outcome = await scenario(name, n, root, nats, postgres.url, seed + k)
+            print(outcome, file=sys.stderr, flush=True)
+            outcomes.append(outcome)
+    finally:
+        nats.stop()
+        postgres.stop()
+    print(f"logs under {root}", file=sys.stderr)
+    return outcomes
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tasks", type=int, default=200, help="tasks per scenario")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--quick", action="store_true", help="print only; do not rewrite the docs")
+    args = parser.parse_args()
+    chosen = [s for s in args.scenarios.split(",") if s]
+    unknown = sorted(set(chosen) - set(SCENARIOS))
+    if unknown:
+        parser.error(f"unknown scenarios {unknown}; choose from {', '.join(SCENARIOS)}")
+    section = render(asyncio.run(main(chosen, args.tasks, args.seed, workspace())))
+    print(section)
+    if not args.quick:
+        write_section("bench/faults.py", section)
+        print("wrote docs/benchmarks.md", file=sys.stderr)
