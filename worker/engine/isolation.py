@@ -15,6 +15,7 @@ within `stop_grace` seconds is killed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import multiprocessing
@@ -273,7 +274,9 @@ def child_main(conn: Connection, preload: Sequence[str]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     for name in preload:
-        importlib.import_module(name)
+        # warming only: a worker without torch still runs work that does not need it
+        with contextlib.suppress(ImportError):
+            importlib.import_module(name)
     _ChildServer(conn).serve()
 
 
