@@ -15,7 +15,7 @@ from forseti.schemas.errors import BusError
 __all__ = ["NatsServer", "ServerProcess", "TansuBroker", "free_port", "nats_server_binary", "port_open"]
 
 
-SYNC_INTERVAL = re.compile(r"always|\\d+(ms|s|m|h)")
+SYNC_INTERVAL = re.compile(r"always|\d+(ms|s|m|h)")
 """What nats-server's `sync_interval` takes: `always`, or a duration."""
 
 

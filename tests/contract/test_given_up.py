@@ -119,6 +119,8 @@ class _MonitoredNats(NatsServer):
 async def test_the_embedded_nats_server_can_fsync_every_write(tmp_path: Path) -> None:
     with pytest.raises(BusError, match="sync must be"):
         NatsServer(tmp_path / "bad", sync="sometimes")
+    interval = NatsServer(tmp_path / "every", sync="30s").command()  # a duration is taken as it is
+    assert "sync_interval: 30s" in Path(interval[interval.index("-c") + 1]).read_text()
     server = _MonitoredNats(tmp_path / "nats", sync="always").start()
     try:
         varz = await asyncio.to_thread(_read_json, f"http://127.0.0.1:{server.monitor}/varz")
