@@ -197,7 +197,7 @@ class JobContext(SafePoints):
         self.memory_limit = memory_limit if memory_limit is not None else default_memory_limit()
         """Bytes this job may plan to hold (its network and buffers), checked before they are made."""
         self.threads = threads
-        """Torch CPU threads for the job's work in a child process (None: the pool's default)."""
+        """Torch CPU threads for the job's work in a child process (None: torch's own choice)."""
         self._pool = pool
         self._watchers: list[Callable[[], None]] = []
         self._announcer = announcer

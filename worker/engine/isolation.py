@@ -78,8 +78,8 @@ class WorkOrder:
     """Input files must lie under this folder."""
     memory_limit: int
     """Bytes the job may plan to hold; also its address-space rlimit, over what the child held before."""
-    threads: int
-    """Torch CPU threads for the job."""
+    threads: int | None
+    """Torch CPU threads for the job (None: torch's own choice)."""
     paused: bool = False
     """Whether a pause was in force when the work was sent."""
     stop: StopReason | None = None
@@ -260,8 +260,10 @@ def _address_space() -> int:
     return 0
 
 
-def _limit_threads(threads: int) -> None:
-    if "torch" in sys.modules:  # only work that trains imports torch; the rest has nothing to limit
+def _limit_threads(threads: int | None) -> None:
+    if (
+        threads is not None and "torch" in sys.modules
+    ):  # only work that trains imports torch; the rest has nothing to limit
         import torch
 
         torch.set_num_threads(threads)
@@ -312,8 +314,8 @@ class _Child:
 class ChildPool:
     """Warm child processes that run jobs' work, at most `size` kept between jobs."""
 
-    def __init__(self, *, size: int, threads: int, stop_grace: float, preload: Sequence[str] = ("torch",)) -> None:
-        self.size, self.threads, self.stop_grace = size, threads, stop_grace
+    def __init__(self, *, size: int, stop_grace: float, preload: Sequence[str] = ("torch",)) -> None:
+        self.size, self.stop_grace = size, stop_grace
         self.preload = tuple(preload)
         self._context = multiprocessing.get_context("spawn")
         self._idle: list[_Child] = []
@@ -344,7 +346,7 @@ class ChildPool:
             artifacts_dir=ctx.artifacts_dir,
             inputs_root=ctx.inputs_root,
             memory_limit=ctx.memory_limit,
-            threads=ctx.threads or self.threads,
+            threads=ctx.threads,
             paused=paused,
             stop=stop,
             stop_detail=detail,

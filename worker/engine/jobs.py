@@ -168,6 +168,11 @@ class JobRunner:
         limit = default_memory_limit() if worker is None else worker << 20
         return limit if task is None else min(limit, task << 20)
 
+    def _threads(self) -> int:
+        """Torch threads for the job: the worker's share of cores, lowered by the task's `max_threads`."""
+        worker, task = self.services.settings.threads_per_job, self.accepted.task.max_threads
+        return worker if task is None else min(worker, task)
+
     def _deadline(self, record: JobRecord) -> asyncio.TimerHandle | None:
         """Stop the job once it has run `max_duration` seconds since its first start (the worker's
         limit, or the task's where lower), counted on the registry's record so a resumed job does
@@ -255,7 +260,7 @@ class JobRunner:
             artifacts_root=services.settings.data_dir / "artifacts",
             checkpoints=self.shared,
             memory_limit=self._memory_limit(),
-            threads=min(services.settings.threads_per_job, self.accepted.task.max_threads or 1024),
+            threads=self._threads(),
             pool=services.pool,
         )
         services.running[self.job_id] = self

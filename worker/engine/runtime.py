@@ -120,11 +120,7 @@ class Worker:
         self._bus_reachable = True
         self._job_services: JobServices | None = None
         self._pool = (
-            ChildPool(
-                size=self.settings.concurrency,
-                threads=self.settings.threads_per_job,
-                stop_grace=self.settings.stop_grace,
-            )
+            ChildPool(size=self.settings.concurrency, stop_grace=self.settings.stop_grace)
             if self.settings.isolation == "process"
             else None
         )
@@ -375,6 +371,8 @@ class Worker:
             return
 
     async def _handle(self, kind: TaskKind, delivery: Delivery) -> None:
+        """Read a delivery of `kind` and run its job, or refuse it; hand it back when the registry or
+        the bus failed around the job."""
         verdict = read_task(delivery.data, kind, max_bytes=self.settings.max_task_bytes)
         if isinstance(verdict, Refused):
             await self._refuse(delivery, kind, verdict)
@@ -382,7 +380,8 @@ class Worker:
         job_id_var.set(verdict.job_id)
         try:
             assert self._job_services is not None, "tasks are taken only once run() has started"
-            await JobRunner(self._job_services, delivery, verdict, self.handlers[kind]).run()
+            # a task the bus gave up on may be of a kind this worker does not run: it is not run here
+            await JobRunner(self._job_services, delivery, verdict, self.handlers.get(kind)).run()
         except ForsetiError as exc:  # the store or the bus failed around the job: try again later
             log.warning("job could not be run: %s; handing it back", exc)
             await self._nak_quietly(delivery)
@@ -399,17 +398,8 @@ class Worker:
         if kind is None:
             refused, stray_kind = read_stray(delivery.data, delivery.channel, max_bytes=self.settings.max_task_bytes)
             await self._refuse(delivery, stray_kind, refused)
-            return
-        verdict = read_task(delivery.data, kind, max_bytes=self.settings.max_task_bytes)
-        if isinstance(verdict, Refused):
-            await self._refuse(delivery, kind, verdict)
-            return
-        job_id_var.set(verdict.job_id)
-        assert self._job_services is not None
-        try:
-            await JobRunner(self._job_services, delivery, verdict, self.handlers.get(kind)).run()
-        except ForsetiError as exc:
-            log.warning("a task the bus gave up on was not settled: %s", exc)
+        else:  # a hand-back when the registry is away stores the task again: it is not left stranded
+            await self._handle(kind, delivery)
 
     async def _nak_quietly(self, delivery: Delivery, *, delay: float | None = None) -> None:
         try:
