@@ -177,7 +177,11 @@ class MemoryBus:
         """Run a coroutine after a delay in the background."""
 
         async def later() -> None:
-            await asyncio.sleep(delay)
+            try:
+                await asyncio.sleep(delay)
+            except asyncio.CancelledError:
+                coro.close()  # the bus closed first: what would have run is dropped, not left unawaited
+                raise
             await coro
 
         self._spawn(later())

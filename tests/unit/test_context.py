@@ -24,6 +24,9 @@ class Collect:
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
         raise AssertionError("not used here")
 
+    async def fence(self) -> None:
+        return None
+
 
 def context(tmp_path: Path) -> tuple[JobContext, Collect]:
     announcer = Collect()

@@ -13,12 +13,14 @@ import pytest
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.registry import JobRecord, create_store
-from forseti.schemas.catalog import DEADLETTER, STATUS
+from forseti.schemas.capabilities import Capability
+from forseti.schemas.catalog import DEADLETTER, MODELS, STATUS
 from forseti.schemas.envelope import decode, encode
-from forseti.schemas.jobs import JobState, JobStatus, JobStatusQuery
+from forseti.schemas.jobs import GenericResult, JobState, JobStatus, JobStatusQuery
 from forseti.schemas.tasks import TaskKind, TrainingTask, dump_task
+from forseti.worker.engine.context import JobContext
 
-from ..helpers import StepHandler, Watcher, running_worker, submit, training, watch
+from ..helpers import StepHandler, Watcher, running_worker, submit, tiny_announcement, training, watch
 
 LEASES: dict[str, Any] = {"heartbeat_interval": 0.2, "lease_ttl": 1.0}
 """Short leases, so a deferred duplicate comes back within a second or two."""
@@ -147,3 +149,56 @@ async def test_tasks_handed_back_at_shutdown_are_not_taken_for_poison(
         await submit(client, task)
         assert (await watcher.wait_for("accepted")).data.attempt == 5
         await watcher.wait_end("completed")
+
+
+class _AnnouncesAfterAGap:
+    """Training: waits (as a worker under SIGSTOP would, its heartbeat silent) until `resume` is set,
+    then announces a model."""
+
+    kind = TaskKind.TRAINING
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.waiting, self.resume = asyncio.Event(), asyncio.Event()
+
+    def capabilities(self) -> list[Capability]:
+        return [Capability(area="training", name="gap")]
+
+    async def run(self, task: TrainingTask, ctx: JobContext) -> GenericResult:
+        self.waiting.set()
+        await self.resume.wait()
+        await ctx.announce_model(tiny_announcement(self.folder, task.request_id or "", device_id="d"))
+        return GenericResult(summary="announced")
+
+
+async def test_a_worker_whose_job_was_taken_over_while_it_was_away_announces_nothing(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path, registry_url: str
+) -> None:
+    """A worker stopped past its lease went on, once continued, to announce the models of a job that
+    another worker had taken over and announced: every model twice (issue 13, bench/faults.py pause)."""
+    handler = _AnnouncesAfterAGap(tmp_path / "model")
+    models = Watcher()
+    await client.subscribe(MODELS, models.on_message)
+    async with running_worker(MemoryBus(broker), [handler], tmp_path / "a", registry_url=registry_url, **LEASES) as a:
+        task = training(steps=1)
+        job_id = task.request_id or ""
+        await submit(client, task)
+        await asyncio.wait_for(handler.waiting.wait(), 10)
+        renew = a.store.renew_lease
+
+        async def frozen(job_id: str, *, owner: str, ttl: float) -> bool:
+            return True  # the heartbeat beats but renews nothing, as for a worker under SIGSTOP
+
+        a.store.renew_lease = frozen  # type: ignore[method-assign]
+        await asyncio.sleep(LEASES["lease_ttl"] + 0.3)
+        record = await a.store.get_job(job_id)
+        assert record is not None
+        assert (await a.store.claim_job(record, owner="host-b", ttl=60)).won, "the other worker takes the job"
+        a.store.renew_lease = renew  # type: ignore[method-assign]
+        handler.resume.set()
+        await asyncio.sleep(0.5)
+        lost = a.metrics.registry.get_sample_value("forseti_jobs_total", {"kind": "training", "outcome": "lost"})
+        assert lost == 1, "the job ends here as lost, its outcome left to host-b"
+        job = await a.store.get_job(job_id)
+        assert job is not None and job.lease_owner == "host-b"
+    assert not [e for e in models.events if e.type.endswith("available.v1")], "host-b announces, not this worker"

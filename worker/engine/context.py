@@ -64,6 +64,10 @@ class Announcer(Protocol):
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
         """Publish a model.available event."""
 
+    async def fence(self) -> None:
+        """Raise JobStopped(LEASE_LOST) unless this worker still holds the job (before it registers
+        or announces what only the job's holder may)."""
+
 
 class Work(Protocol):
     """What a job's heavy work may use of its job, in a thread of the worker or in a child process."""
@@ -312,6 +316,9 @@ class JobContext(SafePoints):
         from .models import announcements, describe
 
         artifacts = await self.run(describe, files, model.id)
+        # a worker that a pause (or a cut) kept away past its lease finds the job taken over here,
+        # and leaves the version and its announcements to the worker that holds it now
+        await self._announcer.fence()
         for artifact in artifacts:
             await self.store.add_artifact(artifact)
         for event in announcements(model, artifacts, parent_version=parent_version):

@@ -451,7 +451,19 @@ class JobRunner:
 
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
         """Announce a model the job registered (the context's Announcer)."""
+        await self.fence()
         await self.services.events.announce_model(event, job_id)
+
+    async def fence(self) -> None:
+        """Renew the job's lease now, or stop the job when another worker holds it (the Announcer's
+        fence: the heartbeat alone notices a takeover only at its next beat)."""
+        settings = self.services.settings
+        if await self.services.store.renew_lease(self.job_id, owner=self.owner, ttl=settings.lease_ttl):
+            return
+        log.warning("job %s was taken over by another worker; its models are not announced here", self.job_id)
+        if self.ctx is not None:
+            self.ctx.request_stop(StopReason.LEASE_LOST, "another worker took the job over")
+        raise JobStopped(StopReason.LEASE_LOST, "another worker took the job over")
 
     async def _pump_progress(self) -> None:
         while (event := await self._events.get()) is not None:
