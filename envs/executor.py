@@ -7,13 +7,23 @@ One server holds many sessions at once (one per RL job); each session owns `num_
 stepped together so the bus cost is paid once per vector step. Auto-reset follows SB3's VecEnv:
 a finished sub-env is reset at once, its last observation sent as `terminal_observation` in its
 info. This module needs gymnasium and numpy only (no torch), so an action system can embed it.
+
+Several servers may serve one executor id, as replicas: they share `forseti.env.<id>` as a queue
+group, so each open reaches one of them, and the replica that opened a session names itself in
+its spec (`<id>.replica-<name>`), where the session's later requests go. A full server answers an
+open with a retriable `resource_exhausted` (after closing the sessions silent for `session_idle`,
+whose jobs are gone); one asked about a session it does not hold (it was restarted) answers a
+retriable `session_lost`, and the client opens the session again.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import time
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, SupportsFloat
 
 from gymnasium import spaces
@@ -57,6 +67,8 @@ class Session:
 
     envs: list[EnvLike]
     last_step: int = -1
+    used: float = field(default_factory=time.monotonic)
+    """When its client last asked anything (time.monotonic)."""
 
     def reset(self, session_id: str, seeds: list[int | None]) -> EnvTransition:
         observations, infos = [], []
@@ -115,11 +127,19 @@ class EnvServer:
         num_envs: int = 1,
         environment: str | None = None,
         max_sessions: int = 64,
+        replica: str | None = None,
+        session_idle: float = 600.0,
     ) -> None:
         self.bus, self.executor_id, self.make_env = bus, executor_id, make_env
         self.num_envs, self.environment, self.max_sessions = num_envs, environment, max_sessions
+        if replica is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", replica):
+            raise ValueError(f"replica name {replica!r}: 1-64 of A-Z a-z 0-9 _ -")
+        self.replica = f"{executor_id}.replica-{replica or uuid.uuid4().hex[:8]}"
+        """This server's own id, where the requests of the sessions it opened come."""
+        self.session_idle = session_idle
+        """Seconds after which a silent session may be closed to make room (its job is gone)."""
         self.sessions: dict[str, Session] = {}
-        self._sub: Subscription | None = None
+        self._subs: list[Subscription] = []
         probe = make_env()
         self.spaces = (space_to_spec(probe.observation_space), space_to_spec(probe.action_space))
         probe.close()
@@ -130,17 +150,24 @@ class EnvServer:
         return env_channel(self.executor_id)
 
     async def start(self) -> None:
-        """Answer requests. Sessions live in this process, so replicas need distinct executor ids."""
-        self._sub = await self.bus.subscribe(self.channel, self._on_request)
+        """Answer requests: opens shared with the other replicas of this id, a session's own here."""
+        group = f"forseti-executors.{self.executor_id}"
+        self._subs.append(await self.bus.subscribe(self.channel, self._on_request, queue=group))
+        self._subs.append(await self.bus.subscribe(env_channel(self.replica), self._on_request))
         log.info(
-            "executor %s serving %s x%d on %s", self.executor_id, self.environment or "env", self.num_envs, self.channel
+            "executor %s serving %s x%d on %s (replica %s)",
+            self.executor_id,
+            self.environment or "env",
+            self.num_envs,
+            self.channel,
+            self.replica,
         )
 
     async def stop(self) -> None:
         """Stop answering and close every session's envs."""
-        if self._sub is not None:
-            await self._sub.unsubscribe()
-            self._sub = None
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            await sub.unsubscribe()
         for session_id in list(self.sessions):
             self._close(session_id)
 
@@ -153,7 +180,7 @@ class EnvServer:
         except InvalidTask as exc:
             reply = EnvError(session_id=session_id, code=ErrorCode.INVALID_TASK, message=exc.message)
         except ForsetiError as exc:
-            reply = EnvError(session_id=session_id, code=exc.code, message=exc.message)
+            reply = EnvError(session_id=session_id, code=exc.code, message=exc.message, retriable=exc.retriable)
         except Exception as exc:  # the env's own bug: the trainer must hear of it, not wait out a timeout
             log.exception("session %s: the env failed", session_id)
             reply = EnvError(
@@ -171,10 +198,13 @@ class EnvServer:
         if not isinstance(request, EnvReset | EnvStep | EnvClose):
             raise InvalidTask(f"{type(request).__name__} is not an env request")
         session = self.sessions.get(request.session_id)
-        if session is None:
+        if session is None:  # this server was restarted, or the client asks the wrong replica
             raise ForsetiError(
-                f"no session {request.session_id!r} on executor {self.executor_id}", code=ErrorCode.INVALID_TASK
+                f"no session {request.session_id!r} on executor {self.replica}",
+                code=ErrorCode.SESSION_LOST,
+                retriable=True,
             )
+        session.used = time.monotonic()
         if isinstance(request, EnvClose):
             self._close(request.session_id)
             return EnvTransition(session_id=request.session_id, step=max(session.last_step, 0))
@@ -190,16 +220,31 @@ class EnvServer:
             )
         if request.session_id not in self.sessions:
             if len(self.sessions) >= self.max_sessions:
+                self._close_idle()
+            if len(self.sessions) >= self.max_sessions:
                 raise ForsetiError(
-                    f"executor {self.executor_id} already holds {self.max_sessions} sessions",
-                    code=ErrorCode.INVALID_TASK,
+                    f"executor {self.replica} already holds {self.max_sessions} sessions",
+                    code=ErrorCode.RESOURCE_EXHAUSTED,
                     retriable=True,
                 )
             self.sessions[request.session_id] = Session([self.make_env() for _ in range(self.num_envs)])
         observation, action = self.spaces
         return EnvSpec(
-            session_id=request.session_id, observation_space=observation, action_space=action, num_envs=self.num_envs
+            session_id=request.session_id,
+            observation_space=observation,
+            action_space=action,
+            num_envs=self.num_envs,
+            executor_id=self.replica,
         )
+
+    def _close_idle(self) -> None:
+        """Close the sessions silent for `session_idle`: their jobs ended without a close (a worker
+        killed, a session opened again elsewhere), and would otherwise hold their place for ever."""
+        now = time.monotonic()
+        for session_id, session in list(self.sessions.items()):
+            if now - session.used > self.session_idle:
+                log.info("closing session %s, silent for %.0fs", session_id, now - session.used)
+                self._close(session_id)
 
     def _close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)

@@ -5,12 +5,21 @@ event loop that owns the bus, so one `step` event carries the actions of all sub
 reply brings back their observations, rewards, flags and infos. Whatever the executor sends is
 checked (shape, dtype, NaN / infinity, float32 range) before SB3 sees it; an executor that does
 not answer in time fails with `executor_timeout`, naming the executor and the step.
+
+Executors come and go: while every executor of the id is full, opening waits (up to `open_wait`).
+A session whose executor no longer holds it (restarted under its id) or no longer answers (killed:
+another replica, or its restart, may take the session) is opened again, up to `max_reopens`
+times, and that step ends every sub-env's episode (reward 0, `session_reopened` in its info)
+before the new episodes start from a reset. When the open is not answered either (the broker is
+away), the error stands and the job hands itself back to resume from its checkpoint.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,6 +35,12 @@ from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask, Request
 
 from .spaces import check_batch, check_flags, check_infos, check_rewards, spec_to_space
 
+log = logging.getLogger(__name__)
+
+LOST = (ErrorCode.SESSION_LOST, ErrorCode.EXECUTOR_TIMEOUT)
+"""What a session's request may meet when its executor went away: open the session again (on any
+executor of the id: a restarted one, or another replica)."""
+
 
 class RemoteVecEnv(VecEnv):
     """Sub-envs on executor `executor_id`, reached over `bus` from a thread other than `loop`'s."""
@@ -39,18 +54,78 @@ class RemoteVecEnv(VecEnv):
         session_id: str,
         environment: str | None = None,
         step_timeout: float = 10.0,
+        open_wait: float = 60.0,
+        max_reopens: int = 3,
+        check: Callable[[], object] | None = None,
     ) -> None:
         self.bus, self.executor_id, self.loop = bus, executor_id, loop
-        self.session_id, self.step_timeout = session_id, step_timeout
-        self.steps = 0
+        self.session_id, self.environment, self.step_timeout = session_id, environment, step_timeout
+        self.open_wait, self.max_reopens, self.check = open_wait, max_reopens, check
+        self.steps = self.reopens = 0
         self._actions: np.ndarray | None = None
-        spec = self._call(EnvOpen(session_id=session_id, environment=environment), EnvSpec, "open")
+        self._channel = env_channel(executor_id)
+        self._spec = self._open()
+        spec = self._spec
         super().__init__(spec.num_envs, spec_to_space(spec.observation_space), spec_to_space(spec.action_space))
 
-    def _call(self, request: Strict, expect: type[Any], what: str) -> Any:
+    def _open(self) -> EnvSpec:
+        """Open the session on any executor of the id, waiting while every one of them is full."""
+        deadline, delay = time.monotonic() + self.open_wait, 0.25
+        request = EnvOpen(session_id=self.session_id, environment=self.environment)
+        while True:
+            try:
+                spec: EnvSpec = self._call(request, EnvSpec, "open", channel=env_channel(self.executor_id))
+            except ForsetiError as exc:
+                full = exc.code is ErrorCode.RESOURCE_EXHAUSTED and exc.retriable
+                if not full or time.monotonic() + delay > deadline:
+                    raise
+                log.info("%s; opening again in %.2fs", exc.message, delay)
+                self._sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            self._channel = env_channel(spec.executor_id or self.executor_id)
+            return spec
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait, in slices short enough that a cancel (raised by `check`) is heard within one."""
+        end = time.monotonic() + seconds
+        while (left := end - time.monotonic()) > 0:
+            if self.check is not None:
+                self.check()
+            time.sleep(min(left, 0.5))
+
+    def _reopen(self, lost: ForsetiError) -> None:
+        """Open the session again after the executor lost it, or give up with what it said."""
+        if self.reopens >= self.max_reopens:
+            raise ForsetiError(
+                f"{lost.message} (the session was opened again {self.reopens} times already)",
+                code=ErrorCode.SESSION_LOST,
+                retriable=True,
+            )
+        self.reopens += 1
+        log.warning("%s: opening the session again (%d of %d)", lost.message, self.reopens, self.max_reopens)
+        try:
+            spec = self._open()
+        except ForsetiError as exc:
+            if exc.code is not ErrorCode.EXECUTOR_TIMEOUT:
+                raise
+            raise ForsetiError(
+                f"{lost.message}, nor an open of the session again", code=lost.code, retriable=True
+            ) from exc
+        if (spec.num_envs, spec.observation_space, spec.action_space) != (
+            self._spec.num_envs,
+            self._spec.observation_space,
+            self._spec.action_space,
+        ):
+            raise ForsetiError(
+                f"executor {self.executor_id!r} came back serving other spaces or another number of sub-envs",
+                code=ErrorCode.INVALID_DATA,
+            )
+
+    def _call(self, request: Strict, expect: type[Any], what: str, *, channel: str | None = None) -> Any:
         future = asyncio.run_coroutine_threadsafe(
             self.bus.request(
-                env_channel(self.executor_id), encode(request, subject=self.session_id), timeout=self.step_timeout
+                channel or self._channel, encode(request, subject=self.session_id), timeout=self.step_timeout
             ),
             self.loop,
         )
@@ -73,7 +148,11 @@ class RemoteVecEnv(VecEnv):
                 code=ErrorCode.INVALID_DATA,
             ) from exc
         if isinstance(reply, EnvError):
-            raise ForsetiError(f"executor {self.executor_id!r} refused {what}: {reply.message}", code=reply.code)
+            raise ForsetiError(
+                f"executor {self.executor_id!r} refused {what}: {reply.message}",
+                code=reply.code,
+                retriable=reply.retriable,
+            )
         if not isinstance(reply, expect):
             raise ForsetiError(
                 f"executor {self.executor_id!r} answered {what} with {type(reply).__name__}",
@@ -84,9 +163,14 @@ class RemoteVecEnv(VecEnv):
     def reset(self) -> VecEnvObs:
         """Reset every sub-env with the seeds set by `seed()`."""
         seeds = [s if s is None else int(s) % 2**32 for s in self._seeds]
-        transition: EnvTransition = self._call(
-            EnvReset(session_id=self.session_id, seeds=seeds), EnvTransition, "reset"
-        )
+        request = EnvReset(session_id=self.session_id, seeds=seeds)
+        try:
+            transition: EnvTransition = self._call(request, EnvTransition, "reset")
+        except ForsetiError as exc:
+            if exc.code not in LOST:
+                raise
+            self._reopen(exc)
+            transition = self._call(request, EnvTransition, "reset")
         self._reset_seeds()
         self._reset_options()
         self.reset_infos = [dict(info) for info in transition.infos] or [{} for _ in range(self.num_envs)]
@@ -103,9 +187,14 @@ class RemoteVecEnv(VecEnv):
         actions = np.asarray(self._actions).tolist()
         self.steps += 1
         what = f"step {self.steps}"
-        t: EnvTransition = self._call(
-            EnvStep(session_id=self.session_id, step=self.steps, actions=actions), EnvTransition, what
-        )
+        try:
+            t: EnvTransition = self._call(
+                EnvStep(session_id=self.session_id, step=self.steps, actions=actions), EnvTransition, what
+            )
+        except ForsetiError as exc:
+            if exc.code not in LOST:
+                raise
+            return self._episodes_cut(exc)
         observations = check_batch(t.observations, self.observation_space, self.num_envs, "observations")
         rewards = check_rewards(t.rewards, self.num_envs)
         terminated = check_flags(t.terminated, self.num_envs, "terminated")
@@ -118,6 +207,14 @@ class RemoteVecEnv(VecEnv):
                     [info["terminal_observation"]], self.observation_space, 1, f"infos[{i}].terminal_observation"
                 )[0]
         return observations, rewards, terminated | truncated, infos
+
+    def _episodes_cut(self, lost: ForsetiError) -> VecEnvStepReturn:
+        """The step on which a lost session was opened again: every sub-env's episode ends there
+        (reward 0, no terminal observation to bootstrap from) and the new ones start from a reset."""
+        self._reopen(lost)
+        observations = self.reset()
+        infos: list[dict[str, Any]] = [{"session_reopened": True} for _ in range(self.num_envs)]
+        return observations, np.zeros(self.num_envs, np.float32), np.ones(self.num_envs, bool), infos
 
     def close(self) -> None:
         """End the session on the executor (a gone executor is not an error here)."""

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import Field
+from pydantic import Field, StringConstraints
 
 from .base import Id, LongText, ShortText, Strict
 from .errors import ErrorCode
 
+ReplicaId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]
+"""One replica of an executor: its executor id and `.replica-<name>`."""
 Shape = Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(max_length=8)]
 
 
@@ -81,6 +83,9 @@ class EnvSpec(Strict):
     """Action space of one sub-env."""
     num_envs: int = Field(ge=1, le=1024)
     """Sub-envs stepped together."""
+    executor_id: ReplicaId | None = None
+    """Where the session's later requests go: the replica that holds it, when several executors serve
+    one id (None: the id it was opened on)."""
 
 
 class EnvError(Strict):
@@ -92,6 +97,9 @@ class EnvError(Strict):
     """Machine-readable reason (invalid_task for a bad request, invalid_data for a rejected action)."""
     message: LongText
     """What was wrong, naming the field."""
+    retriable: bool = False
+    """True when the request may succeed if made again: the executor is full (open), or it no longer
+    holds the session, as after a restart (a session's requests; open it again)."""
 
 
 class EnvTransition(Strict):

@@ -22,6 +22,7 @@ class ErrorCode(StrEnum):
     BUS_UNAVAILABLE = "bus_unavailable"
     STORE_ERROR = "store_error"
     EXECUTOR_TIMEOUT = "executor_timeout"
+    SESSION_LOST = "session_lost"
     INVALID_DATA = "invalid_data"
     INVALID_PATH = "invalid_path"
     INVALID_MODEL = "invalid_model"

@@ -144,7 +144,7 @@ async def test_an_executor_that_stops_mid_run_fails_the_step_it_left(pair: tuple
     await asyncio.to_thread(env.reset)
     await asyncio.to_thread(env.step, np.array([0]))
     await server.stop()
-    with pytest.raises(ForsetiError, match="did not answer step 2 within") as info:
+    with pytest.raises(ForsetiError, match=r"did not answer step 2 within 0\.3s, nor an open of the session") as info:
         await asyncio.to_thread(env.step, np.array([1]))
     assert info.value.code is ErrorCode.EXECUTOR_TIMEOUT
 
@@ -196,3 +196,101 @@ async def test_an_action_the_executor_rejects_fails_with_the_field_named(pair: t
     with pytest.raises(ForsetiError, match=r"refused step 1: actions\[1\]: 5 is outside Discrete\(2\)") as info:
         await asyncio.to_thread(act)
     assert info.value.code is ErrorCode.INVALID_DATA
+
+
+async def test_a_full_executor_makes_an_open_wait_for_a_free_session(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    """An executor holding max_sessions answered the next open with a permanent invalid_task: the job
+    failed though a session would be free seconds later (issue 13)."""
+    executor_side, worker_side = pair
+    await EnvServer(executor_side, "busy", gym_factory("CartPole-v1"), max_sessions=1).start()
+    loop = asyncio.get_running_loop()
+    first = await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "busy", loop=loop, session_id="a"))
+    waiting = asyncio.create_task(
+        asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "busy", loop=loop, session_id="b", open_wait=10))
+    )
+    await asyncio.sleep(1.0)
+    assert not waiting.done(), "the second job waits while the executor is full"
+    await asyncio.to_thread(first.close)
+    second = await asyncio.wait_for(waiting, 10)
+    await asyncio.to_thread(second.reset)
+    with pytest.raises(ForsetiError, match="already holds 1 sessions") as info:
+        await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "busy", loop=loop, session_id="c", open_wait=0.5))
+    assert (info.value.code, info.value.retriable) == (ErrorCode.RESOURCE_EXHAUSTED, True)
+
+
+async def test_executors_under_one_id_share_its_sessions(broker: MemoryBroker) -> None:
+    """Two executors started with one id both answered every request: each made the session, and
+    replicas could not add capacity (issue 13)."""
+    buses = [MemoryBus(broker) for _ in range(3)]
+    for bus in buses:
+        await bus.connect()
+    servers = [EnvServer(bus, "pool", gym_factory("CartPole-v1"), max_sessions=1) for bus in buses[:2]]
+    for server in servers:
+        await server.start()
+    loop = asyncio.get_running_loop()
+
+    def two_jobs() -> None:
+        a = RemoteVecEnv(buses[2], "pool", loop=loop, session_id="job-a")
+        b = RemoteVecEnv(buses[2], "pool", loop=loop, session_id="job-b")
+        a.reset(), b.reset()
+        for _ in range(5):
+            a.step(np.array([0]))
+            b.step(np.array([1]))
+        a.close()
+        b.close()
+
+    try:
+        await asyncio.to_thread(two_jobs)
+        assert all(not s.sessions for s in servers), "each session closed on the replica that held it"
+        assert [s.replica.startswith("pool.replica-") for s in servers] == [True, True]
+    finally:
+        for bus in buses:
+            await bus.close()
+
+
+@pytest.mark.parametrize("replica", [None, "a"], ids=["new-replica-name", "same-replica-name"])
+async def test_an_executor_restarted_between_steps_has_the_session_opened_again(
+    pair: tuple[MemoryBus, MemoryBus], replica: str | None
+) -> None:
+    """An executor restarted under its id within the step timeout answered `no session` as a permanent
+    invalid_task, and the job failed at once (issue 13). Restarted under its replica name it says
+    session_lost; under a new one the old name's silence tells the same."""
+    executor_side, worker_side = pair
+    server = EnvServer(executor_side, "phoenix", gym_factory("CartPole-v1"), num_envs=2, replica=replica)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    env = await asyncio.to_thread(
+        lambda: RemoteVecEnv(worker_side, "phoenix", loop=loop, session_id="s", step_timeout=0.5, max_reopens=1)
+    )
+    await asyncio.to_thread(env.reset)
+    await asyncio.to_thread(env.step, np.array([0, 1]))
+
+    async def restart() -> None:
+        nonlocal server
+        await server.stop()
+        server = EnvServer(executor_side, "phoenix", gym_factory("CartPole-v1"), num_envs=2, replica=replica)
+        await server.start()
+
+    await restart()
+    _, rewards, dones, infos = await asyncio.to_thread(env.step, np.array([0, 1]))
+    assert dones.tolist() == [True, True] and rewards.tolist() == [0.0, 0.0], "every episode ends there"
+    assert all(info["session_reopened"] for info in infos)
+    _, _, _, infos = await asyncio.to_thread(env.step, np.array([1, 0]))  # the new episodes go on
+    assert not any(info.get("session_reopened") for info in infos)
+    await restart()  # once more than max_reopens allows: the job hands itself back
+    with pytest.raises(ForsetiError, match="opened again 1 times already") as info:
+        await asyncio.to_thread(env.step, np.array([0, 0]))
+    assert (info.value.code, info.value.retriable) == (ErrorCode.SESSION_LOST, True)
+
+
+async def test_a_session_whose_job_went_silent_makes_room_for_the_next(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    """A worker killed mid-job never closed its session, which held its place on the executor for
+    ever: 64 kills and the executor refused every job (issue 13)."""
+    executor_side, worker_side = pair
+    server = EnvServer(executor_side, "tidy", gym_factory("CartPole-v1"), max_sessions=1, session_idle=0.2)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "tidy", loop=loop, session_id="killed-job"))
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "tidy", loop=loop, session_id="next", open_wait=0))
+    assert set(server.sessions) == {"next"}

@@ -403,10 +403,15 @@ def executor(
     executor_id: Annotated[str, typer.Option("--id", help="The executor's name: jobs send actions to it.")],
     num_envs: Annotated[int, typer.Option(min=1, max=1024, help="Sub-envs per session.")] = 1,
     max_sessions: Annotated[int, typer.Option(min=1, help="Sessions (RL jobs) served at once.")] = 64,
+    replica: Annotated[
+        str | None,
+        typer.Option(help="This replica's name among the executors of one --id (a random one by default)."),
+    ] = None,
     bus: BusOpt = DEFAULT_BUS_URL,
     log_json: LogJsonOpt = False,
 ) -> None:
-    """Serve a gymnasium env to RL jobs: actions come in as events, observations go back, until SIGTERM."""
+    """Serve a gymnasium env to RL jobs: actions come in as events, observations go back, until SIGTERM.
+    Executors started with one --id share its jobs: each session opens on one of them."""
     from forseti.envs.executor import EnvServer, gym_factory
 
     setup_logging(json_lines=log_json)
@@ -414,7 +419,13 @@ def executor(
     def make(client: Bus) -> EnvServer:
         try:
             return EnvServer(
-                client, executor_id, gym_factory(env), num_envs=num_envs, environment=env, max_sessions=max_sessions
+                client,
+                executor_id,
+                gym_factory(env),
+                num_envs=num_envs,
+                environment=env,
+                max_sessions=max_sessions,
+                replica=replica,
             )
         except Exception as exc:
             raise _fail(f"cannot make env {env!r}: {exc}") from exc

@@ -96,6 +96,7 @@ def make_env(task: RLTask, ctx: Work, *, session: str, step_timeout: float, num_
             session_id=session,
             environment=task.environment,
             step_timeout=step_timeout,
+            check=ctx.check,
         )
     return VecMonitor(venv)
 
