@@ -240,6 +240,8 @@ class NatsBus:
                 return
         except NotFoundError:
             pass
+        except NatsError as exc:
+            raise BusError(f"cannot look up {bucket}/{name}: {exc}") from exc
         try:
             with path.open("rb") as handle:
                 await store.put(name, handle)
@@ -273,11 +275,14 @@ class NatsBus:
         if self._js is None:
             raise BusError("NATS bus is not connected")
         try:
-            return await self._js.object_store(bucket)
-        except BucketNotFoundError as exc:
-            if not create:
-                raise BusError(f"no object store bucket {bucket} on {self.url}") from exc
-            return await self._js.create_object_store(bucket, config=ObjectStoreConfig(storage=StorageType.FILE))
+            try:
+                return await self._js.object_store(bucket)
+            except BucketNotFoundError as exc:
+                if not create:
+                    raise BusError(f"no object store bucket {bucket} on {self.url}") from exc
+                return await self._js.create_object_store(bucket, config=ObjectStoreConfig(storage=StorageType.FILE))
+        except NatsError as exc:  # the server is away (a timeout while nats-py reconnects): worth another try
+            raise BusError(f"object store bucket {bucket} unreachable on {self.url}: {exc}") from exc
 
     async def _on_error(self, exc: Exception) -> None:
         # nats-py reports every failed try (four a second while a server is away): the same error

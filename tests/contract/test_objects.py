@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from forseti.adapters.bus.nats import NatsBus
-from forseti.adapters.bus.servers import NatsServer
+from forseti.adapters.bus.servers import NatsServer, free_port
 from forseti.adapters.objects import BusObjectStore, ObjectStore, S3ObjectStore, open_object_store
 from forseti.adapters.registry import CheckpointRecord, JobRecord, RegistryStore, create_store
-from forseti.schemas.errors import StoreError
+from forseti.schemas.errors import BusError, StoreError
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import TaskKind
 from forseti.worker.engine.checkpoints import KEEP, MARKER, SharedCheckpoints, forget, local_seq, prune_ended
@@ -202,3 +202,21 @@ async def test_retention_prunes_the_checkpoints_of_ended_jobs_only(
     assert await store.list_checkpoints("ended") == []
     assert len(await store.list_checkpoints("running")) == 1
     assert json.loads((tmp_path / "running" / "checkpoints" / MARKER).read_text())["step"] == 1
+
+
+async def test_an_object_put_while_nats_server_is_away_fails_retriably(tmp_path: Path) -> None:
+    """A model announced while nats-server restarted failed its job for good, as handler_error: the
+    object store lookup's nats TimeoutError was not a BusError (bench/faults.py nats, issue 13)."""
+    server = NatsServer(tmp_path / "nats", port=free_port()).start()
+    bus = NatsBus(server.url)
+    await bus.connect()
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"weights")
+    try:
+        server.stop()
+        with pytest.raises(BusError) as info:
+            await bus.put_object("forseti-artifacts", "m/1/model.onnx", blob, hashlib.sha256(b"weights").hexdigest())
+        assert info.value.retriable
+    finally:
+        await bus.close()
+        server.stop()

@@ -15,6 +15,7 @@ from stable_baselines3 import PPO
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.inference import OnnxPolicy
+from forseti.adapters.registry import ModelRecord
 from forseti.envs.executor import EnvServer, gym_factory
 from forseti.envs.local_policy import act_locally
 from forseti.schemas.catalog import CONTROL, MODELS
@@ -260,3 +261,23 @@ async def test_cancel_reaches_the_evaluation_episodes(broker: MemoryBroker, clie
         await client.publish(CONTROL, encode(CancelJob(job_id=job_id, reason="enough")))
         await events.wait_end("cancelled", timeout=30)
         assert asyncio.get_running_loop().time() - asked < 2.0
+
+
+async def test_a_job_whose_earlier_attempt_registered_its_policy_finishes(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """A PPO job whose first worker registered the policy and died before the job's end could never
+    finish: every later attempt hit `duplicate key ... models_pkey`, store_error, until
+    retries_exhausted (bench/faults.py pause, issue 13)."""
+    task = rl_task("ppo", "CartPole-v1", total_timesteps=64, n_steps=64, episodes=1)
+    job_id = task.request_id or ""
+    async with running_worker(MemoryBus(broker), [RLHandler()], tmp_path) as worker:
+        earlier = ModelRecord(
+            id=job_id, name="ppo-CartPole-v1", model_type="policy", export_path="/elsewhere", export_format="onnx"
+        )
+        await worker.store.add_model(earlier)  # as the dead worker's attempt left it
+        events = await watch(client, job_id)
+        await submit(client, task)
+        done = await events.wait_end()
+    assert done.type.endswith("completed.v1"), done.data
+    assert done.data.result.agent_id == job_id

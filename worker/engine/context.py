@@ -303,6 +303,12 @@ class JobContext(SafePoints):
         """Publish `forseti.model.available.v1` for an artifact this job registered."""
         await self._announcer.announce_model(event, self.job_id)
 
+    async def register_model(self, model: ModelRecord) -> ModelRecord:
+        """Register the job's model version, once: only while this worker holds the job, and an
+        earlier attempt's registration of the same id (its worker killed after it) is kept."""
+        await self._announcer.fence()
+        return await self.store.get_model(model.id) or await self.store.add_model(model)
+
     async def publish_files(
         self,
         model: ModelRecord,

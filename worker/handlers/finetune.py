@@ -99,7 +99,7 @@ class FinetuneHandler:
         metrics = dict(produced.metrics)
         for role, figures in produced.parity.items():
             metrics.update({f"{role}_{k}": v for k, v in figures.items()})
-        model = await ctx.store.get_model(ctx.job_id) or await ctx.store.add_model(
+        model = await ctx.register_model(
             ModelRecord(
                 id=ctx.job_id,
                 name=task.name,

@@ -50,7 +50,7 @@ class RLHandler:
             "onnx_action_agreement": export.agreement,
             **export.int8_figures,
         }
-        model = await ctx.store.add_model(
+        model = await ctx.register_model(
             ModelRecord(
                 id=ctx.job_id,
                 name=name,

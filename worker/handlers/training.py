@@ -58,7 +58,7 @@ class TrainingHandler:
         metrics.update(outcome.calibration)
         metrics["onnx_max_abs_diff"] = exported.max_abs_diff
         metrics["onnx_parity"] = exported.parity
-        model = await ctx.store.get_model(ctx.job_id) or await ctx.store.add_model(
+        model = await ctx.register_model(
             ModelRecord(
                 id=ctx.job_id,
                 name=re.sub(r"[^A-Za-z0-9._-]+", "-", name),
