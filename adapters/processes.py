@@ -3,6 +3,7 @@ the brokers (`bus/servers.py`) and the registry's PostgreSQL (`registry/server.p
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import subprocess
 import tempfile
@@ -94,3 +95,47 @@ class ServerProcess:
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self.stop()
+
+
+class Cable:
+    """A TCP forwarder in front of a server, which a test or a fault bench unplugs (dropping every
+    connection and refusing new ones) and plugs in again, as a host's network would come and go."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.port = free_port()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def plug(self) -> None:
+        """Accept connections (again), each forwarded to the target port."""
+        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
+
+    async def unplug(self) -> None:
+        """Drop every connection and refuse new ones until the next plug."""
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.close()
+        self._writers.clear()
+        await self._server.wait_closed()
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:  # the server behind is down too: the client sees its connection close
+            writer.close()
+            return
+        self._writers += [writer, up_writer]
+
+        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except ConnectionError:
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))

@@ -6,22 +6,27 @@ checker that counts what was lost, duplicated or left stuck.
     python bench/faults.py --scenarios kill     # one scenario
 
 Two `forseti worker` processes with data dirs of their own (two hosts) share one nats-server and one
-PostgreSQL registry, with leases of 3 s and an `ack_wait` of 4 s so that faults are noticed quickly.
-The workload is supervised training on scikit-learn's iris rows, PPO on CartPole in the worker,
-and inference on a model trained first. The nemeses, one per scenario, then all of them in turn:
+PostgreSQL registry, with leases of 3 s and an `ack_wait` of 4 s so that faults are noticed quickly;
+the first reaches nats-server through a TCP forwarder that the `cut` nemesis unplugs. The workload
+is supervised training on scikit-learn's iris rows, PPO on CartPole in the worker and through a
+`forseti executor` process, and inference on a model trained first. The nemeses, one per scenario,
+then all of them in turn:
 
 - `kill`: SIGKILL a worker, start it again at once (same data dir);
 - `pause`: SIGSTOP a worker for longer than its lease and `ack_wait`, then SIGCONT;
 - `nats`: restart nats-server (3 s down, same store);
-- `combined`: the three above in turn.
+- `executor`: SIGKILL the executor, start it again under its id at once;
+- `cut`: cut the first worker's connection to nats-server for longer than `ack_wait`, then restore it;
+- `combined`: the five above in turn.
 
 The checker reads the registry and the job events: every request id must have exactly one terminal
 outcome (lost: none by the end; duplicated: two different terminal outcomes for one id, or a model
 announced twice; stuck: a job still running or pending at the end). Recovery is, for each fault,
 the time from the fault until every job the registry had running at that moment had ended.
 Not covered here: Tansu restarts (its memory store drops every record when it stops, so a restart
-loses by design), executor kills (tests/unit/test_rl.py covers an executor restarted under its id),
-fine-tunes (minutes each on this machine), and a TCP proxy cutting one worker's connection.
+loses by design) and fine-tunes (minutes each on this machine; tests/e2e/test_many_hosts.py kills
+a fine-tune's worker and checks the other host finishes it from its checkpoint).
+tests/e2e/test_faults.py runs a CI-sized `combined` scenario through `scenario()` below.
 """
 
 from __future__ import annotations
@@ -50,6 +55,7 @@ from sklearn.datasets import load_iris
 from forseti.adapters.bus import Message
 from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer, free_port
+from forseti.adapters.processes import Cable
 from forseti.adapters.registry import RegistryStore, create_store
 from forseti.adapters.registry.server import PostgresServer
 from forseti.schemas.catalog import MODELS
@@ -60,12 +66,16 @@ from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TASK_MODELS, InferenceTask, RLTask, TaskBase, TrainingTask, task_channel
 
 REPO = Path(__file__).resolve().parents[1]
-SCENARIOS = ("kill", "pause", "nats", "combined")
+SCENARIOS = ("kill", "pause", "nats", "executor", "cut", "combined")
 LEASE_TTL, ACK_WAIT = 3.0, 4.0
-PAUSE_SECONDS = 8.0
+PAUSE_SECONDS = 6.0
 """Longer than the lease and ack_wait: the paused worker's jobs are taken over while it sleeps."""
-FAULT_EVERY = 12.0
+CUT_SECONDS = 6.0
+"""Longer than ack_wait: the bus hands the cut worker's tasks to the other, which finds them leased."""
+FAULT_EVERY = 8.0
 """Seconds between faults."""
+EXECUTOR = "fault-exec"
+"""The executor id the remote PPO tasks name."""
 END_WAIT = 240.0
 """Seconds the checker waits, after the last fault, for every job to end."""
 
@@ -92,7 +102,8 @@ def training(request_id: str, rows: list[dict[str, Any]]) -> TrainingTask:
 
 
 def workload(n: int, model_id: str, seed: int) -> list[TaskBase]:
-    """`n` tasks: 60% training, 20% PPO, 20% inference on `model_id`, in a seeded shuffle."""
+    """`n` tasks: 60% training, 10% PPO in the worker, 10% PPO on the executor, 20% inference on
+    `model_id`, in a seeded shuffle."""
     rows, rng = iris_rows(), random.Random(seed)
     tasks: list[TaskBase] = []
     for i in range(n):
@@ -107,6 +118,7 @@ def workload(n: int, model_id: str, seed: int) -> list[TaskBase]:
                         "request_id": request_id,
                         "algorithm": "ppo",
                         "environment": "CartPole-v1",
+                        "executor": EXECUTOR if i % 10 == 8 else None,
                         "config": {"total_timesteps": 512, "n_steps": 128, "checkpoint_interval": 128, "seed": i},
                         "policy": {"net_arch": [16, 16]},
                         "evaluation": {"episodes": 2},
@@ -120,42 +132,32 @@ def workload(n: int, model_id: str, seed: int) -> list[TaskBase]:
     return tasks
 
 
-class Worker:
-    """One `forseti worker` process: a host with its own data dir."""
+class Process:
+    """One `forseti` command as a process, its output in `<logs>/<name>.log`, started again by a
+    nemesis as often as it likes."""
 
-    def __init__(self, name: str, bus_url: str, registry_url: str, data_dir: Path) -> None:
-        self.name, self.bus_url, self.registry_url, self.data_dir = name, bus_url, registry_url, data_dir
+    ready = b""
+    """What the process logs once it serves."""
+
+    def __init__(self, name: str, logs: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.name, self.log_path, self.args, self.env = name, logs / f"{name}.log", args, env or {}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.paused = False
 
     def start(self) -> None:
-        """Start the process and wait until it pulls tasks."""
-        env = {
-            **os.environ,
-            "FORSETI_REGISTRY_URL": self.registry_url,
-            "FORSETI_LEASE_TTL": str(LEASE_TTL),
-            "FORSETI_HEARTBEAT_INTERVAL": "1",
-            "FORSETI_POLL_INTERVAL": "0.2",
-            "FORSETI_RETRY_DELAY": "1",
-            "FORSETI_OBJECT_STORE_URL": "none",
-        }
-        log_path = self.data_dir.parent / f"{self.name}.log"
-        offset = log_path.stat().st_size if log_path.exists() else 0  # a restart appends to the same log
-        log = log_path.open("ab")
-        command = [sys.executable, "-m", "forseti.worker", "worker", "--bus", self.bus_url]
-        command += ["--data-dir", str(self.data_dir), "--worker-id", self.name, "--concurrency", "2"]
-        self.proc = subprocess.Popen(
-            [*command, "--shutdown-grace", "5"],
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
+        """Start the process and wait until it logs `ready`."""
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # a restart appends
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "forseti.worker", *self.args],
+                cwd=REPO,
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         deadline = time.monotonic() + 60
-        while b"pulling" not in log_path.read_bytes()[offset:]:
+        while self.ready not in self.log_path.read_bytes()[offset:]:
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker {self.name} did not start; see {log_path}")
+                raise RuntimeError(f"{self.name} did not start; see {self.log_path}")
             time.sleep(0.1)
 
     def signal(self, sig: int) -> None:
@@ -174,6 +176,33 @@ class Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+class Worker(Process):
+    """`forseti worker`: a host with its own data dir."""
+
+    ready = b"pulling"
+
+    def __init__(self, name: str, bus_url: str, registry_url: str, data_dir: Path) -> None:
+        args = ["worker", "--bus", bus_url, "--data-dir", str(data_dir), "--worker-id", name]
+        env = {
+            "FORSETI_REGISTRY_URL": registry_url,
+            "FORSETI_LEASE_TTL": str(LEASE_TTL),
+            "FORSETI_HEARTBEAT_INTERVAL": "1",
+            "FORSETI_POLL_INTERVAL": "0.2",
+            "FORSETI_RETRY_DELAY": "1",
+            "FORSETI_OBJECT_STORE_URL": "none",
+        }
+        super().__init__(name, data_dir.parent, [*args, "--concurrency", "2", "--shutdown-grace", "5"], env)
+
+
+class Executor(Process):
+    """`forseti executor` serving CartPole as `EXECUTOR`."""
+
+    ready = b"serving"
+
+    def __init__(self, name: str, bus_url: str, logs: Path) -> None:
+        super().__init__(name, logs, ["executor", "--env", "CartPole-v1", "--id", EXECUTOR, "--bus", bus_url])
 
 
 @dataclass
@@ -256,12 +285,39 @@ async def wait_ended(store: RegistryStore, ids: list[str], timeout: float) -> di
         await asyncio.sleep(0.5)
 
 
-async def scenario(name: str, n: int, root: Path, nats: NatsServer, registry_url: str, seed: int) -> Outcome:
-    """Run `n` tasks through two workers while the `name` nemesis strikes; check what came out."""
-    bus_url = f"{nats.url}?ack_wait={ACK_WAIT:g}"
-    workers = [Worker(f"{name}-{h}", bus_url, registry_url, root / f"{name}-{h}") for h in ("a", "b")]
-    for worker in workers:
-        worker.start()
+@dataclass
+class Cluster:
+    """What a nemesis strikes: the workers, the executor, the server and the first worker's cable."""
+
+    workers: list[Worker]
+    executor: Executor
+    nats: NatsServer
+    cable: Cable
+
+
+async def scenario(
+    name: str,
+    n: int,
+    root: Path,
+    nats: NatsServer,
+    registry_url: str,
+    seed: int,
+    *,
+    every: float = FAULT_EVERY,
+    most: int = 40,
+) -> Outcome:
+    """Run `n` tasks through two workers while the `name` nemesis strikes every `every` seconds (at
+    most `most` times); check what came out."""
+    cable = Cable(nats.port)
+    await cable.plug()
+    urls = [f"nats://127.0.0.1:{port}?ack_wait={ACK_WAIT:g}" for port in (cable.port, nats.port)]
+    workers = [
+        Worker(f"{name}-{h}", url, registry_url, root / f"{name}-{h}") for h, url in zip("ab", urls, strict=True)
+    ]
+    executor = Executor(f"{name}-executor", nats.url, root)
+    for process in [executor, *workers]:
+        await asyncio.to_thread(process.start)  # in a thread: the cable forwards on this loop meanwhile
+    cluster = Cluster(workers, executor, nats, cable)
     client, store = NatsBus(nats.url), create_store(registry_url)
     await client.connect()
     await store.open()
@@ -277,11 +333,12 @@ async def scenario(name: str, n: int, root: Path, nats: NatsServer, registry_url
         ids = [t.request_id or "" for t in tasks]
         for task in tasks:
             await publish(client, task)
-        faults, snapshots = await nemesis(name, workers, nats, store, ids)
+        faults, snapshots = await nemesis(name, cluster, store, ids, every=every, most=most)
         states = await wait_ended(store, ids, END_WAIT)
     finally:
-        for worker in workers:
-            worker.stop()
+        for process in [*workers, executor]:
+            await asyncio.to_thread(process.stop)
+        await cable.unplug()
     await asyncio.sleep(1.0)  # late events of jobs that just ended
     failed: Counter[str] = Counter()
     for job_id in ids:
@@ -310,21 +367,24 @@ async def scenario(name: str, n: int, root: Path, nats: NatsServer, registry_url
 
 
 async def nemesis(
-    name: str, workers: list[Worker], nats: NatsServer, store: RegistryStore, ids: list[str]
+    name: str, cluster: Cluster, store: RegistryStore, ids: list[str], *, every: float, most: int
 ) -> tuple[int, list[tuple[float, list[str]]]]:
-    """Strike every FAULT_EVERY seconds while jobs of `ids` are unfinished; the faults, and for each
-    the time it struck with the jobs the registry had running then."""
+    """Strike every `every` seconds while jobs of `ids` are unfinished; the faults, and for each the
+    time it struck with the jobs the registry had running then."""
+    workers = cluster.workers
     moves: dict[str, Callable[[int], Awaitable[None]]] = {
         "kill": lambda k: kill(workers[k % 2]),
         "pause": lambda k: pause(workers[k % 2]),
-        "nats": lambda k: restart(nats),
+        "nats": lambda k: restart(cluster.nats),
+        "executor": lambda k: kill(cluster.executor),
+        "cut": lambda k: cut(cluster.cable),
     }
-    order = ["kill", "pause", "nats"] if name == "combined" else [name]
+    order = [s for s in SCENARIOS if s != "combined"] if name == "combined" else [name]
     snapshots: list[tuple[float, list[str]]] = []
     pending = set(ids)
     k = 0
-    while pending and k < 40:
-        await asyncio.sleep(FAULT_EVERY)
+    while pending and k < most:
+        await asyncio.sleep(every)
         try:
             running = [j.job_id for j in await store.list_jobs(state=JobState.RUNNING, limit=200)]
         except Exception:
@@ -337,12 +397,19 @@ async def nemesis(
     return k, snapshots
 
 
-async def kill(worker: Worker) -> None:
-    """SIGKILL, then start again on the same data dir."""
-    worker.signal(signal.SIGKILL)
-    assert worker.proc is not None
-    worker.proc.wait()
-    await asyncio.to_thread(worker.start)
+async def kill(process: Process) -> None:
+    """SIGKILL, then start again (a worker on the same data dir, the executor under its id)."""
+    process.signal(signal.SIGKILL)
+    assert process.proc is not None
+    await asyncio.to_thread(process.proc.wait)
+    await asyncio.to_thread(process.start)
+
+
+async def cut(cable: Cable) -> None:
+    """Cut every connection through `cable` for CUT_SECONDS, then let them connect again."""
+    await cable.unplug()
+    await asyncio.sleep(CUT_SECONDS)
+    await cable.plug()
 
 
 async def pause(worker: Worker) -> None:
@@ -367,8 +434,9 @@ def render(outcomes: list[Outcome]) -> str:
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {os.cpu_count()} cores: two "
         "`forseti worker` processes (separate data dirs, concurrency 2 each, jobs in child processes) on one "
         f"nats-server and one PostgreSQL registry, leases of {LEASE_TTL:g} s, `ack_wait` {ACK_WAIT:g} s, a "
-        f"fault every {FAULT_EVERY:g} s while jobs remain. Workload: 60% training (iris, 4 epochs), 20% PPO "
-        "(CartPole, 512 steps), 20% inference. Rerun with `python bench/faults.py`.",
+        f"fault every {FAULT_EVERY:g} s while jobs remain (pauses and cuts last {PAUSE_SECONDS:g} s). Workload: "
+        "60% training (iris, 4 epochs), 10% PPO in the worker and 10% through a `forseti executor` (CartPole, "
+        "512 steps), 20% inference. Rerun with `python bench/faults.py`.",
         "",
         "| scenario | tasks | faults | lost | duplicated | stuck | failed | outcome unseen on the bus "
         "| recovery p50 / max (s) | wall (s) |",

@@ -14,7 +14,6 @@ import onnx
 from onnx import TensorProto, helper
 
 from forseti.adapters.bus import Bus, Message
-from forseti.adapters.bus.servers import free_port
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.inference import CARD_KEY, ModelCard
 from forseti.adapters.registry import JobRecord, SqliteStore, create_store
@@ -319,41 +318,3 @@ def tiny_announcement(folder: Path, model_id: str, *, device_id: str, version: s
         created_at="2026-11-22T00:00:00Z",
         device_id=device_id,
     )
-
-
-class Cable:
-    """A TCP forwarder in front of a server, which a test unplugs (dropping every connection and
-    refusing new ones) and plugs in again, as a device's network would come and go."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def plug(self) -> None:
-        self._server = await asyncio.start_server(self._pipe, "127.0.0.1", self.port)
-
-    async def unplug(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-        await self._server.wait_closed()
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers += [writer, up_writer]
-
-        async def copy(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            try:
-                while data := await source.read(65536):
-                    sink.write(data)
-                    await sink.drain()
-            except ConnectionError:
-                pass
-            finally:
-                sink.close()
-
-        await asyncio.gather(copy(reader, up_writer), copy(up_reader, writer))

@@ -8,13 +8,14 @@ from typing import Any
 
 from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer
+from forseti.adapters.processes import Cable
 from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferReply, InferRequest
 from forseti.schemas.models import ModelLoaded
 from forseti.worker.services.edge import EdgeAgent
 
-from ..helpers import Cable, Watcher, tiny_announcement
+from ..helpers import Watcher, tiny_announcement
 
 
 async def test_an_agent_cut_off_from_the_server_catches_up_when_it_returns(
