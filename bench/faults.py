@@ -5,12 +5,12 @@ checker that counts what was lost, duplicated or left stuck.
     python bench/faults.py --tasks 40 --quick   # a smaller run, printed only
     python bench/faults.py --scenarios kill     # one scenario
 
-Two `forseti worker` processes with data dirs of their own (two hosts) share one nats-server and one
-PostgreSQL registry, with leases of 3 s and an `ack_wait` of 4 s so that faults are noticed quickly;
-the first reaches nats-server through a TCP forwarder that the `cut` nemesis unplugs. The workload
-is supervised training on scikit-learn's iris rows, PPO on CartPole in the worker and through a
-`forseti executor` process, and inference on a model trained first. The nemeses, one per scenario,
-then all of them in turn:
+Two `forseti worker` processes with data dirs of their own (two hosts) share one nats-server (whose
+object store shares their checkpoints) and one PostgreSQL registry, with leases of 3 s and an
+`ack_wait` of 4 s so that faults are noticed quickly; the first reaches nats-server through a TCP
+forwarder that the `cut` nemesis unplugs. The workload is supervised training on scikit-learn's
+iris rows, PPO on CartPole in the worker and through a `forseti executor` process, and inference on
+a model trained first. The nemeses, one per scenario, then all of them in turn:
 
 - `kill`: SIGKILL a worker, start it again at once (same data dir);
 - `pause`: SIGSTOP a worker for longer than its lease and `ack_wait`, then SIGCONT;
@@ -21,7 +21,9 @@ then all of them in turn:
 
 The checker reads the registry and the job events: every request id must have exactly one terminal
 outcome (lost: none by the end; duplicated: two different terminal outcomes for one id, or a model
-announced twice; stuck: a job still running or pending at the end). Recovery is, for each fault,
+announced twice; stuck: a job still running or pending at the end; work lost: how far a job taken
+over had come before its last delivery, less where its finishing attempt resumed, in checkpoint
+intervals, at most 1). Recovery is, for each fault,
 the time from the fault until every job the registry had running at that moment had ended.
 Not covered here: Tansu restarts (its memory store drops every record when it stops, so a restart
 loses by design) and fine-tunes (minutes each on this machine; tests/e2e/test_many_hosts.py kills
@@ -61,7 +63,17 @@ from forseti.adapters.registry.server import PostgresServer
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import InvalidTask
-from forseti.schemas.jobs import JobCancelled, JobCompleted, JobEvent, JobFailed, JobState
+from forseti.schemas.jobs import (
+    JobAccepted,
+    JobCancelled,
+    JobCompleted,
+    JobEvent,
+    JobFailed,
+    JobProgress,
+    JobState,
+    RLResult,
+    TrainingResult,
+)
 from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TASK_MODELS, InferenceTask, RLTask, TaskBase, TrainingTask, task_channel
 
@@ -191,7 +203,6 @@ class Worker(Process):
             "FORSETI_HEARTBEAT_INTERVAL": "1",
             "FORSETI_POLL_INTERVAL": "0.2",
             "FORSETI_RETRY_DELAY": "1",
-            "FORSETI_OBJECT_STORE_URL": "none",
         }
         super().__init__(name, data_dir.parent, [*args, "--concurrency", "2", "--shutdown-grace", "5"], env)
 
@@ -213,13 +224,28 @@ class Observed:
     """Per job id: (terminal event type, replayed, when seen)."""
     announcements: Counter[tuple[str, str, str | None]] = field(default_factory=Counter)
     """model.available events per (model id, format, quantization)."""
+    reached: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Per job: the furthest progress step seen before its latest `accepted`."""
+    furthest: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    """Per job: the furthest progress step seen so far."""
+    resumed_from: dict[str, int] = field(default_factory=dict)
+    """Per job taken over: the step its finishing attempt started from, by its result."""
 
     async def on_job(self, msg: Message) -> None:
-        """Record a job's terminal events."""
+        """Record a job's terminal events, how far it had come when it was delivered again, and
+        where its finishing attempt resumed."""
         event = decode(msg.data, expect=JobEvent).data
-        if isinstance(event, JobCompleted | JobFailed | JobCancelled):
+        if isinstance(event, JobAccepted) and event.attempt > 1:
+            self.reached[event.job_id] = self.furthest[event.job_id]
+        elif isinstance(event, JobProgress):
+            self.furthest[event.job_id] = max(self.furthest[event.job_id], event.step)
+        elif isinstance(event, JobCompleted | JobFailed | JobCancelled):
             replayed = isinstance(event, JobCompleted) and event.replayed
             self.ends[event.job_id].append((type(event).__name__, replayed, time.monotonic()))
+            if isinstance(event, JobCompleted) and not replayed and event.job_id in self.reached:
+                start = resumed_step(event)
+                if start is not None:
+                    self.resumed_from[event.job_id] = start
 
     async def on_model(self, msg: Message) -> None:
         """Count announcements."""
@@ -228,6 +254,22 @@ class Observed:
         except InvalidTask:  # another event on the models channel (an alias moved)
             return
         self.announcements[event.model_id, event.format, event.quantization] += 1
+
+
+def resumed_step(event: JobCompleted) -> int | None:
+    """The step a completed training or RL job's attempt started from (0: from scratch)."""
+    result = event.result
+    if isinstance(result, TrainingResult):
+        return int(result.metrics.custom_metrics.get("resumed_from_epoch", 0))
+    if isinstance(result, RLResult):
+        return int(result.metrics.custom_metrics.get("resumed_from_timesteps", 0))
+    return None
+
+
+def interval(task: TaskBase) -> int:
+    """A task's checkpoint interval in its progress unit (epochs, timesteps)."""
+    config = getattr(task, "config", None)
+    return int(getattr(config, "checkpoint_interval", 1))
 
 
 @dataclass
@@ -244,6 +286,10 @@ class Outcome:
     unseen: int
     recovery: list[float]
     seconds: float
+    resumed: int = 0
+    """Jobs delivered again after they had made progress, that then completed."""
+    work_lost: list[float] = field(default_factory=list)
+    """For each of those: progress lost at its last takeover, in checkpoint intervals."""
 
 
 def duplicates(ends: dict[str, list[tuple[str, bool, float]]], announced: Counter[Any]) -> int:
@@ -305,9 +351,11 @@ async def scenario(
     *,
     every: float = FAULT_EVERY,
     most: int = 40,
+    waves: int = 1,
 ) -> Outcome:
     """Run `n` tasks through two workers while the `name` nemesis strikes every `every` seconds (at
-    most `most` times); check what came out."""
+    most `most` times); check what came out. With `waves` > 1 the tasks are published in that many
+    parts, the next one halfway between two faults, so that every fault finds work in flight."""
     cable = Cable(nats.port)
     await cable.plug()
     urls = [f"nats://127.0.0.1:{port}?ack_wait={ACK_WAIT:g}" for port in (cable.port, nats.port)]
@@ -331,9 +379,14 @@ async def scenario(
         await wait_ended(store, [model_id], 120)
         tasks = workload(n, model_id, seed)
         ids = [t.request_id or "" for t in tasks]
-        for task in tasks:
-            await publish(client, task)
-        faults, snapshots = await nemesis(name, cluster, store, ids, every=every, most=most)
+        parts = [tasks[k::waves] for k in range(waves)]
+
+        async def feed() -> None:
+            for task in parts.pop(0) if parts else ():
+                await publish(client, task)
+
+        await feed()
+        faults, snapshots = await nemesis(name, cluster, store, ids, feed, every=every, most=most)
         states = await wait_ended(store, ids, END_WAIT)
     finally:
         for process in [*workers, executor]:
@@ -361,16 +414,29 @@ async def scenario(
         ],
         seconds=time.monotonic() - started,
     )
+    intervals = {t.request_id: interval(t) for t in tasks}
+    for job_id, start in seen.resumed_from.items():
+        if seen.reached[job_id] > 0:
+            outcome.resumed += 1
+            outcome.work_lost.append(max(0, seen.reached[job_id] - start) / intervals[job_id])
     await store.close()
     await client.close()
     return outcome
 
 
 async def nemesis(
-    name: str, cluster: Cluster, store: RegistryStore, ids: list[str], *, every: float, most: int
+    name: str,
+    cluster: Cluster,
+    store: RegistryStore,
+    ids: list[str],
+    feed: Callable[[], Awaitable[None]],
+    *,
+    every: float,
+    most: int,
 ) -> tuple[int, list[tuple[float, list[str]]]]:
-    """Strike every `every` seconds while jobs of `ids` are unfinished; the faults, and for each the
-    time it struck with the jobs the registry had running then."""
+    """Strike every `every` seconds while jobs of `ids` are unfinished (or unpublished: `feed`
+    publishes the next part, halfway to each strike); the faults, and for each the time it struck
+    with the jobs the registry had running then."""
     workers = cluster.workers
     moves: dict[str, Callable[[int], Awaitable[None]]] = {
         "kill": lambda k: kill(workers[k % 2]),
@@ -384,7 +450,9 @@ async def nemesis(
     pending = set(ids)
     k = 0
     while pending and k < most:
-        await asyncio.sleep(every)
+        await asyncio.sleep(every / 2)
+        await feed()
+        await asyncio.sleep(every / 2)
         try:
             running = [j.job_id for j in await store.list_jobs(state=JobState.RUNNING, limit=200)]
         except Exception:
@@ -433,21 +501,23 @@ def render(outcomes: list[Outcome]) -> str:
         "",
         f"Measured {time.strftime('%Y-%m-%d')} on {platform.machine()} with {os.cpu_count()} cores: two "
         "`forseti worker` processes (separate data dirs, concurrency 2 each, jobs in child processes) on one "
-        f"nats-server and one PostgreSQL registry, leases of {LEASE_TTL:g} s, `ack_wait` {ACK_WAIT:g} s, a "
+        "nats-server (its object store sharing checkpoints) and one PostgreSQL registry, leases of "
+        f"{LEASE_TTL:g} s, `ack_wait` {ACK_WAIT:g} s, a "
         f"fault every {FAULT_EVERY:g} s while jobs remain (pauses and cuts last {PAUSE_SECONDS:g} s). Workload: "
         "60% training (iris, 4 epochs), 10% PPO in the worker and 10% through a `forseti executor` (CartPole, "
         "512 steps), 20% inference. Rerun with `python bench/faults.py`.",
         "",
         "| scenario | tasks | faults | lost | duplicated | stuck | failed | outcome unseen on the bus "
-        "| recovery p50 / max (s) | wall (s) |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: |",
+        "| resumed | work lost at takeover, max (intervals) | recovery p50 / max (s) | wall (s) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | ---: |",
     ]
     for o in outcomes:
         failed = ", ".join(f"{code} {count}" for code, count in sorted(o.failed.items())) or "0"
         recovery = f"{statistics.median(o.recovery):.1f} / {max(o.recovery):.1f}" if o.recovery else "-"
+        work_lost = f"{max(o.work_lost):.2f}" if o.work_lost else "-"
         lines.append(
             f"| {o.scenario} | {o.tasks} | {o.faults} | {o.lost} | {o.duplicated} | {o.stuck} | {failed} "
-            f"| {o.unseen} | {recovery} | {o.seconds:.0f} |"
+            f"| {o.unseen} | {o.resumed} | {work_lost} | {recovery} | {o.seconds:.0f} |"
         )
     lines += [
         "",
@@ -455,7 +525,11 @@ def render(outcomes: list[Outcome]) -> str:
         "for one id, two non-replayed completions, or a model announced twice. Stuck: still running at the "
         "end. Outcome unseen: the registry has the outcome but the client, subscribed throughout, never saw "
         "its event (core NATS drops what is published while the server is down; `forseti status` answers "
-        "from the registry). Recovery: from a fault until every job the registry had running then had ended.",
+        "from the registry). Resumed: jobs delivered again after they had reported progress, that then "
+        "completed. Work lost: for each, the furthest step it had reported before its last delivery minus "
+        "the step its finishing attempt started from (its result's `resumed_from_*`), in checkpoint "
+        "intervals (1 epoch, 128 timesteps); at most 1 is the promise. Recovery: from a fault until every "
+        "job the registry had running then had ended.",
     ]
     return "\n".join(lines)
 

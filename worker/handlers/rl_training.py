@@ -170,10 +170,12 @@ class JobCallback(BaseCallback):
 
     def _on_step(self) -> bool:
         self.episodes += sum(1 for info in self.locals.get("infos", ()) if "episode" in info)
-        if self.num_timesteps - self._last_progress >= self.progress_every:
-            self.report()
-        if self.num_timesteps - self._last_checkpoint >= self.every:
+        checkpoint = self.num_timesteps - self._last_checkpoint >= self.every
+        if checkpoint:
             self.save()
+        # a checkpoint is reported too: a watcher sees the step a takeover would resume from
+        if checkpoint or self.num_timesteps - self._last_progress >= self.progress_every:
+            self.report()
         return self.ctx.hold()
 
     def steps_per_second(self) -> float:
