@@ -108,11 +108,12 @@ async def fetch(
 
 
 def _cached(parsed: ParseResult, sha256: str, cache: Path) -> Path:
-    """Where the downloaded copy of an object is kept under `cache`."""
+    """Where the downloaded copy of an object is kept under `cache`: never outside it, whatever the
+    URI says (an announcement is anyone's to publish)."""
     if parsed.scheme == SCHEME:
-        return cache / parsed.netloc / unquote(parsed.path.lstrip("/"))
+        return _confined(cache, parsed.netloc, unquote(parsed.path.lstrip("/")), parsed)
     if parsed.scheme in ("http", "https"):
-        return cache / parsed.netloc.replace(":", "_") / unquote(parsed.path.lstrip("/"))
+        return _confined(cache, parsed.netloc.replace(":", "_"), unquote(parsed.path.lstrip("/")), parsed)
     if parsed.scheme == "s3":
         # named by its digest (checked by the announcement's schema), never by the key it came under
         leaf = PurePosixPath(unquote(parsed.path)).name
@@ -120,6 +121,23 @@ def _cached(parsed: ParseResult, sha256: str, cache: Path) -> Path:
     raise ForsetiError(
         f"cannot fetch {parsed.geturl()!r}: unknown scheme {parsed.scheme!r}", code=ErrorCode.INVALID_MODEL
     )
+
+
+def _confined(cache: Path, folder: str, name: str, parsed: ParseResult) -> Path:
+    """`cache / folder / name`, refused (invalid_model) when a part of it is empty, `.`, `..`, absolute
+    or holds a backslash or NUL: such a name would climb out of the cache."""
+    parts = [folder, *name.split("/")]
+    if any(part in ("", ".", "..") or "\\" in part or "\0" in part for part in parts):
+        raise ForsetiError(
+            f"refused {parsed.geturl()!r}: its name would be written outside this consumer's cache",
+            code=ErrorCode.INVALID_MODEL,
+        )
+    path = cache.joinpath(*parts)
+    if not path.resolve().is_relative_to(cache.resolve()):  # a symlink planted in the cache
+        raise ForsetiError(
+            f"refused {parsed.geturl()!r}: its name leads outside this consumer's cache", code=ErrorCode.INVALID_MODEL
+        )
+    return path
 
 
 async def _download_into(bus: object, objects: ObjectStore | None, parsed: ParseResult, path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from forseti.adapters.urls import redact
+
 from .base import Bus, Delivery, Message, MessageHandler, Settle, Subscription, TaskIntake
 from .memory import MemoryBroker, MemoryBus
 from .settings import BusSettings
@@ -25,7 +27,7 @@ def create_bus(url: str, *, broker: MemoryBroker | None = None) -> Bus:
         from .kafka import KafkaBus
 
         return KafkaBus(base, settings=settings)
-    raise ValueError(f"unknown bus URL {url!r}: use one of {', '.join(s + '://' for s in SCHEMES)}")
+    raise ValueError(f"unknown bus URL {redact(url)!r}: use one of {', '.join(s + '://' for s in SCHEMES)}")
 
 
 __all__ = [

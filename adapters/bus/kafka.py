@@ -26,6 +26,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 
+from forseti.adapters.urls import redact
 from forseti.schemas.errors import BusError, RequestTimeout
 
 from .base import (
@@ -164,6 +165,8 @@ class KafkaBus:
 
     def __init__(self, url: str = "kafka://127.0.0.1:9092", *, settings: BusSettings | None = None) -> None:
         self.url = url
+        self.shown_url = redact(url)
+        """The URL as logs and errors show it: no password nor token."""
         self.settings = settings or BusSettings()
         self.bootstrap = urlsplit(url).netloc
         self.client_id = f"forseti-{uuid.uuid4().hex[:12]}"
@@ -194,7 +197,7 @@ class KafkaBus:
             await self._producer.start()
         except (KafkaConnectionError, KafkaError, OSError) as exc:
             await self.close()
-            raise BusError(f"cannot reach Kafka at {self.url}: {exc}") from exc
+            raise BusError(f"cannot reach Kafka at {self.shown_url}: {exc}") from exc
 
     async def on_given_up(self, handler: Callable[[Delivery], Awaitable[None]], *, group: str) -> Subscription:
         """Never called: a nak on Kafka publishes the task again (its attempt header raised), so the

@@ -40,6 +40,7 @@ from nats.js.api import (
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.object_store import ObjectStore
 
+from forseti.adapters.urls import redact
 from forseti.schemas.errors import BusError, RequestTimeout
 
 from .base import ClosedSubscription, Delivery, Message, MessageHandler, Settle, Subscription, cancel_and_wait
@@ -149,6 +150,8 @@ class NatsBus:
         self, url: str = "nats://127.0.0.1:4222", *, settings: BusSettings | None = None, name: str = "forseti"
     ) -> None:
         self.url = url
+        self.shown_url = redact(url)
+        """The URL as logs and errors show it: no password nor token."""
         self.settings = settings or BusSettings()
         self._name = name
         self._nc: Client | None = None
@@ -176,7 +179,7 @@ class NatsBus:
                 self._nc = await self._connect()
         except (NoServersError, OSError, TimeoutError) as exc:
             reason = str(exc) or f"no answer within {self.settings.connect_timeout:g}s"
-            raise BusError(f"cannot reach NATS at {self.url}: {reason}") from exc
+            raise BusError(f"cannot reach NATS at {self.shown_url}: {reason}") from exc
         self._js = self._nc.jetstream()
         tasks = StreamConfig(
             name=STREAM,
@@ -279,10 +282,10 @@ class NatsBus:
                 return await self._js.object_store(bucket)
             except BucketNotFoundError as exc:
                 if not create:
-                    raise BusError(f"no object store bucket {bucket} on {self.url}") from exc
+                    raise BusError(f"no object store bucket {bucket} on {self.shown_url}") from exc
                 return await self._js.create_object_store(bucket, config=ObjectStoreConfig(storage=StorageType.FILE))
         except NatsError as exc:  # the server is away (a timeout while nats-py reconnects): worth another try
-            raise BusError(f"object store bucket {bucket} unreachable on {self.url}: {exc}") from exc
+            raise BusError(f"object store bucket {bucket} unreachable on {self.shown_url}: {exc}") from exc
 
     async def _on_error(self, exc: Exception) -> None:
         # nats-py reports every failed try (four a second while a server is away): the same error
@@ -293,11 +296,11 @@ class NatsBus:
 
     async def _on_disconnect(self) -> None:
         if self._nc is not None:  # None while close() runs: an intended disconnect
-            log.warning("nats: disconnected from %s, reconnecting", self.url)
+            log.warning("nats: disconnected from %s, reconnecting", self.shown_url)
 
     async def _on_reconnect(self) -> None:
         self._last_error = None
-        log.info("nats: reconnected to %s", self.url)
+        log.info("nats: reconnected to %s", self.shown_url)
         self.reconnected.set()
 
     async def reachable(self) -> bool:
@@ -323,7 +326,7 @@ class NatsBus:
         except (ConnectionClosedError, TimeoutError, NoRespondersError) as exc:
             raise BusError(f"publish to {channel} failed: {exc}") from exc
         except NatsError as exc:  # JetStream refused it: the task stream is full (tasks_max_bytes)
-            raise BusError(f"publish to {channel} refused by {self.url}: {exc}") from exc
+            raise BusError(f"publish to {channel} refused by {self.shown_url}: {exc}") from exc
 
     async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
         """Subscribe with core NATS; `queue` makes it a queue group."""
@@ -534,7 +537,7 @@ class NatsBus:
         except BadRequestError as exc:
             if exc.err_code == CONSUMER_NOT_UNIQUE:
                 raise BusError(
-                    f"another consumer group already takes {channel} on {self.url}: a work-queue stream "
+                    f"another consumer group already takes {channel} on {self.shown_url}: a work-queue stream "
                     f"gives each task kind to one group, so use the same --group ({group!r} is not it)"
                 ) from exc
             raise BusError(f"cannot take tasks from {channel}: {exc.description}") from exc

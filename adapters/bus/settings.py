@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from forseti.adapters.urls import redact
+
 
 @dataclass(frozen=True, kw_only=True)
 class BusSettings:
@@ -50,7 +52,7 @@ class BusSettings:
         values: dict[str, float | int | bool] = {}
         for name, raw in parse_qsl(parts.query, strict_parsing=False):
             if name not in known:
-                raise ValueError(f"unknown bus setting {name!r} in {url!r}; known: {', '.join(known)}")
+                raise ValueError(f"unknown bus setting {name!r} in {redact(url)!r}; known: {', '.join(known)}")
             if known[name] == "bool":
                 if raw.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(f"bus setting {name} is true or false, not {raw!r}")

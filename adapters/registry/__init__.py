@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import Artifact, CheckpointRecord, Claim, JobRecord, ModelRecord, RegistryStore, RLAgent, TrainingRun, redact
+from forseti.adapters.urls import redact
+
+from .base import Artifact, CheckpointRecord, Claim, JobRecord, ModelRecord, RegistryStore, RLAgent, TrainingRun
 from .sqlite import SqliteStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -34,5 +36,4 @@ __all__ = [
     "SqliteStore",
     "TrainingRun",
     "create_store",
-    "redact",
 ]

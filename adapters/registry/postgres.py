@@ -15,9 +15,10 @@ from typing import Any
 import asyncpg
 import orjson
 
+from forseti.adapters.urls import redact
 from forseti.schemas.errors import StoreError
 
-from .base import ModelRecord, redact
+from .base import ModelRecord
 from .sql import TIME_FIELDS, Dialect, SqlStore
 
 MIGRATIONS: list[str] = [

@@ -6,6 +6,7 @@ import os
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 
@@ -107,9 +108,13 @@ async def test_without_an_object_store_a_worker_serves_its_artifacts_over_http_w
         fetched = await fetch(MemoryBus(), event.uri, sha256=event.sha256, size=event.size_bytes, cache=cache)
         assert fetched == target and fetched.read_bytes() == original.read_bytes()
 
-        for hostile in ("../secrets.txt", "%2e%2e/secrets.txt", "job-1/missing.onnx"):
+        for hostile, refusal in (
+            ("../secrets.txt", "refused"),
+            ("%2e%2e/secrets.txt", "refused"),
+            ("job-1/missing.onnx", "HTTP 404"),
+        ):
             (tmp_path / "secrets.txt").write_text("no")
-            with pytest.raises(ForsetiError, match="HTTP 404"):
+            with pytest.raises(ForsetiError, match=refusal):
                 await fetch(MemoryBus(), server.base_url + hostile, sha256="0" * 64, size=None, cache=tmp_path / "x")
     finally:
         await server.close()
@@ -179,3 +184,31 @@ async def test_without_a_bus_object_store_artifacts_go_to_s3_and_come_back_from_
     with pytest.raises(ForsetiError, match="cannot fetch"):
         await fetch(bus, hostile, sha256="1" * 64, size=None, cache=tmp_path / "h", objects=device_store)
     assert not list(tmp_path.glob("etc")) and not (tmp_path.parent / "etc").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["../../escaped.onnx", "/ESCAPE/escaped.onnx", "a/../../../escaped.onnx"], ids=["up", "absolute", "deep"]
+)
+async def test_an_object_named_outside_the_cache_is_refused_and_nothing_is_written(
+    nats_server: NatsServer, tmp_path: Path, name: str
+) -> None:
+    """An attacker on the bus stores an object whose name climbs out of a device's cache and
+    announces it with its own digest: the device refuses it and writes nothing anywhere."""
+    attacker, device = create_bus(nats_server.url), create_bus(nats_server.url)
+    await attacker.connect()
+    await device.connect()
+    try:
+        payload = tmp_path / "payload"
+        payload.write_bytes(b"#!/bin/sh\necho owned\n")
+        name = name.replace("/ESCAPE", str(tmp_path))  # an absolute path inside this test's folder
+        await attacker.put_object(BUCKET, name, payload, sha256_of(payload))  # type: ignore[attr-defined]
+        cache = tmp_path / "device" / "cache"
+        before = set(tmp_path.rglob("*"))
+        uri = f"nats-object://{BUCKET}/{quote(name, safe='')}"  # as an attacker writes it: slashes escaped
+        with pytest.raises(ForsetiError, match="refused") as refused:
+            await fetch(device, uri, sha256=sha256_of(payload), size=None, cache=cache)
+        assert refused.value.code == "invalid_model"
+        assert set(tmp_path.rglob("*")) - before <= {cache, cache.parent}, "nothing written but the cache folder"
+    finally:
+        await attacker.close()
+        await device.close()

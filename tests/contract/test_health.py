@@ -41,3 +41,18 @@ async def test_health_turns_503_while_the_bus_is_away_and_200_once_back(
         assert '"bus_ok":false' in health
         await asyncio.to_thread(server.start)
         await status_becomes(port, 200, timeout=40)
+
+
+async def test_the_bus_password_is_shown_nowhere(
+    nats_server: NatsServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A `nats://user:pass@` URL (nats-server without auth takes any credentials) is shown in
+    /healthz and the start-up log with its password masked."""
+    url = nats_server.url.replace("nats://", "nats://alice:s3cret-pw@")
+    caplog.set_level("INFO")
+    async with running_worker(NatsBus(url), [EchoHandler()], tmp_path, metrics_port=0) as worker:
+        assert worker.metrics_port is not None
+        await status_becomes(worker.metrics_port, 200)
+        _, health = await http_get(worker.metrics_port, "/healthz")
+    assert "alice:***@" in health and "s3cret" not in health, health
+    assert "pulling" in caplog.text and "s3cret" not in caplog.text

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from forseti.adapters.registry import JobRecord, ModelRecord, SqliteStore, create_store, redact
+from forseti.adapters.registry import JobRecord, ModelRecord, SqliteStore, create_store
 from forseti.adapters.registry.postgres import PostgresStore
 from forseti.adapters.registry.sqlite import MIGRATIONS
+from forseti.adapters.urls import redact
 from forseti.schemas.tasks import TaskKind
 
 
@@ -54,6 +55,21 @@ def test_urls_are_shown_without_their_password() -> None:
     )
     assert redact("postgresql://db/reg") == "postgresql://db/reg"
     assert "s3cr" not in repr(create_store("postgresql://forseti:s3cret@db/reg"))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://alice:pw@nats:4222", "nats://alice:***@nats:4222"),
+        ("nats://s3cr3t-token@nats:4222", "nats://***@nats:4222"),
+        ("tls://nats:4222?token=s3cr3t&ack_wait=4", "tls://nats:4222?token=***&ack_wait=4"),
+        ("kafka://k:9092?sasl_password=s3cr3t&sasl_username=bob", "kafka://k:9092?sasl_password=***&sasl_username=bob"),
+        ("postgresql://forseti@db/reg", "postgresql://forseti@db/reg"),
+    ],
+)
+def test_bus_urls_are_shown_without_their_secrets(url: str, shown: str) -> None:
+    """A NATS token travels as the URL's user; passwords, tokens and seeds also as query values."""
+    assert redact(url) == shown
 
 
 async def test_a_write_whose_caller_was_cancelled_does_not_strand_the_others_of_its_batch(tmp_path: Path) -> None:

@@ -155,6 +155,29 @@ async def test_invalid_tasks_are_dead_lettered_and_the_worker_keeps_serving(
         await watcher.wait_for("completed")
 
 
+async def test_an_invalid_task_under_a_running_jobs_id_does_not_fail_that_job(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """Anyone on the bus can publish a bad task with another job's id: it is dead-lettered, and the
+    job's own channel hears nothing of it (no forged `failed`)."""
+    letters = await dead_letters(client)
+    async with running_worker(MemoryBus(broker), [StepHandler(delay=0.02)], tmp_path):
+        task = training(steps=40)
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        await watcher.wait_for("progress")
+        forged = {"request_id": task.request_id, "model_type": "classifier", "surprise": 1}
+        await client.publish(
+            task_channel(TaskKind.TRAINING),
+            orjson.dumps(
+                {"specversion": "1.0", "id": "x", "source": "t", "type": "forseti.task.training.v1", "data": forged}
+            ),
+        )
+        assert (await letters.wait_for("deadletter")).data.reason == "invalid_task"
+        await watcher.wait_for("completed")
+        assert "failed" not in watcher.types, watcher.types
+
+
 async def test_cancel_stops_a_running_job(broker: MemoryBroker, client: MemoryBus, tmp_path: Path) -> None:
     async with running_worker(MemoryBus(broker), [StepHandler(delay=0.05)], tmp_path) as worker:
         task = training(steps=1000)

@@ -17,7 +17,8 @@ from rich.console import Console
 
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.bus.servers import NatsServer, port_open
-from forseti.adapters.registry import create_store, redact
+from forseti.adapters.registry import create_store
+from forseti.adapters.urls import redact
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask, TaskKind, task_channel
 

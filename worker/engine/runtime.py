@@ -23,7 +23,8 @@ from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus, Delivery, Message, Settle, Subscription, TaskIntake
 from forseti.adapters.bus.base import cancel_and_wait
 from forseti.adapters.objects import ObjectStore, open_object_store
-from forseti.adapters.registry import RegistryStore, redact
+from forseti.adapters.registry import RegistryStore
+from forseti.adapters.urls import redact
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, STATUS, jobs_channel
 from forseti.schemas.control import CancelJob, ControlCommand, PauseJob
@@ -165,7 +166,7 @@ class Worker:
                 "worker %s pulling %s on %s (concurrency %d, registry %s)",
                 self.settings.worker_id,
                 ", ".join(k.value for k in self.handlers) or "no task kinds",
-                self.bus.url,
+                redact(self.bus.url),
                 self.settings.concurrency,
                 redact(self.settings.registry),
             )
@@ -292,7 +293,7 @@ class Worker:
         ok = self.ready.is_set() and bus_ok and not self._stopping.is_set()
         return ok, {
             "worker": self.settings.worker_id,
-            "bus": self.bus.url,
+            "bus": redact(self.bus.url),
             "bus_ok": bus_ok,
             "registry": redact(self.settings.registry),
             "object_store": self.objects.location if self.objects is not None else None,
@@ -408,11 +409,19 @@ class Worker:
             log.warning("could not hand the task back (%s); the bus redelivers it after ack_wait", exc)
 
     async def _refuse(self, delivery: Delivery, kind: TaskKind | None, refused: Refused) -> None:
-        """Dead-letter an invalid task, fail its job where an id (and a kind) could be read, and drop it."""
+        """Dead-letter an invalid task, fail its job where an id (and a kind) could be read and no job
+        holds that id already, and drop it."""
         log.warning("refused a task on %s: %s: %s", delivery.channel, refused.reason.value, refused.detail)
         try:
+            # anyone may publish a bad task under another job's id: that job's channel hears nothing of it
+            taken = refused.job_id is not None and await self.store.get_job(refused.job_id) is not None
+        except ForsetiError as exc:
+            log.warning("refused task not checked against the registry (%s); handing it back", exc)
+            await self._nak_quietly(delivery)
+            return
+        try:
             await self.dead_letter(refused, delivery.data, channel=delivery.channel)
-            if refused.job_id is not None and kind is not None:
+            if refused.job_id is not None and kind is not None and not taken:
                 await self.publish_job(
                     JobFailed(
                         job_id=refused.job_id,
