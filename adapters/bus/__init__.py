@@ -10,7 +10,7 @@ from .base import Bus, Delivery, Message, MessageHandler, Settle, Subscription, 
 from .memory import MemoryBroker, MemoryBus
 from .settings import BusSettings
 
-SCHEMES = ("memory", "nats", "kafka")
+SCHEMES = ("memory", "nats", "tls", "kafka")
 
 
 def create_bus(url: str, *, broker: MemoryBroker | None = None) -> Bus:
@@ -19,7 +19,7 @@ def create_bus(url: str, *, broker: MemoryBroker | None = None) -> Bus:
     scheme = urlsplit(url).scheme
     if scheme == "memory":
         return MemoryBus(broker, url="memory://")
-    if scheme == "nats":
+    if scheme in ("nats", "tls"):  # tls://: NATS over TLS
         from .nats import NatsBus
 
         return NatsBus(base, settings=settings)

@@ -16,14 +16,16 @@ import asyncio
 import base64
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.errors import ConnectionClosedError, NoRespondersError, NoServersError
+from nats.errors import AuthorizationError, ConnectionClosedError, NoRespondersError, NoServersError
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -158,6 +160,9 @@ class NatsBus:
         self._js: JetStreamContext | None = None
         self._followers: set[asyncio.Task[None]] = set()
         self._last_error: str | None = None
+        self._refusal: str | None = None
+        """The server's last refusal (authorization, TLS) of a connect: the reason a connect that
+        timed out gives."""
         self.reconnected = asyncio.Event()
         """Set each time the client reconnects after losing the server."""
 
@@ -178,7 +183,8 @@ class NatsBus:
             async with asyncio.timeout(self.settings.connect_timeout):
                 self._nc = await self._connect()
         except (NoServersError, OSError, TimeoutError) as exc:
-            reason = str(exc) or f"no answer within {self.settings.connect_timeout:g}s"
+            # an authorization or TLS refusal shows only through error_cb: it is the reason to give
+            reason = self._refusal or str(exc) or f"no answer within {self.settings.connect_timeout:g}s"
             raise BusError(f"cannot reach NATS at {self.shown_url}: {reason}") from exc
         self._js = self._nc.jetstream()
         tasks = StreamConfig(
@@ -220,9 +226,37 @@ class NatsBus:
                 replace(current, max_bytes=tasks.max_bytes, max_age=tasks.max_age, discard=tasks.discard)
             )
 
+    def _credentials(self) -> dict[str, Any]:
+        """nats-py's keyword arguments for the settings' creds file, nkey seed and TLS files, each
+        checked to exist first (a missing file is a clear error, not a refused connection)."""
+        s = self.settings
+        for setting, path in (
+            ("creds", s.creds),
+            ("nkey_seed", s.nkey_seed),
+            ("tls_ca", s.tls_ca),
+            ("tls_cert", s.tls_cert),
+            ("tls_key", s.tls_key),
+        ):
+            if path is not None and not Path(path).is_file():
+                raise BusError(f"bus setting {setting}: no file {path}")
+        if (s.tls_cert is None) != (s.tls_key is None):
+            raise BusError("bus settings tls_cert and tls_key go together")
+        options: dict[str, Any] = {}
+        if s.creds is not None:
+            options["user_credentials"] = s.creds
+        if s.nkey_seed is not None:
+            options["nkeys_seed"] = s.nkey_seed
+        if s.tls_ca is not None or s.tls_cert is not None:
+            context = ssl.create_default_context(cafile=s.tls_ca)
+            if s.tls_cert is not None:
+                context.load_cert_chain(s.tls_cert, s.tls_key)
+            options["tls"] = context
+        return options
+
     async def _connect(self) -> Client:
         return await nats.connect(
             self.url,
+            **self._credentials(),
             name=self._name,
             connect_timeout=max(1, int(self.settings.connect_timeout)),
             reconnect_time_wait=0.25,
@@ -293,6 +327,9 @@ class NatsBus:
         said = str(exc)
         log.log(logging.DEBUG if said == self._last_error else logging.WARNING, "nats: %s", said)
         self._last_error = said
+        # what a refused connect is to say (at connect nats-py reports the server's -ERR as a plain Error)
+        if isinstance(exc, AuthorizationError | ssl.SSLError) or "authorization violation" in said.lower():
+            self._refusal = said
 
     async def _on_disconnect(self) -> None:
         if self._nc is not None:  # None while close() runs: an intended disconnect

@@ -35,12 +35,14 @@ class NatsServer(ServerProcess):
 
     name = "nats-server"
 
-    def __init__(self, store_dir: Path, port: int | None = None, *, sync: str | None = None) -> None:
+    def __init__(self, store_dir: Path, port: int | None = None, *, sync: str | None = None, config: str = "") -> None:
         super().__init__(port)
         self.store_dir = store_dir
         if sync is not None and not SYNC_INTERVAL.fullmatch(sync):
             raise BusError(f"sync must be 'always' or a duration such as 30s or 2m, not {sync!r}")
         self.sync = sync
+        self.config = config
+        """More of nats-server's configuration (`authorization { ... }`, `tls { ... }`), as its text."""
 
     @property
     def url(self) -> str:
@@ -50,14 +52,13 @@ class NatsServer(ServerProcess):
     def command(self) -> list[str]:
         """nats-server on loopback with JetStream."""
         base = [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
-        if self.sync is None:
+        if self.sync is None and not self.config:
             return [*base, "-js", "-sd", str(self.store_dir)]
-        # the sync interval has no flag: JetStream is configured in a file beside the store
+        # the sync interval, accounts and TLS have no flags: they are configured in a file beside the store
         self.store_dir.mkdir(parents=True, exist_ok=True)
         config = self.store_dir.parent / f"{self.store_dir.name}.conf"
-        config.write_text(
-            f"jetstream {{\n  store_dir: {json.dumps(str(self.store_dir))}\n  sync_interval: {self.sync}\n}}\n"
-        )
+        sync = f"  sync_interval: {self.sync}\n" if self.sync is not None else ""
+        config.write_text(f"jetstream {{\n  store_dir: {json.dumps(str(self.store_dir))}\n{sync}}}\n{self.config}\n")
         return [*base, "-c", str(config)]
 
 

@@ -43,17 +43,30 @@ class BusSettings:
     (NATS; a Kafka topic keeps them for the broker's retention)."""
     connect_timeout: float = 5.0
     """Seconds to wait for the server at start."""
+    creds: str | None = None
+    """Path of a NATS `.creds` file (a user JWT and its nkey seed) to authenticate with (NATS)."""
+    nkey_seed: str | None = None
+    """Path of a file holding a NATS user nkey seed (`SU...`) to authenticate with (NATS)."""
+    tls_ca: str | None = None
+    """Path of the PEM CA bundle that the server's certificate must chain to (NATS; `tls://` alone
+    trusts the system's CAs)."""
+    tls_cert: str | None = None
+    """Path of this client's PEM certificate, for servers that verify clients (NATS)."""
+    tls_key: str | None = None
+    """Path of the private key of `tls_cert` (NATS)."""
 
     @classmethod
     def from_url(cls, url: str) -> tuple[str, BusSettings]:
         """The URL without its query, and the settings the query names; unknown names are an error."""
         parts = urlsplit(url)
         known = {f.name: f.type for f in fields(cls)}
-        values: dict[str, float | int | bool] = {}
+        values: dict[str, float | int | bool | str] = {}
         for name, raw in parse_qsl(parts.query, strict_parsing=False):
             if name not in known:
                 raise ValueError(f"unknown bus setting {name!r} in {redact(url)!r}; known: {', '.join(known)}")
-            if known[name] == "bool":
+            if known[name] == "str | None":
+                values[name] = raw
+            elif known[name] == "bool":
                 if raw.lower() not in ("true", "false", "1", "0"):
                     raise ValueError(f"bus setting {name} is true or false, not {raw!r}")
                 values[name] = raw.lower() in ("true", "1")

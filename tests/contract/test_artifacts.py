@@ -212,3 +212,22 @@ async def test_an_object_named_outside_the_cache_is_refused_and_nothing_is_writt
     finally:
         await attacker.close()
         await device.close()
+
+
+async def test_a_symlink_planted_in_the_cache_leads_nowhere(nats_server: NatsServer, tmp_path: Path) -> None:
+    """A name that is clean but goes through a link someone placed in the cache is refused too."""
+    bus = create_bus(nats_server.url)
+    await bus.connect()
+    try:
+        cache, outside = tmp_path / "cache", tmp_path / "outside"
+        cache.mkdir()
+        outside.mkdir()
+        (cache / BUCKET).symlink_to(outside, target_is_directory=True)
+        payload = tmp_path / "payload"
+        payload.write_bytes(b"weights")
+        await bus.put_object(BUCKET, "m1/model.onnx", payload, sha256_of(payload))  # type: ignore[attr-defined]
+        with pytest.raises(ForsetiError, match="refused"):
+            await fetch(bus, object_uri(BUCKET, "m1/model.onnx"), sha256=sha256_of(payload), size=None, cache=cache)
+        assert not any(outside.iterdir())
+    finally:
+        await bus.close()

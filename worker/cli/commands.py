@@ -53,7 +53,13 @@ out = Console()
 err = Console(stderr=True)
 
 BusOpt = Annotated[
-    str, typer.Option("--bus", envvar="FORSETI_BUS_URL", help="memory://, nats://HOST:PORT or kafka://HOST:PORT.")
+    str,
+    typer.Option(
+        "--bus",
+        envvar="FORSETI_BUS_URL",
+        help="memory://, nats://HOST:PORT, tls://HOST:PORT or kafka://HOST:PORT (credentials and TLS files: "
+        "docs/security.md).",
+    ),
 ]
 DataDirOpt = Annotated[
     Path,
