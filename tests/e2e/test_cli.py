@@ -221,8 +221,9 @@ def test_a_killed_rl_worker_is_replaced_by_one_that_resumes_training(bus_url: st
             "evaluation": {"episodes": 1},
         }
     )
-    done = killed_and_resumed(bus_url, tmp_path, task, progress=1)
-    # killed after its first progress event (at 2,000): the last checkpoint is at least 1,500
+    done = killed_and_resumed(bus_url, tmp_path, task, progress=3)
+    # killed after its third progress event (one at each checkpoint: 500, 1,000, 1,500), which
+    # follows the checkpoint it reports: the last checkpoint is at least 1,500
     assert done.result.metrics.custom_metrics["resumed_from_timesteps"] >= 1500
     assert done.result.metrics.custom_metrics["timesteps"] >= 6000
 
