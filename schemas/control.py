@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Id, LongText, Strict
+from .base import Id, LongText, ShortText, Strict
 
 
 class ControlCommand(Strict):
@@ -12,6 +12,8 @@ class ControlCommand(Strict):
     """The job to act on."""
     reason: LongText = ""
     """Why, for the job's history."""
+    user_id: ShortText | None = None
+    """Who asks: a job whose task named a `user_id` obeys only commands that name the same one."""
 
 
 class CancelJob(ControlCommand):

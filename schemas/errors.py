@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     RETRIES_EXHAUSTED = "retries_exhausted"
     RESOURCE_EXHAUSTED = "resource_exhausted"
     SHUTDOWN = "shutdown"
+    FORBIDDEN = "forbidden"
 
 
 class ForsetiError(Exception):

@@ -197,6 +197,8 @@ class JobStatusQuery(Strict):
 
     job_id: Id
     """The job to look up."""
+    user_id: ShortText | None = None
+    """Who asks: a job whose task named a `user_id` shows its result and error text only to it."""
 
 
 class JobStatus(Strict):
@@ -227,3 +229,5 @@ class JobStatus(Strict):
     orphaned: bool = False
     """True when it is running or paused but its worker stopped renewing the lease (it died, and no
     other worker has taken the job over yet); the bus delivers it again to one that will."""
+    withheld: bool = False
+    """True when `result` and `error_message` were left out: the query's `user_id` is not the job's owner."""

@@ -205,6 +205,51 @@ async def test_a_cancel_that_arrives_first_cancels_the_job_before_it_runs(
         assert handler.runs == 0
 
 
+async def test_only_its_owner_controls_an_owned_job_and_reads_its_result(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """Anyone on the bus could pause, cancel or pre-cancel any job, and read any job's result:
+    a job whose task names a user_id obeys only that user, and shows its result only to it."""
+    letters = await dead_letters(client)
+    async with running_worker(MemoryBus(broker), [StepHandler(delay=0.02)], tmp_path) as worker:
+        task = training(steps=60).model_copy(update={"user_id": "alice"})
+        job_id = task.request_id or ""
+        watcher = await watch(client, job_id)
+        await client.publish(CONTROL, encode(CancelJob(job_id=job_id)))  # a pre-cancel from a stranger
+        await asyncio.sleep(0)
+        await submit(client, task)
+        await watcher.wait_for("progress")
+        for stranger in (None, "mallory"):
+            for command in (PauseJob, CancelJob):
+                await client.publish(CONTROL, encode(command(job_id=job_id, user_id=stranger)))
+        refusals = [(await letters.wait_for("deadletter", count=k)).data for k in range(1, 5)]
+        assert {r.reason for r in refusals} == {"forbidden"} and {r.job_id for r in refusals} == {job_id}
+        assert worker.metrics.refused.labels("control")._value.get() >= 4
+        await watcher.wait_for("completed")
+        assert "cancelled" not in watcher.types and "paused" not in [
+            getattr(e.data, "message", "") for e in watcher.events
+        ]
+
+        def status(user: str | None) -> JobStatus:
+            return JobStatus.model_validate(orjson.loads(reply[user])["data"])
+
+        reply = {
+            user: await client.request(STATUS, encode(JobStatusQuery(job_id=job_id, user_id=user)), timeout=5)
+            for user in (None, "mallory", "alice")
+        }
+        assert status("alice").result is not None and not status("alice").withheld
+        for stranger in (None, "mallory"):
+            assert status(stranger).state is JobState.COMPLETED
+            assert status(stranger).result is None and status(stranger).withheld
+
+        other = training(steps=400).model_copy(update={"user_id": "alice"})
+        watcher = await watch(client, other.request_id or "")
+        await submit(client, other)
+        await watcher.wait_for("progress")
+        await client.publish(CONTROL, encode(CancelJob(job_id=other.request_id or "", user_id="alice")))
+        await watcher.wait_for("cancelled", timeout=5)
+
+
 async def test_pause_holds_a_job_and_resume_lets_it_finish(
     broker: MemoryBroker, client: MemoryBus, tmp_path: Path
 ) -> None:

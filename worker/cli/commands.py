@@ -52,6 +52,9 @@ app = typer.Typer(
 out = Console()
 err = Console(stderr=True)
 
+UserOpt = Annotated[
+    str | None, typer.Option("--user", help="Who asks: the user_id of the job's task, for a job that names one.")
+]
 BusOpt = Annotated[
     str,
     typer.Option(
@@ -290,7 +293,7 @@ def submit(
             stream = await JobStream.open(client, job_id) if watch else None
             await client.publish(task_channel(task_kind), encode(task, subject=job_id))
             print(job_id, flush=True)
-            return int(await follow(client, stream, console=err)) if stream else 0
+            return int(await follow(client, stream, console=err, user_id=task.user_id)) if stream else 0
         finally:
             await client.close()
 
@@ -301,6 +304,7 @@ def submit(
 def watch(
     job_id: Annotated[str, typer.Argument(help="The job to follow.")],
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 3).")] = None,
+    user: UserOpt = None,
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
     """Show a job's progress until it ends: exit 0 completed, 1 failed, 2 cancelled."""
@@ -308,18 +312,19 @@ def watch(
     async def go() -> ExitCode:
         client = await _connected(bus)
         try:
-            return await follow(client, await JobStream.open(client, job_id), console=err, timeout=timeout)
+            stream = await JobStream.open(client, job_id)
+            return await follow(client, stream, console=err, timeout=timeout, user_id=user)
         finally:
             await client.close()
 
     raise typer.Exit(int(run_loop(go())))
 
 
-def _control(command: type[ControlCommand], job_id: str, reason: str, bus: str) -> None:
+def _control(command: type[ControlCommand], job_id: str, reason: str, user: str | None, bus: str) -> None:
     async def go() -> None:
         client = await _connected(bus)
         try:
-            await client.publish(CONTROL, encode(command(job_id=job_id, reason=reason)))
+            await client.publish(CONTROL, encode(command(job_id=job_id, reason=reason, user_id=user)))
         finally:
             await client.close()
 
@@ -332,22 +337,25 @@ ReasonOpt = Annotated[str, typer.Option(help="Why, for the job's history.")]
 
 @app.command()
 def cancel(
-    job_id: JobArg, reason: ReasonOpt = "cancelled from the command line", bus: BusOpt = DEFAULT_BUS_URL
+    job_id: JobArg,
+    reason: ReasonOpt = "cancelled from the command line",
+    user: UserOpt = None,
+    bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
     """Stop a job; it ends as cancelled (keeping its last checkpoint)."""
-    _control(CancelJob, job_id, reason, bus)
+    _control(CancelJob, job_id, reason, user, bus)
 
 
 @app.command()
-def pause(job_id: JobArg, reason: ReasonOpt = "", bus: BusOpt = DEFAULT_BUS_URL) -> None:
+def pause(job_id: JobArg, reason: ReasonOpt = "", user: UserOpt = None, bus: BusOpt = DEFAULT_BUS_URL) -> None:
     """Hold a running job at its next safe point."""
-    _control(PauseJob, job_id, reason, bus)
+    _control(PauseJob, job_id, reason, user, bus)
 
 
 @app.command()
-def resume(job_id: JobArg, reason: ReasonOpt = "", bus: BusOpt = DEFAULT_BUS_URL) -> None:
+def resume(job_id: JobArg, reason: ReasonOpt = "", user: UserOpt = None, bus: BusOpt = DEFAULT_BUS_URL) -> None:
     """Let a paused job continue."""
-    _control(ResumeJob, job_id, reason, bus)
+    _control(ResumeJob, job_id, reason, user, bus)
 
 
 @app.command()

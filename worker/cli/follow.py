@@ -78,10 +78,14 @@ def _ending(event: JobEvent | JobStatus, console: Console) -> ExitCode | None:
     return None
 
 
-async def follow(bus: Bus, stream: JobStream, *, console: Console, timeout: float | None = None) -> ExitCode:
-    """Show a progress bar until the job ends; the exit code says how it ended."""
+async def follow(
+    bus: Bus, stream: JobStream, *, console: Console, timeout: float | None = None, user_id: str | None = None
+) -> ExitCode:
+    """Show a progress bar until the job ends; the exit code says how it ended. `user_id`: who asks
+    for its status (an owned job shows its result only to its owner)."""
     try:
-        reply = await bus.request(STATUS, encode(JobStatusQuery(job_id=stream.job_id)), timeout=1.0)
+        query = JobStatusQuery(job_id=stream.job_id, user_id=user_id)
+        reply = await bus.request(STATUS, encode(query), timeout=1.0)
         known = _ending(decode(reply, expect=JobStatus).data, console)
         if known is not None:
             return known

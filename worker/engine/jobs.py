@@ -91,8 +91,9 @@ class JobServices:
     """Where checkpoints are shared with the other workers (None: local disk only)."""
     running: dict[str, JobRunner]
     """The worker's running jobs by id, where control events and shutdown find them."""
-    early_cancel: Callable[[str], str | None]
-    """The reason of a cancel that came before the job did, taken once."""
+    early_cancel: Callable[[str, str | None], str | None]
+    """The reason of a cancel that came before the job did, taken once, given the job's owner (a
+    cancel from another user is dropped)."""
     pool: ChildPool | None = None
     """The child processes jobs' heavy work runs in (None: threads of the worker)."""
 
@@ -139,7 +140,7 @@ class JobRunner:
         if self.delivery.given_up_after is not None:
             await self._give_up(record, self._undelivered(record, self.delivery.given_up_after))
             return
-        early_cancel = services.early_cancel(self.job_id)
+        early_cancel = services.early_cancel(self.job_id, self.accepted.task.user_id)
         if early_cancel is not None:
             await self._finish(
                 record, JobState.CANCELLED, JobCancelled(job_id=self.job_id, kind=self.kind, reason=early_cancel), 0.0

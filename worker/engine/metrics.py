@@ -36,6 +36,12 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.refused = Counter(
+            "forseti_refused_requests",
+            "Control events refused and status replies withheld, because the asker is not the job's owner.",
+            ["request"],
+            registry=r,
+        )
         self.deadletters = Counter(
             "forseti_deadletters", "Messages sent to the dead-letter channel.", ["reason"], registry=r
         )

@@ -55,6 +55,12 @@ BUS_PROBE_INTERVAL = 1.0
 """Seconds between checks that the bus's server answers, which /healthz reports."""
 
 
+def may_act(owner: str | None, asker: str | None) -> bool:
+    """Whether `asker` may control or read a job whose task named `owner` (a job with no owner
+    is anyone's)."""
+    return owner is None or asker == owner
+
+
 def forseti_version() -> str:
     """The installed Forseti version."""
     try:
@@ -106,7 +112,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
         self._slots = Slots(self.settings.concurrency)
-        self._early_cancels: OrderedDict[str, str] = OrderedDict()
+        self._early_cancels: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
+        """Cancels of jobs not running here, by job id: (reason, the user who asked)."""
         self._subs: list[Subscription] = []
         self._intakes: list[TaskIntake] = []
         self._bus_ok = False
@@ -477,9 +484,18 @@ class Worker:
         event = await share(self.bus.inner, event, objects=self.objects, http=http)
         await self.bus.publish(MODELS, encode(event, source=self._source, subject=job_id))
 
-    def take_early_cancel(self, job_id: str) -> str | None:
-        """The reason of a cancel that arrived before the job did, consumed once."""
-        return self._early_cancels.pop(job_id, None)
+    def take_early_cancel(self, job_id: str, owner: str | None) -> str | None:
+        """The reason of a cancel that arrived before the job did, consumed once; None also when
+        it came from someone other than the job's `owner`."""
+        early = self._early_cancels.pop(job_id, None)
+        if early is None:
+            return None
+        reason, asker = early
+        if not may_act(owner, asker):
+            log.warning("a cancel of job %s by user %r, which is not its owner, was dropped", job_id, asker)
+            self.metrics.refused.labels("control").inc()
+            return None
+        return reason
 
     # -- requests and control --------------------------------------------------------------------
 
@@ -491,9 +507,13 @@ class Worker:
             await self.dead_letter(Refused(exc.code, exc.message, None), msg.data, channel=CONTROL)
             return
         runner = self.running.get(command.job_id)
+        if runner is not None and not may_act(runner.accepted.task.user_id, command.user_id):
+            await self._forbid(msg, command.job_id, f"{type(command).__name__} by user {command.user_id!r}")
+            return
         if isinstance(command, CancelJob):
             if runner is None or runner.ctx is None:
-                self._early_cancels[command.job_id] = command.reason or "cancelled before it started"
+                reason = command.reason or "cancelled before it started"
+                self._early_cancels[command.job_id] = (reason, command.user_id)
                 while len(self._early_cancels) > EARLY_CANCELS_KEPT:
                     self._early_cancels.popitem(last=False)
                 return
@@ -514,6 +534,17 @@ class Worker:
             )
         else:
             log.debug("control for job %s, which does not run here", command.job_id)
+
+    async def _forbid(self, msg: Message, job_id: str, what: str) -> None:
+        """Refuse a control event from someone other than the job's owner: a dead-letter record
+        (reason `forbidden`) and the refused-requests metric; nothing on the job's channel."""
+        detail = f"{what} refused: job {job_id} belongs to another user"
+        log.warning("%s", detail)
+        self.metrics.refused.labels("control").inc()
+        try:
+            await self.dead_letter(Refused(ErrorCode.FORBIDDEN, detail, job_id), msg.data, channel=CONTROL)
+        except BusError as exc:
+            log.warning("dead-letter not recorded: %s", exc)
 
     async def _on_capabilities(self, msg: Message) -> None:
         query = CapabilitiesQuery()
@@ -548,18 +579,22 @@ class Worker:
         job = await self.store.get_job(query.job_id)
         if job is None:
             return  # another worker may know it; silence lets its answer through
+        shown = may_act(job.task.get("user_id"), query.user_id)
+        if not shown:
+            self.metrics.refused.labels("status").inc()
         status = JobStatus(
             job_id=job.job_id,
             kind=job.kind,
             state=job.state,
             attempt=job.attempt,
             error_code=job.error_code,
-            error_message=job.error_message,
-            result=load_result(job.result) if job.result else None,
+            error_message=job.error_message if shown else None,
+            result=load_result(job.result) if job.result and shown else None,
             created_at=job.created_at,
             updated_at=job.updated_at,
             worker=job.worker,
             lease_expires_at=job.lease_expires_at,
             orphaned=job.orphaned(),
+            withheld=not shown,
         )
         await msg.respond(encode(status, source=self._source, subject=job.job_id))
