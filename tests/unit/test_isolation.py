@@ -165,7 +165,7 @@ async def test_the_real_handlers_train_in_child_processes(
         assert ends[1].result.metrics.custom_metrics["timesteps"] >= 128
         assert set(ends[2].result.gguf) == {"f32"}
         assert all(w.types.count("progress") for w in watchers), "progress crossed from every child"
-        assert (tmp_path / "jobs" / (tasks[1].request_id or "") / "checkpoints" / "model.zip").is_file()
+        assert (tmp_path / "jobs" / (tasks[1].request_id or "") / "checkpoints" / "rl-state.safetensors").is_file()
         assert worker._pool is not None and worker._pool.warm == 3, "each job's process went back to the pool"
         # a cancel reaches SB3's loop in its child process as it does in a thread
         long = rl_task("ppo", "CartPole-v1", total_timesteps=1_000_000, n_steps=256)

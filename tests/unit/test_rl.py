@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pickle
 import uuid
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,8 @@ from typing import Any
 import gymnasium
 import numpy as np
 import pytest
-from stable_baselines3 import PPO
+import torch
+from stable_baselines3 import DQN, PPO
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.exporters import sha256_of
@@ -25,6 +28,7 @@ from forseti.schemas.errors import ForsetiError
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import RLTask
 from forseti.worker.engine.context import Handler
+from forseti.worker.handlers import rl_checkpoint
 from forseti.worker.handlers.rl import RLHandler
 
 from ..helpers import Watcher, running_worker, stored_job, submit, watch
@@ -143,7 +147,7 @@ async def test_cancel_ends_training_within_two_seconds_and_keeps_the_checkpoint(
         await client.publish(CONTROL, encode(CancelJob(job_id=job_id, reason="enough")))
         await events.wait_end("cancelled", timeout=10)
         assert asyncio.get_running_loop().time() - asked < 2.0
-    assert (tmp_path / "jobs" / job_id / "checkpoints" / "model.zip").is_file()
+    assert (tmp_path / "jobs" / job_id / "checkpoints" / "rl-state.safetensors").is_file()
 
 
 async def test_a_job_handed_back_at_shutdown_resumes_from_its_checkpoint(
@@ -231,11 +235,11 @@ async def test_a_job_redelivered_after_its_last_checkpoint_evaluates_and_exports
     callback then saved without a model: a permanent handler_error (issue 13)."""
     task = rl_task("ppo", "CartPole-v1", total_timesteps=128, n_steps=64, episodes=1)
     job_id = task.request_id or ""
-    checkpoint = tmp_path / "jobs" / job_id / "checkpoints" / "model.zip"
-    checkpoint.parent.mkdir(parents=True)
+    checkpoints = tmp_path / "jobs" / job_id / "checkpoints"
+    checkpoints.mkdir(parents=True)
     trained = PPO("MlpPolicy", "CartPole-v1", n_steps=64, batch_size=64, policy_kwargs={"net_arch": [16, 16]}, seed=1)
     trained.learn(128)
-    trained.save(checkpoint)
+    rl_checkpoint.save(trained, checkpoints)
     events = await watch(client, job_id)
     async with running_worker(MemoryBus(broker), [RLHandler()], tmp_path):
         await submit(client, task)
@@ -281,3 +285,102 @@ async def test_a_job_whose_earlier_attempt_registered_its_policy_finishes(
         done = await events.wait_end()
     assert done.type.endswith("completed.v1"), done.data
     assert done.data.result.agent_id == job_id
+
+
+class _Planted:
+    """A pickle that makes a folder when it is read: proof that a load ran code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (os.mkdir, (str(self.marker),))
+
+
+async def test_a_pickle_planted_in_the_checkpoint_store_runs_nothing(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """Whoever could write a job's checkpoint folder ran code on the worker that resumed it: SB3's
+    zip and its replay buffer were read back with (cloud)pickle (issue 14)."""
+    task = rl_task("dqn", "CartPole-v1", total_timesteps=300, episodes=1)
+    job_id = task.request_id or ""
+    checkpoints = tmp_path / "jobs" / job_id / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    marker = tmp_path / "code-ran"
+    planted = DQN("MlpPolicy", "CartPole-v1", policy_kwargs={"net_arch": [16, 16]}, learning_starts=50, seed=1)
+    planted.learn(100)
+    planted.save(checkpoints / "model.zip")  # what a worker wrote before: SB3's zip and a pickled buffer
+    (checkpoints / "replay_buffer.pkl").write_bytes(pickle.dumps(_Planted(marker)))
+    (checkpoints / "checkpoint.json").write_text('{"timesteps": 100}')
+    events = await watch(client, job_id)
+    async with running_worker(MemoryBus(broker), [RLHandler()], tmp_path):
+        await submit(client, task)
+        done = (await events.wait_end()).data
+    assert not marker.exists(), "the planted pickle ran"
+    assert done.result.metrics.custom_metrics["resumed_from_timesteps"] == 0, "the zip is not a checkpoint"
+    assert rl_checkpoint.exists(checkpoints)
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "environment", "kwargs"),
+    [
+        ("ppo", "CartPole-v1", {"n_steps": 32, "batch_size": 32}),
+        ("a2c", "CartPole-v1", {"n_steps": 5}),
+        ("dqn", "CartPole-v1", {"learning_starts": 20, "buffer_size": 80}),
+        ("sac", "Pendulum-v1", {"learning_starts": 20, "buffer_size": 1_000}),
+    ],
+)
+def test_a_checkpoint_of_tensors_and_json_restores_the_whole_training_state(
+    tmp_path: Path, algorithm: str, environment: str, kwargs: dict[str, Any]
+) -> None:
+    """Weights, optimizer moments, counters, episode statistics and the replay buffer (wrapped past
+    its end for DQN) come back exactly from the files `rl_checkpoint` writes."""
+    from forseti.worker.handlers.rl_training import ALGORITHMS
+
+    def fresh() -> Any:
+        return ALGORITHMS[algorithm]("MlpPolicy", environment, policy_kwargs={"net_arch": [8]}, seed=3, **kwargs)
+
+    trained = fresh()
+    trained.learn(128)
+    rl_checkpoint.save(trained, tmp_path)
+    assert not list(tmp_path.glob("partial-*")), "every file was moved into place"
+    restored = fresh()
+    rl_checkpoint.load(restored, tmp_path)
+    for name, state in trained.get_parameters().items():
+        again = restored.get_parameters()[name]
+        flat, flat_again = _tensors(state), _tensors(again)
+        assert flat.keys() == flat_again.keys(), name
+        for key, value in flat.items():
+            same = torch.equal(value, flat_again[key]) if isinstance(value, torch.Tensor) else value == flat_again[key]
+            assert same, f"{name} {key}"
+    for counter in ("num_timesteps", "_n_updates", "_episode_num"):
+        assert getattr(restored, counter) == getattr(trained, counter)
+    assert list(restored.ep_info_buffer) == list(trained.ep_info_buffer)
+    if algorithm in ("dqn", "sac"):
+        buffer, again = trained.replay_buffer, restored.replay_buffer
+        assert (again.pos, again.full) == (buffer.pos, buffer.full)
+        assert buffer.full == (algorithm == "dqn")
+        for name in ("observations", "actions", "rewards", "dones"):
+            assert np.array_equal(getattr(again, name), getattr(buffer, name)), name
+    if algorithm == "sac":
+        assert torch.equal(restored.log_ent_coef, trained.log_ent_coef)
+    restored.learn(32, reset_num_timesteps=False)  # and it trains on from there
+    assert restored.num_timesteps >= trained.num_timesteps + 32
+
+
+def _tensors(state: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    if isinstance(state, dict):
+        return {k: v for key, value in state.items() for k, v in _tensors(value, f"{prefix}/{key}").items()}
+    if isinstance(state, list | tuple):
+        return {k: v for i, value in enumerate(state) for k, v in _tensors(value, f"{prefix}/{i}").items()}
+    return {prefix: state}
+
+
+def test_a_checkpoint_that_does_not_fit_the_task_is_refused_with_its_reason(tmp_path: Path) -> None:
+    wide = PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, policy_kwargs={"net_arch": [8]})
+    rl_checkpoint.save(wide, tmp_path)
+    narrow = PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, policy_kwargs={"net_arch": [4]})
+    with pytest.raises(ForsetiError, match=r"(?s)cannot be resumed: .*size mismatch"):
+        rl_checkpoint.load(narrow, tmp_path)

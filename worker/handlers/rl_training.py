@@ -7,7 +7,6 @@ a checkpoint every `checkpoint_interval`, and `ctx.hold()` so a pause holds and 
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +20,6 @@ from stable_baselines3 import A2C, DQN, PPO, SAC
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from forseti.adapters.exporters.policy import PolicyExport, export_policy
@@ -32,6 +30,8 @@ from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import RLTask
 from forseti.worker.engine.context import Work
 from forseti.worker.engine.limits import TRAINED_BYTES_PER_PARAMETER, check_fits, mlp_parameters
+
+from . import rl_checkpoint
 
 ALGORITHMS: dict[str, type[BaseAlgorithm]] = {"ppo": PPO, "sac": SAC, "dqn": DQN, "a2c": A2C}
 ACTION_SPACES: dict[str, tuple[type[spaces.Space[Any]], ...]] = {
@@ -46,9 +46,6 @@ ACTIVATIONS: dict[str, type[torch.nn.Module]] = {
     "elu": torch.nn.ELU,
     "gelu": torch.nn.GELU,
 }
-CHECKPOINT = "model.zip"
-REPLAY_BUFFER = "replay_buffer.pkl"
-"""Beside an off-policy algorithm's checkpoint: its replay buffer, so a resumed DQN / SAC keeps its experience."""
 
 
 @dataclass(frozen=True)
@@ -124,15 +121,17 @@ def check_fits_memory(task: RLTask, env: VecEnv, limit: int) -> None:
     check_fits(what, parameters * TRAINED_BYTES_PER_PARAMETER + buffer, limit)
 
 
-def build_model(task: RLTask, env: VecEnv, checkpoint: Path) -> tuple[BaseAlgorithm, int]:
-    """A fresh model, or the last checkpoint's when there is one; and the timesteps it starts from."""
-    algo = ALGORITHMS[task.algorithm]
-    if checkpoint.exists():
-        model = algo.load(checkpoint, env=env, device="cpu")
-        buffer = checkpoint.with_name(REPLAY_BUFFER)
-        if isinstance(model, OffPolicyAlgorithm) and buffer.exists():
-            model.load_replay_buffer(buffer)
-        return model, int(model.num_timesteps)
+def build_model(task: RLTask, env: VecEnv, checkpoints: Path) -> tuple[BaseAlgorithm, int]:
+    """The task's model, fresh or with the state of the last checkpoint in `checkpoints` (tensors and
+    JSON, `rl_checkpoint`: SB3's pickled zip is never read); and the timesteps it starts from."""
+    model = new_model(task, env)
+    if rl_checkpoint.exists(checkpoints):
+        rl_checkpoint.load(model, checkpoints)
+    return model, int(model.num_timesteps)
+
+
+def new_model(task: RLTask, env: VecEnv) -> BaseAlgorithm:
+    """A fresh model of the task's algorithm, policy and hyperparameters."""
     config = task.config
     kwargs: dict[str, Any] = {
         "learning_rate": config.learning_rate,
@@ -150,15 +149,15 @@ def build_model(task: RLTask, env: VecEnv, checkpoint: Path) -> tuple[BaseAlgori
     if task.algorithm in ("dqn", "sac"):
         kwargs["buffer_size"] = replay_size(task)
         kwargs["learning_starts"] = int(min(100, config.total_timesteps // 2))
-    return algo("MlpPolicy", env, **kwargs), 0
+    return ALGORITHMS[task.algorithm]("MlpPolicy", env, **kwargs)
 
 
 class JobCallback(BaseCallback):
     """Progress, checkpoints, pause and cancel, from inside SB3's loop."""
 
-    def __init__(self, ctx: Work, total: int, checkpoint: Path, *, every: int, progress_every: int) -> None:
+    def __init__(self, ctx: Work, total: int, checkpoints: Path, *, every: int, progress_every: int) -> None:
         super().__init__()
-        self.ctx, self.total, self.checkpoint = ctx, total, checkpoint
+        self.ctx, self.total, self.checkpoints = ctx, total, checkpoints
         self.every, self.progress_every = every, progress_every
         self.episodes = 0
         self._last_checkpoint = self._last_progress = 0
@@ -202,31 +201,22 @@ class JobCallback(BaseCallback):
         )
 
     def save(self) -> None:
-        """Write the checkpoint atomically (a worker killed mid-write keeps the previous one)."""
+        """Write the checkpoint (DQN and SAC with their replay buffer) and share it."""
         self._last_checkpoint = self.num_timesteps
-        partial = self.checkpoint.with_name("partial-" + self.checkpoint.name)
-        self.model.save(partial)
-        partial.replace(self.checkpoint)
-        if isinstance(self.model, OffPolicyAlgorithm):  # DQN / SAC resume with the transitions they had
-            buffer = self.checkpoint.with_name(REPLAY_BUFFER)
-            partial = buffer.with_name("partial-" + REPLAY_BUFFER)
-            self.model.save_replay_buffer(partial)
-            partial.replace(buffer)
-        (self.checkpoint.parent / "checkpoint.json").write_text(json.dumps({"timesteps": self.num_timesteps}))
+        rl_checkpoint.save(self.model, self.checkpoints)
         self.ctx.checkpointed(self.num_timesteps)
 
 
 def train(task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int) -> TrainedPolicy:
     """Train (or resume), evaluate and export; raises JobStopped (via ctx.check) when stopped."""
-    checkpoint = ctx.checkpoint_dir / CHECKPOINT
     env = make_env(task, ctx, session=ctx.job_id, step_timeout=step_timeout, num_envs=task.config.num_envs)
     try:
         check_algorithm(task.algorithm, env.action_space)
         check_fits_memory(task, env, ctx.memory_limit)
-        model, resumed_from = build_model(task, env, checkpoint)
+        model, resumed_from = build_model(task, env, ctx.checkpoint_dir)
         total = task.config.total_timesteps
         callback = JobCallback(
-            ctx, total, checkpoint, every=task.config.checkpoint_interval, progress_every=progress_every
+            ctx, total, ctx.checkpoint_dir, every=task.config.checkpoint_interval, progress_every=progress_every
         )
         started = time.monotonic()
         # a job redelivered after its last checkpoint has nothing left to learn: it goes straight to
