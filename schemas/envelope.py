@@ -23,7 +23,8 @@ DEFAULT_SOURCE = f"forseti/{socket.gethostname()}"
 
 
 class Envelope(Strict):
-    """A CloudEvents 1.0 event in JSON structured mode; extension attributes are refused."""
+    """A CloudEvents 1.0 event in JSON structured mode; extension attributes other than the signature's
+    are refused."""
 
     specversion: Literal["1.0"]
     """CloudEvents version."""
@@ -41,6 +42,12 @@ class Envelope(Strict):
     """Encoding of `data`."""
     data: dict[str, Any] = Field(default_factory=dict)
     """The payload; its schema follows from `type`."""
+    signingkey: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{16}$")] | None = None
+    """Extension attribute of signed events (model announcements): the id of the ed25519 key that
+    signed, the first 16 hex digits of the sha256 of its raw public bytes (docs/security.md)."""
+    signature: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{86}==$")] | None = None
+    """Extension attribute of signed events: base64 of the ed25519 signature of the event without
+    `signingkey` and `signature`, in RFC 8785 canonical JSON."""
 
 
 @dataclass(frozen=True)

@@ -12,16 +12,18 @@ import nkeys  # type: ignore[import-untyped]
 import pytest
 import trustme
 
-from forseti.adapters.artifacts import fetch
+from forseti.adapters import signing
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.bus.servers import NatsServer, free_port
+from forseti.adapters.signing import TrustedKeys
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import decode
 from forseti.schemas.errors import BusError, InvalidTask
-from forseti.schemas.models import ModelAvailable
+from forseti.schemas.models import ModelAvailable, ModelLoaded
 from forseti.worker.handlers.training import TrainingHandler
+from forseti.worker.services.edge import EdgeAgent
 
-from ..helpers import Inbox, breast_cancer_training, running_worker, submit, watch
+from ..helpers import Inbox, Watcher, breast_cancer_training, running_worker, submit, watch
 
 
 class Pki:
@@ -79,20 +81,30 @@ async def test_a_tls_server_with_passwords_refuses_strangers_and_runs_the_whole_
         worker_bus = create_bus(f"tls://worker:w-pass@{host}?{pki.query()}")
         client = create_bus(f"tls://device:d-pass@{host}?{pki.query()}")
         await client.connect()
+        private, public = signing.generate(tmp_path / "keys")
+        device = EdgeAgent(
+            client, device_id="tls-dev", data_dir=tmp_path / "device", trusted=TrustedKeys.from_paths([public])
+        )
+        await device.start()
         try:
-            announced = Inbox()
+            announced, reports = Inbox(), Watcher()
             await client.subscribe(MODELS, announced.on_message)
-            async with running_worker(worker_bus, [TrainingHandler()], tmp_path / "worker"):
-                task = breast_cancer_training("tls-1", epochs=2)
+            await client.subscribe(MODELS, reports.on_message)
+            async with running_worker(worker_bus, [TrainingHandler()], tmp_path / "worker", signing_key=private):
+                task = breast_cancer_training("tls-1", epochs=2).model_copy(update={"device_id": "tls-dev"})
                 watcher = await watch(client, "tls-1")
                 await submit(client, task)
                 await watcher.wait_for("completed", timeout=120)
                 event = await onnx_announcement(announced)
-            fetched = await fetch(
-                client, event.uri, sha256=event.sha256, size=event.size_bytes, cache=tmp_path / "device"
-            )
-            assert fetched.stat().st_size == event.size_bytes
+                assert event.uri.startswith("nats-object://"), "fetched through the object store, over TLS"
+                report = await reports.wait_until(
+                    lambda es: [e for e in es if isinstance(e.data, ModelLoaded)], timeout=60
+                )
+            assert report[0].data.ok, report[0].data.message
+            assert device.current[event.name].model_id == event.model_id, "the device serves the signed model"
+            assert list((tmp_path / "device" / "fetched").rglob("*.onnx"))
         finally:
+            await device.stop()
             await client.close()
 
 

@@ -20,6 +20,7 @@ from rich.table import Table
 
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.registry import RegistryStore, create_store
+from forseti.adapters.signing import PUBLIC_SUFFIX, Signer, TrustedKeys
 from forseti.schemas.base import Strict
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, infer_channel, llm_channel
@@ -78,6 +79,23 @@ ArtifactStoreOpt = Annotated[
         "credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY). Not needed on NATS.",
     ),
 ]
+TrustedKeysOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--trusted-keys",
+        envvar="FORSETI_TRUSTED_KEYS",
+        help="Act only on announcements signed by one of these ed25519 public keys (PEM files, or folders of "
+        "*.pub; repeatable) [<data-dir>/keys when it holds a .pub; else every announcement, unverified].",
+    ),
+]
+SigningKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--signing-key",
+        envvar="FORSETI_SIGNING_KEY",
+        help="Sign the announcement with this ed25519 private key (PEM) [<data-dir>/keys/signing.key if present].",
+    ),
+]
 RegistryOpt = Annotated[
     str | None,
     typer.Option(
@@ -105,6 +123,35 @@ def _settings(**values: Any) -> WorkerSettings:
     except ValidationError as exc:
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         raise _fail(f"invalid settings: {reasons}") from exc
+
+
+def _trusted(paths: list[Path] | None, data_dir: Path) -> TrustedKeys | None:
+    """The keys a consumer checks announcements against: `--trusted-keys`, else the data dir's keys
+    folder when it holds a public key; None (with a warning) when there are none."""
+    folder = data_dir / "keys"
+    if not paths and folder.is_dir() and any(folder.glob(f"*{PUBLIC_SUFFIX}")):
+        paths = [folder]
+    if not paths:
+        err.print(
+            "[yellow]warning:[/yellow] no --trusted-keys: announcements are acted on without checking who "
+            "signed them (docs/security.md)"
+        )
+        return None
+    try:
+        trusted = TrustedKeys.from_paths(paths)
+    except ForsetiError as exc:
+        raise _fail(exc.message) from exc
+    err.print(f"announcements must be signed by: {', '.join(sorted(trusted.keys))}")
+    return trusted
+
+
+def _signer(path: Path | None, data_dir: Path) -> Signer | None:
+    """The key a command signs announcements with: `--signing-key`, else the data dir's."""
+    try:
+        key = _settings(data_dir=data_dir, signing_key=path).signing_key_path
+        return Signer.from_file(key) if key is not None else None
+    except ForsetiError as exc:
+        raise _fail(exc.message) from exc
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -223,6 +270,7 @@ def worker_cmd(
             "[the NATS bus's bucket forseti-checkpoints].",
         ),
     ] = None,
+    signing_key: SigningKeyOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Run a worker: take tasks for every installed handler, until SIGTERM."""
@@ -242,6 +290,7 @@ def worker_cmd(
         artifact_host=artifact_host,
         artifact_advertise=artifact_advertise,
         object_store_url=object_store_url,
+        signing_key=signing_key,
         **overrides,
     )
     try:
@@ -474,10 +523,14 @@ def up(
 ) -> None:
     """Start the embedded stack: a local nats-server (when nothing answers at --bus), a worker, a local
     executor, and a PPO demo job through it."""
+    from forseti.adapters import signing
+
     from .embedded import embedded_nats, embedded_registry
 
     setup_logging(json_lines=log_json)
     handlers = _handlers(handler)
+    # one host, one deployment key: the worker signs with it and consumers started with this data dir trust it
+    signing.generate(data_dir / "keys")
     with ExitStack() as stack:
         try:
             registry_url = stack.enter_context(embedded_registry(registry, data_dir, console=err))
@@ -507,6 +560,25 @@ def up(
             "stop with Ctrl-C"
         )
         run_loop(run_stack(settings, handlers, executor_env=executor_env or None, demo=demo, console=err))
+
+
+keys_app = typer.Typer(help="The ed25519 keys that sign model announcements.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("generate")
+def keys_generate(
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    folder: Annotated[Path | None, typer.Option("--dir", help="Where to write the pair [<data-dir>/keys].")] = None,
+    name: Annotated[str, typer.Option(help="File name of the pair: NAME.key and NAME.pub.")] = "signing",
+) -> None:
+    """Make a signing key pair (kept when it exists): the worker signs with NAME.key, consumers trust NAME.pub."""
+    from forseti.adapters import signing
+
+    private, public = signing.generate(folder or data_dir / "keys", name)
+    out.print(f"private key: {private}  (workers: --signing-key or FORSETI_SIGNING_KEY; keep it secret)")
+    out.print(f"public key:  {public}  (edge, llm-serve: --trusted-keys or FORSETI_TRUSTED_KEYS)")
+    out.print(f"key id: {Signer.from_file(private).key_id}")
 
 
 models_app = typer.Typer(help="Registered model versions and their aliases.", no_args_is_help=True)
@@ -569,15 +641,17 @@ def models_promote(
         ),
     ] = None,
     object_store_url: ArtifactStoreOpt = None,
+    signing_key: SigningKeyOpt = None,
 ) -> None:
     """Point an alias at a version and announce its artifacts (model.available with the alias)."""
     from ..engine.models import promote, version_label
 
     http = (data_dir / "artifacts", artifact_url.rstrip("/") + "/") if artifact_url else None
     objects = _s3_store(object_store_url)
+    signer = _signer(signing_key, data_dir)
 
     async def work(store: Any, client: Bus) -> None:
-        model = await promote(store, client, name, version, alias=alias, objects=objects, http=http)
+        model = await promote(store, client, name, version, alias=alias, objects=objects, http=http, signer=signer)
         err.print(f"{name} {alias} -> {version_label(model)} ({model.id})")
 
     run_loop(_with_store_and_bus(_store(data_dir, registry_url), bus, work))
@@ -591,12 +665,15 @@ def models_rollback(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     registry_url: RegistryOpt = None,
     bus: BusOpt = DEFAULT_BUS_URL,
+    signing_key: SigningKeyOpt = None,
 ) -> None:
     """Return an alias to the version it pointed at before, and announce it (model.rollback)."""
     from ..engine.models import rollback
 
+    signer = _signer(signing_key, data_dir)
+
     async def work(store: Any, client: Bus) -> None:
-        event = await rollback(store, client, name, alias=alias, reason=reason)
+        event = await rollback(store, client, name, alias=alias, reason=reason, signer=signer)
         err.print(f"{name} {alias}: {event.from_version} -> {event.to_version} ({event.model_id})")
 
     run_loop(_with_store_and_bus(_store(data_dir, registry_url), bus, work))
@@ -619,6 +696,7 @@ def llm_serve(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
     object_store_url: ArtifactStoreOpt = None,
+    trusted_keys: TrustedKeysOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Serve completions of a fine-tuned model with llama.cpp, hot-swapping announced versions, until SIGTERM.
@@ -630,6 +708,7 @@ def llm_serve(
 
     setup_logging(json_lines=log_json)
     objects = _s3_store(object_store_url)
+    trusted = _trusted(trusted_keys, data_dir)
 
     def make(client: Bus) -> LlmService:
         try:
@@ -643,6 +722,7 @@ def llm_serve(
                 threads=threads,
                 cache=data_dir / "fetched",
                 objects=objects,
+                trusted=trusted,
             )
         except ForsetiError as exc:
             raise _fail(exc.message) from exc
@@ -732,6 +812,7 @@ def edge(
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
     bus: BusOpt = DEFAULT_BUS_URL,
     object_store_url: ArtifactStoreOpt = None,
+    trusted_keys: TrustedKeysOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """The edge agent: fetch, verify, hot-swap and serve the ONNX models meant for this device, until SIGTERM."""
@@ -741,6 +822,7 @@ def edge(
 
     setup_logging(json_lines=log_json)
     objects = _s3_store(object_store_url)
+    trusted = _trusted(trusted_keys, data_dir)
 
     def make(client: Bus) -> EdgeAgent:
         return EdgeAgent(
@@ -755,6 +837,7 @@ def edge(
             llms=set(llm or ()),
             llm_artifact=llm_artifact,
             objects=objects,
+            trusted=trusted,
         )
 
     # a device may boot before its network or its broker: it waits for the bus instead of exiting

@@ -11,6 +11,7 @@ from forseti.adapters.bus import Bus
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
+from forseti.adapters.signing import Signer, seal
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import encode
 from forseti.schemas.errors import ErrorCode, ForsetiError
@@ -97,21 +98,26 @@ async def promote(
     alias: str,
     objects: ObjectStore | None = None,
     http: tuple[Path, str] | None = None,
+    signer: Signer | None = None,
 ) -> ModelRecord:
     """Point `alias` of `name` at `version` and announce that version's artifacts with the alias set,
     shared as a worker shares them (`objects`: its S3 store; `http`: an artifacts folder and the URL a
-    worker serves it at)."""
+    worker serves it at), signed by `signer` when given."""
     model = await find_version(store, name, version)
     await store.set_alias(name, alias, model.id)
     parent = await store.get_model(model.parent_id) if model.parent_id else None
     artifacts = await store.list_artifacts(model.id)
     for event in announcements(model, artifacts, parent_version=version_label(parent) if parent else None, alias=alias):
-        await bus.publish(MODELS, encode(await share(bus, event, objects=objects, http=http), subject=model.id))
+        shared = await share(bus, event, objects=objects, http=http)
+        await bus.publish(MODELS, seal(encode(shared, subject=model.id), signer))
     return model
 
 
-async def rollback(store: RegistryStore, bus: Bus, name: str, *, alias: str, reason: str = "") -> ModelRollback:
-    """Return `alias` of `name` to where it pointed before its last move, and announce the rollback."""
+async def rollback(
+    store: RegistryStore, bus: Bus, name: str, *, alias: str, reason: str = "", signer: Signer | None = None
+) -> ModelRollback:
+    """Return `alias` of `name` to where it pointed before its last move, and announce the rollback
+    (signed by `signer` when given)."""
     moved = await store.rollback_alias(name, alias)
     if moved is None:
         raise ForsetiError(
@@ -126,5 +132,5 @@ async def rollback(store: RegistryStore, bus: Bus, name: str, *, alias: str, rea
         reason=reason,
         alias=alias,
     )
-    await bus.publish(MODELS, encode(event, subject=now.id))
+    await bus.publish(MODELS, seal(encode(event, subject=now.id), signer))
     return event

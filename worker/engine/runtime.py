@@ -24,6 +24,7 @@ from forseti.adapters.bus import Bus, Delivery, Message, Settle, Subscription, T
 from forseti.adapters.bus.base import cancel_and_wait
 from forseti.adapters.objects import ObjectStore, open_object_store
 from forseti.adapters.registry import RegistryStore
+from forseti.adapters.signing import Signer, seal
 from forseti.adapters.urls import redact
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, STATUS, jobs_channel
@@ -127,6 +128,9 @@ class Worker:
         self._sweep: asyncio.Task[None] | None = None
         self._bus_reachable = True
         self._job_services: JobServices | None = None
+        key = self.settings.signing_key_path
+        self.signer = Signer.from_file(key) if key is not None else None
+        """Signs model announcements (None: they go out unsigned)."""
         self._pool = (
             ChildPool(size=self.settings.concurrency, stop_grace=self.settings.stop_grace)
             if self.settings.isolation == "process"
@@ -170,12 +174,13 @@ class Worker:
             self._sweep = asyncio.create_task(self._sweep_strays(), name="sweep-strays")
             self.ready.set()
             log.info(
-                "worker %s pulling %s on %s (concurrency %d, registry %s)",
+                "worker %s pulling %s on %s (concurrency %d, registry %s, announcements %s)",
                 self.settings.worker_id,
                 ", ".join(k.value for k in self.handlers) or "no task kinds",
                 redact(self.bus.url),
                 self.settings.concurrency,
                 redact(self.settings.registry),
+                f"signed by key {self.signer.key_id}" if self.signer else "unsigned",
             )
             ends: list[asyncio.Task[Any]] = [asyncio.create_task(self._stopping.wait())]
             if self.settings.burst:
@@ -482,7 +487,7 @@ class Worker:
         http = (served.root, served.base_url) if served is not None else None
         # the transport itself: the metering wrapper holds no objects
         event = await share(self.bus.inner, event, objects=self.objects, http=http)
-        await self.bus.publish(MODELS, encode(event, source=self._source, subject=job_id))
+        await self.bus.publish(MODELS, seal(encode(event, source=self._source, subject=job_id), self.signer))
 
     def take_early_cancel(self, job_id: str, owner: str | None) -> str | None:
         """The reason of a cancel that arrived before the job did, consumed once; None also when

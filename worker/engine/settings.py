@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from forseti.adapters.signing import PRIVATE_KEY
+
 DEFAULT_BUS_URL = "nats://127.0.0.1:4222"
 """The embedded default: the nats-server that `forseti up` starts."""
 
@@ -92,6 +94,10 @@ class WorkerSettings(BaseSettings):
     """Address the artifact endpoint listens on."""
     artifact_advertise: str | None = None
     """Host name other machines reach the artifact endpoint by (default: `artifact_host`)."""
+    signing_key: Path | None = None
+    """The ed25519 private key (PEM) that signs this worker's model announcements; unset:
+    `<data_dir>/keys/signing.key` when that file exists (`forseti keys generate`, `forseti up`), else
+    announcements go out unsigned."""
     burst: bool = False
     """Exit once no task arrives within one poll and nothing is running (for tests and batch runs)."""
 
@@ -123,6 +129,12 @@ class WorkerSettings(BaseSettings):
     def registry(self) -> str:
         """The registry store URL in force."""
         return self.registry_url or f"sqlite:///{self.data_dir / 'registry.db'}"
+
+    @property
+    def signing_key_path(self) -> Path | None:
+        """The signing key in force: `signing_key`, else the data dir's when it has one."""
+        default = self.data_dir / "keys" / PRIVATE_KEY
+        return self.signing_key or (default if default.is_file() else None)
 
     @property
     def threads_per_job(self) -> int:

@@ -89,7 +89,8 @@ def load(model: BaseAlgorithm, folder: Path) -> None:
         if doc.get("format") != FORMAT:
             raise ValueError(f"format {doc.get('format')!r}, this worker reads {FORMAT}")
         state_dicts, variables = model._get_torch_save_params()
-        params = {name: _gather(name, tensors) for name in state_dicts}
+        # a state dict per object: SB3 reads nested dicts here, though its annotation says flat
+        params: Any = {name: _gather(name, tensors) for name in state_dicts}
         for name, saved in doc["optimizers"].items():
             params[name] = _join_optimizer(name, saved, params[name])
         model.set_parameters(params, exact_match=True, device="cpu")
@@ -101,7 +102,7 @@ def load(model: BaseAlgorithm, folder: Path) -> None:
         # learn() keeps a buffer that exists (reset_num_timesteps=False) and makes one that does not
         model.ep_info_buffer = deque(doc["episodes"], maxlen=model._stats_window_size)
         model.ep_success_buffer = deque(doc.get("successes", ()), maxlen=model._stats_window_size)
-        if isinstance(model, OffPolicyAlgorithm) and "replay" in doc:
+        if isinstance(model, OffPolicyAlgorithm) and model.replay_buffer is not None and "replay" in doc:
             _load_replay(model.replay_buffer, folder / REPLAY, doc["replay"])
     except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as exc:
         raise ForsetiError(

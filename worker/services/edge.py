@@ -31,6 +31,7 @@ from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.adapters.inference import OnnxModel, OnnxPolicy
 from forseti.adapters.objects import ObjectStore
+from forseti.adapters.signing import TrustedKeys, refusal
 from forseti.schemas.catalog import MODELS, edge_channel
 from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
@@ -69,8 +70,11 @@ class EdgeAgent:
         llms: set[str] | None = None,
         llm_artifact: str = "q8_0",
         objects: ObjectStore | None = None,
+        trusted: TrustedKeys | None = None,
     ) -> None:
         self.bus, self.device_id = bus, device_id
+        self.trusted = trusted
+        """The keys announcements must be signed by (None: any announcement is acted on)."""
         self.objects = objects
         """The S3 store `s3://` announcements are fetched from (Kafka deployments; None: none)."""
         self.tags, self.kinds, self.names = tags or set(), kinds or set(), names or set()
@@ -103,6 +107,7 @@ class EdgeAgent:
                     threads=threads,
                     durable=f"edge-{device_id}-llm-{name}",
                     objects=objects,
+                    trusted=trusted,
                 )
                 for name in sorted(llms)
             }
@@ -142,9 +147,22 @@ class EdgeAgent:
             log.warning("edge %s: ignoring an unreadable models event: %s", self.device_id, exc.message)
             return
         if isinstance(event.data, ModelAvailable) and self.wants(event.data):
-            await self.load(event.data)
-        elif isinstance(event.data, ModelRollback) and event.data.name in self.current:
+            if not await self._refused(msg.data, event.data.model_id, event.data.name, event.data.version):
+                await self.load(event.data)
+        elif (
+            isinstance(event.data, ModelRollback)
+            and event.data.name in self.current
+            and not await self._refused(msg.data, event.data.model_id, event.data.name, event.data.to_version)
+        ):
             await self.roll_back(event.data)
+
+    async def _refused(self, raw: bytes, model_id: str, name: str, version: str) -> bool:
+        """Whether an announcement fails its signature check (reported as not loaded, nothing fetched)."""
+        reason = refusal(self.trusted, raw)
+        if reason is not None:
+            log.warning("edge %s: %s %s refused: %s", self.device_id, name, version, reason)
+            await self._report(model_id, name, version, ok=False, message=f"{ErrorCode.INVALID_MODEL.value}: {reason}")
+        return reason is not None
 
     async def load(self, event: ModelAvailable) -> bool:
         """Fetch, check and load an announced version beside the serving one, then switch; report either way."""

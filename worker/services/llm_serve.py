@@ -24,6 +24,7 @@ from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.adapters.llm.gguf import GGUF_TYPES
 from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.adapters.objects import ObjectStore
+from forseti.adapters.signing import TrustedKeys, refusal
 from forseti.schemas.base import ID_PATTERN
 from forseti.schemas.catalog import MODELS, llm_channel
 from forseti.schemas.envelope import Event, decode, encode
@@ -72,6 +73,7 @@ class LlmService:
         answer: bool = True,
         durable: str | None = None,
         objects: ObjectStore | None = None,
+        trusted: TrustedKeys | None = None,
     ) -> None:
         if not re.match(ID_PATTERN, name):
             raise ForsetiError(
@@ -92,6 +94,8 @@ class LlmService:
         """Whether to answer on the completion channel (an edge device answers on its own instead)."""
         self.durable = durable
         """A follower name: announcements missed while away are handled on return (None: only live ones)."""
+        self.trusted = trusted
+        """The keys announcements must be signed by (None: any announcement is acted on)."""
         self.current: Served | None = None
         """The version answering requests now."""
         self.previous: list[Served] = []
@@ -132,9 +136,22 @@ class LlmService:
             log.warning("ignoring an unreadable models event: %s", exc.message)
             return
         if isinstance(event.data, ModelAvailable) and self.wants(event.data):
-            await self.load(event.data)
-        elif isinstance(event.data, ModelRollback) and event.data.name == self.name:
+            if not await self._refused(msg.data, event.data.model_id, event.data.version):
+                await self.load(event.data)
+        elif (
+            isinstance(event.data, ModelRollback)
+            and event.data.name == self.name
+            and not await self._refused(msg.data, event.data.model_id, event.data.to_version)
+        ):
             await self.roll_back(event.data)
+
+    async def _refused(self, raw: bytes, model_id: str, version: str) -> bool:
+        """Whether an announcement fails its signature check (reported as not loaded, nothing fetched)."""
+        reason = refusal(self.trusted, raw)
+        if reason is not None:
+            log.warning("llm-serve %s: %s (%s) refused: %s", self.name, version, model_id, reason)
+            await self._report(model_id, version, ok=False, message=f"{ErrorCode.INVALID_MODEL.value}: {reason}")
+        return reason is not None
 
     async def load(self, event: ModelAvailable) -> bool:
         """Check and load an announced version beside the serving one, then switch to it; report either way."""
