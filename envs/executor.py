@@ -14,6 +14,12 @@ its spec (`<id>.replica-<name>`), where the session's later requests go. A full 
 open with a retriable `resource_exhausted` (after closing the sessions silent for `session_idle`,
 whose jobs are gone); one asked about a session it does not hold (it was restarted) answers a
 retriable `session_lost`, and the client opens the session again.
+
+A session belongs to whoever opened it: the opener chooses a secret `token`, and the session
+answers only requests that carry it (others get `forbidden`), so nobody else on the bus can step,
+reset or close another job's session, nor take it over by opening it again. One client (the
+`client` an open names, a worker's id) holds at most `max_sessions_per_client` sessions, so a single
+client cannot fill the executor.
 """
 
 from __future__ import annotations
@@ -66,6 +72,10 @@ class Session:
     """The sub-envs of one client."""
 
     envs: list[EnvLike]
+    token: str | None = None
+    """The secret its requests must carry (None: opened by a client without one)."""
+    client: str | None = None
+    """Who opened it."""
     last_step: int = -1
     used: float = field(default_factory=time.monotonic)
     """When its client last asked anything (time.monotonic)."""
@@ -127,11 +137,14 @@ class EnvServer:
         num_envs: int = 1,
         environment: str | None = None,
         max_sessions: int = 64,
+        max_sessions_per_client: int | None = None,
         replica: str | None = None,
         session_idle: float = 600.0,
     ) -> None:
         self.bus, self.executor_id, self.make_env = bus, executor_id, make_env
         self.num_envs, self.environment, self.max_sessions = num_envs, environment, max_sessions
+        self.max_sessions_per_client = max_sessions_per_client or max(1, max_sessions // 4)
+        """Sessions one client may hold at once (a quarter of `max_sessions` unless given)."""
         if replica is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", replica):
             raise ValueError(f"replica name {replica!r}: 1-64 of A-Z a-z 0-9 _ -")
         self.replica = f"{executor_id}.replica-{replica or uuid.uuid4().hex[:8]}"
@@ -139,6 +152,8 @@ class EnvServer:
         self.session_idle = session_idle
         """Seconds after which a silent session may be closed to make room (its job is gone)."""
         self.sessions: dict[str, Session] = {}
+        self.refused = 0
+        """Requests refused for not carrying their session's token."""
         self._subs: list[Subscription] = []
         probe = make_env()
         self.spaces = (space_to_spec(probe.observation_space), space_to_spec(probe.action_space))
@@ -204,6 +219,8 @@ class EnvServer:
                 code=ErrorCode.SESSION_LOST,
                 retriable=True,
             )
+        if session.token is not None and request.token != session.token:
+            raise self._forbidden(request.session_id, type(request).__name__)
         session.used = time.monotonic()
         if isinstance(request, EnvClose):
             self._close(request.session_id)
@@ -218,16 +235,13 @@ class EnvServer:
                 f"executor {self.executor_id} serves {self.environment}, not {request.environment}",
                 code=ErrorCode.INVALID_TASK,
             )
-        if request.session_id not in self.sessions:
-            if len(self.sessions) >= self.max_sessions:
-                self._close_idle()
-            if len(self.sessions) >= self.max_sessions:
-                raise ForsetiError(
-                    f"executor {self.replica} already holds {self.max_sessions} sessions",
-                    code=ErrorCode.RESOURCE_EXHAUSTED,
-                    retriable=True,
-                )
-            self.sessions[request.session_id] = Session([self.make_env() for _ in range(self.num_envs)])
+        held = self.sessions.get(request.session_id)
+        if held is not None and held.token is not None and request.token != held.token:
+            raise self._forbidden(request.session_id, "EnvOpen")
+        if held is None:
+            self._make_room(request.client)
+            envs = [self.make_env() for _ in range(self.num_envs)]
+            self.sessions[request.session_id] = Session(envs, token=request.token, client=request.client)
         observation, action = self.spaces
         return EnvSpec(
             session_id=request.session_id,
@@ -235,6 +249,37 @@ class EnvServer:
             action_space=action,
             num_envs=self.num_envs,
             executor_id=self.replica,
+        )
+
+    def _make_room(self, client: str | None) -> None:
+        """Refuse (retriable resource_exhausted) a new session of `client` when it holds its share, or
+        when the executor is full, after closing the silent sessions either way."""
+        if len(self.sessions) >= self.max_sessions or self._held_by(client) >= self.max_sessions_per_client:
+            self._close_idle()
+        if self._held_by(client) >= self.max_sessions_per_client:
+            raise ForsetiError(
+                f"client {client or '(unnamed)'} already holds {self.max_sessions_per_client} sessions on "
+                f"executor {self.replica}",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
+                retriable=True,
+            )
+        if len(self.sessions) >= self.max_sessions:
+            raise ForsetiError(
+                f"executor {self.replica} already holds {self.max_sessions} sessions",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
+                retriable=True,
+            )
+
+    def _held_by(self, client: str | None) -> int:
+        return sum(1 for session in self.sessions.values() if session.client == client)
+
+    def _forbidden(self, session_id: str, what: str) -> ForsetiError:
+        """A request for a session without its token: someone other than its opener."""
+        self.refused += 1
+        log.warning("refused %s for session %s: it does not carry the session's token", what, session_id)
+        return ForsetiError(
+            f"{what} refused: session {session_id!r} belongs to the client that opened it",
+            code=ErrorCode.FORBIDDEN,
         )
 
     def _close_idle(self) -> None:

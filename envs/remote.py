@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import secrets
+import socket
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,8 +60,13 @@ class RemoteVecEnv(VecEnv):
         open_wait: float = 60.0,
         max_reopens: int = 3,
         check: Callable[[], object] | None = None,
+        client: str | None = None,
     ) -> None:
         self.bus, self.executor_id, self.loop = bus, executor_id, loop
+        self.client = client or f"{socket.gethostname()}-{os.getpid()}"
+        """Who opens the session (this process, by default), for the executor's per-client limit."""
+        self.token = secrets.token_urlsafe(24)
+        """The session's secret: only requests that carry it are answered."""
         self.session_id, self.environment, self.step_timeout = session_id, environment, step_timeout
         self.open_wait, self.max_reopens, self.check = open_wait, max_reopens, check
         self.steps = self.reopens = 0
@@ -71,7 +79,9 @@ class RemoteVecEnv(VecEnv):
     def _open(self) -> EnvSpec:
         """Open the session on any executor of the id, waiting while every one of them is full."""
         deadline, delay = time.monotonic() + self.open_wait, 0.25
-        request = EnvOpen(session_id=self.session_id, environment=self.environment)
+        request = EnvOpen(
+            session_id=self.session_id, environment=self.environment, token=self.token, client=self.client
+        )
         while True:
             try:
                 spec: EnvSpec = self._call(request, EnvSpec, "open", channel=env_channel(self.executor_id))
@@ -163,7 +173,7 @@ class RemoteVecEnv(VecEnv):
     def reset(self) -> VecEnvObs:
         """Reset every sub-env with the seeds set by `seed()`."""
         seeds = [s if s is None else int(s) % 2**32 for s in self._seeds]
-        request = EnvReset(session_id=self.session_id, seeds=seeds)
+        request = EnvReset(session_id=self.session_id, seeds=seeds, token=self.token)
         try:
             transition: EnvTransition = self._call(request, EnvTransition, "reset")
         except ForsetiError as exc:
@@ -189,7 +199,9 @@ class RemoteVecEnv(VecEnv):
         what = f"step {self.steps}"
         try:
             t: EnvTransition = self._call(
-                EnvStep(session_id=self.session_id, step=self.steps, actions=actions), EnvTransition, what
+                EnvStep(session_id=self.session_id, step=self.steps, actions=actions, token=self.token),
+                EnvTransition,
+                what,
             )
         except ForsetiError as exc:
             if exc.code not in LOST:
@@ -219,7 +231,7 @@ class RemoteVecEnv(VecEnv):
     def close(self) -> None:
         """End the session on the executor (a gone executor is not an error here)."""
         try:
-            self._call(EnvClose(session_id=self.session_id), EnvTransition, "close")
+            self._call(EnvClose(session_id=self.session_id, token=self.token), EnvTransition, "close")
         except ForsetiError:
             return
 

@@ -11,6 +11,8 @@ from .errors import ErrorCode
 
 ReplicaId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")]
 """One replica of an executor: its executor id and `.replica-<name>`."""
+SessionToken = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{16,128}$")]
+"""A secret the opener of a session chooses; the session answers only requests that carry it."""
 Shape = Annotated[list[Annotated[int, Field(ge=1, le=1_000_000)]], Field(max_length=8)]
 
 
@@ -40,6 +42,11 @@ class EnvOpen(Strict):
     """Client-chosen session id (the job id, usually)."""
     environment: ShortText | None = None
     """The env id the client expects; refused when the executor serves another."""
+    token: SessionToken | None = None
+    """A secret chosen by the opener: the session's later requests must carry it, so nobody else on
+    the bus can step, reset or close it (None: an open session, for clients that predate tokens)."""
+    client: ShortText | None = None
+    """Who opens it (a worker's id): an executor limits the sessions one client holds."""
 
 
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
@@ -52,6 +59,8 @@ class EnvReset(Strict):
     """The session."""
     seeds: list[Seed | None] = Field(default_factory=list, max_length=1024)
     """One seed per sub-env (SB3 passes seed + i); empty or null for no seeding."""
+    token: SessionToken | None = None
+    """The secret the session was opened with."""
 
 
 class EnvStep(Strict):
@@ -63,6 +72,8 @@ class EnvStep(Strict):
     """Vector step number, for error messages and ordering."""
     actions: list[Any] = Field(max_length=1024)
     """One action per sub-env."""
+    token: SessionToken | None = None
+    """The secret the session was opened with."""
 
 
 class EnvClose(Strict):
@@ -70,6 +81,8 @@ class EnvClose(Strict):
 
     session_id: Id
     """The session."""
+    token: SessionToken | None = None
+    """The secret the session was opened with."""
 
 
 class EnvSpec(Strict):

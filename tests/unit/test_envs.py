@@ -18,6 +18,9 @@ from forseti.envs import ENV_IDS, register_envs
 from forseti.envs.executor import EnvServer, gym_factory
 from forseti.envs.remote import RemoteVecEnv
 from forseti.envs.spaces import check_batch, check_infos, check_rewards, space_to_spec, spec_to_space
+from forseti.schemas.catalog import env_channel
+from forseti.schemas.env import EnvClose, EnvError, EnvOpen, EnvStep
+from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError
 
 
@@ -294,3 +297,50 @@ async def test_a_session_whose_job_went_silent_makes_room_for_the_next(pair: tup
     await asyncio.sleep(0.3)
     await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "tidy", loop=loop, session_id="next", open_wait=0))
     assert set(server.sessions) == {"next"}
+
+
+async def test_only_the_opener_of_a_session_steps_closes_or_reopens_it(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    """Anyone on the bus could close a running job's session (its id is the job id), or step it
+    (issue 14): the session now answers only requests carrying the secret its opener chose."""
+    executor_side, worker_side = pair
+    server = EnvServer(executor_side, "owned", gym_factory("CartPole-v1"), num_envs=2)
+    await server.start()
+    loop = asyncio.get_running_loop()
+    env = await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "owned", loop=loop, session_id="job-1"))
+    await asyncio.to_thread(env.reset)
+    replica = env_channel(server.replica)
+
+    async def stranger(request: EnvOpen | EnvStep | EnvClose) -> Any:
+        return decode(await worker_side.request(replica, encode(request), timeout=5)).data
+
+    for request in (
+        EnvClose(session_id="job-1"),
+        EnvClose(session_id="job-1", token="guessed-token-0000"),
+        EnvStep(session_id="job-1", step=1, actions=[0, 0]),
+        EnvOpen(session_id="job-1", token="mine-now-0000000000"),
+    ):
+        refused = await stranger(request)
+        assert isinstance(refused, EnvError), request
+        assert (refused.code, refused.retriable) == (ErrorCode.FORBIDDEN, False)
+    assert server.refused == 4
+    await asyncio.to_thread(env.step, np.array([0, 1]))  # the job's own session goes on
+    await asyncio.to_thread(env.close)
+    assert not server.sessions
+
+
+async def test_one_client_cannot_take_every_session_of_an_executor(pair: tuple[MemoryBus, MemoryBus]) -> None:
+    """A client could open max_sessions sessions and leave every other job waiting (issue 14)."""
+    executor_side, worker_side = pair
+    server = EnvServer(executor_side, "fair", gym_factory("CartPole-v1"), max_sessions=8, max_sessions_per_client=2)
+    await server.start()
+    greedy = [EnvOpen(session_id=f"grab-{i}", token=f"greedy-token-{i:06d}", client="greedy") for i in range(3)]
+    replies: list[Any] = [
+        decode(await worker_side.request("forseti.env.fair", encode(r), timeout=5)).data for r in greedy
+    ]
+    assert [type(r).__name__ for r in replies] == ["EnvSpec", "EnvSpec", "EnvError"]
+    assert (replies[2].code, replies[2].retriable) == (ErrorCode.RESOURCE_EXHAUSTED, True)
+    assert "client greedy already holds 2 sessions" in replies[2].message
+    loop = asyncio.get_running_loop()
+    env = await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "fair", loop=loop, session_id="real-job"))
+    assert set(server.sessions) == {"grab-0", "grab-1", "real-job"}
+    await asyncio.to_thread(env.close)

@@ -466,6 +466,9 @@ def executor(
     executor_id: Annotated[str, typer.Option("--id", help="The executor's name: jobs send actions to it.")],
     num_envs: Annotated[int, typer.Option(min=1, max=1024, help="Sub-envs per session.")] = 1,
     max_sessions: Annotated[int, typer.Option(min=1, help="Sessions (RL jobs) served at once.")] = 64,
+    max_sessions_per_client: Annotated[
+        int | None, typer.Option(min=1, help="Sessions one client (worker) may hold [a quarter of --max-sessions].")
+    ] = None,
     replica: Annotated[
         str | None,
         typer.Option(help="This replica's name among the executors of one --id (a random one by default)."),
@@ -488,6 +491,7 @@ def executor(
                 num_envs=num_envs,
                 environment=env,
                 max_sessions=max_sessions,
+                max_sessions_per_client=max_sessions_per_client,
                 replica=replica,
             )
         except Exception as exc:
