@@ -10,11 +10,19 @@ endpoint (`worker/engine/artifact_server.py`) announces `http://host:port/artifa
 resumable range requests. Otherwise the URI stays `file://` (one host). `fetch` turns any of them
 into a verified local file: size and sha256 must match the announcement, or the file is refused
 with `invalid_model`. Torch-free.
+
+With an encryption keyring (`adapters/encryption.py`) what `share` puts in an object store is the
+file's AES-GCM ciphertext, and `fetch` decrypts what it downloads before the checks, so the size
+and sha256 of the announcement stay the plaintext's; `file://` and worker-served `http://` files
+are the worker's own disk and stay as they are.
 """
 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from urllib.parse import ParseResult, quote, unquote, urlparse
@@ -22,6 +30,7 @@ from urllib.parse import ParseResult, quote, unquote, urlparse
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.models import ModelAvailable
 
+from .encryption import Keyring, encrypted
 from .exporters import sha256_of
 
 if TYPE_CHECKING:
@@ -62,34 +71,60 @@ async def share(
     *,
     objects: ObjectStore | None = None,
     http: tuple[Path, str] | None = None,
+    keyring: Keyring | None = None,
 ) -> ModelAvailable:
     """The announcement with its files where other hosts can fetch them: put into the bus's object store
     when it has one; else into `objects` (the worker's S3 store) under `artifacts/<model_id>/`; else,
-    with `http` (a folder and the URL that serves it), named by their URL under it; else unchanged."""
+    with `http` (a folder and the URL that serves it), named by their URL under it; else unchanged.
+    With `keyring`, what goes into a store is encrypted."""
     update: dict[str, str] = {}
     for field, digest in (("uri", event.sha256), ("base_uri", event.base_sha256)):
         uri = getattr(event, field)
         if uri is None or not uri.startswith("file://") or digest is None:
             continue
         path = local_path(uri)
-        if isinstance(bus, ObjectBus):
-            name = f"{event.model_id}/{path.name}"
-            await bus.put_object(BUCKET, name, path, digest)
-            update[field] = object_uri(BUCKET, name)
-        elif objects is not None:
-            update[field] = await objects.put(f"artifacts/{event.model_id}/{path.name}", path, digest)
+        if isinstance(bus, ObjectBus) or objects is not None:
+            async with _stored_form(path, digest, keyring) as (stored, stored_digest):
+                if isinstance(bus, ObjectBus):
+                    name = f"{event.model_id}/{path.name}"
+                    await bus.put_object(BUCKET, name, stored, stored_digest)
+                    update[field] = object_uri(BUCKET, name)
+                elif objects is not None:
+                    name = f"artifacts/{event.model_id}/{path.name}"
+                    update[field] = await objects.put(name, stored, stored_digest)
         elif http is not None and path.resolve().is_relative_to(http[0].resolve()):
             update[field] = http[1] + quote(str(path.resolve().relative_to(http[0].resolve())))
     return event.model_copy(update=update)
 
 
+@asynccontextmanager
+async def _stored_form(path: Path, sha256: str, keyring: Keyring | None) -> AsyncIterator[tuple[Path, str]]:
+    """The file to put in a store and its digest: `path` itself, or its ciphertext (removed after)."""
+    if keyring is None:
+        yield path, sha256
+        return
+    sealed = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.fse")
+    try:
+        await asyncio.to_thread(keyring.encrypt, path, sealed)
+        yield sealed, await asyncio.to_thread(sha256_of, sealed)
+    finally:
+        sealed.unlink(missing_ok=True)
+
+
 async def fetch(
-    bus: object, uri: str, *, sha256: str, size: int | None, cache: Path, objects: ObjectStore | None = None
+    bus: object,
+    uri: str,
+    *,
+    sha256: str,
+    size: int | None,
+    cache: Path,
+    objects: ObjectStore | None = None,
+    keyring: Keyring | None = None,
 ) -> Path:
     """A verified local copy of `uri`: a `file://` file checked in place, or an object downloaded into
-    `cache` (once: a verified copy there is reused); `s3://` objects through `objects`, this consumer's
-    own S3 store. invalid_model when it cannot be had or its size or digest differ from the
-    announcement."""
+    `cache` (once: a verified copy there is reused) and decrypted with `keyring` when it was stored
+    encrypted; `s3://` objects through `objects`, this consumer's own S3 store. invalid_model when it
+    cannot be had (or decrypted) or its size or digest differ from the announcement."""
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         path = local_path(uri)
@@ -98,6 +133,7 @@ async def fetch(
         if not (path.is_file() and await asyncio.to_thread(_matches, path, sha256, size)):  # else fetched before
             path.parent.mkdir(parents=True, exist_ok=True)
             await _download_into(bus, objects, parsed, path)
+            await asyncio.to_thread(_decrypt_in_place, path, keyring, uri)
     if not path.is_file():
         raise ForsetiError(f"{uri} names no file", code=ErrorCode.INVALID_MODEL)
     if size is not None and path.stat().st_size != size:
@@ -105,6 +141,27 @@ async def fetch(
     if await asyncio.to_thread(sha256_of, path) != sha256:
         raise ForsetiError(f"{uri} fails its sha256 check", code=ErrorCode.INVALID_MODEL)
     return path
+
+
+def _decrypt_in_place(path: Path, keyring: Keyring | None, uri: str) -> None:
+    """Replace a downloaded ciphertext by its plaintext (a plaintext download stays as it is);
+    invalid_model when it cannot be decrypted."""
+    if not encrypted(path):
+        return
+    plain = path.with_name(path.name + ".plain")
+    try:
+        if keyring is None:
+            raise ForsetiError(
+                "it is encrypted: start this consumer with the deployment's key (FORSETI_ENCRYPTION_KEY or "
+                "FORSETI_ENCRYPTION_KEY_FILE)"
+            )
+        keyring.decrypt(path, plain)
+    except ForsetiError as exc:
+        plain.unlink(missing_ok=True)
+        raise ForsetiError(f"{uri}: {exc.message}", code=ErrorCode.INVALID_MODEL) from exc
+    finally:
+        path.unlink(missing_ok=True)
+    plain.replace(path)
 
 
 def _cached(parsed: ParseResult, sha256: str, cache: Path) -> Path:

@@ -13,6 +13,7 @@ import pytest
 from forseti.adapters.artifacts import BUCKET, fetch, object_uri, share
 from forseti.adapters.bus import MemoryBus, create_bus
 from forseti.adapters.bus.servers import NatsServer
+from forseti.adapters.encryption import Keyring, encrypted, new_key
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.objects import S3ObjectStore
 from forseti.adapters.registry import ModelRecord, SqliteStore
@@ -229,5 +230,65 @@ async def test_a_symlink_planted_in_the_cache_leads_nowhere(nats_server: NatsSer
         with pytest.raises(ForsetiError, match="refused"):
             await fetch(bus, object_uri(BUCKET, "m1/model.onnx"), sha256=sha256_of(payload), size=None, cache=cache)
         assert not any(outside.iterdir())
+    finally:
+        await bus.close()
+
+
+@pytest.mark.parametrize("store", ["nats", "s3"])
+async def test_an_artifact_is_stored_encrypted_and_a_holder_of_the_key_gets_the_plaintext(
+    request: pytest.FixtureRequest, tmp_path: Path, store: str
+) -> None:
+    """What a worker put in the object store was the model file itself, readable by anyone with
+    access to the bucket (issue 14)."""
+    ring = Keyring.parse(new_key(), where="test")
+    original = tmp_path / "worker" / "model.onnx"
+    original.parent.mkdir()
+    original.write_bytes(os.urandom(2**20 + 99))
+    objects: S3ObjectStore | None = None
+    if store == "nats":
+        bus: Any = create_bus(request.getfixturevalue("nats_server").url)
+        await bus.connect()
+    else:
+        bus, objects = MemoryBus(), S3ObjectStore(request.getfixturevalue("s3_url"))
+    try:
+        event = await share(bus, announcement(original), objects=objects, keyring=ring)
+        assert event.sha256 == sha256_of(original), "the announcement carries the plaintext's digest"
+        assert not list(original.parent.glob(".*")), "the ciphertext made for the upload is gone"
+        stored = tmp_path / "as-stored"
+        if store == "nats":
+            await bus.get_object(BUCKET, f"{event.model_id}/model.onnx", stored)
+        else:
+            assert objects is not None
+            await objects.get(event.uri, stored)
+        assert encrypted(stored) and original.read_bytes()[:4096] not in stored.read_bytes()
+
+        fetched = await fetch(
+            bus,
+            event.uri,
+            sha256=event.sha256,
+            size=event.size_bytes,
+            cache=tmp_path / "d",
+            objects=objects,
+            keyring=ring,
+        )
+        assert fetched.read_bytes() == original.read_bytes()
+        with pytest.raises(ForsetiError, match="is encrypted: start this consumer with") as keyless:
+            await fetch(
+                bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=tmp_path / "e", objects=objects
+            )
+        assert keyless.value.code == "invalid_model"
+        other = Keyring.parse(new_key(), where="test")
+        with pytest.raises(ForsetiError, match="does not hold") as wrong:
+            await fetch(
+                bus,
+                event.uri,
+                sha256=event.sha256,
+                size=event.size_bytes,
+                cache=tmp_path / "f",
+                objects=objects,
+                keyring=other,
+            )
+        assert wrong.value.code == "invalid_model"
+        assert not list((tmp_path / "e").rglob("*.onnx*")) and not list((tmp_path / "f").rglob("*.onnx*"))
     finally:
         await bus.close()

@@ -1,6 +1,7 @@
 """A nats-server that lets nobody in without credentials (issue 14): a client without them is
-refused, one with them runs the whole path (a task trained, its model announced and fetched by a
-device) over mutual TLS. Certificates are made per test by trustme; the nkey pair by nkeys."""
+refused, one with them runs the whole path (a task trained, its model signed, stored encrypted,
+announced, fetched and served by an edge agent) over mutual TLS. Certificates are made per test by
+trustme; the nkey pair by nkeys."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import trustme
 from forseti.adapters import signing
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.bus.servers import NatsServer, free_port
+from forseti.adapters.encryption import Keyring, new_key
 from forseti.adapters.signing import TrustedKeys
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import decode
@@ -82,15 +84,22 @@ async def test_a_tls_server_with_passwords_refuses_strangers_and_runs_the_whole_
         client = create_bus(f"tls://device:d-pass@{host}?{pki.query()}")
         await client.connect()
         private, public = signing.generate(tmp_path / "keys")
+        data_key = new_key()  # what the worker stores is encrypted; the device holds the key
         device = EdgeAgent(
-            client, device_id="tls-dev", data_dir=tmp_path / "device", trusted=TrustedKeys.from_paths([public])
+            client,
+            device_id="tls-dev",
+            data_dir=tmp_path / "device",
+            trusted=TrustedKeys.from_paths([public]),
+            keyring=Keyring.parse(data_key, where="test"),
         )
         await device.start()
         try:
             announced, reports = Inbox(), Watcher()
             await client.subscribe(MODELS, announced.on_message)
             await client.subscribe(MODELS, reports.on_message)
-            async with running_worker(worker_bus, [TrainingHandler()], tmp_path / "worker", signing_key=private):
+            async with running_worker(
+                worker_bus, [TrainingHandler()], tmp_path / "worker", signing_key=private, encryption_key=data_key
+            ):
                 task = breast_cancer_training("tls-1", epochs=2).model_copy(update={"device_id": "tls-dev"})
                 watcher = await watch(client, "tls-1")
                 await submit(client, task)

@@ -15,6 +15,7 @@ import pytest
 
 from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer, free_port
+from forseti.adapters.encryption import Keyring, encrypted, new_key
 from forseti.adapters.objects import BusObjectStore, ObjectStore, S3ObjectStore, open_object_store
 from forseti.adapters.registry import CheckpointRecord, JobRecord, RegistryStore, create_store
 from forseti.schemas.errors import BusError, StoreError
@@ -84,10 +85,12 @@ async def started_job(store: RegistryStore, job_id: str, attempt: int = 1) -> No
     await store.put_job(JobRecord(job_id=job_id, kind=TaskKind.TRAINING, state=JobState.RUNNING, attempt=attempt))
 
 
-def shared(objects: ObjectStore, store: RegistryStore, folder: Path, job_id: str, attempt: int) -> SharedCheckpoints:
+def shared(
+    objects: ObjectStore, store: RegistryStore, folder: Path, job_id: str, attempt: int, keyring: Keyring | None = None
+) -> SharedCheckpoints:
     return SharedCheckpoints(
         objects, store, job_id=job_id, attempt=attempt, folder=folder, spool=folder.parent / "spool",
-        loop=asyncio.get_running_loop(),
+        loop=asyncio.get_running_loop(), keyring=keyring,
     )  # fmt: skip
 
 
@@ -220,3 +223,29 @@ async def test_an_object_put_while_nats_server_is_away_fails_retriably(tmp_path:
     finally:
         await bus.close()
         server.stop()
+
+
+async def test_a_checkpoint_shared_encrypted_is_resumed_only_with_the_key(
+    objects: ObjectStore, store: RegistryStore, tmp_path: Path
+) -> None:
+    """Checkpoints went into the shared store as plain tars of a job's weights (issue 14)."""
+    ring = Keyring.parse(new_key(), where="test")
+    await started_job(store, "enc")
+    here = tmp_path / "host-a" / "checkpoints"
+    here.mkdir(parents=True)
+    (here / "weights").write_bytes(b"secret weights " * 1000)
+    sharing = shared(objects, store, here, "enc", attempt=1, keyring=ring)
+    await asyncio.to_thread(sharing.snapshot, 1)
+    await sharing.close(30)
+    (record,) = await store.list_checkpoints("enc")
+    await objects.get(record.uri, tmp_path / "as-stored")
+    assert encrypted(tmp_path / "as-stored") and b"secret weights" not in (tmp_path / "as-stored").read_bytes()
+
+    keyless = tmp_path / "host-b" / "checkpoints"
+    keyless.mkdir(parents=True)
+    assert await shared(objects, store, keyless, "enc", attempt=2).restore() is None, "unreadable: not used"
+    there = tmp_path / "host-c" / "checkpoints"
+    there.mkdir(parents=True)
+    restored = await shared(objects, store, there, "enc", attempt=2, keyring=ring).restore()
+    assert restored is not None and (there / "weights").read_bytes() == b"secret weights " * 1000
+    assert not list((tmp_path / "host-c" / "spool").iterdir()), "neither the ciphertext nor the tar stays"

@@ -4,6 +4,7 @@ llm-serve, complete, infer-serve, infer, edge, up."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 import uuid
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from forseti.adapters.bus import Bus, create_bus
+from forseti.adapters.encryption import Keyring
 from forseti.adapters.registry import RegistryStore, create_store
 from forseti.adapters.signing import PUBLIC_SUFFIX, Signer, TrustedKeys
 from forseti.schemas.base import Strict
@@ -88,6 +90,15 @@ TrustedKeysOpt = Annotated[
         "*.pub; repeatable) [<data-dir>/keys when it holds a .pub; else every announcement, unverified].",
     ),
 ]
+KeyFileOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--encryption-key-file",
+        envvar="FORSETI_ENCRYPTION_KEY_FILE",
+        help="AES-256 keys (base64, one per line; FORSETI_ENCRYPTION_KEY holds them inline) for artifacts "
+        "stored encrypted (docs/security.md).",
+    ),
+]
 SigningKeyOpt = Annotated[
     Path | None,
     typer.Option(
@@ -143,6 +154,14 @@ def _trusted(paths: list[Path] | None, data_dir: Path) -> TrustedKeys | None:
         raise _fail(exc.message) from exc
     err.print(f"announcements must be signed by: {', '.join(sorted(trusted.keys))}")
     return trusted
+
+
+def _keyring(file: Path | None) -> Keyring | None:
+    """The encryption keys of `--encryption-key-file` and FORSETI_ENCRYPTION_KEY."""
+    try:
+        return Keyring.load(value=os.environ.get("FORSETI_ENCRYPTION_KEY"), file=file)
+    except ForsetiError as exc:
+        raise _fail(exc.message) from exc
 
 
 def _signer(path: Path | None, data_dir: Path) -> Signer | None:
@@ -271,6 +290,7 @@ def worker_cmd(
         ),
     ] = None,
     signing_key: SigningKeyOpt = None,
+    encryption_key_file: KeyFileOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Run a worker: take tasks for every installed handler, until SIGTERM."""
@@ -291,6 +311,7 @@ def worker_cmd(
         artifact_advertise=artifact_advertise,
         object_store_url=object_store_url,
         signing_key=signing_key,
+        encryption_key_file=encryption_key_file,
         **overrides,
     )
     try:
@@ -585,6 +606,25 @@ def keys_generate(
     out.print(f"key id: {Signer.from_file(private).key_id}")
 
 
+@keys_app.command("data-key")
+def keys_data_key(
+    file: Annotated[Path, typer.Argument(help="The key file: made with one key, or given a new first key.")],
+) -> None:
+    """Make an AES-256 key for encryption at rest, as the first line of FILE (mode 0600): it encrypts from
+    now on, and the keys already in FILE stay to decrypt what they encrypted (key rotation)."""
+    from forseti.adapters.encryption import new_key
+
+    old = file.read_text() if file.is_file() else ""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(file.with_name(file.name + ".partial"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(new_key() + "\n" + old)
+    file.with_name(file.name + ".partial").replace(file)
+    keyring = _keyring(file)
+    assert keyring is not None
+    out.print(f"{file}: encrypting key {keyring.key_id}, {len(keyring.keys)} key(s) in all")
+
+
 models_app = typer.Typer(help="Registered model versions and their aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 AliasOpt = Annotated[str, typer.Option(help="The alias to move (MLflow style: production, staging, ...).")]
@@ -646,6 +686,7 @@ def models_promote(
     ] = None,
     object_store_url: ArtifactStoreOpt = None,
     signing_key: SigningKeyOpt = None,
+    encryption_key_file: KeyFileOpt = None,
 ) -> None:
     """Point an alias at a version and announce its artifacts (model.available with the alias)."""
     from ..engine.models import promote, version_label
@@ -653,9 +694,12 @@ def models_promote(
     http = (data_dir / "artifacts", artifact_url.rstrip("/") + "/") if artifact_url else None
     objects = _s3_store(object_store_url)
     signer = _signer(signing_key, data_dir)
+    keyring = _keyring(encryption_key_file)
 
     async def work(store: Any, client: Bus) -> None:
-        model = await promote(store, client, name, version, alias=alias, objects=objects, http=http, signer=signer)
+        model = await promote(
+            store, client, name, version, alias=alias, objects=objects, http=http, signer=signer, keyring=keyring
+        )
         err.print(f"{name} {alias} -> {version_label(model)} ({model.id})")
 
     run_loop(_with_store_and_bus(_store(data_dir, registry_url), bus, work))
@@ -701,6 +745,7 @@ def llm_serve(
     bus: BusOpt = DEFAULT_BUS_URL,
     object_store_url: ArtifactStoreOpt = None,
     trusted_keys: TrustedKeysOpt = None,
+    encryption_key_file: KeyFileOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Serve completions of a fine-tuned model with llama.cpp, hot-swapping announced versions, until SIGTERM.
@@ -713,6 +758,7 @@ def llm_serve(
     setup_logging(json_lines=log_json)
     objects = _s3_store(object_store_url)
     trusted = _trusted(trusted_keys, data_dir)
+    keyring = _keyring(encryption_key_file)
 
     def make(client: Bus) -> LlmService:
         try:
@@ -727,6 +773,7 @@ def llm_serve(
                 cache=data_dir / "fetched",
                 objects=objects,
                 trusted=trusted,
+                keyring=keyring,
             )
         except ForsetiError as exc:
             raise _fail(exc.message) from exc
@@ -817,6 +864,7 @@ def edge(
     bus: BusOpt = DEFAULT_BUS_URL,
     object_store_url: ArtifactStoreOpt = None,
     trusted_keys: TrustedKeysOpt = None,
+    encryption_key_file: KeyFileOpt = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """The edge agent: fetch, verify, hot-swap and serve the ONNX models meant for this device, until SIGTERM."""
@@ -827,6 +875,7 @@ def edge(
     setup_logging(json_lines=log_json)
     objects = _s3_store(object_store_url)
     trusted = _trusted(trusted_keys, data_dir)
+    keyring = _keyring(encryption_key_file)
 
     def make(client: Bus) -> EdgeAgent:
         return EdgeAgent(
@@ -842,6 +891,7 @@ def edge(
             llm_artifact=llm_artifact,
             objects=objects,
             trusted=trusted,
+            keyring=keyring,
         )
 
     # a device may boot before its network or its broker: it waits for the bus instead of exiting

@@ -30,6 +30,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from forseti.adapters.encryption import Keyring, encrypted
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.registry import CheckpointRecord, RegistryStore
@@ -82,9 +83,12 @@ class SharedCheckpoints:
         folder: Path,
         spool: Path,
         loop: asyncio.AbstractEventLoop,
+        keyring: Keyring | None = None,
     ) -> None:
         self.objects, self.store, self.job_id, self.attempt = objects, store, job_id, attempt
         self.folder, self.spool, self._loop = folder, spool, loop
+        self.keyring = keyring
+        """Encrypts snapshots before they go up (None: they go up as tars)."""
         self._count = 0
         self._waiting: Snapshot | None = None
         self._uploader: asyncio.Task[None] | None = None
@@ -107,6 +111,11 @@ class SharedCheckpoints:
                 for item in sorted(self.folder.rglob("*")):
                     if not item.name.startswith("partial-"):  # a write in progress, never whole
                         tar.add(item, arcname=str(item.relative_to(self.folder)), recursive=False)
+            if self.keyring is not None:  # the registry records the stored (encrypted) bytes' digest
+                sealed = path.with_suffix(".tar.fse")
+                self.keyring.encrypt(path, sealed)
+                path.unlink()
+                path = sealed
             snapshot = Snapshot(seq, step, path, sha256_of(path), path.stat().st_size)
         except OSError as exc:
             log.warning("checkpoint at step %d not packed for sharing: %s", step, exc)
@@ -193,11 +202,27 @@ class SharedCheckpoints:
                 raise StoreError(f"{record.uri} has {size} bytes, the registry says {record.size_bytes}")
             if await asyncio.to_thread(sha256_of, path) != record.sha256:
                 raise StoreError(f"{record.uri} fails its sha256 check against the registry")
+            if await asyncio.to_thread(encrypted, path):
+                path = await asyncio.to_thread(self._decrypted, path, record.uri)
             await asyncio.to_thread(_unpack, path, self.folder)
         except (OSError, tarfile.TarError) as exc:
             raise StoreError(f"{record.uri} cannot be unpacked: {exc}") from exc
         finally:
             path.unlink(missing_ok=True)
+
+    def _decrypted(self, path: Path, uri: str) -> Path:
+        """The plaintext tar of an encrypted snapshot (the ciphertext removed)."""
+        plain = path.with_name(path.name + ".tar")
+        try:
+            if self.keyring is None:
+                raise StoreError("it is encrypted: give this worker the deployment's key (FORSETI_ENCRYPTION_KEY)")
+            self.keyring.decrypt(path, plain)
+        except ForsetiError as exc:
+            plain.unlink(missing_ok=True)
+            raise StoreError(f"{uri}: {exc.message}") from exc
+        finally:
+            path.unlink(missing_ok=True)
+        return plain
 
 
 def _unpack(tar: Path, folder: Path) -> None:

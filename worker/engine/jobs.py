@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 from forseti.adapters.bus import Bus, Delivery
+from forseti.adapters.encryption import Keyring
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.registry import Claim, JobRecord, RegistryStore
 from forseti.schemas.errors import BusError, ErrorCode, ForsetiError
@@ -96,6 +97,8 @@ class JobServices:
     cancel from another user is dropped)."""
     pool: ChildPool | None = None
     """The child processes jobs' heavy work runs in (None: threads of the worker)."""
+    keyring: Keyring | None = None
+    """Encrypts the checkpoints shared through `objects` (None: shared as they are)."""
 
 
 @dataclass(frozen=True)
@@ -246,6 +249,7 @@ class JobRunner:
                 folder=work_dir / "checkpoints",
                 spool=work_dir / "shared",
                 loop=loop,
+                keyring=services.keyring,
             )
         self.ctx = JobContext(
             job_id=self.job_id,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus
+from forseti.adapters.encryption import Keyring
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
@@ -99,16 +100,17 @@ async def promote(
     objects: ObjectStore | None = None,
     http: tuple[Path, str] | None = None,
     signer: Signer | None = None,
+    keyring: Keyring | None = None,
 ) -> ModelRecord:
     """Point `alias` of `name` at `version` and announce that version's artifacts with the alias set,
     shared as a worker shares them (`objects`: its S3 store; `http`: an artifacts folder and the URL a
-    worker serves it at), signed by `signer` when given."""
+    worker serves it at), signed by `signer` and stored encrypted under `keyring` when given."""
     model = await find_version(store, name, version)
     await store.set_alias(name, alias, model.id)
     parent = await store.get_model(model.parent_id) if model.parent_id else None
     artifacts = await store.list_artifacts(model.id)
     for event in announcements(model, artifacts, parent_version=version_label(parent) if parent else None, alias=alias):
-        shared = await share(bus, event, objects=objects, http=http)
+        shared = await share(bus, event, objects=objects, http=http, keyring=keyring)
         await bus.publish(MODELS, seal(encode(shared, subject=model.id), signer))
     return model
 

@@ -131,6 +131,8 @@ class Worker:
         key = self.settings.signing_key_path
         self.signer = Signer.from_file(key) if key is not None else None
         """Signs model announcements (None: they go out unsigned)."""
+        self.keyring = self.settings.keyring()
+        """Encrypts what goes into shared stores: announced artifacts, checkpoints (None: nothing)."""
         self._pool = (
             ChildPool(size=self.settings.concurrency, stop_grace=self.settings.stop_grace)
             if self.settings.isolation == "process"
@@ -182,6 +184,8 @@ class Worker:
                 redact(self.settings.registry),
                 f"signed by key {self.signer.key_id}" if self.signer else "unsigned",
             )
+            if self.keyring is not None:
+                log.info("shared artifacts and checkpoints are encrypted under key %s", self.keyring.key_id)
             ends: list[asyncio.Task[Any]] = [asyncio.create_task(self._stopping.wait())]
             if self.settings.burst:
                 ends.append(asyncio.create_task(_all_done(loops)))
@@ -478,6 +482,7 @@ class Worker:
             running=self.running,
             early_cancel=self.take_early_cancel,
             pool=self._pool,
+            keyring=self.keyring,
         )
 
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
@@ -486,7 +491,7 @@ class Worker:
         served = self._artifacts
         http = (served.root, served.base_url) if served is not None else None
         # the transport itself: the metering wrapper holds no objects
-        event = await share(self.bus.inner, event, objects=self.objects, http=http)
+        event = await share(self.bus.inner, event, objects=self.objects, http=http, keyring=self.keyring)
         await self.bus.publish(MODELS, seal(encode(event, source=self._source, subject=job_id), self.signer))
 
     def take_early_cancel(self, job_id: str, owner: str | None) -> str | None:

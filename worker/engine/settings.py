@@ -7,9 +7,10 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from forseti.adapters.encryption import Keyring
 from forseti.adapters.signing import PRIVATE_KEY
 
 DEFAULT_BUS_URL = "nats://127.0.0.1:4222"
@@ -98,6 +99,11 @@ class WorkerSettings(BaseSettings):
     """The ed25519 private key (PEM) that signs this worker's model announcements; unset:
     `<data_dir>/keys/signing.key` when that file exists (`forseti keys generate`, `forseti up`), else
     announcements go out unsigned."""
+    encryption_key: SecretStr | None = None
+    """Base64 AES-256 key(s), comma-separated, the first of which encrypts: announced artifacts and
+    shared checkpoints are then stored encrypted (docs/security.md); unset: stored as they are."""
+    encryption_key_file: Path | None = None
+    """A file of such keys, one per line (after `encryption_key`'s, when both are set)."""
     burst: bool = False
     """Exit once no task arrives within one poll and nothing is running (for tests and batch runs)."""
 
@@ -135,6 +141,11 @@ class WorkerSettings(BaseSettings):
         """The signing key in force: `signing_key`, else the data dir's when it has one."""
         default = self.data_dir / "keys" / PRIVATE_KEY
         return self.signing_key or (default if default.is_file() else None)
+
+    def keyring(self) -> Keyring | None:
+        """The encryption keys in force (None: nothing is encrypted)."""
+        value = self.encryption_key.get_secret_value() if self.encryption_key else None
+        return Keyring.load(value=value, file=self.encryption_key_file)
 
     @property
     def threads_per_job(self) -> int:

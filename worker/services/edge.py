@@ -29,6 +29,7 @@ from typing import Any
 
 from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
+from forseti.adapters.encryption import Keyring
 from forseti.adapters.inference import OnnxModel, OnnxPolicy
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.signing import TrustedKeys, refusal
@@ -71,10 +72,13 @@ class EdgeAgent:
         llm_artifact: str = "q8_0",
         objects: ObjectStore | None = None,
         trusted: TrustedKeys | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         self.bus, self.device_id = bus, device_id
         self.trusted = trusted
         """The keys announcements must be signed by (None: any announcement is acted on)."""
+        self.keyring = keyring
+        """Decrypts artifacts stored encrypted (None: such artifacts are refused)."""
         self.objects = objects
         """The S3 store `s3://` announcements are fetched from (Kafka deployments; None: none)."""
         self.tags, self.kinds, self.names = tags or set(), kinds or set(), names or set()
@@ -108,6 +112,7 @@ class EdgeAgent:
                     durable=f"edge-{device_id}-llm-{name}",
                     objects=objects,
                     trusted=trusted,
+                    keyring=keyring,
                 )
                 for name in sorted(llms)
             }
@@ -175,6 +180,7 @@ class EdgeAgent:
                     size=event.size_bytes,
                     cache=self.cache,
                     objects=self.objects,
+                    keyring=self.keyring,
                 )
                 model: OnnxModel | OnnxPolicy = await asyncio.to_thread(
                     OnnxPolicy if event.kind == "policy" else OnnxModel, path, threads=self.threads

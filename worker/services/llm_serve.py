@@ -21,6 +21,7 @@ from typing import Any
 
 from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
+from forseti.adapters.encryption import Keyring
 from forseti.adapters.llm.gguf import GGUF_TYPES
 from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.adapters.objects import ObjectStore
@@ -74,6 +75,7 @@ class LlmService:
         durable: str | None = None,
         objects: ObjectStore | None = None,
         trusted: TrustedKeys | None = None,
+        keyring: Keyring | None = None,
     ) -> None:
         if not re.match(ID_PATTERN, name):
             raise ForsetiError(
@@ -96,6 +98,8 @@ class LlmService:
         """A follower name: announcements missed while away are handled on return (None: only live ones)."""
         self.trusted = trusted
         """The keys announcements must be signed by (None: any announcement is acted on)."""
+        self.keyring = keyring
+        """Decrypts artifacts stored encrypted (None: such artifacts are refused)."""
         self.current: Served | None = None
         """The version answering requests now."""
         self.previous: list[Served] = []
@@ -169,7 +173,13 @@ class LlmService:
 
     async def _open(self, event: ModelAvailable) -> LlamaRuntime:
         path = await fetch(
-            self.bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=self.cache, objects=self.objects
+            self.bus,
+            event.uri,
+            sha256=event.sha256,
+            size=event.size_bytes,
+            cache=self.cache,
+            objects=self.objects,
+            keyring=self.keyring,
         )
         if event.format == "gguf-lora":
             base = await fetch(
@@ -179,6 +189,7 @@ class LlmService:
                 size=None,
                 cache=self.cache,
                 objects=self.objects,
+                keyring=self.keyring,
             )
             return await asyncio.to_thread(
                 LlamaRuntime, base, lora_path=path, context=self.context, threads=self.threads
