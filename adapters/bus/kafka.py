@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import uuid
 from collections.abc import Awaitable, Callable, Collection
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -44,6 +46,7 @@ from .settings import BusSettings
 
 log = logging.getLogger(__name__)
 
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 REPLY_TO = "forseti-reply-to"
 CORRELATION = "forseti-correlation-id"
 ATTEMPT = "forseti-attempt"
@@ -168,7 +171,9 @@ class KafkaBus:
         self.shown_url = redact(url)
         """The URL as logs and errors show it: no password nor token."""
         self.settings = settings or BusSettings()
-        self.bootstrap = urlsplit(url).netloc
+        self.bootstrap = urlsplit(url).netloc.rpartition("@")[2]
+        self._security: dict[str, Any] = {}
+        """aiokafka's TLS and SASL options, worked out at connect."""
         self.client_id = f"forseti-{uuid.uuid4().hex[:12]}"
         self._producer: AIOKafkaProducer | None = None
         self._admin: AIOKafkaAdminClient | None = None
@@ -179,13 +184,43 @@ class KafkaBus:
         self._reply_consumer: AIOKafkaConsumer | None = None
         self._reply_lock = asyncio.Lock()
 
+    def _security_options(self) -> dict[str, Any]:
+        """aiokafka's keyword arguments for TLS and SASL: SASL when the URL names a user (its password
+        from the URL, else `FORSETI_BUS_PASSWORD`), TLS when the settings ask for it."""
+        parts, s = urlsplit(self.url), self.settings
+        s.check_files()
+        context = s.tls_context()
+        options: dict[str, Any] = {"ssl_context": context} if context is not None else {}
+        if not parts.username:
+            options["security_protocol"] = "SSL" if context is not None else "PLAINTEXT"
+            return options
+        password = unquote(parts.password) if parts.password is not None else os.environ.get("FORSETI_BUS_PASSWORD")
+        if password is None:
+            raise BusError(f"{self.shown_url} names user {parts.username!r} but no password (or FORSETI_BUS_PASSWORD)")
+        if s.sasl_mechanism not in SASL_MECHANISMS:
+            raise BusError(
+                f"bus setting sasl_mechanism is one of {', '.join(SASL_MECHANISMS)}, not {s.sasl_mechanism!r}"
+            )
+        options.update(
+            security_protocol="SASL_SSL" if context is not None else "SASL_PLAINTEXT",
+            sasl_mechanism=s.sasl_mechanism,
+            sasl_plain_username=unquote(parts.username),
+            sasl_plain_password=password,
+        )
+        return options
+
     async def connect(self) -> None:
         """Start the producer and the admin client."""
         if self._producer is not None:
             return
+        self._security = self._security_options()
         try:
-            self._admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id)
-            await self._admin.start()
+            self._admin = AIOKafkaAdminClient(
+                bootstrap_servers=self.bootstrap, client_id=self.client_id, **self._security
+            )
+            # the first contact is bounded: a TLS client at a plain-text listener (or the reverse) would
+            # otherwise wait out aiokafka's 40 s request timeout for an answer that never comes
+            await asyncio.wait_for(self._admin.start(), self.settings.connect_timeout)
             self._producer = AIOKafkaProducer(
                 bootstrap_servers=self.bootstrap,
                 client_id=self.client_id,
@@ -193,11 +228,21 @@ class KafkaBus:
                 # every in-sync replica has a task before its publish returns
                 acks="all",
                 enable_idempotence=self.settings.idempotence,
+                **self._security,
             )
             await self._producer.start()
         except (KafkaConnectionError, KafkaError, OSError) as exc:
             await self.close()
             raise BusError(f"cannot reach Kafka at {self.shown_url}: {exc}") from exc
+        except TimeoutError as exc:
+            await self.close()
+            raise BusError(
+                f"cannot reach Kafka at {self.shown_url}: no answer within {self.settings.connect_timeout:g}s "
+                "(does the listener speak TLS where the URL asks for it, and only there?)"
+            ) from exc
+        except KeyError as exc:  # aiokafka's SCRAM reads a server's `e=unknown-user` answer as a KeyError
+            await self.close()
+            raise BusError(f"Kafka at {self.shown_url} refused the SASL login (unknown user or bad password)") from exc
 
     async def on_given_up(self, handler: Callable[[Delivery], Awaitable[None]], *, group: str) -> Subscription:
         """Never called: a nak on Kafka publishes the task again (its attempt header raised), so the
@@ -284,6 +329,7 @@ class KafkaBus:
             heartbeat_interval_ms=self.settings.heartbeat_interval_ms,
             rebalance_timeout_ms=self.settings.session_timeout_ms,
             fetch_max_wait_ms=self.settings.fetch_max_wait_ms if hot else self.settings.background_fetch_max_wait_ms,
+            **self._security,
         )
 
     async def _start_consumer(self, topic: str, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:

@@ -230,26 +230,14 @@ class NatsBus:
         """nats-py's keyword arguments for the settings' creds file, nkey seed and TLS files, each
         checked to exist first (a missing file is a clear error, not a refused connection)."""
         s = self.settings
-        for setting, path in (
-            ("creds", s.creds),
-            ("nkey_seed", s.nkey_seed),
-            ("tls_ca", s.tls_ca),
-            ("tls_cert", s.tls_cert),
-            ("tls_key", s.tls_key),
-        ):
-            if path is not None and not Path(path).is_file():
-                raise BusError(f"bus setting {setting}: no file {path}")
-        if (s.tls_cert is None) != (s.tls_key is None):
-            raise BusError("bus settings tls_cert and tls_key go together")
+        s.check_files()
         options: dict[str, Any] = {}
         if s.creds is not None:
             options["user_credentials"] = s.creds
         if s.nkey_seed is not None:
             options["nkeys_seed"] = s.nkey_seed
-        if s.tls_ca is not None or s.tls_cert is not None:
-            context = ssl.create_default_context(cafile=s.tls_ca)
-            if s.tls_cert is not None:
-                context.load_cert_chain(s.tls_cert, s.tls_key)
+        context = s.tls_context()
+        if context is not None:
             options["tls"] = context
         return options
 

@@ -63,9 +63,14 @@ class NatsServer(ServerProcess):
 
 
 class TansuBroker(ServerProcess):
-    """Tansu, an Apache-Kafka-compatible broker, with in-memory storage."""
+    """Tansu, an Apache-Kafka-compatible broker, with in-memory storage; with `authentication` it
+    refuses clients that do not log in with SASL (SCRAM), though its memory store keeps no users."""
 
     name = "tansu"
+
+    def __init__(self, port: int | None = None, *, authentication: bool = False) -> None:
+        super().__init__(port)
+        self.authentication = authentication
 
     @property
     def url(self) -> str:
@@ -88,4 +93,5 @@ class TansuBroker(ServerProcess):
             address,
             "--storage-engine",
             "memory://tansu/",
+            *(["--authentication"] if self.authentication else []),
         ]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass, fields
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from forseti.adapters.urls import redact
+from forseti.schemas.errors import BusError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,12 +51,36 @@ class BusSettings:
     nkey_seed: str | None = None
     """Path of a file holding a NATS user nkey seed (`SU...`) to authenticate with (NATS)."""
     tls_ca: str | None = None
-    """Path of the PEM CA bundle that the server's certificate must chain to (NATS; `tls://` alone
-    trusts the system's CAs)."""
+    """Path of the PEM CA bundle that the server's certificate must chain to (NATS, Kafka; without it
+    the system's CAs)."""
     tls_cert: str | None = None
-    """Path of this client's PEM certificate, for servers that verify clients (NATS)."""
+    """Path of this client's PEM certificate, for servers that verify clients (NATS, Kafka)."""
     tls_key: str | None = None
-    """Path of the private key of `tls_cert` (NATS)."""
+    """Path of the private key of `tls_cert` (NATS, Kafka)."""
+    tls: bool = False
+    """Connect over TLS (Kafka; NATS uses `tls://`); also implied by `tls_ca` or `tls_cert`."""
+    sasl_mechanism: str = "SCRAM-SHA-512"
+    """How a Kafka client with a user in its URL authenticates: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."""
+
+    def check_files(self) -> None:
+        """A BusError naming the setting whose file does not exist, or TLS files that do not pair up:
+        a clear error at start rather than a refused connection."""
+        for setting in ("creds", "nkey_seed", "tls_ca", "tls_cert", "tls_key"):
+            path = getattr(self, setting)
+            if path is not None and not Path(path).is_file():
+                raise BusError(f"bus setting {setting}: no file {path}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise BusError("bus settings tls_cert and tls_key go together")
+
+    def tls_context(self, *, required: bool = False) -> ssl.SSLContext | None:
+        """The TLS context the settings ask for: the CA to trust and this client's certificate; None
+        when nothing asks for TLS (`required`: the URL's scheme already does)."""
+        if not (required or self.tls or self.tls_ca or self.tls_cert):
+            return None
+        context = ssl.create_default_context(cafile=self.tls_ca)
+        if self.tls_cert is not None:
+            context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
 
     @classmethod
     def from_url(cls, url: str) -> tuple[str, BusSettings]:
@@ -64,7 +91,7 @@ class BusSettings:
         for name, raw in parse_qsl(parts.query, strict_parsing=False):
             if name not in known:
                 raise ValueError(f"unknown bus setting {name!r} in {redact(url)!r}; known: {', '.join(known)}")
-            if known[name] == "str | None":
+            if known[name] in ("str | None", "str"):
                 values[name] = raw
             elif known[name] == "bool":
                 if raw.lower() not in ("true", "false", "1", "0"):
