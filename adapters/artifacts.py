@@ -30,7 +30,7 @@ from urllib.parse import ParseResult, quote, unquote, urlparse
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.models import ModelAvailable
 
-from .encryption import Keyring, encrypted
+from .encryption import Keyring, decrypt_in_place
 from .exporters import sha256_of
 
 if TYPE_CHECKING:
@@ -83,18 +83,53 @@ async def share(
         if uri is None or not uri.startswith("file://") or digest is None:
             continue
         path = local_path(uri)
-        if isinstance(bus, ObjectBus) or objects is not None:
-            async with _stored_form(path, digest, keyring) as (stored, stored_digest):
-                if isinstance(bus, ObjectBus):
-                    name = f"{event.model_id}/{path.name}"
-                    await bus.put_object(BUCKET, name, stored, stored_digest)
-                    update[field] = object_uri(BUCKET, name)
-                elif objects is not None:
-                    name = f"artifacts/{event.model_id}/{path.name}"
-                    update[field] = await objects.put(name, stored, stored_digest)
+        name = f"{event.model_id}/{path.name}"
+        stored = await put_file(bus, objects, BUCKET, "artifacts", name, path, digest, keyring=keyring)
+        if stored is not None:
+            update[field] = stored
         elif http is not None and path.resolve().is_relative_to(http[0].resolve()):
             update[field] = http[1] + quote(str(path.resolve().relative_to(http[0].resolve())))
     return event.model_copy(update=update)
+
+
+def stored_uri(bus: object, objects: ObjectStore | None, bucket: str, folder: str, name: str) -> str | None:
+    """Where `put_file` puts `name`: in `bucket` of the bus's object store, else `<folder>/<name>` in
+    `objects`; None with neither."""
+    if isinstance(bus, ObjectBus):
+        return object_uri(bucket, name)
+    return objects.uri(f"{folder}/{name}") if objects is not None else None
+
+
+async def put_file(
+    bus: object,
+    objects: ObjectStore | None,
+    bucket: str,
+    folder: str,
+    name: str,
+    path: Path,
+    sha256: str,
+    *,
+    keyring: Keyring | None = None,
+) -> str | None:
+    """Put a file where other hosts can fetch it (see `stored_uri`), encrypted under `keyring` when
+    given; its URI, or None when there is nowhere to put it."""
+    if not isinstance(bus, ObjectBus) and objects is None:
+        return None
+    async with _stored_form(path, sha256, keyring) as (stored, stored_digest):
+        if isinstance(bus, ObjectBus):
+            await bus.put_object(bucket, name, stored, stored_digest)
+            return object_uri(bucket, name)
+        assert objects is not None
+        return await objects.put(f"{folder}/{name}", stored, stored_digest)
+
+
+async def delete_file(bus: object, objects: ObjectStore | None, uri: str) -> None:
+    """Remove a file `put_file` stored (nothing when it is gone already)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == SCHEME and isinstance(bus, ObjectBus):
+        await bus.delete_object(parsed.netloc, unquote(parsed.path.lstrip("/")))
+    elif objects is not None:
+        await objects.delete(uri)
 
 
 @asynccontextmanager
@@ -144,24 +179,11 @@ async def fetch(
 
 
 def _decrypt_in_place(path: Path, keyring: Keyring | None, uri: str) -> None:
-    """Replace a downloaded ciphertext by its plaintext (a plaintext download stays as it is);
-    invalid_model when it cannot be decrypted."""
-    if not encrypted(path):
-        return
-    plain = path.with_name(path.name + ".plain")
+    """`decrypt_in_place`, its refusal named as an announcement's (invalid_model)."""
     try:
-        if keyring is None:
-            raise ForsetiError(
-                "it is encrypted: start this consumer with the deployment's key (FORSETI_ENCRYPTION_KEY or "
-                "FORSETI_ENCRYPTION_KEY_FILE)"
-            )
-        keyring.decrypt(path, plain)
+        decrypt_in_place(path, keyring)
     except ForsetiError as exc:
-        plain.unlink(missing_ok=True)
         raise ForsetiError(f"{uri}: {exc.message}", code=ErrorCode.INVALID_MODEL) from exc
-    finally:
-        path.unlink(missing_ok=True)
-    plain.replace(path)
 
 
 def _cached(parsed: ParseResult, sha256: str, cache: Path) -> Path:

@@ -147,3 +147,24 @@ def _nonce(prefix: bytes, number: int, last: bool) -> bytes:
 
 def _refused(path: Path, why: str) -> ForsetiError:
     return ForsetiError(f"cannot decrypt {path.name}: {why}", code=ErrorCode.INVALID_DATA)
+
+
+def decrypt_in_place(path: Path, keyring: Keyring | None) -> None:
+    """Replace a file this module encrypted by its plaintext (any other file stays as it is);
+    invalid_data when it cannot be decrypted, or there is no keyring to do it with."""
+    if not encrypted(path):
+        return
+    plain = path.with_name(path.name + ".plain")
+    try:
+        if keyring is None:
+            raise _refused(
+                path,
+                "it is encrypted: start with the deployment's key (--encryption-key-file, "
+                "FORSETI_ENCRYPTION_KEY or FORSETI_ENCRYPTION_KEY_FILE)",
+            )
+        keyring.decrypt(path, plain)
+    except ForsetiError:
+        plain.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
+        raise
+    plain.replace(path)

@@ -36,6 +36,9 @@ class ObjectStore(Protocol):
     def location(self) -> str:
         """Where objects go, for logs, `/healthz` and capabilities (no secrets in it)."""
 
+    def uri(self, name: str) -> str:
+        """The URI an object put as `name` is found under."""
+
     async def put(self, name: str, path: Path, sha256: str) -> str:
         """Store a local file as `name`; the URI it is found under."""
 
@@ -57,13 +60,17 @@ class BusObjectStore:
         """The bucket's URI."""
         return f"{NATS_SCHEME}://{self.bucket}"
 
+    def uri(self, name: str) -> str:
+        """`nats-object://<bucket>/<name>`."""
+        return object_uri(self.bucket, name)
+
     async def put(self, name: str, path: Path, sha256: str) -> str:
         """Store a file in the bucket (made on first use)."""
         try:
             await self.bus.put_object(self.bucket, name, path, sha256)
         except BusError as exc:
             raise StoreError(exc.message) from exc
-        return object_uri(self.bucket, name)
+        return self.uri(name)
 
     async def get(self, uri: str, dest: Path) -> None:
         """Download an object of this bus."""
@@ -141,11 +148,14 @@ class S3ObjectStore:
             )
         return self._client
 
+    def uri(self, name: str) -> str:
+        """`s3://<bucket>/<prefix>/<name>`."""
+        return f"s3://{self.bucket}/{quote(self._key(name))}"
+
     async def put(self, name: str, path: Path, sha256: str) -> str:
         """Upload a file (multipart for large ones), making the bucket on first use if it is missing."""
-        key = self._key(name)
-        await self._call(self._put, key, path, sha256)
-        return f"s3://{self.bucket}/{quote(key)}"
+        await self._call(self._put, self._key(name), path, sha256)
+        return self.uri(name)
 
     def _put(self, key: str, path: Path, sha256: str) -> None:
         client = self.client()

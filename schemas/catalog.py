@@ -18,6 +18,7 @@ from .inference import ActReply, ActRequest, InferError, InferReply, InferReques
 from .jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress, JobStatus, JobStatusQuery
 from .llm import CompleteReply, CompleteRequest, LlmError
 from .models import ModelAvailable, ModelLoaded, ModelRollback
+from .privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify
 from .tasks import TASK_MODELS, task_channel, task_type
 
 
@@ -41,6 +42,8 @@ DEADLETTER = "forseti.deadletter"
 LLM = "forseti.llm.{name}.complete"
 INFER = "forseti.infer.{model_id}"
 EDGE = "forseti.edge.{device_id}.infer"
+PRIVACY = "forseti.privacy"
+RECEIPTS = "forseti.privacy.receipts.{request_id}"
 
 
 def jobs_channel(job_id: str) -> str:
@@ -61,6 +64,11 @@ def infer_channel(model_id: str) -> str:
 def edge_channel(device_id: str) -> str:
     """Where an edge device answers inference and act requests."""
     return EDGE.format(device_id=device_id)
+
+
+def receipts_channel(request_id: str) -> str:
+    """Where the workers' receipts for one privacy request go."""
+    return RECEIPTS.format(request_id=request_id)
 
 
 def llm_channel(name: str) -> str:
@@ -104,6 +112,10 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.job.status.query.v1", JobStatusQuery, STATUS, "Ask where a job stands."),
     EventSpec("forseti.job.status.v1", JobStatus, STATUS, "A job's stored record (reply)."),
     EventSpec("forseti.deadletter.v1", DeadLetter, DEADLETTER, "A message that could not become a job."),
+    EventSpec("forseti.privacy.export.v1", PrivacyExport, PRIVACY, "Gather everything held for a user."),
+    EventSpec("forseti.privacy.erase.v1", PrivacyErase, PRIVACY, "Delete everything held for a user."),
+    EventSpec("forseti.privacy.rectify.v1", PrivacyRectify, PRIVACY, "Replace a user's dataset and train again."),
+    EventSpec("forseti.privacy.receipt.v1", PrivacyReceipt, RECEIPTS, "What one worker found and did (reply)."),
 ]
 
 BY_TYPE: dict[str, EventSpec] = {spec.type: spec for spec in _SPECS}

@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 class Settle(StrEnum):
@@ -144,6 +144,15 @@ class Bus(Protocol):
 
 async def _nothing_to_stop() -> None:
     return None
+
+
+@runtime_checkable
+class KeptHistory(Protocol):
+    """A bus whose kept messages (recorded channels' history, stored tasks) can be deleted one by one
+    (NATS, memory; a Kafka topic keeps its records until its retention)."""
+
+    async def erase_kept(self, match: Callable[[str, bytes], bool]) -> int:
+        """Delete every kept message for which `match(channel, data)` holds; how many were deleted."""
 
 
 def empty_subscription() -> Subscription:

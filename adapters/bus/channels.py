@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-KEYED_PREFIXES = ("forseti.jobs.", "forseti.env.", "forseti.infer.")
+KEYED_PREFIXES = ("forseti.jobs.", "forseti.env.", "forseti.infer.", "forseti.privacy.receipts.")
 """Channels whose last part is an id: on Kafka the prefix is the topic and the id is the key."""
 
 TASKS_PREFIX = "forseti.tasks."

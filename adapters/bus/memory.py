@@ -62,7 +62,8 @@ class _Record:
     """A recorded channel's history, and a wake-up for its followers."""
 
     def __init__(self) -> None:
-        self.items: list[bytes] = []
+        self.items: list[bytes | None] = []
+        """The history; an erased message leaves None, so followers' positions keep their meaning."""
         self.grew = asyncio.Condition()
 
 
@@ -219,8 +220,10 @@ class MemoryBus:
                 async with record.grew:
                     await record.grew.wait_for(lambda: positions.get(durable, 0) < len(record.items))
                 position = positions.get(durable, 0)
+                data = record.items[position]
                 try:
-                    await handler(Message(channel=channel, data=record.items[position]))
+                    if data is not None:
+                        await handler(Message(channel=channel, data=data))
                 except Exception:  # a follower's bug must not stop it following
                     log.exception("follower %s failed on a message of %s", durable, channel)
                 positions[durable] = position + 1
@@ -233,6 +236,20 @@ class MemoryBus:
             await cancel_and_wait(task)
 
         return ClosedSubscription(stop)
+
+    async def erase_kept(self, match: Callable[[str, bytes], bool]) -> int:
+        """Delete the kept messages (recorded history, stored tasks) for which `match` holds."""
+        deleted = 0
+        for channel, record in self.broker.records.items():
+            for i, data in enumerate(record.items):
+                if data is not None and match(channel, data):
+                    record.items[i] = None
+                    deleted += 1
+        for channel, queue in self.broker.queues.items():
+            kept = deque(item for item in queue.pending if not match(channel, item.data))
+            deleted += len(queue.pending) - len(kept)
+            queue.pending = kept
+        return deleted
 
     async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
         """Send to one subscriber (one per queue group) and wait for the first answer."""

@@ -391,6 +391,32 @@ class NatsBus:
             raise RequestTimeout(f"no reply on {channel} within {timeout:g}s") from exc
         return msg.data
 
+    async def erase_kept(self, match: Callable[[str, bytes], bool]) -> int:
+        """Delete the messages of the records and task streams for which `match(subject, data)` holds,
+        read one by one from each stream's first sequence to its last (a privacy erase: rare, and the
+        streams are bounded by their limits)."""
+        assert self._js is not None, "connect first"
+        deleted = 0
+        for stream in (RECORDS, STREAM):
+            try:
+                state = (await self._js.stream_info(stream)).state
+            except NotFoundError:
+                continue
+            except NatsError as exc:
+                raise BusError(f"cannot read stream {stream}: {exc}") from exc
+            if not state.messages:  # an empty stream reports sequence 0, which no message has
+                continue
+            for seq in range(state.first_seq, state.last_seq + 1):
+                try:
+                    msg = await self._js.get_msg(stream, seq)
+                    if match(msg.subject or "", msg.data or b""):
+                        deleted += bool(await self._js.delete_msg(stream, seq))
+                except NotFoundError:  # deleted already, or taken off a work queue
+                    continue
+                except NatsError as exc:
+                    raise BusError(f"cannot erase message {seq} of {stream}: {exc}") from exc
+        return deleted
+
     async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
         """A durable pull consumer on the records stream, taken one message at a time, each acked
         after its handler returns; one unacked message at most, so a redelivery keeps the order."""

@@ -6,7 +6,17 @@ from pathlib import Path
 
 from forseti.adapters.urls import redact
 
-from .base import Artifact, CheckpointRecord, Claim, JobRecord, ModelRecord, RegistryStore, RLAgent, TrainingRun
+from .base import (
+    Artifact,
+    CheckpointRecord,
+    Claim,
+    JobRecord,
+    ModelRecord,
+    PrivacyRecord,
+    RegistryStore,
+    RLAgent,
+    TrainingRun,
+)
 from .sqlite import SqliteStore
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -31,6 +41,7 @@ __all__ = [
     "Claim",
     "JobRecord",
     "ModelRecord",
+    "PrivacyRecord",
     "RLAgent",
     "RegistryStore",
     "SqliteStore",

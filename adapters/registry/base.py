@@ -121,6 +121,9 @@ class ModelRecord(Registered):
     """A version label other than the number, when the producer keeps one (v1.0, v1.1, ...)."""
     device_tags: list[str] = Field(default_factory=list)
     """Tags of the devices it is meant for (the task's `device_tags`)."""
+    erased_lineage: str | None = None
+    """Set when data it was trained on, or a version it was derived from, was erased by a privacy
+    request: which request, and what was erased."""
 
 
 class TrainingRun(Record):
@@ -207,6 +210,30 @@ class CheckpointRecord(Record):
     """Written at."""
 
 
+class PrivacyRecord(Record):
+    """The audit record of one part of a privacy request: what was asked, by whom, and the counts of
+    what was found and done, never the data itself."""
+
+    request_id: str
+    """The request."""
+    part: str
+    """`shared` (the registry, object stores and bus history, done by one worker) or a worker's id
+    (its own disk)."""
+    kind: str
+    """export, erase or rectify."""
+    user_hash: str
+    """sha256 of the user id: an auditor holding the id can find its requests; the table does not
+    name the user."""
+    requested_by: str | None = None
+    """Who asked."""
+    worker: str
+    """The worker that did this part."""
+    summary: dict[str, Any] = Field(default_factory=dict)
+    """Counts of what was found and removed, by place."""
+    created_at: str = Field(default_factory=utcnow)
+    """When it was done."""
+
+
 class RegistryStore(Protocol):
     """What the worker and the CLI need from a registry: SQLite on one host, PostgreSQL for many."""
 
@@ -287,3 +314,30 @@ class RegistryStore(Protocol):
 
     async def ended_checkpoints(self, limit: int = 100) -> list[CheckpointRecord]:
         """Snapshots of jobs that have ended (completed, failed or cancelled), oldest first: what retention prunes."""
+
+    async def jobs_of_user(self, user_id: str) -> list[JobRecord]:
+        """Every job whose task named `user_id`, oldest first."""
+
+    async def models_of(self, user_id: str, job_ids: list[str]) -> list[ModelRecord]:
+        """Model versions registered for `user_id` or produced by one of `job_ids`."""
+
+    async def user_rows(
+        self, user_id: str, job_ids: list[str], model_ids: list[str]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Every row held for a user, by table (for an export)."""
+
+    async def erase_rows(self, user_id: str, job_ids: list[str], model_ids: list[str]) -> dict[str, int]:
+        """Delete every row held for a user; the rows removed, by table."""
+
+    async def mark_erased_lineage(self, model_ids: list[str], reason: str) -> None:
+        """Mark versions as trained on (or derived from) erased data."""
+
+    async def claim_privacy(self, record: PrivacyRecord) -> bool:
+        """Record a part of a privacy request; False when that part was recorded already (another
+        worker does it)."""
+
+    async def finish_privacy(self, request_id: str, part: str, summary: dict[str, Any]) -> None:
+        """Store the counts of what a part found and did."""
+
+    async def list_privacy(self, *, limit: int = 100) -> list[PrivacyRecord]:
+        """The audit records, newest first."""

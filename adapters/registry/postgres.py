@@ -85,6 +85,16 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
     """,
+    # 7: privacy requests: versions derived from erased data, and the audit of every request
+    """
+    ALTER TABLE models ADD COLUMN erased_lineage TEXT;
+    CREATE TABLE privacy_requests (
+        request_id TEXT NOT NULL, part TEXT NOT NULL, kind TEXT NOT NULL, user_hash TEXT NOT NULL,
+        requested_by TEXT, worker TEXT NOT NULL, summary JSONB NOT NULL DEFAULT '{}', created_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (request_id, part));
+    CREATE INDEX idx_privacy_user ON privacy_requests(user_hash);
+    CREATE INDEX idx_jobs_user ON jobs((task->>'user_id'));
+    """,
 ]
 """Schema migrations in order, numbered as SQLite's; migration N is applied once and recorded in `schema_migrations`."""
 
@@ -113,6 +123,7 @@ POSTGRES = Dialect(
     seconds_until=lambda column: f"EXTRACT(EPOCH FROM ({column} - now()))::double precision",
     to_db=_to_db,
     from_db=_from_db,
+    task_user="task->>'user_id'",
 )
 """PostgreSQL's dialect: `$n` placeholders, JSONB through orjson, TIMESTAMPTZ times."""
 

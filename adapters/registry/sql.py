@@ -16,15 +16,28 @@ from typing import Any, TypeVar
 from forseti.schemas.jobs import JobState
 from forseti.schemas.tasks import TaskKind
 
-from .base import Artifact, CheckpointRecord, Claim, JobRecord, ModelRecord, Record, RLAgent, TrainingRun, utcnow
+from .base import (
+    Artifact,
+    CheckpointRecord,
+    Claim,
+    JobRecord,
+    ModelRecord,
+    PrivacyRecord,
+    Record,
+    RLAgent,
+    TrainingRun,
+    utcnow,
+)
 
 R = TypeVar("R", bound=Record)
 
-JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags"})
+JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags", "summary"})
 """Columns that hold JSON documents."""
 TIME_FIELDS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "set_at"})
 """Columns that hold points in time."""
 TERMINAL = tuple(state.value for state in JobState if state.terminal)
+USER_TABLES = ("aliases", "artifacts", "training_runs", "rl_agents", "checkpoints", "models", "jobs")
+"""The tables that hold a user's rows, in the order deletes must go (what refers to a model first)."""
 LIVE = (JobState.RUNNING.value, JobState.PAUSED.value)
 """States of a job that a worker holds: found so with the lease run out, its worker went away."""
 
@@ -45,6 +58,8 @@ class Dialect:
     """A record field's value as the driver takes it for its column."""
     from_db: Callable[[str, Any], Any]
     """A column's value as the record field takes it."""
+    task_user: str
+    """An expression for the `user_id` inside a job's task document."""
 
 
 class Params:
@@ -331,3 +346,98 @@ class SqlStore(ABC):
             f"LIMIT {p(limit)}",
             p.values,
         )
+
+    # -- privacy ---------------------------------------------------------------------------------
+
+    async def jobs_of_user(self, user_id: str) -> list[JobRecord]:
+        """Every job whose task named `user_id`, oldest first."""
+        p = Params(self.dialect)
+        return await self._select(
+            JobRecord,
+            f"SELECT * FROM jobs WHERE {self.dialect.task_user} = {p(user_id)} ORDER BY created_at",
+            p.values,
+        )
+
+    async def models_of(self, user_id: str, job_ids: list[str]) -> list[ModelRecord]:
+        """Model versions registered for `user_id` or produced by one of `job_ids`."""
+        p = Params(self.dialect)
+        return await self._select(
+            ModelRecord,
+            f"SELECT * FROM models WHERE user_id = {p(user_id)} OR {_in(p, 'job_id', job_ids)} ORDER BY created_at",
+            p.values,
+        )
+
+    @staticmethod
+    def _user_condition(table: str, p: Params, user_id: str, job_ids: list[str], model_ids: list[str]) -> str:
+        """The condition that picks a user's rows in `table` (one of USER_TABLES)."""
+        if table in ("aliases", "artifacts"):
+            return _in(p, "model_id", model_ids)
+        if table == "training_runs":
+            return f"user_id = {p(user_id)} OR {_in(p, 'id', job_ids)} OR {_in(p, 'model_id', model_ids)}"
+        if table == "rl_agents":
+            return f"user_id = {p(user_id)} OR {_in(p, 'job_id', job_ids)}"
+        if table == "models":
+            return _in(p, "id", model_ids)
+        return _in(p, "job_id", job_ids)  # checkpoints, jobs
+
+    async def user_rows(
+        self, user_id: str, job_ids: list[str], model_ids: list[str]
+    ) -> dict[str, list[dict[str, Any]]]:
+        """Every row held for a user, by table (for an export)."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for table in USER_TABLES:
+            p = Params(self.dialect)
+            condition = self._user_condition(table, p, user_id, job_ids, model_ids)
+            rows = await self._fetch(f"SELECT * FROM {table} WHERE {condition}", p.values)
+            found[table] = [{k: self.dialect.from_db(k, v) for k, v in row.items()} for row in rows]
+        return found
+
+    async def erase_rows(self, user_id: str, job_ids: list[str], model_ids: list[str]) -> dict[str, int]:
+        """Delete every row held for a user; the rows removed, by table."""
+        removed: dict[str, int] = {}
+        for table in USER_TABLES:
+            p = Params(self.dialect)
+            condition = self._user_condition(table, p, user_id, job_ids, model_ids)
+            removed[table] = len(await self._change(f"DELETE FROM {table} WHERE {condition} RETURNING 1", p.values))
+        return removed
+
+    async def mark_erased_lineage(self, model_ids: list[str], reason: str) -> None:
+        """Mark versions as trained on (or derived from) erased data."""
+        if model_ids:
+            p = Params(self.dialect)
+            await self._change(
+                f"UPDATE models SET erased_lineage = {p(reason)} WHERE {_in(p, 'id', model_ids)}", p.values
+            )
+
+    async def claim_privacy(self, record: PrivacyRecord) -> bool:
+        """Record a part of a privacy request; False when that part was recorded already."""
+        values = self._values(record)
+        p = Params(self.dialect)
+        marks = ", ".join(p(v) for v in values.values())
+        rows = await self._change(
+            f"INSERT INTO privacy_requests ({', '.join(values)}) VALUES ({marks}) "
+            "ON CONFLICT (request_id, part) DO NOTHING RETURNING request_id",
+            p.values,
+        )
+        return bool(rows)
+
+    async def finish_privacy(self, request_id: str, part: str, summary: dict[str, Any]) -> None:
+        """Store the counts of what a part found and did."""
+        p = Params(self.dialect)
+        await self._change(
+            f"UPDATE privacy_requests SET summary = {p(self.dialect.to_db('summary', summary))} "
+            f"WHERE request_id = {p(request_id)} AND part = {p(part)}",
+            p.values,
+        )
+
+    async def list_privacy(self, *, limit: int = 100) -> list[PrivacyRecord]:
+        """The audit records, newest first."""
+        p = Params(self.dialect)
+        return await self._select(
+            PrivacyRecord, f"SELECT * FROM privacy_requests ORDER BY created_at DESC LIMIT {p(limit)}", p.values
+        )
+
+
+def _in(p: Params, column: str, values: list[str]) -> str:
+    """`column IN (...)`, or FALSE for no values (an empty IN list is not SQL)."""
+    return f"{column} IN ({', '.join(p(v) for v in values)})" if values else "FALSE"

@@ -81,6 +81,15 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE jobs ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;
     """,
+    # 7: privacy requests: versions derived from erased data, and the audit of every request
+    """
+    ALTER TABLE models ADD COLUMN erased_lineage TEXT;
+    CREATE TABLE privacy_requests (
+        request_id TEXT NOT NULL, part TEXT NOT NULL, kind TEXT NOT NULL, user_hash TEXT NOT NULL,
+        requested_by TEXT, worker TEXT NOT NULL, summary TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL,
+        PRIMARY KEY (request_id, part));
+    CREATE INDEX idx_privacy_user ON privacy_requests(user_hash);
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 
@@ -105,6 +114,7 @@ SQLITE = Dialect(
     seconds_until=lambda column: f"ROUND((julianday({column}) - julianday('now')) * 86400.0, 3)",
     to_db=_to_db,
     from_db=_from_db,
+    task_user="json_extract(task, '$.user_id')",
 )
 """SQLite's dialect: `?` placeholders, JSON and times as text."""
 

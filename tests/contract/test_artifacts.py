@@ -272,7 +272,7 @@ async def test_an_artifact_is_stored_encrypted_and_a_holder_of_the_key_gets_the_
             keyring=ring,
         )
         assert fetched.read_bytes() == original.read_bytes()
-        with pytest.raises(ForsetiError, match="is encrypted: start this consumer with") as keyless:
+        with pytest.raises(ForsetiError, match="is encrypted: start with the deployment's key") as keyless:
             await fetch(
                 bus, event.uri, sha256=event.sha256, size=event.size_bytes, cache=tmp_path / "e", objects=objects
             )

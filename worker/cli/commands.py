@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
@@ -30,6 +30,7 @@ from forseti.schemas.control import CancelJob, ControlCommand, PauseJob, ResumeJ
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ForsetiError, InvalidTask, RequestTimeout
 from forseti.schemas.jobs import JobState
+from forseti.schemas.privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify, PrivacyRequest
 from forseti.schemas.tasks import TASK_MODELS, TaskBase, TaskKind, task_channel
 
 from ..engine.context import Handler
@@ -291,6 +292,14 @@ def worker_cmd(
     ] = None,
     signing_key: SigningKeyOpt = None,
     encryption_key_file: KeyFileOpt = None,
+    operator_keys: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--operator-keys",
+            help="Public keys (PEM files or folders) of the operators whose signed privacy requests this worker "
+            "serves (repeatable; FORSETI_OPERATOR_KEYS, comma-separated) [<data-dir>/keys when it holds a .pub].",
+        ),
+    ] = None,
     log_json: LogJsonOpt = False,
 ) -> None:
     """Run a worker: take tasks for every installed handler, until SIGTERM."""
@@ -313,6 +322,7 @@ def worker_cmd(
         signing_key=signing_key,
         encryption_key_file=encryption_key_file,
         **overrides,
+        **({"operator_keys": operator_keys} if operator_keys else {}),
     )
     try:
         run_loop(run_stack(settings, _handlers(handler)))
@@ -623,6 +633,168 @@ def keys_data_key(
     keyring = _keyring(file)
     assert keyring is not None
     out.print(f"{file}: encrypting key {keyring.key_id}, {len(keyring.keys)} key(s) in all")
+
+
+privacy_app = typer.Typer(
+    help="The GDPR rights for a user's data: export, erase, rectify (requests signed by an operator key).",
+    no_args_is_help=True,
+)
+app.add_typer(privacy_app, name="privacy")
+PrivacyUserOpt = Annotated[str, typer.Option("--user", help="Whose data: the user_id their tasks named.")]
+QuietOpt = Annotated[
+    float, typer.Option(help="Seconds to wait for more receipts after one arrives (each worker sends one).")
+]
+PrivacyTimeoutOpt = Annotated[float, typer.Option(help="Seconds to wait for the first receipt.")]
+
+
+def _run_privacy(
+    request: PrivacyRequest,
+    *,
+    bus: str,
+    signer: Signer | None,
+    quiet: float,
+    timeout: float,
+    as_json: bool,
+    after: Callable[[Bus, list[PrivacyReceipt]], Awaitable[None]] | None = None,
+) -> None:
+    """Send a privacy request, show the receipts, run `after` with them; exit 1 when no worker
+    answered or one could not serve it."""
+    from .privacy import ask
+
+    if signer is None:
+        raise _fail(
+            "a privacy request must be signed by an operator key: --signing-key, or <data-dir>/keys/signing.key "
+            "(forseti keys generate), whose public key the workers trust (FORSETI_OPERATOR_KEYS)"
+        )
+
+    async def go() -> list[PrivacyReceipt]:
+        client = await _connected(bus)
+        try:
+            receipts = await ask(client, request, signer, quiet=quiet, timeout=timeout)
+            if after is not None and receipts and not any(r.error for r in receipts):
+                await after(client, receipts)
+            return receipts
+        except ForsetiError as exc:
+            raise _fail(exc.message) from exc
+        finally:
+            await client.close()
+
+    receipts = run_loop(go())
+    if as_json:
+        for receipt in receipts:
+            out.print_json(receipt.model_dump_json())
+    else:
+        table = Table("worker", "part", "found", "removed", "kept", "marked / retrains", "error")
+        for r in receipts:
+            table.add_row(
+                r.worker, "shared + disk" if r.shared else "disk", _counts(r.found), _counts(r.removed),
+                "\n".join(r.kept), " ".join(r.marked or r.retrains), r.error or "",
+            )  # fmt: skip
+        out.print(table)
+    if not receipts:
+        raise _fail(f"no worker answered privacy request {request.request_id} within {timeout:g}s")
+    if any(r.error for r in receipts):
+        raise typer.Exit(1)
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{place} {n}" for place, n in sorted(counts.items())) or "-"
+
+
+def _privacy_id() -> str:
+    return f"privacy-{uuid.uuid4().hex[:12]}"
+
+
+@privacy_app.command("export")
+def privacy_export(
+    user: PrivacyUserOpt,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="The archive to write [forseti-export-<request id>.tar.gz].")
+    ] = None,
+    requested_by: Annotated[str | None, typer.Option(help="Who asks, for the audit record.")] = None,
+    bus: BusOpt = DEFAULT_BUS_URL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    signing_key: SigningKeyOpt = None,
+    encryption_key_file: KeyFileOpt = None,
+    object_store_url: ArtifactStoreOpt = None,
+    quiet: QuietOpt = 3.0,
+    timeout: PrivacyTimeoutOpt = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="The receipts as JSON.")] = False,
+) -> None:
+    """Gather everything held for a user (registry rows, datasets, checkpoints, artifacts, kept
+    announcements) into one archive with a manifest."""
+    from .privacy import gather_export
+
+    request = PrivacyExport(request_id=_privacy_id(), user_id=user, requested_by=requested_by)
+    target = out_file or Path(f"forseti-export-{request.request_id}.tar.gz")
+    objects, keyring = _s3_store(object_store_url), _keyring(encryption_key_file)
+
+    async def merge(client: Bus, receipts: list[PrivacyReceipt]) -> None:
+        manifest = await gather_export(client, receipts, target, objects=objects, keyring=keyring)
+        err.print(f"{target}: {len(manifest['parts'])} part(s), manifest.json inside")
+
+    signer = _signer(signing_key, data_dir)
+    _run_privacy(request, bus=bus, signer=signer, quiet=quiet, timeout=timeout, as_json=as_json, after=merge)
+
+
+@privacy_app.command("erase")
+def privacy_erase(
+    user: PrivacyUserOpt,
+    requested_by: Annotated[str | None, typer.Option(help="Who asks, for the audit record.")] = None,
+    bus: BusOpt = DEFAULT_BUS_URL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    signing_key: SigningKeyOpt = None,
+    quiet: QuietOpt = 3.0,
+    timeout: PrivacyTimeoutOpt = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="The receipts as JSON.")] = False,
+) -> None:
+    """Delete everything held for a user on every worker's disk, in the registry, the object stores and the
+    bus's kept history; mark other users' models trained on it."""
+    request = PrivacyErase(request_id=_privacy_id(), user_id=user, requested_by=requested_by)
+    signer = _signer(signing_key, data_dir)
+    _run_privacy(request, bus=bus, signer=signer, quiet=quiet, timeout=timeout, as_json=as_json)
+
+
+@privacy_app.command("rectify")
+def privacy_rectify(
+    user: PrivacyUserOpt,
+    dataset: Annotated[str, typer.Option(help="The dataset to replace, as the user's tasks named it.")],
+    replacement: Annotated[str, typer.Option("--with", help="The corrected file, under the data root.")],
+    requested_by: Annotated[str | None, typer.Option(help="Who asks, for the audit record.")] = None,
+    bus: BusOpt = DEFAULT_BUS_URL,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    signing_key: SigningKeyOpt = None,
+    quiet: QuietOpt = 3.0,
+    timeout: PrivacyTimeoutOpt = 30.0,
+    as_json: Annotated[bool, typer.Option("--json", help="The receipts as JSON.")] = False,
+) -> None:
+    """Put a corrected file in the place of a dataset the user's tasks named, and train each of those
+    tasks again (new jobs); the models trained on the old data are marked."""
+    request = PrivacyRectify(
+        request_id=_privacy_id(), user_id=user, requested_by=requested_by, dataset=dataset, replacement=replacement
+    )
+    signer = _signer(signing_key, data_dir)
+    _run_privacy(request, bus=bus, signer=signer, quiet=quiet, timeout=timeout, as_json=as_json)
+
+
+@privacy_app.command("audit")
+def privacy_audit(
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    registry_url: RegistryOpt = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+) -> None:
+    """The audit records of privacy requests: what was asked, when, by whom, and the counts (never the data)."""
+
+    async def work(store: Any, _: Any) -> None:
+        table = Table("when", "request", "kind", "part", "user (sha256)", "requested by", "summary")
+        for row in await store.list_privacy(limit=limit):
+            summary = ", ".join(f"{k} {_counts(v) if isinstance(v, dict) else v}" for k, v in row.summary.items() if v)
+            table.add_row(
+                row.created_at, row.request_id, row.kind, row.part, row.user_hash[:16], row.requested_by or "", summary
+            )
+        out.print(table)
+
+    run_loop(_with_store_and_bus(_store(data_dir, registry_url), None, work))
 
 
 models_app = typer.Typer(help="Registered model versions and their aliases.", no_args_is_help=True)

@@ -30,7 +30,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from forseti.adapters.encryption import Keyring, encrypted
+from forseti.adapters.encryption import Keyring, decrypt_in_place
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.registry import CheckpointRecord, RegistryStore
@@ -202,27 +202,19 @@ class SharedCheckpoints:
                 raise StoreError(f"{record.uri} has {size} bytes, the registry says {record.size_bytes}")
             if await asyncio.to_thread(sha256_of, path) != record.sha256:
                 raise StoreError(f"{record.uri} fails its sha256 check against the registry")
-            if await asyncio.to_thread(encrypted, path):
-                path = await asyncio.to_thread(self._decrypted, path, record.uri)
+            await asyncio.to_thread(self._decrypt, path, record.uri)
             await asyncio.to_thread(_unpack, path, self.folder)
         except (OSError, tarfile.TarError) as exc:
             raise StoreError(f"{record.uri} cannot be unpacked: {exc}") from exc
         finally:
             path.unlink(missing_ok=True)
 
-    def _decrypted(self, path: Path, uri: str) -> Path:
-        """The plaintext tar of an encrypted snapshot (the ciphertext removed)."""
-        plain = path.with_name(path.name + ".tar")
+    def _decrypt(self, path: Path, uri: str) -> None:
+        """An encrypted snapshot replaced by its plaintext tar (a StoreError when it cannot be)."""
         try:
-            if self.keyring is None:
-                raise StoreError("it is encrypted: give this worker the deployment's key (FORSETI_ENCRYPTION_KEY)")
-            self.keyring.decrypt(path, plain)
+            decrypt_in_place(path, self.keyring)
         except ForsetiError as exc:
-            plain.unlink(missing_ok=True)
             raise StoreError(f"{uri}: {exc.message}") from exc
-        finally:
-            path.unlink(missing_ok=True)
-        return plain
 
 
 def _unpack(tar: Path, folder: Path) -> None:

@@ -38,7 +38,8 @@ class Metrics:
         )
         self.refused = Counter(
             "forseti_refused_requests",
-            "Control events refused and status replies withheld, because the asker is not the job's owner.",
+            "Requests refused: control events and status replies withheld because the asker is not the job's "
+            "owner nor an operator, privacy requests not signed by an operator key.",
             ["request"],
             registry=r,
         )

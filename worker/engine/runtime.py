@@ -27,7 +27,7 @@ from forseti.adapters.registry import RegistryStore
 from forseti.adapters.signing import Signer, seal
 from forseti.adapters.urls import redact
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
-from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, STATUS, jobs_channel
+from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, PRIVACY, STATUS, jobs_channel
 from forseti.schemas.control import CancelJob, ControlCommand, PauseJob
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import BusError, ErrorCode, ForsetiError, InvalidTask
@@ -44,6 +44,7 @@ from .isolation import ChildPool
 from .jobs import JobRunner, JobServices, load_result
 from .logs import job_id_var
 from .metrics import MeteredBus, Metrics
+from .privacy import PrivacyDesk
 from .settings import WorkerSettings
 from .slots import Slots
 
@@ -131,6 +132,8 @@ class Worker:
         key = self.settings.signing_key_path
         self.signer = Signer.from_file(key) if key is not None else None
         """Signs model announcements (None: they go out unsigned)."""
+        self.operators = self.settings.operators()
+        """The keys whose signature makes a request an operator's (None: no operator)."""
         self.keyring = self.settings.keyring()
         """Encrypts what goes into shared stores: announced artifacts, checkpoints (None: nothing)."""
         self._pool = (
@@ -151,6 +154,16 @@ class Worker:
             if self.objects is not None:
                 self._pruning = asyncio.create_task(self._prune_checkpoints(self.objects), name="prune-checkpoints")
             self._job_services = self._make_services()
+            privacy = PrivacyDesk(
+                settings=self.settings,
+                store=self.store,
+                bus=self.bus,
+                transport=self.bus.inner,
+                objects=self.objects,
+                keyring=self.keyring,
+                operators=self.operators,
+                refused=self.metrics.refused,
+            )
             await self._start_http()
             if self.settings.artifact_port is not None:
                 self._artifacts = ArtifactServer(
@@ -164,6 +177,7 @@ class Worker:
                 await self.bus.subscribe(CONTROL, self._on_control),
                 await self.bus.subscribe(CAPABILITIES, self._on_capabilities),
                 await self.bus.subscribe(STATUS, self._on_status),
+                await self.bus.subscribe(PRIVACY, privacy.on_request),
                 await self.bus.on_given_up(self._on_given_up, group=self.settings.group),
             ]
             loops = []

@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from forseti.adapters.encryption import Keyring
-from forseti.adapters.signing import PRIVATE_KEY
+from forseti.adapters.signing import PRIVATE_KEY, PUBLIC_SUFFIX, TrustedKeys
 
 DEFAULT_BUS_URL = "nats://127.0.0.1:4222"
 """The embedded default: the nats-server that `forseti up` starts."""
@@ -99,6 +99,11 @@ class WorkerSettings(BaseSettings):
     """The ed25519 private key (PEM) that signs this worker's model announcements; unset:
     `<data_dir>/keys/signing.key` when that file exists (`forseti keys generate`, `forseti up`), else
     announcements go out unsigned."""
+    operator_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """ed25519 public keys (PEM files, or folders of `*.pub`) of the operators: a privacy request, or a
+    control event or status query for another user's job, is honoured when one of them signed it;
+    unset: `<data_dir>/keys` when it holds a public key, else none (privacy requests are refused).
+    In the environment: paths separated by commas."""
     encryption_key: SecretStr | None = None
     """Base64 AES-256 key(s), comma-separated, the first of which encrypts: announced artifacts and
     shared checkpoints are then stored encrypted (docs/security.md); unset: stored as they are."""
@@ -106,6 +111,11 @@ class WorkerSettings(BaseSettings):
     """A file of such keys, one per line (after `encryption_key`'s, when both are set)."""
     burst: bool = False
     """Exit once no task arrives within one poll and nothing is running (for tests and batch runs)."""
+
+    @field_validator("operator_keys", mode="before")
+    @classmethod
+    def _paths_separated_by_commas(cls, value: object) -> object:
+        return [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _lease_outlives_heartbeats(self) -> WorkerSettings:
@@ -141,6 +151,13 @@ class WorkerSettings(BaseSettings):
         """The signing key in force: `signing_key`, else the data dir's when it has one."""
         default = self.data_dir / "keys" / PRIVATE_KEY
         return self.signing_key or (default if default.is_file() else None)
+
+    def operators(self) -> TrustedKeys | None:
+        """The operators' keys in force (None: there are none)."""
+        folder = self.data_dir / "keys"
+        if self.operator_keys:
+            return TrustedKeys.from_paths(self.operator_keys)
+        return TrustedKeys.from_paths([folder]) if any(folder.glob(f"*{PUBLIC_SUFFIX}")) else None
 
     def keyring(self) -> Keyring | None:
         """The encryption keys in force (None: nothing is encrypted)."""
