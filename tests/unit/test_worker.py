@@ -11,8 +11,10 @@ from typing import Any
 import orjson
 import pytest
 
+from forseti.adapters import signing
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.registry import JobRecord, SqliteStore
+from forseti.adapters.signing import Signer
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, STATUS
 from forseti.schemas.control import CancelJob, PauseJob, ResumeJob
@@ -453,3 +455,28 @@ async def test_max_duration_counts_from_the_first_start_across_attempts(
         watcher = await watch(client, task.request_id or "")
         await submit(client, task)
         assert (await watcher.wait_end("failed", timeout=30)).data.code == "timeout"
+
+
+async def test_an_operator_signed_command_acts_on_any_users_job(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """There was no operator role: only the user a job named could stop it or read its result (issue 14)."""
+    private, public = signing.generate(tmp_path / "keys")
+    operator = Signer.from_file(private)
+    stranger = Signer.from_file(signing.generate(tmp_path / "stranger")[0])
+    async with running_worker(MemoryBus(broker), [StepHandler(delay=0.02)], tmp_path / "w", operator_keys=[public]):
+        task = training(steps=400).model_copy(update={"user_id": "alice"})
+        job_id = task.request_id or ""
+        watcher = await watch(client, job_id)
+        await submit(client, task)
+        await watcher.wait_for("progress")
+        await client.publish(CONTROL, stranger.sign(encode(CancelJob(job_id=job_id, reason="not mine"))))
+        await client.publish(CONTROL, operator.sign(encode(CancelJob(job_id=job_id, reason="by the operator"))))
+        cancelled = (await watcher.wait_end("cancelled", timeout=5)).data
+        assert cancelled.reason == "by the operator"
+        query = encode(JobStatusQuery(job_id=job_id))
+        shown = JobStatus.model_validate(
+            orjson.loads(await client.request(STATUS, operator.sign(query), timeout=5))["data"]
+        )
+        hidden = JobStatus.model_validate(orjson.loads(await client.request(STATUS, query, timeout=5))["data"])
+        assert not shown.withheld and hidden.withheld

@@ -22,7 +22,7 @@ from rich.table import Table
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.encryption import Keyring
 from forseti.adapters.registry import RegistryStore, create_store
-from forseti.adapters.signing import PUBLIC_SUFFIX, Signer, TrustedKeys
+from forseti.adapters.signing import PUBLIC_SUFFIX, Signer, TrustedKeys, seal
 from forseti.schemas.base import Strict
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, infer_channel, llm_channel
@@ -400,11 +400,14 @@ def watch(
     raise typer.Exit(int(run_loop(go())))
 
 
-def _control(command: type[ControlCommand], job_id: str, reason: str, user: str | None, bus: str) -> None:
+def _control(
+    command: type[ControlCommand], job_id: str, reason: str, user: str | None, bus: str, operator: Signer | None
+) -> None:
     async def go() -> None:
         client = await _connected(bus)
         try:
-            await client.publish(CONTROL, encode(command(job_id=job_id, reason=reason, user_id=user)))
+            event = encode(command(job_id=job_id, reason=reason, user_id=user))
+            await client.publish(CONTROL, seal(event, operator))
         finally:
             await client.close()
 
@@ -413,6 +416,24 @@ def _control(command: type[ControlCommand], job_id: str, reason: str, user: str 
 
 JobArg = Annotated[str, typer.Argument(help="The job id.")]
 ReasonOpt = Annotated[str, typer.Option(help="Why, for the job's history.")]
+OperatorOpt = Annotated[
+    bool,
+    typer.Option(
+        "--operator",
+        help="Sign the command with the operator's key (--signing-key, else <data-dir>/keys/signing.key): workers "
+        "that trust it obey it for any user's job.",
+    ),
+]
+
+
+def _operator(asked: bool, signing_key: Path | None, data_dir: Path) -> Signer | None:
+    """The operator's signer when `--operator` asks for one; an error when there is no key to sign with."""
+    if not asked:
+        return None
+    signer = _signer(signing_key, data_dir)
+    if signer is None:
+        raise _fail("--operator needs a key to sign with: --signing-key, or forseti keys generate")
+    return signer
 
 
 @app.command()
@@ -420,22 +441,41 @@ def cancel(
     job_id: JobArg,
     reason: ReasonOpt = "cancelled from the command line",
     user: UserOpt = None,
+    operator: OperatorOpt = False,
+    signing_key: SigningKeyOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
     """Stop a job; it ends as cancelled (keeping its last checkpoint)."""
-    _control(CancelJob, job_id, reason, user, bus)
+    _control(CancelJob, job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
 
 
 @app.command()
-def pause(job_id: JobArg, reason: ReasonOpt = "", user: UserOpt = None, bus: BusOpt = DEFAULT_BUS_URL) -> None:
+def pause(
+    job_id: JobArg,
+    reason: ReasonOpt = "",
+    user: UserOpt = None,
+    operator: OperatorOpt = False,
+    signing_key: SigningKeyOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    bus: BusOpt = DEFAULT_BUS_URL,
+) -> None:
     """Hold a running job at its next safe point."""
-    _control(PauseJob, job_id, reason, user, bus)
+    _control(PauseJob, job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
 
 
 @app.command()
-def resume(job_id: JobArg, reason: ReasonOpt = "", user: UserOpt = None, bus: BusOpt = DEFAULT_BUS_URL) -> None:
+def resume(
+    job_id: JobArg,
+    reason: ReasonOpt = "",
+    user: UserOpt = None,
+    operator: OperatorOpt = False,
+    signing_key: SigningKeyOpt = None,
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    bus: BusOpt = DEFAULT_BUS_URL,
+) -> None:
     """Let a paused job continue."""
-    _control(ResumeJob, job_id, reason, user, bus)
+    _control(ResumeJob, job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
 
 
 @app.command()

@@ -24,7 +24,7 @@ from forseti.adapters.bus import Bus, Delivery, Message, Settle, Subscription, T
 from forseti.adapters.bus.base import cancel_and_wait
 from forseti.adapters.objects import ObjectStore, open_object_store
 from forseti.adapters.registry import RegistryStore
-from forseti.adapters.signing import Signer, seal
+from forseti.adapters.signing import Signer, refusal, seal
 from forseti.adapters.urls import redact
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, PRIVACY, STATUS, jobs_channel
@@ -57,10 +57,10 @@ BUS_PROBE_INTERVAL = 1.0
 """Seconds between checks that the bus's server answers, which /healthz reports."""
 
 
-def may_act(owner: str | None, asker: str | None) -> bool:
+def may_act(owner: str | None, asker: str | None, *, operator: bool = False) -> bool:
     """Whether `asker` may control or read a job whose task named `owner` (a job with no owner
-    is anyone's)."""
-    return owner is None or asker == owner
+    is anyone's; an operator may act on every job)."""
+    return operator or owner is None or asker == owner
 
 
 def forseti_version() -> str:
@@ -114,8 +114,8 @@ class Worker:
         self._stopping = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
         self._slots = Slots(self.settings.concurrency)
-        self._early_cancels: OrderedDict[str, tuple[str, str | None]] = OrderedDict()
-        """Cancels of jobs not running here, by job id: (reason, the user who asked)."""
+        self._early_cancels: OrderedDict[str, tuple[str, str | None, bool]] = OrderedDict()
+        """Cancels of jobs not running here, by job id: (reason, the user who asked, by an operator)."""
         self._subs: list[Subscription] = []
         self._intakes: list[TaskIntake] = []
         self._bus_ok = False
@@ -514,8 +514,8 @@ class Worker:
         early = self._early_cancels.pop(job_id, None)
         if early is None:
             return None
-        reason, asker = early
-        if not may_act(owner, asker):
+        reason, asker, operator = early
+        if not may_act(owner, asker, operator=operator):
             log.warning("a cancel of job %s by user %r, which is not its owner, was dropped", job_id, asker)
             self.metrics.refused.labels("control").inc()
             return None
@@ -531,13 +531,14 @@ class Worker:
             await self.dead_letter(Refused(exc.code, exc.message, None), msg.data, channel=CONTROL)
             return
         runner = self.running.get(command.job_id)
-        if runner is not None and not may_act(runner.accepted.task.user_id, command.user_id):
+        operator = self._by_operator(msg.data)
+        if runner is not None and not may_act(runner.accepted.task.user_id, command.user_id, operator=operator):
             await self._forbid(msg, command.job_id, f"{type(command).__name__} by user {command.user_id!r}")
             return
         if isinstance(command, CancelJob):
             if runner is None or runner.ctx is None:
                 reason = command.reason or "cancelled before it started"
-                self._early_cancels[command.job_id] = (reason, command.user_id)
+                self._early_cancels[command.job_id] = (reason, command.user_id, operator)
                 while len(self._early_cancels) > EARLY_CANCELS_KEPT:
                     self._early_cancels.popitem(last=False)
                 return
@@ -558,6 +559,10 @@ class Worker:
             )
         else:
             log.debug("control for job %s, which does not run here", command.job_id)
+
+    def _by_operator(self, raw: bytes) -> bool:
+        """Whether an event is signed by one of the operators' keys (which may act on any job)."""
+        return self.operators is not None and refusal(self.operators, raw) is None
 
     async def _forbid(self, msg: Message, job_id: str, what: str) -> None:
         """Refuse a control event from someone other than the job's owner: a dead-letter record
@@ -603,7 +608,7 @@ class Worker:
         job = await self.store.get_job(query.job_id)
         if job is None:
             return  # another worker may know it; silence lets its answer through
-        shown = may_act(job.task.get("user_id"), query.user_id)
+        shown = may_act(job.task.get("user_id"), query.user_id, operator=self._by_operator(msg.data))
         if not shown:
             self.metrics.refused.labels("status").inc()
         status = JobStatus(
