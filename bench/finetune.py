@@ -35,7 +35,7 @@ from forseti.adapters.llm.gguf import write_model
 from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.adapters.llm.tiny import build_tiny_llama
 from forseti.adapters.registry import SqliteStore
-from forseti.schemas.catalog import MODELS, llm_channel
+from forseti.schemas.catalog import LOADED, MODELS, llm_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.llm import CompleteReply, CompleteRequest
@@ -193,6 +193,7 @@ async def hot_swap(
                 loaded.put_nowait(event)
 
         await client.subscribe(MODELS, on_model)
+        await client.subscribe(LOADED, on_model)
 
         async def announce(version: str) -> None:
             model = await find_version(store, name, version)

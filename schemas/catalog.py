@@ -35,6 +35,7 @@ class EventSpec:
 JOBS = "forseti.jobs.{job_id}"
 CONTROL = "forseti.control"
 MODELS = "forseti.models"
+LOADED = "forseti.models.loaded"
 ENV = "forseti.env.{executor_id}"
 CAPABILITIES = "forseti.capabilities"
 STATUS = "forseti.status"
@@ -91,7 +92,7 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.control.resume.v1", ResumeJob, CONTROL, "Continue a paused job."),
     EventSpec("forseti.model.available.v1", ModelAvailable, MODELS, "A new artifact is ready."),
     EventSpec("forseti.model.rollback.v1", ModelRollback, MODELS, "Serve an earlier version again."),
-    EventSpec("forseti.model.loaded.v1", ModelLoaded, MODELS, "A consumer loaded (or failed to load) a version."),
+    EventSpec("forseti.model.loaded.v1", ModelLoaded, LOADED, "A consumer loaded (or failed to load) a version."),
     EventSpec("forseti.env.open.v1", EnvOpen, ENV, "Open an env session (request)."),
     EventSpec("forseti.env.reset.v1", EnvReset, ENV, "Reset a session (request)."),
     EventSpec("forseti.env.step.v1", EnvStep, ENV, "Step all sub-envs (request)."),

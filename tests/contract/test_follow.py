@@ -9,7 +9,7 @@ from typing import Any
 from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer
 from forseti.adapters.processes import Cable
-from forseti.schemas.catalog import MODELS, edge_channel
+from forseti.schemas.catalog import LOADED, MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferReply, InferRequest
 from forseti.schemas.models import ModelLoaded
@@ -28,6 +28,7 @@ async def test_an_agent_cut_off_from_the_server_catches_up_when_it_returns(
     await client.connect()
     models = Watcher()
     await client.subscribe(MODELS, models.on_message)
+    await client.subscribe(LOADED, models.on_message)
     agent = EdgeAgent(device_bus, device_id="cut-off", data_dir=tmp_path / "edge")
     await agent.start()
 

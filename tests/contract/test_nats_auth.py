@@ -18,7 +18,7 @@ from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.bus.servers import NatsServer, free_port
 from forseti.adapters.encryption import Keyring, new_key
 from forseti.adapters.signing import TrustedKeys
-from forseti.schemas.catalog import MODELS
+from forseti.schemas.catalog import LOADED, MODELS
 from forseti.schemas.envelope import decode
 from forseti.schemas.errors import BusError, InvalidTask
 from forseti.schemas.models import ModelAvailable, ModelLoaded
@@ -96,7 +96,7 @@ async def test_a_tls_server_with_passwords_refuses_strangers_and_runs_the_whole_
         try:
             announced, reports = Inbox(), Watcher()
             await client.subscribe(MODELS, announced.on_message)
-            await client.subscribe(MODELS, reports.on_message)
+            await client.subscribe(LOADED, reports.on_message)
             async with running_worker(
                 worker_bus, [TrainingHandler()], tmp_path / "worker", signing_key=private, encryption_key=data_key
             ):

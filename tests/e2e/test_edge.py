@@ -19,7 +19,7 @@ from sklearn.datasets import load_breast_cancer
 from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer, TansuBroker, free_port
 from forseti.adapters.inference import OnnxPolicy
-from forseti.schemas.catalog import MODELS, edge_channel
+from forseti.schemas.catalog import LOADED, MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import ActReply, ActRequest, InferError, InferReply, InferRequest
 from forseti.schemas.models import ModelAvailable, ModelRollback
@@ -138,6 +138,7 @@ def test_a_worker_and_an_edge_agent_on_separate_hosts(
         await client.connect()
         models = Watcher()
         await client.subscribe(MODELS, models.on_message)
+        await client.subscribe(LOADED, models.on_message)
         rows = [{"f0": 20.0, "f1": 20.0, "f2": 130.0}]
 
         async def ask() -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
-from forseti.schemas.catalog import MODELS, edge_channel
+from forseti.schemas.catalog import LOADED, MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferReply, InferRequest
 from forseti.schemas.models import ModelLoaded
@@ -51,6 +51,7 @@ async def test_a_device_started_after_an_announcement_and_one_that_was_away_both
     await client.connect()
     models = Watcher()
     await client.subscribe(MODELS, models.on_message)
+    await client.subscribe(LOADED, models.on_message)
     v1 = tiny_announcement(tmp_path / "v1", "tiny-1", device_id="d2")
     await client.publish(MODELS, encode(v1, subject=v1.model_id))
 

@@ -27,7 +27,8 @@ def test_a_file_of_any_size_comes_back_whole(tmp_path: Path, size: int) -> None:
     assert encrypted(tmp_path / "sealed") and not encrypted(tmp_path / "plain")
     chunks = max(1, -(-size // CHUNK))
     assert len(sealed) == HEADER.size + size + chunks * TAG
-    assert data[:64] not in sealed or size == 0
+    if size >= 16:  # a shorter plaintext may turn up in random ciphertext by chance
+        assert data[:64] not in sealed
     ring.decrypt(tmp_path / "sealed", tmp_path / "again")
     assert (tmp_path / "again").read_bytes() == data
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
-from forseti.schemas.catalog import MODELS, llm_channel
+from forseti.schemas.catalog import LOADED, MODELS, llm_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
 from forseti.schemas.models import ModelAvailable
@@ -33,6 +33,7 @@ async def test_llm_serve_follows_versions_promotions_and_rollbacks(
 ) -> None:
     models = Watcher()
     await client.subscribe(MODELS, models.on_message)
+    await client.subscribe(LOADED, models.on_message)
     serve_bus = MemoryBus(broker)
     await serve_bus.connect()
     service = LlmService(serve_bus, name="sensor-assistant", consumer="test-llm", artifact="f32", context=128)

@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from forseti.adapters import signing
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.signing import Signer, TrustedKeys
-from forseti.schemas.catalog import MODELS
+from forseti.schemas.catalog import LOADED, MODELS
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ForsetiError
 from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
@@ -108,7 +108,7 @@ async def test_an_edge_agent_that_trusts_a_key_acts_only_on_what_it_signed(
     attacker = MemoryBus(broker)
     await attacker.connect()
     reports = Watcher()
-    await attacker.subscribe(MODELS, reports.on_message)
+    await attacker.subscribe(LOADED, reports.on_message)
     agent_bus = MemoryBus(broker)
     await agent_bus.connect()
     trusted = TrustedKeys.from_paths([keys[1].parent])

@@ -33,7 +33,7 @@ from forseti.adapters.encryption import Keyring
 from forseti.adapters.inference import OnnxModel, OnnxPolicy
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.signing import TrustedKeys, refusal
-from forseti.schemas.catalog import MODELS, edge_channel
+from forseti.schemas.catalog import LOADED, MODELS, edge_channel
 from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
 from forseti.schemas.inference import ActReply, ActRequest, InferError, InferReply, InferRequest
@@ -240,7 +240,7 @@ class EdgeAgent:
         loaded = ModelLoaded(
             model_id=model_id, name=name, version=version, consumer=self.device_id, ok=ok, message=message[:4096]
         )
-        await self.bus.publish(MODELS, encode(loaded, subject=model_id))
+        await self.bus.publish(LOADED, encode(loaded, subject=model_id))
 
     async def _on_request(self, msg: Message) -> None:
         try:

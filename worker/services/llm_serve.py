@@ -27,7 +27,7 @@ from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.signing import TrustedKeys, refusal
 from forseti.schemas.base import ID_PATTERN
-from forseti.schemas.catalog import MODELS, llm_channel
+from forseti.schemas.catalog import LOADED, MODELS, llm_channel
 from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
 from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
@@ -222,7 +222,7 @@ class LlmService:
         loaded = ModelLoaded(
             model_id=model_id, name=self.name, version=version, consumer=self.consumer, ok=ok, message=message[:4096]
         )
-        await self.bus.publish(MODELS, encode(loaded, subject=model_id))
+        await self.bus.publish(LOADED, encode(loaded, subject=model_id))
 
     async def _on_request(self, msg: Message) -> None:
         try:
