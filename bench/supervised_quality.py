@@ -40,6 +40,7 @@ from sklearn.preprocessing import StandardScaler
 
 from forseti.schemas.jobs import TrainingResult
 from forseti.schemas.tasks import TrainingTask
+from forseti.worker.engine.inputs import Inputs
 from forseti.worker.engine.loop import run as run_loop
 from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.handlers.training_data import read_rows
@@ -167,7 +168,7 @@ CASES: list[tuple[str, str, str, str, dict[str, Any]]] = [
 
 def baseline(name: str, training: TrainingTask, root: Path) -> dict[str, float]:
     """The classical baseline on the handler's own split."""
-    rows = [row for s in training.data_sources for row in read_rows(s, root)]
+    rows = [row for s in training.data_sources for row in read_rows(s, Inputs(root))]
     prepared = prepare(training, rows)
     train_x = np.concatenate([prepared.train.x, prepared.val.x])
     train_y = np.concatenate([prepared.train.truth, prepared.val.truth])

@@ -44,6 +44,7 @@ from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferReply, InferRequest
 from forseti.schemas.jobs import TrainingResult
 from forseti.schemas.tasks import TrainingTask
+from forseti.worker.engine.inputs import Inputs
 from forseti.worker.engine.loop import run as run_loop
 from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.handlers.training_data import read_rows
@@ -88,7 +89,7 @@ def task(uri: str, **config: Any) -> TrainingTask:
 
 def plain_loop(training: TrainingTask, root: Path) -> float:
     """Samples/s of the textbook torch loop on the handler's own training part and model."""
-    rows = [row for s in training.data_sources for row in read_rows(s, root)]
+    rows = [row for s in training.data_sources for row in read_rows(s, Inputs(root))]
     prepared = prepare(training, rows)
     config = training.config
     torch.manual_seed(config.seed)
@@ -115,7 +116,7 @@ def batch_inference(onnx_path: Path, root: Path, rows_total: int = 1_000_000, ba
     options.inter_op_num_threads = 1
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     model = OnnxModel(onnx_path, threads=1)
-    rows = read_rows(task("file://cancer.csv").data_sources[0], root)
+    rows = read_rows(task("file://cancer.csv").data_sources[0], Inputs(root))
     for row in rows:
         row.pop("label")
     feeds = raw_inputs(rows, model.card.numeric, model.card.categorical)
@@ -144,7 +145,7 @@ async def streaming(
         await client.connect()
         service = InferenceService(service_bus, store, cache=ModelCache(threads=1), max_batch=64)
         await service.start()
-        row = dict(read_rows(task("file://cancer.csv").data_sources[0], data_dir / "datasets")[0])
+        row = dict(read_rows(task("file://cancer.csv").data_sources[0], Inputs(data_dir / "datasets"))[0])
         row.pop("label")
         request = encode(InferRequest.model_validate({"rows": [row]}))
         channel = infer_channel(model_id)

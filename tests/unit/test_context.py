@@ -12,6 +12,7 @@ from forseti.schemas.jobs import JobProgress
 from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TaskKind
 from forseti.worker.engine.context import JobContext, JobStopped, StopReason
+from forseti.worker.engine.inputs import Inputs
 
 
 class Collect:
@@ -36,7 +37,7 @@ def context(tmp_path: Path) -> tuple[JobContext, Collect]:
         attempt=1,
         resumed=False,
         work_dir=tmp_path / "j",
-        inputs_root=tmp_path,
+        inputs=Inputs(tmp_path),
         store=SqliteStore(tmp_path / "r.db"),
         announcer=announcer,
         loop=asyncio.get_running_loop(),

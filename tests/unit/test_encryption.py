@@ -9,8 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.encryption import CHUNK, HEADER, TAG, Keyring, encrypted, new_key
 from forseti.schemas.errors import ForsetiError
+from forseti.schemas.tasks import TrainingTask
+from forseti.worker.handlers.training import TrainingHandler
+
+from ..helpers import running_worker, submit, watch
 
 
 def keyring(*keys: str) -> Keyring:
@@ -82,3 +87,41 @@ def test_keys_come_from_a_value_or_a_file_and_bad_ones_are_named(tmp_path: Path)
         Keyring.parse("not base64!", where="x")
     with pytest.raises(ForsetiError, match="encryption key file"):
         Keyring.load(file=tmp_path / "missing")
+
+
+async def test_a_dataset_stored_encrypted_is_read_by_a_worker_with_the_key_only(tmp_path: Path) -> None:
+    """Datasets lay in the data root as plain files; one may now be put there encrypted (issue 14)."""
+    key = new_key()
+    rows = tmp_path / "datasets" / "secret.csv"
+    rows.parent.mkdir()
+    rows.write_text("a,b,label\n" + "".join(f"{i % 7},{(i * 3) % 5},{i % 2}\n" for i in range(120)))
+    keyring(key).encrypt(rows, rows.with_suffix(".sealed"))
+    rows.with_suffix(".sealed").replace(rows)
+    task = TrainingTask.model_validate(
+        {
+            "model_type": "classifier",
+            "config": {"epochs": 1, "hidden": [4]},
+            "data_sources": [{"uri": "secret.csv", "target": "label"}],
+        }
+    )
+    broker = MemoryBroker()
+    client = MemoryBus(broker)
+    await client.connect()
+    for held, expect in ((key, "completed"), (None, "failed")):
+        job_id = f"secret-{expect}"
+        job = task.model_copy(update={"request_id": job_id})
+        folder = tmp_path / expect
+        async with running_worker(
+            MemoryBus(broker), [TrainingHandler()], folder, data_root=rows.parent, encryption_key=held
+        ):
+            events = await watch(client, job_id)
+            await submit(client, job)
+            end = (await events.wait_end(expect)).data
+        if expect == "failed":
+            assert end.code == "invalid_data" and "is encrypted: give the worker the data key" in end.message
+        else:
+            assert end.result.metrics.custom_metrics["test_rows"] > 0
+            copies = list((folder / "jobs" / job_id / "inputs").iterdir())
+            assert [c.name.endswith("-secret.csv") for c in copies] == [True], "decrypted in the job's own folder"
+    assert encrypted(rows), "the stored dataset stays encrypted"
+    await client.close()

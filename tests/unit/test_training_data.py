@@ -14,6 +14,7 @@ import pytest
 
 from forseti.schemas.errors import ForsetiError
 from forseti.schemas.tasks import DataSource
+from forseti.worker.engine.inputs import Inputs
 from forseti.worker.handlers.training_data import Encoding, fit_encoding, read_rows, split
 
 ROWS: list[dict[str, Any]] = [
@@ -36,7 +37,7 @@ def write(root: Path, name: str) -> str:
 
 @pytest.mark.parametrize("name", ["d/rows.csv", "d/rows.jsonl", "d/rows.parquet"])
 def test_every_format_reads_to_the_same_rows(tmp_path: Path, name: str) -> None:
-    rows = read_rows(DataSource(uri=write(tmp_path, name), target="label"), tmp_path)
+    rows = read_rows(DataSource(uri=write(tmp_path, name), target="label"), Inputs(tmp_path))
     assert rows == ROWS
 
 
@@ -75,7 +76,7 @@ def test_bad_data_fails_with_a_specific_code(
     (tmp_path / "empty.csv").write_text("size,colour,label\n")
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(ForsetiError) as caught:
-        fit_encoding(read_rows(DataSource(**source, target=target), tmp_path), target, task)
+        fit_encoding(read_rows(DataSource(**source, target=target), Inputs(tmp_path)), target, task)
     assert words in caught.value.message
     expected = "invalid_path" if "root" in words or "nothing" in words else "invalid_data"
     assert caught.value.code == expected

@@ -837,6 +837,30 @@ def privacy_audit(
     run_loop(_with_store_and_bus(_store(data_dir, registry_url), None, work))
 
 
+@app.command()
+def encrypt(
+    file: Annotated[Path, typer.Argument(help="The file to encrypt (a dataset to put in the data root).")],
+    encryption_key_file: KeyFileOpt = None,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Write here instead of replacing FILE.")] = None,
+) -> None:
+    """Encrypt a file under the data key (AES-256-GCM): a worker holding the key reads it as a dataset as
+    if it were plain, one without it refuses it."""
+    from forseti.adapters.encryption import encrypted
+
+    keyring = _keyring(encryption_key_file)
+    if keyring is None:
+        raise _fail("no data key: --encryption-key-file, or FORSETI_ENCRYPTION_KEY (forseti keys data-key FILE)")
+    if not file.is_file():
+        raise _fail(f"no file {file}")
+    if encrypted(file):
+        raise _fail(f"{file} is encrypted already")
+    target = out_file or file
+    partial = target.with_name(target.name + ".partial")
+    keyring.encrypt(file, partial)
+    partial.replace(target)
+    out.print(f"{target}: encrypted under key {keyring.key_id}")
+
+
 models_app = typer.Typer(help="Registered model versions and their aliases.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 AliasOpt = Annotated[str, typer.Option(help="The alias to move (MLflow style: production, staging, ...).")]

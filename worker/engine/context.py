@@ -25,6 +25,7 @@ from forseti.schemas.jobs import JobProgress, JobResult, JobState
 from forseti.schemas.models import ModelAvailable
 from forseti.schemas.tasks import TaskKind
 
+from .inputs import Inputs
 from .limits import default_memory_limit
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ class Work(Protocol):
     kind: TaskKind
     attempt: int
     resumed: bool
-    inputs_root: Path
+    inputs: Inputs
     memory_limit: int
 
     @property
@@ -178,7 +179,7 @@ class JobContext(SafePoints):
         attempt: int,
         resumed: bool,
         work_dir: Path,
-        inputs_root: Path,
+        inputs: Inputs,
         store: RegistryStore,
         announcer: Announcer,
         loop: asyncio.AbstractEventLoop,
@@ -195,8 +196,8 @@ class JobContext(SafePoints):
         self._artifacts_root = artifacts_root or work_dir.parent.parent / "artifacts"
         self.bus = bus
         """The worker's bus (the protocol, not a transport), for handlers that talk to executors."""
-        self.inputs_root = inputs_root
-        """Input files must lie under this folder."""
+        self.inputs = inputs
+        """Where input files lie, and how encrypted ones are read."""
         self.store = store
         self.memory_limit = memory_limit if memory_limit is not None else default_memory_limit()
         """Bytes this job may plan to hold (its network and buffers), checked before they are made."""

@@ -21,7 +21,7 @@ from urllib.parse import unquote
 from forseti.adapters.artifacts import BUCKET, SCHEME, ObjectBus, delete_file, local_path, put_file, stored_uri
 from forseti.adapters.bus import Bus
 from forseti.adapters.bus.base import KeptHistory
-from forseti.adapters.encryption import Keyring, decrypt_in_place
+from forseti.adapters.encryption import Keyring, decrypt_in_place, encrypted
 from forseti.adapters.exporters import sha256_of
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.registry import JobRecord, ModelRecord, RegistryStore
@@ -178,6 +178,11 @@ class UserData:
                     await self._download(uri, dest)
                 except ForsetiError as exc:
                     done.kept.append(f"{uri}: not exported: {exc.message}")
+            plain = folder / "plain"  # datasets stored encrypted go into the archive decrypted
+            disk = [
+                (place, await asyncio.to_thread(_readable, path, plain, self.keyring), name)
+                for place, path, name in disk
+            ]
             manifest = {"request_id": request.request_id, "user_id": request.user_id, "worker": worker}
             await asyncio.to_thread(_pack, archive, staging, disk, rows, {**manifest, "items": done.items})
             digest, size = await asyncio.to_thread(sha256_of, archive), archive.stat().st_size
@@ -328,6 +333,17 @@ def _pack(
             tar.add(item, arcname=item.name)
         for _, path, name in disk:
             tar.add(path, arcname=name)
+
+
+def _readable(path: Path, folder: Path, keyring: Keyring | None) -> Path:
+    """A file as its owner can read it: one stored encrypted, decrypted into `folder`."""
+    if not (path.is_file() and encrypted(path)):
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = folder / f"{len(list(folder.iterdir()))}-{path.name}"
+    shutil.copyfile(path, plain)
+    decrypt_in_place(plain, keyring)
+    return plain
 
 
 def _remove(path: Path) -> None:

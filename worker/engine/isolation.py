@@ -37,6 +37,7 @@ from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import TaskKind
 
 from .context import JobStopped, SafePoints, StopReason
+from .inputs import Inputs
 
 if TYPE_CHECKING:
     from .context import JobContext
@@ -74,8 +75,8 @@ class WorkOrder:
     """The job's private folder."""
     artifacts_dir: Path
     """Where the job's exported files go."""
-    inputs_root: Path
-    """Input files must lie under this folder."""
+    inputs: Inputs
+    """Where input files lie, and how encrypted ones are read."""
     memory_limit: int
     """Bytes the job may plan to hold; also its address-space rlimit, over what the child held before."""
     threads: int | None
@@ -101,8 +102,8 @@ class ChildContext(SafePoints):
     def __init__(self, order: WorkOrder, send: Callable[[tuple[Any, ...]], None]) -> None:
         super().__init__()
         self.job_id, self.kind, self.attempt, self.resumed = order.job_id, order.kind, order.attempt, order.resumed
-        self.inputs_root = order.inputs_root
-        """Input files must lie under this folder."""
+        self.inputs = order.inputs
+        """Where input files lie, and how encrypted ones are read."""
         self.memory_limit = order.memory_limit
         """Bytes this job may plan to hold (its network and buffers), checked before they are made."""
         self._work_dir, self._artifacts_dir = order.work_dir, order.artifacts_dir
@@ -344,7 +345,7 @@ class ChildPool:
             resumed=ctx.resumed,
             work_dir=ctx.work_dir,
             artifacts_dir=ctx.artifacts_dir,
-            inputs_root=ctx.inputs_root,
+            inputs=ctx.inputs,
             memory_limit=ctx.memory_limit,
             threads=ctx.threads,
             paused=paused,

@@ -39,6 +39,7 @@ from forseti.schemas.tasks import dump_task
 
 from .checkpoints import SharedCheckpoints, forget
 from .context import Handler, JobContext, JobStopped, StopReason
+from .inputs import Inputs
 from .intake import Accepted, Refused
 from .isolation import ChildPool
 from .limits import default_memory_limit
@@ -257,7 +258,7 @@ class JobRunner:
             attempt=record.attempt,
             resumed=record.attempt > 1,
             work_dir=work_dir,
-            inputs_root=services.settings.inputs_root,
+            inputs=Inputs(services.settings.inputs_root, services.keyring, work_dir / "inputs"),
             store=services.store,
             announcer=self,
             loop=loop,

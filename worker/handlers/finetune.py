@@ -16,7 +16,6 @@ from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.tasks import FinetuneTask, TaskKind
 from forseti.worker.engine.context import JobContext, Work
-from forseti.worker.engine.inputs import resolve_input
 from forseti.worker.engine.models import ANNOUNCED_FORMATS, BASE_FORMAT
 
 LABEL = re.compile(r"^v(\d+)\.(\d+)$")
@@ -48,7 +47,7 @@ async def base_of(task: FinetuneTask, ctx: JobContext) -> tuple[Path, ModelRecor
             code=ErrorCode.INVALID_MODEL,
         )
     uri = Path(origin.base_model or "").as_uri() if origin is not None else task.base_model
-    folder = resolve_input(uri, ctx.inputs_root, what="base_model", missing=ErrorCode.INVALID_MODEL)
+    folder = ctx.inputs.resolve(uri, what="base_model", missing=ErrorCode.INVALID_MODEL)
     if not folder.is_dir():
         raise ForsetiError(f"base_model {task.base_model!r} is not a model folder", code=ErrorCode.INVALID_MODEL)
     return folder, origin
@@ -87,7 +86,7 @@ class FinetuneHandler:
     async def run(self, task: FinetuneTask, ctx: JobContext) -> FinetuneResult:
         """Check inputs, train (in a child process), export and check, then register and announce."""
         folder, origin = await base_of(task, ctx)
-        dataset = resolve_input(task.dataset, ctx.inputs_root, what="dataset")
+        dataset = ctx.inputs.resolve(task.dataset, what="dataset")
         layout = LlamaLayout.read(folder)
         if task.export.gguf or task.export.adapter_gguf:
             Vocab.read(folder, layout.vocab_size)  # refuse an unexportable tokenizer before training

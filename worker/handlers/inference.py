@@ -51,7 +51,7 @@ class InferenceHandler:
         if task.inputs is not None:
             rows = [dict(row) for row in task.inputs]
         else:
-            rows = await ctx.run(read_rows, DataSource(uri=task.uri), ctx.inputs_root)
+            rows = await ctx.run(read_rows, DataSource(uri=task.uri), ctx.inputs)
         started = time.perf_counter()
         outputs = await ctx.run(model.predict, rows, batch_size=task.config.batch_size)
         elapsed_ms = int((time.perf_counter() - started) * 1000)

@@ -121,7 +121,7 @@ class TrainingHandler:
         from .training_loop import export, quantize, search
         from .training_models import prepare
 
-        rows = [row for source in task.data_sources for row in read_rows(source, ctx.inputs_root)]
+        rows = [row for source in task.data_sources for row in read_rows(source, ctx.inputs)]
         prepared = prepare(task, rows)
         predictor, stats, trials = search(task.config, ctx, prepared)
         ctx.check()

@@ -23,7 +23,7 @@ import numpy as np
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import DataSource
-from forseti.worker.engine.inputs import jsonl_objects, resolve_input
+from forseti.worker.engine.inputs import Inputs, jsonl_objects
 
 Cell = str | float | int | bool | None
 Row = dict[str, Cell]
@@ -46,13 +46,13 @@ def _csv_cell(text: str) -> Cell:
         return text
 
 
-def read_rows(source: DataSource, root: Path) -> list[Row]:
-    """The rows of one source: inline, or a CSV / JSONL / Parquet file under `root`."""
+def read_rows(source: DataSource, inputs: Inputs) -> list[Row]:
+    """The rows of one source: inline, or a CSV / JSONL / Parquet file under the inputs' root."""
     if source.rows is not None:
         rows: list[Row] = [dict(row) for row in source.rows]
         where = "inline rows"
     else:
-        path = resolve_input(source.uri or "", root, what="data source")
+        path = inputs.resolve(source.uri or "", what="data source")
         if path.suffix not in SUFFIXES:
             raise _bad(f"{path.name}: unknown format; use {', '.join(SUFFIXES)}")
         rows = list(_read_file(path))
