@@ -28,10 +28,8 @@ import logging
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from forseti.adapters.bus import Bus, Message
-from forseti.adapters.encryption import Keyring
-from forseti.adapters.objects import ObjectStore
-from forseti.adapters.registry import PrivacyRecord, RegistryStore
+from forseti.adapters.bus import Message
+from forseti.adapters.registry import PrivacyRecord
 from forseti.adapters.signing import TrustedKeys, refusal
 from forseti.schemas.catalog import receipts_channel
 from forseti.schemas.envelope import Event, decode, encode
@@ -39,7 +37,6 @@ from forseti.schemas.errors import ForsetiError, InvalidTask
 from forseti.schemas.privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify, PrivacyRequest
 
 from .holdings import UserData
-from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,25 +53,14 @@ def user_hash(user_id: str) -> str:
 class PrivacyDesk:
     """Answers privacy requests for one worker: its disk, and the shared stores when it claims them."""
 
-    def __init__(
-        self,
-        *,
-        settings: WorkerSettings,
-        store: RegistryStore,
-        bus: Bus,
-        transport: object,
-        objects: ObjectStore | None,
-        keyring: Keyring | None,
-        operators: TrustedKeys | None,
-        refused: Any,
-    ) -> None:
-        self.settings, self.store, self.bus, self.transport = settings, store, bus, transport
-        self.objects, self.keyring, self.operators = objects, keyring, operators
+    def __init__(self, data: UserData, *, operators: TrustedKeys | None, refused: Any) -> None:
+        self.data = data
+        """Finds and handles the users' data on this worker and in the shared stores."""
+        self.settings, self.store, self.bus = data.settings, data.store, data.bus
+        self.operators = operators
+        """The keys a request must be signed by (None: every request is refused)."""
         self.refused = refused
         """The refused-requests counter to count refusals in."""
-        self.data = UserData(
-            settings=settings, store=store, bus=bus, transport=transport, objects=objects, keyring=keyring
-        )
 
     @property
     def _source(self) -> str:

@@ -38,6 +38,7 @@ from forseti.schemas.tasks import TaskKind, task_channel
 from .artifact_server import ArtifactServer
 from .checkpoints import prune_ended
 from .context import Handler, StopReason
+from .holdings import UserData
 from .http import MetricsServer
 from .intake import KIND_OF_CHANNEL, OWNED_CHANNELS, Refused, read_stray, read_task
 from .isolation import ChildPool
@@ -154,16 +155,15 @@ class Worker:
             if self.objects is not None:
                 self._pruning = asyncio.create_task(self._prune_checkpoints(self.objects), name="prune-checkpoints")
             self._job_services = self._make_services()
-            privacy = PrivacyDesk(
+            data = UserData(
                 settings=self.settings,
                 store=self.store,
                 bus=self.bus,
-                transport=self.bus.inner,
+                transport=self.bus.inner,  # the metering wrapper holds no objects nor history
                 objects=self.objects,
                 keyring=self.keyring,
-                operators=self.operators,
-                refused=self.metrics.refused,
             )
+            privacy = PrivacyDesk(data, operators=self.operators, refused=self.metrics.refused)
             await self._start_http()
             if self.settings.artifact_port is not None:
                 self._artifacts = ArtifactServer(

@@ -1,6 +1,6 @@
 """RL checkpoints as tensors and JSON: nothing on the resume path can run code.
 
-SB3's own `model.zip` keeps the policy class, spaces and schedules as cloudpickle, and its replay
+SB3's own `model.zip` keeps the policy class, spaces and schedules as pickled objects, and its replay
 buffer is a plain pickle: reading either back runs whatever code whoever wrote the checkpoint
 store put there. A Forseti checkpoint is instead three files in the job's checkpoint folder:
 
