@@ -40,6 +40,8 @@ from .spaces import check_batch, check_flags, check_infos, check_rewards, spec_t
 
 log = logging.getLogger(__name__)
 
+SESSION_NAME = 110
+"""Characters of the given session name kept in the session id (ids are 128 at most)."""
 LOST = (ErrorCode.SESSION_LOST, ErrorCode.EXECUTOR_TIMEOUT)
 """What a session's request may meet when its executor went away: open the session again (on any
 executor of the id: a restarted one, or another replica)."""
@@ -67,7 +69,12 @@ class RemoteVecEnv(VecEnv):
         """Who opens the session (this process, by default), for the executor's per-client limit."""
         self.token = secrets.token_urlsafe(24)
         """The session's secret: only requests that carry it are answered."""
-        self.session_id, self.environment, self.step_timeout = session_id, environment, step_timeout
+        # a random suffix makes each instance's session its own: a job taken over on another host
+        # never meets the session its dead worker left behind, and nobody can open one under a
+        # job's id before the job does
+        self.session_id = f"{session_id[:SESSION_NAME]}.{secrets.token_hex(4)}"
+        """The session's id on the executor: the name given, and a random suffix."""
+        self.environment, self.step_timeout = environment, step_timeout
         self.open_wait, self.max_reopens, self.check = open_wait, max_reopens, check
         self.steps = self.reopens = 0
         self._actions: np.ndarray | None = None

@@ -39,7 +39,7 @@ class EnvOpen(Strict):
     """`forseti.env.open.v1`: start a session on an executor."""
 
     session_id: Id
-    """Client-chosen session id (the job id, usually)."""
+    """Client-chosen session id (a worker sends its job id and a random suffix, new for every attempt)."""
     environment: ShortText | None = None
     """The env id the client expects; refused when the executor serves another."""
     token: SessionToken | None = None

@@ -178,9 +178,10 @@ async def test_one_executor_serves_several_sessions_independently(pair: tuple[Me
             a = first.step(np.array([0, 1]))[0]
             b = second.step(np.array([0, 1]))[0]
             assert np.array_equal(np.asarray(a), np.asarray(b))
-        assert set(server.sessions) == {"job-a", "job-b"}
+        assert set(server.sessions) == {first.session_id, second.session_id}
+        assert first.session_id.startswith("job-a.") and second.session_id.startswith("job-b.")
         first.close()
-        assert set(server.sessions) == {"job-b"}
+        assert set(server.sessions) == {second.session_id}
         second.close()
 
     await asyncio.to_thread(interleave)
@@ -296,7 +297,7 @@ async def test_a_session_whose_job_went_silent_makes_room_for_the_next(pair: tup
     await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "tidy", loop=loop, session_id="killed-job"))
     await asyncio.sleep(0.3)
     await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "tidy", loop=loop, session_id="next", open_wait=0))
-    assert set(server.sessions) == {"next"}
+    assert [session.split(".")[0] for session in server.sessions] == ["next"]
 
 
 async def test_only_the_opener_of_a_session_steps_closes_or_reopens_it(pair: tuple[MemoryBus, MemoryBus]) -> None:
@@ -313,11 +314,12 @@ async def test_only_the_opener_of_a_session_steps_closes_or_reopens_it(pair: tup
     async def stranger(request: EnvOpen | EnvStep | EnvClose) -> Any:
         return decode(await worker_side.request(replica, encode(request), timeout=5)).data
 
+    session = env.session_id
     for request in (
-        EnvClose(session_id="job-1"),
-        EnvClose(session_id="job-1", token="guessed-token-0000"),
-        EnvStep(session_id="job-1", step=1, actions=[0, 0]),
-        EnvOpen(session_id="job-1", token="mine-now-0000000000"),
+        EnvClose(session_id=session),
+        EnvClose(session_id=session, token="guessed-token-0000"),
+        EnvStep(session_id=session, step=1, actions=[0, 0]),
+        EnvOpen(session_id=session, token="mine-now-0000000000"),
     ):
         refused = await stranger(request)
         assert isinstance(refused, EnvError), request
@@ -342,5 +344,5 @@ async def test_one_client_cannot_take_every_session_of_an_executor(pair: tuple[M
     assert "client greedy already holds 2 sessions" in replies[2].message
     loop = asyncio.get_running_loop()
     env = await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "fair", loop=loop, session_id="real-job"))
-    assert set(server.sessions) == {"grab-0", "grab-1", "real-job"}
+    assert set(server.sessions) == {"grab-0", "grab-1", env.session_id}
     await asyncio.to_thread(env.close)
