@@ -167,7 +167,7 @@ async def fetch(
         path = _cached(parsed, sha256, cache)
         if not (path.is_file() and await asyncio.to_thread(_matches, path, sha256, size)):  # else fetched before
             path.parent.mkdir(parents=True, exist_ok=True)
-            await _download_into(bus, objects, parsed, path)
+            await download(bus, objects, uri, path)
             await asyncio.to_thread(_decrypt_in_place, path, keyring, uri)
     if not path.is_file():
         raise ForsetiError(f"{uri} names no file", code=ErrorCode.INVALID_MODEL)
@@ -219,9 +219,10 @@ def _confined(cache: Path, folder: str, name: str, parsed: ParseResult) -> Path:
     return path
 
 
-async def _download_into(bus: object, objects: ObjectStore | None, parsed: ParseResult, path: Path) -> None:
-    """Download the object `parsed` names into `path`, through a `.partial` file beside it."""
-    uri = parsed.geturl()
+async def download(bus: object, objects: ObjectStore | None, uri: str, path: Path) -> None:
+    """Download what `uri` names (the bus's object store, `objects`, or HTTP) into `path` as it is
+    stored, through a `.partial` file beside it; invalid_model when it cannot be had."""
+    parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
         await asyncio.to_thread(_download, uri, path)
         return

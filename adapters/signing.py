@@ -133,6 +133,14 @@ class TrustedKeys:
         return kid
 
 
+def configured_keys(paths: list[Path], default: Path) -> TrustedKeys | None:
+    """The keys of `paths`; without any, those of the folder `default` when it holds a public key;
+    None when there are neither."""
+    if not paths and default.is_dir() and any(default.glob(f"*{PUBLIC_SUFFIX}")):
+        paths = [default]
+    return TrustedKeys.from_paths(paths) if paths else None
+
+
 def generate(folder: Path, name: str = "signing") -> tuple[Path, Path]:
     """A new key pair in `folder`: `<name>.key` (private, readable by its owner only) and `<name>.pub`;
     an existing pair is kept. Returns both paths."""

@@ -22,7 +22,7 @@ from rich.table import Table
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.encryption import Keyring
 from forseti.adapters.registry import RegistryStore, create_store
-from forseti.adapters.signing import PUBLIC_SUFFIX, Signer, TrustedKeys, seal
+from forseti.adapters.signing import Signer, TrustedKeys, configured_keys, seal
 from forseti.schemas.base import Strict
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, infer_channel, llm_channel
@@ -140,19 +140,16 @@ def _settings(**values: Any) -> WorkerSettings:
 def _trusted(paths: list[Path] | None, data_dir: Path) -> TrustedKeys | None:
     """The keys a consumer checks announcements against: `--trusted-keys`, else the data dir's keys
     folder when it holds a public key; None (with a warning) when there are none."""
-    folder = data_dir / "keys"
-    if not paths and folder.is_dir() and any(folder.glob(f"*{PUBLIC_SUFFIX}")):
-        paths = [folder]
-    if not paths:
+    try:
+        trusted = configured_keys(paths or [], data_dir / "keys")
+    except ForsetiError as exc:
+        raise _fail(exc.message) from exc
+    if trusted is None:
         err.print(
             "[yellow]warning:[/yellow] no --trusted-keys: announcements are acted on without checking who "
             "signed them (docs/security.md)"
         )
         return None
-    try:
-        trusted = TrustedKeys.from_paths(paths)
-    except ForsetiError as exc:
-        raise _fail(exc.message) from exc
     err.print(f"announcements must be signed by: {', '.join(sorted(trusted.keys))}")
     return trusted
 

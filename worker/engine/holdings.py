@@ -16,9 +16,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
 
-from forseti.adapters.artifacts import BUCKET, SCHEME, ObjectBus, delete_file, local_path, put_file, stored_uri
+from forseti.adapters.artifacts import BUCKET, delete_file, download, local_path, put_file, stored_uri
 from forseti.adapters.bus import Bus
 from forseti.adapters.bus.base import KeptHistory
 from forseti.adapters.encryption import Keyring, decrypt_in_place, encrypted
@@ -26,7 +25,7 @@ from forseti.adapters.exporters import sha256_of
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.registry import JobRecord, ModelRecord, RegistryStore
 from forseti.schemas.envelope import encode
-from forseti.schemas.errors import ErrorCode, ForsetiError
+from forseti.schemas.errors import ForsetiError
 from forseti.schemas.privacy import PrivacyRectify, PrivacyRequest
 from forseti.schemas.tasks import TASK_MODELS, TaskKind, task_channel
 
@@ -200,13 +199,7 @@ class UserData:
 
     async def _download(self, uri: str, dest: Path) -> None:
         """An object of the shared stores into `dest`, decrypted."""
-        if uri.startswith(f"{SCHEME}://") and isinstance(self.transport, ObjectBus):
-            bucket, _, name = uri.split("://", 1)[1].partition("/")
-            await self.transport.get_object(bucket, unquote(name), dest)
-        elif self.objects is not None:
-            await self.objects.get(uri, dest)
-        else:
-            raise ForsetiError(f"no object store of this worker reaches {uri}", code=ErrorCode.STORE_ERROR)
+        await download(self.transport, self.objects, uri, dest)
         await asyncio.to_thread(decrypt_in_place, dest, self.keyring)
 
     async def erase(self, request: PrivacyRequest, held: Held) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from forseti.adapters.encryption import Keyring
-from forseti.adapters.signing import PRIVATE_KEY, PUBLIC_SUFFIX, TrustedKeys
+from forseti.adapters.signing import PRIVATE_KEY, TrustedKeys, configured_keys
 
 DEFAULT_BUS_URL = "nats://127.0.0.1:4222"
 """The embedded default: the nats-server that `forseti up` starts."""
@@ -154,10 +154,7 @@ class WorkerSettings(BaseSettings):
 
     def operators(self) -> TrustedKeys | None:
         """The operators' keys in force (None: there are none)."""
-        folder = self.data_dir / "keys"
-        if self.operator_keys:
-            return TrustedKeys.from_paths(self.operator_keys)
-        return TrustedKeys.from_paths([folder]) if any(folder.glob(f"*{PUBLIC_SUFFIX}")) else None
+        return configured_keys(self.operator_keys, self.data_dir / "keys")
 
     def keyring(self) -> Keyring | None:
         """The encryption keys in force (None: nothing is encrypted)."""
