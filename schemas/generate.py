@@ -6,6 +6,7 @@ python -m forseti.schemas.generate --check  # exit 1 when the files on disk are 
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,16 @@ def event_schema(event_type: str) -> dict[str, Any]:
     return envelope
 
 
+PARAMETER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+"""A parameter in a channel address: `forseti.llm.{name}.complete` has `name`."""
+
+
+def _parameter_description(address: str, name: str) -> str:
+    what = f"The {name.replace('_', ' ')}"
+    # Kafka keys a channel by its trailing id (channels.py); an id in the middle is part of the topic
+    return f"{what}; the Kafka message key." if address.endswith(f"{{{name}}}") else f"{what}, part of the topic."
+
+
 def _channel_key(address: str) -> str:
     return address.replace("forseti.", "").replace(".{", "_").replace("}", "").replace(".", "_")
 
@@ -57,9 +68,11 @@ def asyncapi() -> dict[str, Any]:
         }
         channel = channels.setdefault(key, {"address": spec.channel, "messages": {}})
         channel["messages"][msg_key] = {"$ref": f"#/components/messages/{msg_key}"}
-        if "{" in spec.channel:
-            name = spec.channel.split("{")[1].rstrip("}")
-            channel["parameters"] = {name: {"description": f"The {name.replace('_', ' ')}; the Kafka message key."}}
+        names = PARAMETER.findall(spec.channel)
+        if names:
+            channel["parameters"] = {
+                name: {"description": _parameter_description(spec.channel, name)} for name in names
+            }
     operations = {
         f"receive_{key}": {
             "action": "receive",
