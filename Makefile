@@ -42,7 +42,7 @@ test: install
 # view of the tree under the import names: .mypy_view/forseti/<folder> -> ../../<folder>.
 mypy: install
 	rm -rf .mypy_view && mkdir -p .mypy_view/forseti
-	for d in worker schemas envs adapters; do ln -s ../../$$d .mypy_view/forseti/$$d; done
+	for d in client worker schemas envs adapters; do ln -s ../../$$d .mypy_view/forseti/$$d; done
 	cd .mypy_view && MYPYPATH=. ../$(BIN)/mypy --config-file ../pyproject.toml -p forseti
 	MYPYPATH=.mypy_view:bench $(BIN)/mypy tests bench
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import ShortText, Strict
+from .base import LongText, ShortText, Strict
+from .errors import ErrorCode
 from .tasks import TaskKind
 
 
@@ -22,6 +23,18 @@ class CapabilitiesQuery(Strict):
 
     kind: TaskKind | None = None
     """Only answer about this task kind."""
+
+
+class CapabilitiesError(Strict):
+    """`forseti.capabilities.error.v1`: why a worker cannot answer a capabilities query (reply)."""
+
+    code: ErrorCode
+    """malformed_json or invalid_task (a query that is not a valid capabilities query), unknown_kind
+    (no task kind the worker runs)."""
+    message: LongText
+    """What was wrong, for people."""
+    worker: ShortText
+    """The worker that answered."""
 
 
 class Capabilities(Strict):

@@ -10,14 +10,23 @@ import builtins
 from dataclasses import dataclass
 
 from .base import Strict
-from .capabilities import Capabilities, CapabilitiesQuery
+from .capabilities import Capabilities, CapabilitiesError, CapabilitiesQuery
 from .control import CancelJob, PauseJob, ResumeJob
 from .deadletter import DeadLetter
 from .env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
 from .inference import ActReply, ActRequest, InferError, InferReply, InferRequest
-from .jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress, JobStatus, JobStatusQuery
+from .jobs import (
+    JobAccepted,
+    JobCancelled,
+    JobCompleted,
+    JobFailed,
+    JobProgress,
+    JobStatus,
+    JobStatusError,
+    JobStatusQuery,
+)
 from .llm import CompleteReply, CompleteRequest, LlmError
-from .models import ModelAvailable, ModelLoaded, ModelRollback
+from .models import ModelAvailable, ModelLoaded, ModelRollback, ModelsList, ModelsQuery, ModelsQueryError
 from .privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify
 from .tasks import TASK_MODELS, task_channel, task_type
 
@@ -36,6 +45,7 @@ JOBS = "forseti.jobs.{job_id}"
 CONTROL = "forseti.control"
 MODELS = "forseti.models"
 LOADED = "forseti.models.loaded"
+MODELS_QUERY = "forseti.models.query"
 ENV = "forseti.env.{executor_id}"
 CAPABILITIES = "forseti.capabilities"
 STATUS = "forseti.status"
@@ -93,6 +103,9 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.model.available.v1", ModelAvailable, MODELS, "A new artifact is ready."),
     EventSpec("forseti.model.rollback.v1", ModelRollback, MODELS, "Serve an earlier version again."),
     EventSpec("forseti.model.loaded.v1", ModelLoaded, LOADED, "A consumer loaded (or failed to load) a version."),
+    EventSpec("forseti.models.query.v1", ModelsQuery, MODELS_QUERY, "Ask for the registered model versions."),
+    EventSpec("forseti.models.list.v1", ModelsList, MODELS_QUERY, "The model versions in a registry (reply)."),
+    EventSpec("forseti.models.query.error.v1", ModelsQueryError, MODELS_QUERY, "Why a models query failed (reply)."),
     EventSpec("forseti.env.open.v1", EnvOpen, ENV, "Open an env session (request)."),
     EventSpec("forseti.env.reset.v1", EnvReset, ENV, "Reset a session (request)."),
     EventSpec("forseti.env.step.v1", EnvStep, ENV, "Step all sub-envs (request)."),
@@ -110,8 +123,12 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.edge.actions.v1", ActReply, EDGE, "The actions (reply)."),
     EventSpec("forseti.capabilities.query.v1", CapabilitiesQuery, CAPABILITIES, "Ask what workers can do."),
     EventSpec("forseti.capabilities.v1", Capabilities, CAPABILITIES, "One worker's capabilities (reply)."),
+    EventSpec(
+        "forseti.capabilities.error.v1", CapabilitiesError, CAPABILITIES, "Why a query was not answered (reply)."
+    ),
     EventSpec("forseti.job.status.query.v1", JobStatusQuery, STATUS, "Ask where a job stands."),
     EventSpec("forseti.job.status.v1", JobStatus, STATUS, "A job's stored record (reply)."),
+    EventSpec("forseti.job.status.error.v1", JobStatusError, STATUS, "Why a status query has no record (reply)."),
     EventSpec("forseti.deadletter.v1", DeadLetter, DEADLETTER, "A message that could not become a job."),
     EventSpec("forseti.privacy.export.v1", PrivacyExport, PRIVACY, "Gather everything held for a user."),
     EventSpec("forseti.privacy.erase.v1", PrivacyErase, PRIVACY, "Delete everything held for a user."),

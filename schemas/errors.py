@@ -32,6 +32,7 @@ class ErrorCode(StrEnum):
     RESOURCE_EXHAUSTED = "resource_exhausted"
     SHUTDOWN = "shutdown"
     FORBIDDEN = "forbidden"
+    UNKNOWN_JOB = "unknown_job"
 
 
 class ForsetiError(Exception):

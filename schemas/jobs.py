@@ -172,6 +172,9 @@ class JobCompleted(JobEvent):
     """Wall time from start to end."""
     replayed: bool = False
     """True when this announces a stored result again for a duplicate task."""
+    task_differs: bool = False
+    """True when that duplicate is a different task under a request_id that already ran: the stored
+    result is the first task's, and the new one did not run."""
 
 
 class JobFailed(JobEvent):
@@ -183,6 +186,10 @@ class JobFailed(JobEvent):
     """What went wrong, for people."""
     retriable: bool = False
     """Whether submitting the same task again may succeed."""
+    replayed: bool = False
+    """True when this announces a stored failure again for a duplicate task."""
+    task_differs: bool = False
+    """True when that duplicate is a different task under a request_id that already ran."""
 
 
 class JobCancelled(JobEvent):
@@ -190,6 +197,10 @@ class JobCancelled(JobEvent):
 
     reason: LongText = ""
     """Why it stopped."""
+    replayed: bool = False
+    """True when this announces a stored cancellation again for a duplicate task."""
+    task_differs: bool = False
+    """True when that duplicate is a different task under a request_id that already ran."""
 
 
 class JobStatusQuery(Strict):
@@ -199,6 +210,18 @@ class JobStatusQuery(Strict):
     """The job to look up."""
     user_id: ShortText | None = None
     """Who asks: a job whose task named a `user_id` shows its result and error text only to it."""
+
+
+class JobStatusError(Strict):
+    """`forseti.job.status.error.v1`: why a status query was not answered with a record (reply)."""
+
+    code: ErrorCode
+    """malformed_json or invalid_task (not a valid status query), unknown_job (no such job in the
+    registry: never submitted, or still waiting for a worker)."""
+    message: LongText
+    """What was wrong, for people."""
+    job_id: Id | None = None
+    """The job asked about, when the query named one."""
 
 
 class JobStatus(Strict):

@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import Field, StringConstraints
 
 from .base import Id, LongText, MetricMap, Name, ShortText, Strict, Tags
+from .errors import ErrorCode
 
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 ArtifactFormat = Literal["gguf", "gguf-lora", "onnx", "safetensors", "peft"]
@@ -88,3 +89,51 @@ class ModelLoaded(Strict):
     """Whether it is now serving."""
     message: LongText = ""
     """The error when not ok."""
+
+
+class ModelsQuery(Strict):
+    """`forseti.models.query.v1`: ask a worker for the model versions in its registry (request)."""
+
+    name: Name | None = None
+    """Only versions of this model name."""
+    limit: int = Field(default=50, ge=1, le=1000)
+    """At most this many, newest first."""
+
+
+class ModelSummary(Strict):
+    """One registered model version, as its announcement describes it."""
+
+    model_id: Id
+    """Registry id of the version."""
+    name: Name
+    """Model name."""
+    version: ShortText
+    """Its version label (the registry number, or the producer's label)."""
+    kind: ShortText
+    """What the model is: llm, policy, classifier, regressor, ..."""
+    format: ShortText
+    """Its exported file format."""
+    metrics: MetricMap = Field(default_factory=dict)
+    """Quality figures."""
+    parent_id: Id | None = None
+    """The version it continued from (lineage), if any."""
+    created_at: ShortText
+    """When it was registered (ISO 8601)."""
+
+
+class ModelsList(Strict):
+    """`forseti.models.list.v1`: the model versions in one worker's registry, newest first (reply)."""
+
+    worker: ShortText
+    """The worker that answered."""
+    models: list[ModelSummary] = Field(default_factory=list, max_length=1000)
+    """The versions."""
+
+
+class ModelsQueryError(Strict):
+    """`forseti.models.query.error.v1`: why a models query was not answered (reply)."""
+
+    code: ErrorCode
+    """malformed_json or invalid_task: not a valid models query."""
+    message: LongText
+    """What was wrong, for people."""

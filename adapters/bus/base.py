@@ -111,8 +111,11 @@ class Bus(Protocol):
     async def close(self) -> None:
         """Close it, ending every subscription and intake."""
 
-    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
-        """Send one message; task channels are stored durably until a worker takes them."""
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None, dedup_id: str | None = None) -> None:
+        """Send one message; task channels are stored durably until a worker takes them. A task sent
+        again with the same `dedup_id` (a retried publish) is stored once, where the transport can
+        tell (NATS JetStream's duplicate window, the memory broker); Kafka's idempotent producer
+        covers its own retries, and workers run one job per request_id whatever arrives twice."""
 
     async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:
         """Call `handler` for every message on `channel`; with `queue`, once per group instead of per subscriber."""

@@ -312,7 +312,7 @@ class KafkaBus:
                     raise BusError(f"publish to {topic} failed: {exc}") from exc
                 await asyncio.sleep(0.05 * 2**attempt)
 
-    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None, dedup_id: str | None = None) -> None:
         """Produce to the channel's topic, keyed by the channel's id (or `key`)."""
         topic, channel_key = topic_and_key(channel)
         await self.send(topic, data, key=key or channel_key)

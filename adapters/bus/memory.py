@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,9 @@ from .base import (
 from .channels import check_recorded, is_recorded_channel, is_task_channel, subject_matches
 
 log = logging.getLogger(__name__)
+
+DEDUP_KEPT = 10_000
+"""Task de-duplication ids the memory broker remembers (JetStream keeps its own for a time window)."""
 
 
 @dataclass
@@ -77,6 +80,16 @@ class MemoryBroker:
         self.positions: dict[str, int] = {}
         """Per durable follower, the index of the first recorded message it has not handled."""
         self._round_robin = itertools.count()
+        self._seen: OrderedDict[str, None] = OrderedDict()
+
+    def first_sight(self, dedup_id: str) -> bool:
+        """True the first time a task's de-duplication id is seen among the last `DEDUP_KEPT`."""
+        if dedup_id in self._seen:
+            return False
+        self._seen[dedup_id] = None
+        if len(self._seen) > DEDUP_KEPT:
+            self._seen.popitem(last=False)
+        return True
 
     async def route(self, channel: str, message: Message) -> None:
         if is_task_channel(channel):
@@ -192,9 +205,11 @@ class MemoryBus:
         self._tasks.add(task)  # kept until done, so close() can cancel what is still running
         task.add_done_callback(self._tasks.discard)
 
-    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None, dedup_id: str | None = None) -> None:
         """Deliver to every matching subscriber (one per queue group) and store task messages."""
         self._check()
+        if dedup_id is not None and is_task_channel(channel) and not self.broker.first_sight(dedup_id):
+            return
         await self.broker.route(channel, Message(channel=channel, data=data, key=key))
 
     async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:

@@ -340,12 +340,13 @@ class NatsBus:
         if nc is not None and not nc.is_closed:
             await nc.close()
 
-    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None, dedup_id: str | None = None) -> None:
         """Publish; task channels go through JetStream and wait for the stream's ack."""
         try:
             if is_task_channel(channel):
                 assert self._js is not None
-                await self._js.publish(channel, data, timeout=self.settings.connect_timeout)
+                headers = {"Nats-Msg-Id": dedup_id} if dedup_id else None
+                await self._js.publish(channel, data, timeout=self.settings.connect_timeout, headers=headers)
             else:
                 await self.nc.publish(channel, data)
         except (ConnectionClosedError, TimeoutError, NoRespondersError) as exc:

@@ -18,7 +18,7 @@ from forseti.adapters.signing import Signer
 from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
 from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, STATUS
 from forseti.schemas.control import CancelJob, PauseJob, ResumeJob
-from forseti.schemas.envelope import decode, encode
+from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.jobs import JobState, JobStatus, JobStatusQuery
 from forseti.schemas.tasks import RLTask, TaskKind, dump_task, task_channel
 from forseti.worker.engine.slots import Slots
@@ -480,3 +480,53 @@ async def test_an_operator_signed_command_acts_on_any_users_job(
         )
         hidden = JobStatus.model_validate(orjson.loads(await client.request(STATUS, query, timeout=5))["data"])
         assert not shown.withheld and hidden.withheld
+
+
+async def test_a_query_that_cannot_be_served_gets_an_error_reply_naming_why(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """Malformed or mistyped queries on forseti.capabilities and forseti.status, an unknown job and a
+    kind the worker does not run each get an error reply; before, the asker waited its whole timeout."""
+    async with running_worker(MemoryBus(broker), [EchoHandler()], tmp_path):
+        asked = {
+            "malformed capabilities": (CAPABILITIES, b"{not json"),
+            "mistyped capabilities": (CAPABILITIES, encode(JobStatusQuery(job_id="x"))),
+            "kind not run": (CAPABILITIES, encode(CapabilitiesQuery(kind=TaskKind.RL))),
+            "malformed status": (STATUS, b"[1, 2"),
+            "mistyped status": (STATUS, encode(CapabilitiesQuery())),
+            "unknown job": (STATUS, encode(JobStatusQuery(job_id="no-such-job"))),
+        }
+        codes = {}
+        for what, (channel, query) in asked.items():
+            reply: Event[Any] = decode(await client.request(channel, query, timeout=3))
+            assert reply.type.endswith(".error.v1"), (what, reply.type)
+            codes[what] = reply.data.code.value
+            assert reply.data.message
+    assert codes == {
+        "malformed capabilities": "malformed_json",
+        "mistyped capabilities": "unknown_kind",
+        "kind not run": "unknown_kind",
+        "malformed status": "malformed_json",
+        "mistyped status": "unknown_kind",
+        "unknown job": "unknown_job",
+    }
+
+
+async def test_a_worker_that_knows_the_job_answers_before_one_that_does_not(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    """Two workers with registries of their own: the one that ran the job answers the status query;
+    the other's 'unknown job' comes later and is not the reply."""
+    async with (
+        running_worker(MemoryBus(broker), [EchoHandler()], tmp_path / "a"),
+        running_worker(MemoryBus(broker), [], tmp_path / "b"),
+    ):
+        task = inference(rows=1)
+        watcher = await watch(client, task.request_id or "")
+        await submit(client, task)
+        await watcher.wait_for("completed")
+        for _ in range(5):
+            query = encode(JobStatusQuery(job_id=task.request_id or ""))
+            reply: Event[Any] = decode(await client.request(STATUS, query, timeout=3))
+            assert isinstance(reply.data, JobStatus)
+            assert reply.data.state is JobState.COMPLETED

@@ -433,20 +433,26 @@ class JobRunner:
 
     async def _replay(self, prior: JobRecord) -> None:
         event: JobCompleted | JobFailed | JobCancelled
+        # a request_id reused for another task replays the first task's outcome; say so, not silently
+        differs = dump_task(self.accepted.task) != prior.task
+        job_id, kind = self.job_id, self.kind
         if prior.state is JobState.COMPLETED and prior.result is not None:
+            result = load_result(prior.result)
             event = JobCompleted(
-                job_id=self.job_id, kind=self.kind, result=load_result(prior.result), duration_ms=0, replayed=True
+                job_id=job_id, kind=kind, result=result, duration_ms=0, replayed=True, task_differs=differs
             )
         elif prior.state is JobState.FAILED:
-            event = JobFailed(
-                job_id=self.job_id,
-                kind=self.kind,
-                code=prior.error_code or ErrorCode.HANDLER_ERROR,
-                message=prior.error_message or "",
-            )
+            code, message = prior.error_code or ErrorCode.HANDLER_ERROR, prior.error_message or ""
+            event = JobFailed(job_id=job_id, kind=kind, code=code, message=message, replayed=True, task_differs=differs)
         else:
-            event = JobCancelled(job_id=self.job_id, kind=self.kind, reason="cancelled earlier")
-        log.info("duplicate of a %s job: announcing the stored outcome", prior.state.value)
+            event = JobCancelled(
+                job_id=job_id, kind=kind, reason="cancelled earlier", replayed=True, task_differs=differs
+            )
+        log.info(
+            "duplicate of a %s job%s: announcing the stored outcome",
+            prior.state.value,
+            " (a different task under the same request_id, not run)" if differs else "",
+        )
         await self.services.events.publish_job(event)
         await self.delivery.ack()
         self.services.metrics.jobs.labels(self.kind.value, "replayed").inc()

@@ -80,10 +80,10 @@ class MeteredBus:
         """Close the inner bus."""
         await self.inner.close()
 
-    async def publish(self, channel: str, data: bytes, *, key: str | None = None) -> None:
+    async def publish(self, channel: str, data: bytes, *, key: str | None = None, dedup_id: str | None = None) -> None:
         """Publish, timed."""
         start = time.perf_counter()
-        await self.inner.publish(channel, data, key=key)
+        await self.inner.publish(channel, data, key=key, dedup_id=dedup_id)
         self._publish.observe(time.perf_counter() - start)
 
     async def subscribe(self, channel: str, handler: MessageHandler, *, queue: str | None = None) -> Subscription:

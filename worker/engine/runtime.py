@@ -11,6 +11,7 @@ back what still runs and closes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections import OrderedDict
@@ -26,13 +27,22 @@ from forseti.adapters.objects import ObjectStore, open_object_store
 from forseti.adapters.registry import RegistryStore
 from forseti.adapters.signing import Signer, refusal, seal
 from forseti.adapters.urls import redact
-from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery, Capability
-from forseti.schemas.catalog import CAPABILITIES, CONTROL, DEADLETTER, MODELS, PRIVACY, STATUS, jobs_channel
+from forseti.schemas.capabilities import Capabilities, CapabilitiesError, CapabilitiesQuery, Capability
+from forseti.schemas.catalog import (
+    CAPABILITIES,
+    CONTROL,
+    DEADLETTER,
+    MODELS,
+    MODELS_QUERY,
+    PRIVACY,
+    STATUS,
+    jobs_channel,
+)
 from forseti.schemas.control import CancelJob, ControlCommand, PauseJob
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import BusError, ErrorCode, ForsetiError, InvalidTask
-from forseti.schemas.jobs import JobEvent, JobFailed, JobProgress, JobState, JobStatus, JobStatusQuery
-from forseti.schemas.models import ModelAvailable
+from forseti.schemas.jobs import JobEvent, JobFailed, JobProgress, JobState, JobStatus, JobStatusError, JobStatusQuery
+from forseti.schemas.models import ModelAvailable, ModelsList, ModelsQuery, ModelsQueryError, ModelSummary
 from forseti.schemas.tasks import TaskKind, task_channel
 
 from .artifact_server import ArtifactServer
@@ -45,6 +55,7 @@ from .isolation import ChildPool
 from .jobs import JobRunner, JobServices, load_result
 from .logs import job_id_var
 from .metrics import MeteredBus, Metrics
+from .models import version_label
 from .privacy import PrivacyDesk
 from .settings import WorkerSettings
 from .slots import Slots
@@ -56,6 +67,9 @@ STRAYS_PER_SWEEP = 100
 """Stray tasks read per round trip of a sweep; a sweep goes on until it finds fewer."""
 BUS_PROBE_INTERVAL = 1.0
 """Seconds between checks that the bus's server answers, which /healthz reports."""
+NOT_MINE_GRACE = 0.5
+"""Seconds a worker waits before saying it cannot serve a query (an unknown job, a kind it does not
+run), so that a worker that can is the first to answer."""
 
 
 def may_act(owner: str | None, asker: str | None, *, operator: bool = False) -> bool:
@@ -114,6 +128,7 @@ class Worker:
         """Set once the worker is subscribed and pulling tasks."""
         self._stopping = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
+        self._late_replies: set[asyncio.Task[None]] = set()
         self._slots = Slots(self.settings.concurrency)
         self._early_cancels: OrderedDict[str, tuple[str, str | None, bool]] = OrderedDict()
         """Cancels of jobs not running here, by job id: (reason, the user who asked, by an operator)."""
@@ -177,6 +192,7 @@ class Worker:
                 await self.bus.subscribe(CONTROL, self._on_control),
                 await self.bus.subscribe(CAPABILITIES, self._on_capabilities),
                 await self.bus.subscribe(STATUS, self._on_status),
+                await self.bus.subscribe(MODELS_QUERY, self._on_models_query),
                 await self.bus.subscribe(PRIVACY, privacy.on_request),
                 await self.bus.on_given_up(self._on_given_up, group=self.settings.group),
             ]
@@ -292,7 +308,7 @@ class Worker:
                 await self._sleep_unless_stopping(self.settings.stray_sweep_interval)
 
     async def _close(self) -> None:
-        for background in (self._pruning, self._probe, self._sweep):
+        for background in (self._pruning, self._probe, self._sweep, *self._late_replies):
             if background is not None:
                 background.cancel()
         for sub in self._subs:
@@ -575,6 +591,19 @@ class Worker:
         except BusError as exc:
             log.warning("dead-letter not recorded: %s", exc)
 
+    async def _answer_later(self, msg: Message, reply: bytes) -> None:
+        """Answer a query this worker cannot serve, after `NOT_MINE_GRACE`: the first reply ends a
+        request, and a worker that can serve it (knows the job, runs the kind) answers sooner."""
+
+        async def late() -> None:
+            await asyncio.sleep(NOT_MINE_GRACE)
+            with contextlib.suppress(BusError):
+                await msg.respond(reply)
+
+        task = asyncio.create_task(late(), name="late-reply")
+        self._late_replies.add(task)
+        task.add_done_callback(self._late_replies.discard)
+
     async def _on_capabilities(self, msg: Message) -> None:
         query = CapabilitiesQuery()
         if msg.data:
@@ -582,8 +611,17 @@ class Worker:
                 query = decode(msg.data, expect=CapabilitiesQuery).data
             except InvalidTask as exc:
                 log.warning("bad capabilities query: %s", exc.message)
+                refusal = CapabilitiesError(code=exc.code, message=exc.message, worker=self.settings.worker_id)
+                await msg.respond(encode(refusal, source=self._source))
                 return
         if query.kind is not None and query.kind not in self.handlers:
+            runs = ", ".join(k.value for k in self.handlers) or "no task kinds"
+            refusal = CapabilitiesError(
+                code=ErrorCode.UNKNOWN_KIND,
+                message=f"worker {self.settings.worker_id} runs no {query.kind.value} tasks (it runs {runs})",
+                worker=self.settings.worker_id,
+            )
+            await self._answer_later(msg, encode(refusal, source=self._source))
             return
         if self._devices is None:
             self._devices = detect_devices()
@@ -599,15 +637,44 @@ class Worker:
         )
         await msg.respond(encode(answer, source=self._source))
 
+    async def _on_models_query(self, msg: Message) -> None:
+        try:
+            query = decode(msg.data, expect=ModelsQuery).data
+        except InvalidTask as exc:
+            await msg.respond(encode(ModelsQueryError(code=exc.code, message=exc.message), source=self._source))
+            return
+        rows = await self.store.list_models(name=query.name, limit=query.limit)
+        summaries = [
+            ModelSummary(
+                model_id=row.id,
+                name=row.name,
+                version=version_label(row),
+                kind=row.model_type,
+                format=row.export_format,
+                metrics=row.metrics,
+                parent_id=row.parent_id,
+                created_at=row.created_at,
+            )
+            for row in rows
+        ]
+        await msg.respond(encode(ModelsList(worker=self.settings.worker_id, models=summaries), source=self._source))
+
     async def _on_status(self, msg: Message) -> None:
         try:
             query = decode(msg.data, expect=JobStatusQuery).data
         except InvalidTask as exc:
             log.warning("bad status query: %s", exc.message)
+            await msg.respond(encode(JobStatusError(code=exc.code, message=exc.message), source=self._source))
             return
         job = await self.store.get_job(query.job_id)
         if job is None:
-            return  # another worker may know it; silence lets its answer through
+            unknown = JobStatusError(
+                code=ErrorCode.UNKNOWN_JOB,
+                message=f"no job {query.job_id} in the registry: never submitted, or still waiting for a worker",
+                job_id=query.job_id,
+            )
+            await self._answer_later(msg, encode(unknown, source=self._source, subject=query.job_id))
+            return
         shown = may_act(job.task.get("user_id"), query.user_id, operator=self._by_operator(msg.data))
         if not shown:
             self.metrics.refused.labels("status").inc()
