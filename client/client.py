@@ -9,7 +9,7 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from types import TracebackType
-from typing import Any, Self, cast
+from typing import Any, Self, TypeVar, cast
 
 import orjson
 from pydantic import ValidationError
@@ -62,6 +62,9 @@ JobUpdate = JobAccepted | JobProgress | JobCompleted | JobFailed | JobCancelled
 """An event on a job's progress stream."""
 ModelEvent = ModelAvailable | ModelRollback
 """An event on `forseti.models`."""
+QUERY_ERRORS = (CapabilitiesError, JobStatusError, ModelsQueryError)
+"""The error replies of the query channels."""
+A = TypeVar("A", bound=Strict)
 
 
 def kind_of(task: TaskBase) -> TaskKind:
@@ -362,48 +365,42 @@ class Client:
         self._jobs.append(job)
         return job
 
-    async def _ask(self, channel: str, query: Strict, *, timeout: float, what: str, subject: str | None = None) -> Any:
+    async def _ask(
+        self, channel: str, query: Strict, answer: type[A], *, what: str, timeout: float, subject: str | None = None
+    ) -> A:
+        """Send a query and return its `answer`; a worker's error reply (any `*.error.v1`, each with a
+        `code` and `message`) raises UnknownJob or QueryRefused, silence ClientTimeout."""
         try:
-            reply = await self.bus.request(channel, encode(query, source=self.source, subject=subject), timeout=timeout)
+            raw = await self.bus.request(channel, encode(query, source=self.source, subject=subject), timeout=timeout)
         except RequestTimeout as exc:
             raise ClientTimeout(f"no worker answered the {what} query on {self.bus.url} within {timeout:g}s") from exc
-        return decode(reply).data
+        reply: Strict = decode(raw).data
+        if isinstance(reply, answer):
+            return reply
+        if isinstance(reply, QUERY_ERRORS):
+            if reply.code is ErrorCode.UNKNOWN_JOB:
+                raise UnknownJob(reply.message)
+            raise QueryRefused(reply.message, code=reply.code)
+        raise QueryRefused(f"a {type(reply).__name__} answered a {what} query", code=ErrorCode.INVALID_TASK)
 
     async def status(self, job_id: str, *, timeout: float = QUERY_TIMEOUT) -> JobStatus:
         """Where a job stands, from the registry; UnknownJob when no worker has it, ClientTimeout when
         no worker answers."""
-        answer = await self._ask(
-            STATUS, JobStatusQuery(job_id=job_id, user_id=self.user_id), timeout=timeout, what="status", subject=job_id
-        )
-        if isinstance(answer, JobStatusError):
-            if answer.code is ErrorCode.UNKNOWN_JOB:
-                raise UnknownJob(answer.message)
-            raise QueryRefused(answer.message, code=answer.code)
-        if not isinstance(answer, JobStatus):
-            raise QueryRefused(f"a {type(answer).__name__} answered a status query", code=ErrorCode.INVALID_TASK)
-        return answer
+        query = JobStatusQuery(job_id=job_id, user_id=self.user_id)
+        return await self._ask(STATUS, query, JobStatus, what="status", timeout=timeout, subject=job_id)
 
     async def capabilities(self, kind: TaskKind | str | None = None, *, timeout: float = QUERY_TIMEOUT) -> Capabilities:
         """What a worker can do (the first to answer; with `kind`, one that runs that kind of task)."""
         query = CapabilitiesQuery(kind=TaskKind(kind) if kind is not None else None)
-        answer = await self._ask(CAPABILITIES, query, timeout=timeout, what="capabilities")
-        if isinstance(answer, CapabilitiesError):
-            raise QueryRefused(answer.message, code=answer.code)
-        if not isinstance(answer, Capabilities):
-            raise QueryRefused(f"a {type(answer).__name__} answered a capabilities query", code=ErrorCode.INVALID_TASK)
-        return answer
+        return await self._ask(CAPABILITIES, query, Capabilities, what="capabilities", timeout=timeout)
 
     async def models(
         self, name: str | None = None, *, limit: int = 50, timeout: float = QUERY_TIMEOUT
     ) -> list[ModelSummary]:
         """The model versions in the workers' registry, newest first (a worker's answer: on one shared
         registry, every worker's)."""
-        answer = await self._ask(MODELS_QUERY, ModelsQuery(name=name, limit=limit), timeout=timeout, what="models")
-        if isinstance(answer, ModelsQueryError):
-            raise QueryRefused(answer.message, code=answer.code)
-        if not isinstance(answer, ModelsList):
-            raise QueryRefused(f"a {type(answer).__name__} answered a models query", code=ErrorCode.INVALID_TASK)
-        return answer.models
+        query = ModelsQuery(name=name, limit=limit)
+        return (await self._ask(MODELS_QUERY, query, ModelsList, what="models", timeout=timeout)).models
 
     async def follow_models(
         self, *, durable: str | None = None, trusted: TrustedKeys | None = None

@@ -31,7 +31,7 @@ from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ForsetiError, InvalidTask, RequestTimeout
 from forseti.schemas.jobs import JobState
 from forseti.schemas.privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify, PrivacyRequest
-from forseti.schemas.tasks import TASK_MODELS, TaskBase, TaskKind, task_channel
+from forseti.schemas.tasks import TaskBase, TaskKind, task_channel
 
 from ..engine.context import Handler
 from ..engine.logs import setup_logging
@@ -329,28 +329,24 @@ def worker_cmd(
 
 def read_task_file(path: str, kind: TaskKind | None) -> tuple[TaskKind, TaskBase]:
     """A task from a file (or `-`): a whole CloudEvent, or just its `data` with `--kind`."""
+    from forseti.client import as_task
+
     raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise _fail(f"{path}: not valid JSON: {exc}") from exc
-    if isinstance(doc, dict) and "specversion" in doc:
-        try:
-            event = decode(raw, expect=TaskBase)
-        except InvalidTask as exc:
-            raise _fail(f"{path}: {exc.message}") from exc
-        kind = TaskKind(event.type.split(".")[2])
-        task = event.data
-    else:
-        if kind is None:
-            raise _fail(f"{path} holds a bare payload: say which kind with --kind")
-        try:
-            task = TASK_MODELS[kind].model_validate(doc)
-        except ValueError as exc:
-            raise _fail(f"{path}: invalid {kind.value} task:\n{exc}") from exc
+    if not isinstance(doc, dict):
+        raise _fail(f"{path}: a task is a JSON object, not {type(doc).__name__}")
+    if "specversion" not in doc and kind is None:
+        raise _fail(f"{path} holds a bare payload: say which kind with --kind")
+    try:
+        task_kind, task = as_task(doc, kind)
+    except InvalidTask as exc:
+        raise _fail(f"{path}: {exc.message}") from exc
     if task.request_id is None:
         task = task.model_copy(update={"request_id": uuid.uuid4().hex})
-    return kind, task
+    return task_kind, task
 
 
 @app.command()
