@@ -78,7 +78,11 @@ async def share(
     with `http` (a folder and the URL that serves it), named by their URL under it; else unchanged.
     With `keyring`, what goes into a store is encrypted."""
     update: dict[str, str] = {}
-    for field, digest in (("uri", event.sha256), ("base_uri", event.base_sha256)):
+    for field, digest in (
+        ("uri", event.sha256),
+        ("base_uri", event.base_sha256),
+        ("config_uri", event.config_sha256),
+    ):
         uri = getattr(event, field)
         if uri is None or not uri.startswith("file://") or digest is None:
             continue

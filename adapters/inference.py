@@ -49,8 +49,9 @@ class ModelCard:
     """Numeric input columns, in the graph's order."""
     categorical: list[str] = field(default_factory=list)
     """Text input columns, in the graph's order."""
-    classes: list[str] = field(default_factory=list)
-    """A classifier's classes, in the order of its probabilities."""
+    classes: list[str | int] = field(default_factory=list)
+    """A classifier's classes, in the order of its probabilities: integers when the training target
+    was whole numbers, else text."""
     target: str | None = None
     """The column the model predicts (a forecaster's series)."""
     threshold: float | None = None
@@ -123,12 +124,27 @@ class OnnxModel:
         """One prediction per row (see the module docstring for their shapes)."""
         if self.card.model_type == "forecaster":
             return self._forecast(rows)
+        self._check_columns(rows)
         outputs: list[Any] = []
         for start in range(0, len(rows), batch_size):
             part = rows[start : start + batch_size]
             produced = self.run(raw_inputs(part, self.card.numeric, self.card.categorical))
             outputs += self._shape(produced)
         return outputs
+
+    def _check_columns(self, rows: list[dict[str, Any]]) -> None:
+        """invalid_data for a row that gives none of the model's columns: every value would be imputed,
+        and the answer would be the model's guess for an average row, not for this one."""
+        columns = [*self.card.numeric, *self.card.categorical]
+        known = set(columns)
+        for i, row in enumerate(rows):
+            if known.isdisjoint(row):
+                shown = ", ".join(columns[:5]) + (f", ... ({len(columns)} in all)" if len(columns) > 5 else "")
+                given = ", ".join(map(str, list(row)[:5])) or "nothing"
+                raise ForsetiError(
+                    f"row {i} gives none of the model's columns ({shown}); it gives {given}",
+                    code=ErrorCode.INVALID_DATA,
+                )
 
     def predict_many(self, requests: list[list[dict[str, Any]]]) -> list[list[Any]]:
         """Predictions for several independent requests from one onnxruntime call (a forecaster's
@@ -154,7 +170,7 @@ class OnnxModel:
             return [
                 {
                     "label": classes[int(p.argmax())],
-                    "probabilities": {c: float(v) for c, v in zip(classes, p, strict=True)},
+                    "probabilities": {str(c): float(v) for c, v in zip(classes, p, strict=True)},
                 }
                 for p in probabilities
             ]

@@ -48,6 +48,11 @@ class ModelAvailable(Strict):
     """For `gguf-lora`: the base-model GGUF the adapter applies to."""
     base_sha256: Sha256 | None = None
     """Digest of `base_uri`."""
+    config_uri: Annotated[str, StringConstraints(min_length=1, max_length=4096)] | None = None
+    """For `peft`: the adapter's `adapter_config.json`, which `PeftModel.from_pretrained` reads from the
+    folder that holds the weights (fetch both into one folder)."""
+    config_sha256: Sha256 | None = None
+    """Digest of `config_uri`."""
     alias: ShortText | None = None
     """Set when a promote moved an alias (production, staging) to this version."""
     device_id: ShortText | None = None

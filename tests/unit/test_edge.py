@@ -11,7 +11,7 @@ import pytest
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.schemas.catalog import LOADED, MODELS, edge_channel
 from forseti.schemas.envelope import decode, encode
-from forseti.schemas.inference import InferReply, InferRequest
+from forseti.schemas.inference import InferError, InferReply, InferRequest
 from forseti.schemas.models import ModelLoaded
 from forseti.worker.services.edge import EdgeAgent
 
@@ -104,3 +104,22 @@ def test_what_an_agent_takes_by_id_tag_or_kind(tmp_path: Path, addressed: dict[s
     agent = EdgeAgent(MemoryBus(), device_id="d3", data_dir=tmp_path, tags={"pumps"}, kinds={"classifier"})
     event = tiny_announcement(tmp_path, "tiny-1", device_id="d3").model_copy(update={"device_id": None, **addressed})
     assert agent.wants(event) is taken
+
+
+async def test_rows_that_give_none_of_the_models_columns_get_an_error_not_a_guess(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    client, bus = MemoryBus(broker), MemoryBus(broker)
+    await client.connect()
+    await bus.connect()
+    agent = EdgeAgent(bus, device_id="d1", data_dir=tmp_path / "edge")
+    await agent.start()
+    try:
+        assert await agent.load(tiny_announcement(tmp_path / "worker", "tiny-1", device_id="d1"))
+        ask = encode(InferRequest.model_validate({"rows": [{"a": 1.0}, {"f0": 1.5}]}))
+        reply: Any = decode(await client.request(edge_channel("d1"), ask, timeout=5)).data
+        assert isinstance(reply, InferError)
+        assert reply.code == "invalid_data"
+        assert "row 1 gives none of the model's columns (a, b); it gives f0" in reply.message
+    finally:
+        await agent.stop()
+        await client.close()

@@ -60,6 +60,9 @@ async def test_two_versions_with_ewc_export_checked_gguf_and_announce_every_arti
             ("gguf", "q4_k_m"),
             ("gguf-lora", None),
         }
+        peft = by_format["peft", None]
+        assert peft.config_uri == (adapter / "adapter_config.json").as_uri(), "PeftModel needs it beside the weights"
+        assert peft.config_sha256 == sha256_of(adapter / "adapter_config.json")
         lora = by_format["gguf-lora", None]
         assert lora.base_uri == Path(v1.gguf["base"]).as_uri()
         assert lora.base_sha256 == sha256_of(Path(v1.gguf["base"]))

@@ -20,6 +20,8 @@ from forseti.schemas.models import ModelAvailable, ModelRollback
 
 BASE_FORMAT = "gguf-base"
 """Registry-only format of the base-model GGUF that a version's `gguf-lora` applies to."""
+PEFT_CONFIG_FORMAT = "peft-config"
+"""Registry-only format of a `peft` adapter's adapter_config.json, announced with the adapter."""
 ANNOUNCED_FORMATS = ("onnx", "safetensors", "gguf", "gguf-lora", "peft")
 
 
@@ -55,13 +57,16 @@ async def find_version(store: RegistryStore, name: str, version: str) -> ModelRe
 def announcements(
     model: ModelRecord, artifacts: list[Artifact], *, parent_version: str | None = None, alias: str | None = None
 ) -> list[ModelAvailable]:
-    """One model.available per announced artifact of a version (a gguf-lora carries its base GGUF)."""
+    """One model.available per announced artifact of a version (a gguf-lora carries its base GGUF, a
+    peft adapter its adapter_config.json)."""
     base = next((a for a in artifacts if a.format == BASE_FORMAT), None)
+    config = next((a for a in artifacts if a.format == PEFT_CONFIG_FORMAT), None)
     events = []
     for artifact in artifacts:
         if artifact.format not in ANNOUNCED_FORMATS:
             continue
         with_base = artifact.format == "gguf-lora" and base is not None
+        with_config = artifact.format == "peft" and config is not None
         events.append(
             ModelAvailable.model_validate(
                 {
@@ -80,6 +85,8 @@ def announcements(
                     "created_at": model.created_at,
                     "base_uri": base.uri if with_base and base else None,
                     "base_sha256": base.sha256 if with_base and base else None,
+                    "config_uri": config.uri if with_config and config else None,
+                    "config_sha256": config.sha256 if with_config and config else None,
                     "parent_version": parent_version,
                     "alias": alias,
                     "device_id": model.device_id,

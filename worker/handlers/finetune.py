@@ -16,7 +16,7 @@ from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.tasks import FinetuneTask, TaskKind
 from forseti.worker.engine.context import JobContext, Work
-from forseti.worker.engine.models import ANNOUNCED_FORMATS, BASE_FORMAT
+from forseti.worker.engine.models import ANNOUNCED_FORMATS, BASE_FORMAT, PEFT_CONFIG_FORMAT
 
 LABEL = re.compile(r"^v(\d+)\.(\d+)$")
 
@@ -116,7 +116,10 @@ class FinetuneHandler:
                 job_id=ctx.job_id,
             )
         )
-        files: list[tuple[str, str | None, Path]] = [("peft", None, produced.adapter_dir / "adapter_model.safetensors")]
+        files: list[tuple[str, str | None, Path]] = [
+            ("peft", None, produced.adapter_dir / "adapter_model.safetensors"),
+            (PEFT_CONFIG_FORMAT, None, produced.adapter_dir / "adapter_config.json"),
+        ]
         for role, path in produced.files.items():
             fmt = {"lora": "gguf-lora", "base": BASE_FORMAT}.get(role, "gguf")
             files.append((fmt, "f32" if role == "base" else None if role == "lora" else role, path))

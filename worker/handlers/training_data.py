@@ -81,6 +81,16 @@ def _is_number(value: Cell) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
+def _is_whole(value: Cell) -> bool:
+    """A whole number, not a boolean (1, 1.0, -3; not 1.5, not True)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and _is_number(value) and value % 1 == 0
+
+
+def class_name(value: Cell) -> str:
+    """A target value as the name of its class: a whole number without its '.0', anything else as text."""
+    return str(int(value)) if isinstance(value, int | float) and _is_whole(value) else str(value)
+
+
 def _missing(value: Cell) -> bool:
     """Empty, or a number that is not finite (NaN in a CSV): imputed for features, refused as a target."""
     return value is None or (isinstance(value, float) and not math.isfinite(value))
@@ -99,6 +109,9 @@ class Encoding:
     categorical: dict[str, list[str]] = field(default_factory=dict)
     classes: list[str] = field(default_factory=list)
     """A classifier's target values, as text, in label order."""
+    integer_classes: bool = False
+    """True when every target value is a whole number: the classes are told as integers, in numeric
+    order (a CSV reader may give 1 as 1.0; the class is 1, not '1.0')."""
     target_mean: float = 0.0
     target_scale: float = 1.0
     """A regressor's target is learnt standardised with these and predicted back in its own units."""
@@ -133,7 +146,7 @@ class Encoding:
         values = [row.get(self.target) for row in rows]
         if self.task == "classification":
             index = {c: i for i, c in enumerate(self.classes)}
-            return np.array([index[str(v)] for v in values], dtype=np.int64)
+            return np.array([index[class_name(v)] for v in values], dtype=np.int64)
         return np.array(values, dtype=np.float32)
 
     def to_json(self) -> str:
@@ -149,7 +162,9 @@ class Encoding:
 def fit_encoding(rows: list[Row], target: str | None, task: str) -> Encoding:
     """Learn the encoding of `rows` for predicting `target` (classification or regression), or of
     every column (an autoencoder's, with no target)."""
-    columns = sorted({key for row in rows for key in row})
+    # the order the data gives its columns (a CSV's header, a row's keys) is the order the exported
+    # graph takes them: a consumer feeds rows as they come, as scikit-learn and skl2onnx do
+    columns = list(dict.fromkeys(key for row in rows for key in row))
     if target is None:
         encoding = Encoding(target="", task=task)
         _fit_features(encoding, rows, columns)
@@ -167,7 +182,9 @@ def fit_encoding(rows: list[Row], target: str | None, task: str) -> Encoding:
         numbers = np.array(targets, dtype=np.float64)
         encoding.target_mean, encoding.target_scale = float(numbers.mean()), float(numbers.std()) or 1.0
     else:
-        encoding.classes = sorted({str(v) for v in targets})
+        encoding.integer_classes = all(_is_whole(v) for v in targets)
+        names = {class_name(v) for v in targets}
+        encoding.classes = sorted(names, key=int) if encoding.integer_classes else sorted(names)
         if len(encoding.classes) < 2:
             raise _bad(f"target column {target!r} has one class ({encoding.classes[0]!r}); a classifier needs two")
     _fit_features(encoding, rows, columns)

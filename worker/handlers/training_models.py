@@ -230,7 +230,8 @@ class Tabular(Prepared):
     def card(self, predictor: nn.Module) -> ModelCard:
         """Columns and classes."""
         enc = self.encoding
-        return ModelCard(self.model_type, enc.numeric, list(enc.categorical), enc.classes, enc.target)
+        classes: list[str | int] = [int(c) for c in enc.classes] if enc.integer_classes else list(enc.classes)
+        return ModelCard(self.model_type, enc.numeric, list(enc.categorical), classes, enc.target)
 
     def sidecar(self) -> str:
         """The encoding."""
