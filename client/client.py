@@ -146,6 +146,11 @@ class Job:
         self._subs: list[Subscription] = []
         self._seen_any = False
 
+    @property
+    def submitted(self) -> bool:
+        """True for a job this client submitted; False for one followed by id."""
+        return self._event_id is not None
+
     async def _open(self) -> None:
         """Subscribe to the job's channel (and, for a task submitted here, to the dead letters)."""
         self._subs.append(await self.client.bus.subscribe(jobs_channel(self.job_id), self._on_event))
@@ -194,7 +199,8 @@ class Job:
     async def events(self) -> AsyncIterator[JobUpdate]:
         """The job's events, in order, up to and including its terminal one (completed, failed or
         cancelled). Raises TaskRefused when a worker refused the task, ClientTimeout when no worker
-        took it within the accept timeout, UnknownJob for a job no worker knows."""
+        took it within the accept timeout; for a job followed by id, UnknownJob when no worker has
+        known it for that long."""
         if self.ending is not None:
             yield self.ending
             return
@@ -234,6 +240,11 @@ class Job:
         try:
             status = await self.client.status(self.job_id)
         except UnknownJob as exc:
+            if self._event_id is None:
+                raise UnknownJob(
+                    f"no worker knows job {self.job_id} after {self._accept_timeout:g}s: was it submitted on "
+                    f"{self.client.bus.url}? (a task still queued behind busy workers is not known yet either)"
+                ) from exc
             what = f"{self.kind.value} " if self.kind else ""
             raise ClientTimeout(
                 f"no worker took job {self.job_id} within {self._accept_timeout:g}s: is a worker for {what}tasks "

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -138,7 +139,8 @@ def test_submit_watch_jobs_and_capabilities(worker: WorkerProcess, bus_url: str,
     states = {row["job_id"]: row["state"] for row in map(json.loads, listed.stdout.decode().splitlines())}
     assert states[job_id] == "completed"
 
-    caps = json.loads(run(bus_url, "capabilities").stdout)
+    caps = json.loads(run(bus_url, "capabilities", "--json").stdout)
+    assert "task kinds: training, rl" in run(bus_url, "capabilities").stdout.decode()
     assert sorted(caps["task_kinds"]) == ["rl", "training"]
 
     bad = run(bus_url, "submit", "-", "--kind", "rl", stdin=b'{"algorithm": "ppo"}')
@@ -155,6 +157,29 @@ def test_cancel_ends_a_watched_job_with_exit_code_2(worker: WorkerProcess, bus_u
     )
     assert run(bus_url, "cancel", job_id, "--reason", "test").returncode == 0
     assert watcher.wait(60) == 2
+
+
+def test_unknown_jobs_ended_jobs_and_replays_are_said_with_their_exit_codes(
+    worker: WorkerProcess, bus_url: str
+) -> None:
+    cancelled = run(bus_url, "cancel", "no-such-job")
+    assert cancelled.returncode == 4, cancelled.stderr.decode()
+    assert "no worker knows job no-such-job" in cancelled.stderr.decode()
+    assert run(bus_url, "pause", "no-such-job").returncode == 4
+    watched = run(bus_url, "watch", "no-such-job", "--accept-timeout", "1", timeout=30)
+    assert watched.returncode == 4, watched.stderr.decode()
+    assert "no worker knows job no-such-job" in watched.stderr.decode()
+
+    job_id = f"once-{uuid.uuid4().hex[:6]}"
+    first = run(bus_url, "submit", "-", "--kind", "training", "--watch", stdin=training_task(3, job_id))
+    assert first.returncode == 0 and "replayed" not in first.stderr.decode()
+    again = run(bus_url, "submit", "-", "--kind", "training", "--watch", stdin=training_task(3, job_id))
+    assert again.returncode == 0
+    assert f"replayed: job {job_id} ran before; this is its stored outcome" in again.stderr.decode()
+    edited = run(bus_url, "submit", "-", "--kind", "training", "--watch", stdin=training_task(4, job_id))
+    assert "your task did not run" in edited.stderr.decode()
+    ended = run(bus_url, "cancel", job_id)
+    assert ended.returncode == 1 and f"job {job_id} already completed: nothing to cancel" in ended.stderr.decode()
 
 
 def test_a_killed_worker_hands_its_job_to_the_next_one_which_resumes(bus_url: str, tmp_path: Path) -> None:
@@ -276,6 +301,21 @@ def test_forseti_up_runs_the_ppo_demo_through_its_executor_and_stops_cleanly(tmp
     assert proc.wait(60) == 0
     proc.stderr.close()
     assert not port_open("127.0.0.1", port), "forseti up stops the nats-server it started"
+
+
+def test_forseti_up_on_a_busy_port_says_so_in_one_line_before_starting_anything(tmp_path: Path) -> None:
+    nats_port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        bus = f"nats://127.0.0.1:{nats_port}"
+        done = run(bus, "up", "--bus", bus, "--data-dir", str(tmp_path), "--metrics-port", str(busy), timeout=60)
+    said = done.stderr.decode().strip()
+    assert done.returncode == 1
+    assert said.startswith(f"error: port {busy} on 127.0.0.1 is busy"), said
+    assert len(said.splitlines()) <= 2 and "Traceback" not in said, said
+    assert "started NATS" not in said and not port_open("127.0.0.1", nats_port), "nothing was started"
 
 
 def test_forseti_executor_serves_an_env_over_nats(nats_server: NatsServer) -> None:

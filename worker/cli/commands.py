@@ -6,12 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from contextlib import ExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 import orjson
 import typer
@@ -22,16 +23,16 @@ from rich.table import Table
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.encryption import Keyring
 from forseti.adapters.registry import RegistryStore, create_store
-from forseti.adapters.signing import Signer, TrustedKeys, configured_keys, seal
+from forseti.adapters.signing import Signer, TrustedKeys, configured_keys
+from forseti.client import ACCEPT_TIMEOUT, Client, ClientError, ClientTimeout, UnknownJob
 from forseti.schemas.base import Strict
-from forseti.schemas.capabilities import Capabilities, CapabilitiesQuery
-from forseti.schemas.catalog import CAPABILITIES, CONTROL, infer_channel, llm_channel
-from forseti.schemas.control import CancelJob, ControlCommand, PauseJob, ResumeJob
+from forseti.schemas.capabilities import Capabilities
+from forseti.schemas.catalog import infer_channel, llm_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ForsetiError, InvalidTask, RequestTimeout
 from forseti.schemas.jobs import JobState
 from forseti.schemas.privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify, PrivacyRequest
-from forseti.schemas.tasks import TaskBase, TaskKind, task_channel
+from forseti.schemas.tasks import TaskBase, TaskKind
 
 from ..engine.context import Handler
 from ..engine.logs import setup_logging
@@ -40,15 +41,18 @@ from ..engine.plugins import installed_handlers, load_handler
 from ..engine.runtime import forseti_version
 from ..engine.settings import DEFAULT_BUS_URL, WorkerSettings, default_data_dir
 from .embedded import EmbeddedRegistry, run_stack
-from .follow import ExitCode, JobStream, follow
+from .follow import ExitCode, follow
 
 if TYPE_CHECKING:
     from forseti.adapters.objects import S3ObjectStore
 
 DEFAULT_DATA_DIR = default_data_dir()
 
+# click's plain help: typer's rich panels print a flag as taking a `<bool>` value, which it does not
+PLAIN_HELP = None
 app = typer.Typer(
     help="Forseti: an event-driven ML / RL worker on NATS or Kafka.",
+    rich_markup_mode=PLAIN_HELP,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -171,9 +175,35 @@ def _signer(path: Path | None, data_dir: Path) -> Signer | None:
         raise _fail(exc.message) from exc
 
 
+def id_table(*columns: str, ids: tuple[str, ...] = ()) -> Table:
+    """A table whose `ids` columns are never cut or wrapped: in a narrow terminal the others wrap, so an
+    id can be copied from it whole."""
+    table = Table()
+    for name in columns:
+        table.add_column(name, no_wrap=name in ids)
+    return table
+
+
 def _fail(message: str, code: int = 1) -> typer.Exit:
     err.print(f"[red]error:[/red] {message}")
     return typer.Exit(code)
+
+
+def _port_free(port: int | None, host: str, option: str) -> None:
+    """Exit 1 with one line when `port` is taken, before anything starts: a second `forseti up` must
+    not join the first one's bus and then die half-started."""
+    if not port:
+        return  # none, or any free port
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        # as the server will: a port left in TIME_WAIT by a stopped one is free
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise _fail(
+                f"port {port} on {host} is busy ({exc.strerror}): is another `forseti up` or worker running? "
+                f"Stop it, or pass {option} with a free port"
+            ) from exc
 
 
 async def _connected(url: str, *, wait: bool = False) -> Bus:
@@ -321,6 +351,8 @@ def worker_cmd(
         **overrides,
         **({"operator_keys": operator_keys} if operator_keys else {}),
     )
+    _port_free(settings.metrics_port, settings.metrics_host, "--metrics-port")
+    _port_free(settings.artifact_port, settings.artifact_host, "--artifact-port")
     try:
         run_loop(run_stack(settings, _handlers(handler)))
     except ForsetiError as exc:
@@ -349,26 +381,31 @@ def read_task_file(path: str, kind: TaskKind | None) -> tuple[TaskKind, TaskBase
     return task_kind, task
 
 
+async def _client(url: str, user: str | None = None) -> Client:
+    """A `forseti.client` Client on the connected bus, acting for `user`."""
+    return Client(await _connected(url), user_id=user)
+
+
 @app.command()
 def submit(
     file: Annotated[str, typer.Argument(help="Task JSON (a CloudEvent, or its data with --kind); - for stdin.")],
     kind: Annotated[TaskKind | None, typer.Option(help="Task kind of a bare payload.")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
+    accept_timeout: Annotated[
+        float,
+        typer.Option(help="With --watch: give up (exit 3) when no worker takes the task within this many seconds."),
+    ] = ACCEPT_TIMEOUT,
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
-    """Publish a task and print its job id."""
-    task_kind, task = read_task_file(file, kind)
-    job_id = task.request_id or ""
+    """Publish a task and print its job id; with --watch, follow it: exit 0 completed, 1 failed, 2 cancelled,
+    3 no worker took it, 5 refused."""
+    _, task = read_task_file(file, kind)
 
     async def go() -> int:
-        client = await _connected(bus)
-        try:
-            stream = await JobStream.open(client, job_id) if watch else None
-            await client.publish(task_channel(task_kind), encode(task, subject=job_id))
-            print(job_id, flush=True)
-            return int(await follow(client, stream, console=err, user_id=task.user_id)) if stream else 0
-        finally:
-            await client.close()
+        async with await _client(bus, task.user_id) as forseti:
+            job = await forseti.submit(task, accept_timeout=accept_timeout)
+            print(job.job_id, flush=True)
+            return int(await follow(job, console=err)) if watch else 0
 
     raise typer.Exit(run_loop(go()))
 
@@ -377,34 +414,67 @@ def submit(
 def watch(
     job_id: Annotated[str, typer.Argument(help="The job to follow.")],
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 3).")] = None,
+    accept_timeout: Annotated[
+        float, typer.Option(help="Give up on a job no worker knows after this many seconds (exit 4).")
+    ] = 10.0,
     user: UserOpt = None,
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
-    """Show a job's progress until it ends: exit 0 completed, 1 failed, 2 cancelled."""
+    """Show a job's progress until it ends: exit 0 completed, 1 failed, 2 cancelled, 3 gave up, 4 no worker
+    knows the job."""
 
     async def go() -> ExitCode:
-        client = await _connected(bus)
-        try:
-            stream = await JobStream.open(client, job_id)
-            return await follow(client, stream, console=err, timeout=timeout, user_id=user)
-        finally:
-            await client.close()
+        async with await _client(bus, user) as forseti:
+            job = await forseti.job(job_id, accept_timeout=accept_timeout)
+            return await follow(job, console=err, timeout=timeout)
 
     raise typer.Exit(int(run_loop(go())))
 
 
-def _control(
-    command: type[ControlCommand], job_id: str, reason: str, user: str | None, bus: str, operator: Signer | None
-) -> None:
-    async def go() -> None:
-        client = await _connected(bus)
-        try:
-            event = encode(command(job_id=job_id, reason=reason, user_id=user))
-            await client.publish(CONTROL, seal(event, operator))
-        finally:
-            await client.close()
+ENDED = (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
+"""The states a job does not leave."""
 
-    run_loop(go())
+
+def _control(
+    verb: Literal["cancel", "pause", "resume"],
+    job_id: str,
+    reason: str,
+    user: str | None,
+    bus: str,
+    operator: Signer | None,
+) -> None:
+    """Send a control command for a job the workers know; say what happened and exit with the code that
+    says it (0 sent to a live job, 1 it had ended, 3 no worker answered, 4 no worker knows it)."""
+
+    async def go() -> ExitCode:
+        async with await _client(bus, user) as forseti:
+            send = {"cancel": forseti.cancel, "pause": forseti.pause, "resume": forseti.resume}[verb]
+            try:
+                status = await forseti.status(job_id)
+            except UnknownJob:
+                if verb != "cancel":
+                    err.print(f"[red]unknown job[/red]: no worker knows job {job_id}; nothing to {verb}")
+                    return ExitCode.UNKNOWN
+                # workers remember a cancel for a job they have not taken: a task still queued is dropped
+                await send(job_id, reason, operator=operator)
+                err.print(
+                    f"[yellow]unknown job[/yellow]: no worker knows job {job_id}; the cancel was sent, so a task "
+                    "still queued under that id is dropped when a worker takes it"
+                )
+                return ExitCode.UNKNOWN
+            except ClientTimeout as exc:
+                await send(job_id, reason, operator=operator)
+                err.print(f"[yellow]sent, unconfirmed[/yellow]: {exc.message}")
+                return ExitCode.GAVE_UP
+            if status.state in ENDED:
+                err.print(f"job {job_id} already {status.state.value}: nothing to {verb}")
+                return ExitCode.FAILED
+            await send(job_id, reason, operator=operator)
+            where = f" on {status.worker}" if status.worker else ""
+            err.print(f"asked the workers to {verb} job {job_id} ({status.state.value}{where})")
+            return ExitCode.COMPLETED
+
+    raise typer.Exit(int(run_loop(go())))
 
 
 JobArg = Annotated[str, typer.Argument(help="The job id.")]
@@ -440,7 +510,7 @@ def cancel(
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
     """Stop a job; it ends as cancelled (keeping its last checkpoint)."""
-    _control(CancelJob, job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
+    _control("cancel", job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
 
 
 @app.command()
@@ -454,7 +524,7 @@ def pause(
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
     """Hold a running job at its next safe point."""
-    _control(PauseJob, job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
+    _control("pause", job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
 
 
 @app.command()
@@ -468,7 +538,7 @@ def resume(
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
     """Let a paused job continue."""
-    _control(ResumeJob, job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
+    _control("resume", job_id, reason, user, bus, _operator(operator, signing_key, data_dir))
 
 
 @app.command()
@@ -492,7 +562,7 @@ def jobs(
             for row in rows:
                 print(row.model_dump_json())
             return
-        table = Table("job", "kind", "state", "attempt", "worker", "error", "updated")
+        table = id_table("job", "kind", "state", "attempt", "worker", "error", "updated", ids=("job",))
         for row in rows:
             # a job whose worker died shows as such, not as running for ever
             shown = f"{row.state} (orphaned)" if row.orphaned() else row.state
@@ -504,24 +574,41 @@ def jobs(
     run_loop(go())
 
 
+def capabilities_text(caps: Capabilities) -> str:
+    """A worker's capabilities for people: who answered, what it runs, and each area's names on one line."""
+    areas: dict[str, list[str]] = {}
+    for cap in caps.capabilities:
+        areas.setdefault(cap.area, []).append(cap.name)
+    lines = [
+        f"worker {caps.worker} (forseti {caps.version}) on {', '.join(caps.devices) or 'cpu'}: "
+        f"running {caps.running_jobs} of {caps.concurrency} jobs",
+        f"task kinds: {', '.join(k.value for k in caps.task_kinds) or 'none'}",
+        *(f"{area}: {', '.join(names)}" for area, names in areas.items()),
+    ]
+    return "\n".join(lines)
+
+
 @app.command()
 def capabilities(
+    kind: Annotated[TaskKind | None, typer.Option(help="Ask a worker that runs this task kind.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The worker's answer as JSON.")] = False,
     bus: BusOpt = DEFAULT_BUS_URL,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for a worker.")] = 3.0,
 ) -> None:
     """Ask a worker what it can do (task kinds, algorithms, formats, devices)."""
 
     async def go() -> Capabilities:
-        client = await _connected(bus)
-        try:
-            reply = await client.request(CAPABILITIES, encode(CapabilitiesQuery()), timeout=timeout)
-            return decode(reply, expect=Capabilities).data
-        except RequestTimeout as exc:
-            raise _fail(f"no worker answered on {bus} within {timeout:g}s") from exc
-        finally:
-            await client.close()
+        async with await _client(bus) as forseti:
+            try:
+                return await forseti.capabilities(kind, timeout=timeout)
+            except ClientError as exc:
+                raise _fail(exc.message) from exc
 
-    out.print_json(run_loop(go()).model_dump_json())
+    caps = run_loop(go())
+    if as_json:
+        print(caps.model_dump_json(indent=2))
+    else:
+        out.print(capabilities_text(caps), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -596,6 +683,7 @@ def up(
     from .embedded import embedded_nats, embedded_registry
 
     setup_logging(json_lines=log_json)
+    _port_free(metrics_port, WorkerSettings.model_fields["metrics_host"].default, "--metrics-port")
     handlers = _handlers(handler)
     # one host, one deployment key: the worker signs with it and consumers started with this data dir trust it
     signing.generate(data_dir / "keys")
@@ -630,7 +718,9 @@ def up(
         run_loop(run_stack(settings, handlers, executor_env=executor_env or None, demo=demo, console=err))
 
 
-keys_app = typer.Typer(help="The ed25519 keys that sign model announcements.", no_args_is_help=True)
+keys_app = typer.Typer(
+    help="The ed25519 keys that sign model announcements.", no_args_is_help=True, rich_markup_mode=PLAIN_HELP
+)
 app.add_typer(keys_app, name="keys")
 
 
@@ -669,6 +759,7 @@ def keys_data_key(
 
 
 privacy_app = typer.Typer(
+    rich_markup_mode=PLAIN_HELP,
     help="The GDPR rights for a user's data: export, erase, rectify (requests signed by an operator key).",
     no_args_is_help=True,
 )
@@ -717,7 +808,7 @@ def _run_privacy(
         for receipt in receipts:
             out.print_json(receipt.model_dump_json())
     else:
-        table = Table("worker", "part", "found", "removed", "kept", "marked / retrains", "error")
+        table = id_table("worker", "part", "found", "removed", "kept", "marked / retrains", "error", ids=("worker",))
         for r in receipts:
             table.add_row(
                 r.worker, "shared + disk" if r.shared else "disk", _counts(r.found), _counts(r.removed),
@@ -819,7 +910,9 @@ def privacy_audit(
     """The audit records of privacy requests: what was asked, when, by whom, and the counts (never the data)."""
 
     async def work(store: Any, _: Any) -> None:
-        table = Table("when", "request", "kind", "part", "user (sha256)", "requested by", "summary")
+        table = id_table(
+            "when", "request", "kind", "part", "user (sha256)", "requested by", "summary", ids=("request",)
+        )
         for row in await store.list_privacy(limit=limit):
             summary = ", ".join(f"{k} {_counts(v) if isinstance(v, dict) else v}" for k, v in row.summary.items() if v)
             table.add_row(
@@ -854,7 +947,9 @@ def encrypt(
     out.print(f"{target}: encrypted under key {keyring.key_id}")
 
 
-models_app = typer.Typer(help="Registered model versions and their aliases.", no_args_is_help=True)
+models_app = typer.Typer(
+    help="Registered model versions and their aliases.", no_args_is_help=True, rich_markup_mode=PLAIN_HELP
+)
 app.add_typer(models_app, name="models")
 AliasOpt = Annotated[str, typer.Option(help="The alias to move (MLflow style: production, staging, ...).")]
 
@@ -885,7 +980,7 @@ def models_list(
     async def work(store: Any, _: Any) -> None:
         rows = await store.list_models(name=name, limit=limit)
         by_id = {row.id: row for row in rows}
-        table = Table("name", "version", "model id", "kind", "format", "parent", "created")
+        table = id_table("name", "version", "model id", "kind", "format", "parent", "created", ids=("model id",))
         for row in rows:
             parent = by_id.get(row.parent_id or "")
             parent_label = version_label(parent) if parent else (row.parent_id or "")

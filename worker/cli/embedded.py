@@ -19,13 +19,13 @@ from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.bus.servers import NatsServer, port_open
 from forseti.adapters.registry import create_store
 from forseti.adapters.urls import redact
-from forseti.schemas.envelope import encode
-from forseti.schemas.tasks import RLTask, TaskKind, task_channel
+from forseti.client import Client
+from forseti.schemas.tasks import RLTask, TaskKind
 
 from ..engine.context import Handler
 from ..engine.runtime import Worker
 from ..engine.settings import WorkerSettings
-from .follow import ExitCode, JobStream, follow
+from .follow import ExitCode, follow
 
 log = logging.getLogger(__name__)
 
@@ -136,11 +136,12 @@ async def run_stack(
 async def run_demo(bus: Bus, console: Console) -> None:
     """Submit the demo PPO job and show it to its end."""
     task = RLTask.model_validate({**DEMO, "request_id": f"demo-{uuid.uuid4().hex[:8]}"})
-    job_id = task.request_id or ""
-    console.print(f"\n[bold]demo[/bold]: PPO on CartPole-v1 with the env on executor 'local', job {job_id}")
-    stream = await JobStream.open(bus, job_id)
-    await bus.publish(task_channel(TaskKind.RL), encode(task, subject=job_id))
-    ending = await follow(bus, stream, console=console)
+    console.print(f"\n[bold]demo[/bold]: PPO on CartPole-v1 with the env on executor 'local', job {task.request_id}")
+    job = await Client(bus).submit(task)
+    try:
+        ending = await follow(job, console=console)
+    finally:
+        await job.close()
     if ending is ExitCode.COMPLETED:
         console.print(
             "the policy is above (policy_path: ONNX; .safetensors and .json beside it).\n"

@@ -1,96 +1,76 @@
-"""Following a job to its end: `forseti watch` and `forseti submit --watch`."""
+"""Following a job to its end, through `forseti.client`: `forseti watch`, `forseti submit --watch` and the
+demo job of `forseti up`."""
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from enum import IntEnum
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from forseti.adapters.bus import Bus, Message
-from forseti.schemas.catalog import STATUS, jobs_channel
-from forseti.schemas.envelope import Event, decode, encode
-from forseti.schemas.errors import InvalidTask, RequestTimeout
-from forseti.schemas.jobs import (
-    JobAccepted,
-    JobCancelled,
-    JobCompleted,
-    JobEvent,
-    JobFailed,
-    JobProgress,
-    JobStatus,
-    JobStatusQuery,
-)
+from forseti.client import ClientTimeout, Job, QueryRefused, TaskRefused, UnknownJob
+from forseti.schemas.jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress
 
 
 class ExitCode(IntEnum):
-    """How `forseti watch` exits."""
+    """How `forseti watch`, `submit --watch`, `cancel`, `pause` and `resume` exit."""
 
     COMPLETED = 0
     FAILED = 1
     CANCELLED = 2
     GAVE_UP = 3
+    UNKNOWN = 4
+    REFUSED = 5
 
 
-@dataclass
-class JobStream:
-    """A subscription to one job's events, opened before anything that could produce them."""
-
-    job_id: str
-    queue: asyncio.Queue[Event[JobEvent]]
-
-    @classmethod
-    async def open(cls, bus: Bus, job_id: str) -> JobStream:
-        """Subscribe to `forseti.jobs.<job_id>`."""
-        queue: asyncio.Queue[Event[JobEvent]] = asyncio.Queue()
-
-        async def on_message(msg: Message) -> None:
-            try:
-                queue.put_nowait(decode(msg.data, expect=JobEvent))
-            except InvalidTask:
-                return  # not ours to judge here; workers dead-letter what they refuse
-
-        await bus.subscribe(jobs_channel(job_id), on_message)
-        return cls(job_id, queue)
+# the figures a progress bar shows when a handler reports them, in this order: what a person watching
+# a job wants to see move (a handler's own message says the rest)
+SHOWN = (
+    ("mean_reward_100", "mean reward {:.4g}"),
+    ("val_loss", "val_loss {:.4g}"),
+    ("loss", "loss {:.4g}"),
+    ("steps_per_second", "{:,.0f} steps/s"),
+    ("tokens_per_second", "{:,.0f} tokens/s"),
+)
 
 
-def _metrics_text(metrics: dict[str, float]) -> str:
-    return "  ".join(f"{k}={v:.4g}" for k, v in list(metrics.items())[:4])
+def progress_detail(event: JobProgress) -> str:
+    """What the bar shows beside a progress event: its step out of the total (never past it), the
+    headline figures it carries, and the handler's message when it carries none of them."""
+    figures = [fmt.format(event.metrics[key]) for key, fmt in SHOWN if key in event.metrics]
+    if not figures:
+        return event.message
+    step = f"{min(event.step, event.total):,} / {event.total:,}  " if event.total else ""
+    return step + "  ".join(figures)
 
 
-def _ending(event: JobEvent | JobStatus, console: Console) -> ExitCode | None:
-    if isinstance(event, JobCompleted) or (isinstance(event, JobStatus) and event.state == "completed"):
-        result = event.result
-        console.print(f"[green]completed[/green] {event.job_id}")
-        if result is not None:
-            console.print_json(result.model_dump_json())
+def show_ending(job: Job, console: Console) -> ExitCode:
+    """Print how a job ended (its result, its error) and the exit code that says so."""
+    ending = job.ending
+    if job.replayed and job.submitted:
+        if job.task_differs:
+            console.print(
+                f"[yellow]replayed[/yellow]: job {job.job_id} ran before with a different task; this is that run's "
+                "outcome and your task did not run (submit it with a new request_id)"
+            )
+        else:
+            console.print(f"[yellow]replayed[/yellow]: job {job.job_id} ran before; this is its stored outcome")
+    if isinstance(ending, JobCompleted):
+        console.print(f"[green]completed[/green] {ending.job_id}")
+        console.print_json(ending.result.model_dump_json())
         return ExitCode.COMPLETED
-    if isinstance(event, JobFailed) or (isinstance(event, JobStatus) and event.state == "failed"):
-        code = event.code if isinstance(event, JobFailed) else event.error_code
-        message = event.message if isinstance(event, JobFailed) else event.error_message
-        console.print(f"[red]failed[/red] {event.job_id}: {code}: {message}")
+    if isinstance(ending, JobFailed):
+        console.print(f"[red]failed[/red] {ending.job_id}: {ending.code}: {ending.message}")
         return ExitCode.FAILED
-    if isinstance(event, JobCancelled) or (isinstance(event, JobStatus) and event.state == "cancelled"):
-        console.print(f"[yellow]cancelled[/yellow] {event.job_id}")
-        return ExitCode.CANCELLED
-    return None
+    assert isinstance(ending, JobCancelled)  # a followed job ends in one of three ways
+    console.print(f"[yellow]cancelled[/yellow] {ending.job_id}" + (f": {ending.reason}" if ending.reason else ""))
+    return ExitCode.CANCELLED
 
 
-async def follow(
-    bus: Bus, stream: JobStream, *, console: Console, timeout: float | None = None, user_id: str | None = None
-) -> ExitCode:
-    """Show a progress bar until the job ends; the exit code says how it ended. `user_id`: who asks
-    for its status (an owned job shows its result only to its owner)."""
-    try:
-        query = JobStatusQuery(job_id=stream.job_id, user_id=user_id)
-        reply = await bus.request(STATUS, encode(query), timeout=1.0)
-        known = _ending(decode(reply, expect=JobStatus).data, console)
-        if known is not None:
-            return known
-    except (RequestTimeout, InvalidTask):
-        pass  # no worker has seen it yet: wait for its events
+async def follow(job: Job, *, console: Console, timeout: float | None = None) -> ExitCode:
+    """Show a progress bar until the job ends; the exit code says how it ended, or why we stopped
+    waiting (a refused task, a job no worker knows, `timeout` seconds gone)."""
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -100,26 +80,37 @@ async def follow(
         console=console,
         transient=True,
     ) as bar:
-        task = bar.add_task(f"{stream.job_id}: waiting for a worker", total=1.0, detail="")
+        task = bar.add_task(f"{job.job_id}: waiting for a worker", total=1.0, detail="")
         try:
             async with asyncio.timeout(timeout):
-                while True:
-                    event = (await stream.queue.get()).data
+                async for event in job.events():
                     if isinstance(event, JobAccepted):
                         bar.update(task, description=f"{event.job_id}: running on {event.worker}")
                     elif isinstance(event, JobProgress):
-                        detail = event.message or _metrics_text(event.metrics)
                         bar.update(
                             task,
                             completed=event.fraction or bar.tasks[0].completed,
                             description=f"{event.job_id}: {event.state}",
-                            detail=detail,
+                            detail=progress_detail(event),
                         )
-                    else:
-                        bar.stop()
-                        ending = _ending(event, console)
-                        if ending is not None:
-                            return ending
-        except TimeoutError:
-            console.print(f"gave up waiting for {stream.job_id} after {timeout:g}s")
+        except TaskRefused as exc:
+            bar.stop()
+            console.print(f"[red]refused[/red]: {exc.message}")
+            return ExitCode.REFUSED
+        except UnknownJob as exc:
+            bar.stop()
+            console.print(f"[red]unknown job[/red]: {exc.message}")
+            return ExitCode.UNKNOWN
+        except QueryRefused as exc:
+            bar.stop()
+            console.print(f"[red]error[/red]: {exc.message}")
+            return ExitCode.FAILED
+        except ClientTimeout as exc:
+            bar.stop()
+            console.print(f"[red]gave up[/red]: {exc.message}")
             return ExitCode.GAVE_UP
+        except TimeoutError:
+            bar.stop()
+            console.print(f"gave up waiting for {job.job_id} after {timeout:g}s (it runs on)")
+            return ExitCode.GAVE_UP
+    return show_ending(job, console)

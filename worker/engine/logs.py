@@ -46,9 +46,22 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+class _Stderr:
+    """Whatever `sys.stderr` is when a record is written: while a progress bar is live, rich puts a
+    proxy there that prints above the bar, so a log line does not land inside it."""
+
+    def write(self, text: str) -> int:
+        """Write to the current stderr."""
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        """Flush the current stderr."""
+        sys.stderr.flush()
+
+
 def setup_logging(*, json_lines: bool = False, level: str = "INFO") -> None:
     """Send logs to stderr in the chosen format, each record tagged with its job id."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.StreamHandler[_Stderr] = logging.StreamHandler(_Stderr())
     handler.addFilter(_JobIdFilter())
     handler.setFormatter(
         JsonFormatter() if json_lines else TextFormatter("%(asctime)s %(levelname)s%(job_tag)s %(name)s: %(message)s")

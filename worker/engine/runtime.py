@@ -27,7 +27,7 @@ from forseti.adapters.objects import ObjectStore, open_object_store
 from forseti.adapters.registry import RegistryStore
 from forseti.adapters.signing import Signer, refusal, seal
 from forseti.adapters.urls import redact
-from forseti.schemas.capabilities import Capabilities, CapabilitiesError, CapabilitiesQuery, Capability
+from forseti.schemas.capabilities import Capabilities, CapabilitiesError, CapabilitiesQuery
 from forseti.schemas.catalog import (
     CAPABILITIES,
     CONTROL,
@@ -625,7 +625,8 @@ class Worker:
             return
         if self._devices is None:
             self._devices = detect_devices()
-        caps: list[Capability] = [c for h in self.handlers.values() for c in h.capabilities()]
+        # two handlers export the same format (onnx): one entry per capability
+        caps = list({(c.area, c.name): c for h in self.handlers.values() for c in h.capabilities()}.values())
         answer = Capabilities(
             worker=self.settings.worker_id,
             version=forseti_version(),
