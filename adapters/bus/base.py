@@ -123,10 +123,12 @@ class Bus(Protocol):
     async def request(self, channel: str, data: bytes, *, timeout: float) -> bytes:
         """Send a request and wait for the first reply; RequestTimeout when none comes in time."""
 
-    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str | None) -> Subscription:
         """Call `handler` for every message on a recorded channel, one at a time and in order, from the
         first one the follower named `durable` has not handled: what was published while it was away
-        (stopped, or cut off from the server) comes first. A new name starts from the oldest kept."""
+        (stopped, or cut off from the server) comes first. A new name starts from the oldest kept.
+        With `durable=None`, every kept message from the oldest, then each new one, and no position
+        is kept: for a follower that rebuilds its state from the history at each start."""
 
     async def intake(self, channel: str, *, group: str) -> TaskIntake:
         """Take tasks from a task channel, shared with every other member of `group`."""

@@ -332,7 +332,12 @@ class KafkaBus:
             **self._security,
         )
 
-    async def _start_consumer(self, topic: str, group: str | None, *, earliest: bool = False) -> AIOKafkaConsumer:
+    async def _start_consumer(
+        self, topic: str, group: str | None, *, earliest: bool = False, wait_assigned: bool = True
+    ) -> AIOKafkaConsumer:
+        """A started consumer of `topic`: in `group` (subscribed; with `wait_assigned`, returned once the
+        group gave it partitions, so nothing published after is missed), or alone (all partitions, at
+        the end, or the beginning with `earliest`)."""
         await self.ensure_topic(topic)
         # One Kafka group per (group, topic): members of a group that spans topics rebalance together,
         # so a worker joining for one task kind would stall every other kind.
@@ -344,12 +349,14 @@ class KafkaBus:
                 partitions = await self._producer.partitions_for(topic)
                 tps = [TopicPartition(topic, p) for p in sorted(partitions)]
                 consumer.assign(tps)
-                await consumer.seek_to_end(*tps)
+                # a replaying follower reads what is kept; everyone else what comes from now on
+                await (consumer.seek_to_beginning(*tps) if earliest else consumer.seek_to_end(*tps))
                 for tp in tps:  # resolve positions now, so nothing published after we return is missed
                     await consumer.position(tp)
             else:
                 consumer.subscribe([topic])
-                await self._wait_assigned(consumer, topic)
+                if wait_assigned:
+                    await self._wait_assigned(consumer, topic)
         except KafkaError as exc:
             await consumer.stop()
             raise BusError(f"cannot consume {topic}: {exc}") from exc
@@ -416,18 +423,25 @@ class KafkaBus:
 
         return self._subscription(self._pump(consumer, want_key, handle))
 
-    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str | None) -> Subscription:
         """Consume the topic in the follower's own group from its committed offset (the oldest kept
         for a new one), committing each record once its handler returns."""
         check_recorded(channel)
         topic, _ = topic_and_key(channel)
-        consumer = await self._start_consumer(topic, f"forseti-follow-{durable}", earliest=True)
+        group = f"forseti-follow-{durable}" if durable is not None else None
+        # a follower reads from its group's committed offset (the oldest kept for a new group) whenever
+        # the group assigns it the partitions: nothing is missed by returning before then. Waiting
+        # made follow() fail when a rejoin outlasted the wait, as on a broker that ignores LeaveGroup
+        # (Tansu): the departed member's session must lapse, then the group rebalances
+        consumer = await self._start_consumer(topic, group, earliest=True, wait_assigned=False)
 
         async def handle(record: ConsumerRecord[bytes, bytes]) -> None:
             try:
                 await handler(Message(channel=topic, data=record.value or b"", headers=_headers(record)))
             except Exception:  # a follower's bug must not stop it following
                 log.exception("follower %s failed on a message of %s", durable, topic)
+            if group is None:
+                return  # no group: nothing to commit, a new start reads from the oldest again
             tp = TopicPartition(record.topic, record.partition)
             try:
                 await consumer.commit({tp: record.offset + 1})

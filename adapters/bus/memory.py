@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import Awaitable, Callable, Collection, Coroutine
 from dataclasses import dataclass
@@ -224,11 +225,13 @@ class MemoryBus:
 
         return ClosedSubscription(stop)
 
-    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str | None) -> Subscription:
         """Hand over the channel's history from the follower's position, then each new message."""
         self._check()
         check_recorded(channel)
         record, positions = self.broker.records[channel], self.broker.positions
+        if durable is None:  # a position of its own, forgotten with it
+            durable = f"replay-{uuid.uuid4().hex}"
 
         async def pump() -> None:
             while True:

@@ -56,6 +56,8 @@ RECORDS = "FORSETI_RECORDS"
 FOLLOW_ACK_WAIT = 30.0
 """Seconds a follower may hold a message before the server offers it again; a handler that runs
 longer is kept alive by progress acks, so only a follower that died lets it lapse."""
+REPLAY_INACTIVE = 120.0
+"""Seconds after its last fetch that the server removes a replaying (`durable=None`) follower's consumer."""
 MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 """Where JetStream says a consumer stopped delivering a message (`.<stream>.<consumer>`)."""
 CONSUMER_NOT_UNIQUE = 10100  # JetStream: "filtered consumer not unique on workqueue stream"
@@ -418,12 +420,12 @@ class NatsBus:
                     raise BusError(f"cannot erase message {seq} of {stream}: {exc}") from exc
         return deleted
 
-    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str | None) -> Subscription:
         """A durable pull consumer on the records stream, taken one message at a time, each acked
         after its handler returns; one unacked message at most, so a redelivery keeps the order."""
         check_recorded(channel)
         assert self._js is not None
-        name = "follow-" + durable.replace(".", "_")
+        name = "follow-" + durable.replace(".", "_") if durable is not None else None
         config = ConsumerConfig(
             durable_name=name,
             ack_policy=AckPolicy.EXPLICIT,
@@ -431,7 +433,8 @@ class NatsBus:
             filter_subject=channel,
             ack_wait=FOLLOW_ACK_WAIT,
             max_ack_pending=1,
-            inactive_threshold=self.settings.history_days * 86_400,
+            # a replaying follower's consumer is the server's to remove once it stops asking
+            inactive_threshold=self.settings.history_days * 86_400 if name else REPLAY_INACTIVE,
         )
         try:
             sub = await self._js.pull_subscribe(channel, durable=name, stream=RECORDS, config=config)

@@ -261,6 +261,9 @@ def llama_quantize(source: Path, path: Path, file_type: int) -> Path:
     norms in F32 and writes tensors whose rows are not multiples of 256 in a fallback type."""
     import llama_cpp
 
+    from .llama import llama_class
+
+    llama_class()  # imported through it, so the files it holds open are closed at exit
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = file_type
     params.nthread = 0  # all cores

@@ -7,6 +7,8 @@ check runs in one thread, llm-serve keeps one completion thread per loaded model
 
 from __future__ import annotations
 
+import atexit
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,24 @@ class Completion:
     finish_reason: str
 
 
+@functools.cache
+def llama_class() -> type[Any]:
+    """llama_cpp.Llama, imported once. llama-cpp-python opens os.devnull twice at import (to silence
+    llama.cpp's C output) and never closes it, so every process that used it ended with two
+    'ResourceWarning: unclosed file /dev/null' lines; they are closed at exit here."""
+    import llama_cpp._utils
+    from llama_cpp import Llama
+
+    def close_devnull() -> None:
+        for name in ("outnull_file", "errnull_file"):
+            held = getattr(llama_cpp._utils, name, None)
+            if held is not None and not held.closed:
+                held.close()
+
+    atexit.register(close_devnull)
+    return Llama
+
+
 class LlamaRuntime:
     """One loaded GGUF model (plus an optional GGUF LoRA)."""
 
@@ -43,7 +63,7 @@ class LlamaRuntime:
         all_logits: bool = False,
         f32_cache: bool = False,
     ) -> None:
-        from llama_cpp import Llama
+        Llama = llama_class()  # the class, named as llama_cpp names it
 
         self.model_path, self.lora_path = model_path, lora_path
         kwargs: dict[str, Any] = {

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,35 @@ async def test_llm_serve_follows_versions_promotions_and_rollbacks(
             assert (loaded.consumer, loaded.ok) == ("test-lora", True), loaded.message
             answer = await ask(client, "sensor-lora")
             assert (answer.version, answer.model_id) == ("v1.0", task.request_id)
+
+        # a service started after all that (the worker gone) catches up from the kept history: it ends
+        # serving what the one running all along serves, with no promote to wake it
+        late = LlmService(
+            serve_bus, name="sensor-assistant", consumer="late", artifact="f32", context=128, answer=False
+        )
+        await late.start()
+        try:
+            reports = await models.wait_until(
+                lambda es: [e for e in es if e.type.endswith("loaded.v1") and e.data.consumer == "late"], 6, timeout=120
+            )
+            assert [(r.data.version, r.data.ok) for r in reports] == [
+                ("v1.0", True), ("v1.1", True), ("v1.0", True), ("v1.1", True), ("v1.0", True), ("v9.9", False)
+            ]  # fmt: skip
+            assert late.current is not None and (late.current.version, late.current.model_id) == ("v1.0", v1.model_id)
+        finally:
+            await late.stop()
     finally:
         await service.stop()
         await lora_service.stop()
         await serve_bus.close()
+
+
+def test_a_process_that_used_llama_cpp_ends_without_unclosed_files() -> None:
+    # llama-cpp-python opens /dev/null twice at import and never closes it: every test run ended
+    # with two ResourceWarning lines
+    probe = "from forseti.adapters.llm.llama import llama_class; llama_class()"
+    done = subprocess.run(
+        [sys.executable, "-W", "always::ResourceWarning", "-c", probe], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "unclosed file" not in done.stderr

@@ -90,7 +90,7 @@ class MeteredBus:
         """Subscribe on the inner bus."""
         return await self.inner.subscribe(channel, handler, queue=queue)
 
-    async def follow(self, channel: str, handler: MessageHandler, *, durable: str) -> Subscription:
+    async def follow(self, channel: str, handler: MessageHandler, *, durable: str | None) -> Subscription:
         """Follow on the inner bus."""
         return await self.inner.follow(channel, handler, durable=durable)
 

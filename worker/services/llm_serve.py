@@ -7,7 +7,9 @@ object store, `adapters/artifacts.py`), and answers `forseti.llm.complete.v1` re
 assignment, so requests in flight finish on the model they started on and none is dropped. Every
 load is reported as `forseti.model.loaded.v1`, ok or not; a file that fails its digest or its load
 leaves the serving version in place. The versions it served before stay loaded (`keep` of them), so
-a `forseti.model.rollback.v1` returns to one at once.
+a `forseti.model.rollback.v1` returns to one at once. A service started after versions were announced
+catches up: it reads the kept history of `forseti.models` first (each version of its name in turn,
+ending on the newest, or on the one an alias holds), then what comes.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class LlmService:
         cache: Path | None = None,
         answer: bool = True,
         durable: str | None = None,
+        catch_up: bool = True,
         objects: ObjectStore | None = None,
         trusted: TrustedKeys | None = None,
         keyring: Keyring | None = None,
@@ -95,7 +98,11 @@ class LlmService:
         self.answer = answer
         """Whether to answer on the completion channel (an edge device answers on its own instead)."""
         self.durable = durable
-        """A follower name: announcements missed while away are handled on return (None: only live ones)."""
+        """A follower name: announcements missed while away are handled on return, the service's state
+        being kept elsewhere (the edge agent's); None: no position kept."""
+        self.catch_up = catch_up
+        """Without a `durable` name: start from the channel's kept history, so a service started after a
+        fine-tune serves it (False: only announcements made from now on)."""
         self.trusted = trusted
         """The keys announcements must be signed by (None: any announcement is acted on)."""
         self.keyring = keyring
@@ -109,7 +116,10 @@ class LlmService:
 
     async def start(self) -> None:
         """Follow the models channel and answer on the completion channel."""
-        if self.durable:
+        if self.durable or self.catch_up:
+            # with no durable name, the whole kept history at every start: the versions announced,
+            # promoted and rolled back before, in order, so it ends serving what a service running
+            # all along would serve
             self._subs.append(await self.bus.follow(MODELS, self._on_model, durable=self.durable))
         else:
             self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
