@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
@@ -56,8 +57,50 @@ HOT_TOPICS = ("forseti.replies", "forseti.env", "forseti.llm", "forseti.infer")
 """Topics whose consumers wait `fetch_max_wait_ms` for data: someone blocks on every message there."""
 
 
+CE_MODES = ("structured", "binary")
+"""The CloudEvents Kafka binding's two content modes."""
+CE_PREFIX = "ce_"
+
+
 def _headers(record: ConsumerRecord[bytes, bytes]) -> dict[str, str]:
     return {k: v.decode() for k, v in (record.headers or ())}
+
+
+def binary_record(event: bytes) -> tuple[bytes, dict[str, str]] | None:
+    """A structured JSON CloudEvent in the Kafka binary binding: its data as the value, every other
+    attribute as a `ce_` header and its datacontenttype as `content-type`. None for what is not a JSON
+    CloudEvent with string attributes (sent as it is). Written out here rather than through the
+    CloudEvents SDK, whose round trip re-formats `time` and would change what signatures cover."""
+    try:
+        doc = orjson.loads(event)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(doc, dict) or "specversion" not in doc or "data_base64" in doc:
+        return None
+    attributes = {k: v for k, v in doc.items() if k not in ("data", "datacontenttype")}
+    if not all(isinstance(v, str) for v in attributes.values()):
+        return None
+    headers = {CE_PREFIX + k: v for k, v in attributes.items()}
+    headers["content-type"] = str(doc.get("datacontenttype", "application/json"))
+    return (orjson.dumps(doc["data"]) if "data" in doc else b""), headers
+
+
+def structured_event(record: ConsumerRecord[bytes, bytes]) -> bytes:
+    """A record's event as structured JSON: its value, or, for a record in the binary binding (a
+    `ce_specversion` header), the CloudEvent rebuilt from its headers and value."""
+    value = record.value or b""
+    headers = _headers(record)
+    if CE_PREFIX + "specversion" not in headers:
+        return value
+    doc: dict[str, Any] = {k.removeprefix(CE_PREFIX): v for k, v in headers.items() if k.startswith(CE_PREFIX)}
+    if "content-type" in headers:
+        doc["datacontenttype"] = headers["content-type"]
+    if value:
+        try:
+            doc["data"] = orjson.loads(value)
+        except orjson.JSONDecodeError:
+            return value  # not JSON data: the reader refuses it as it stands
+    return orjson.dumps(doc)
 
 
 def group_id(group: str, topic: str) -> str:
@@ -86,7 +129,7 @@ class _OffsetTracker:
 class _KafkaDelivery(Delivery):
     def __init__(self, intake: _KafkaIntake, record: ConsumerRecord[bytes, bytes], channel: str) -> None:
         headers = _headers(record)
-        super().__init__(channel, record.value or b"", int(headers.get(ATTEMPT, "1")))
+        super().__init__(channel, structured_event(record), int(headers.get(ATTEMPT, "1")))
         self._intake, self._record, self._key = intake, record, record.key
 
     async def _do_settle(self, how: Settle, delay: float) -> None:
@@ -171,6 +214,10 @@ class KafkaBus:
         self.shown_url = redact(url)
         """The URL as logs and errors show it: no password nor token."""
         self.settings = settings or BusSettings()
+        if self.settings.cloudevents_mode not in CE_MODES:
+            raise ValueError(
+                f"bus setting cloudevents_mode is structured or binary, not {self.settings.cloudevents_mode!r}"
+            )
         self.bootstrap = urlsplit(url).netloc.rpartition("@")[2]
         self._security: dict[str, Any] = {}
         """aiokafka's TLS and SASL options, worked out at connect."""
@@ -300,6 +347,9 @@ class KafkaBus:
             raise BusError("Kafka bus is not connected")
         await self.ensure_topic(topic)
         raw_key = key.encode() if isinstance(key, str) else key
+        if self.settings.cloudevents_mode == "binary" and (binary := binary_record(data)) is not None:
+            data, attributes = binary
+            headers = {**attributes, **(headers or {})}
         encoded = [(k, v.encode()) for k, v in (headers or {}).items()]
         for attempt in range(SEND_ATTEMPTS):
             try:
@@ -419,7 +469,7 @@ class KafkaBus:
 
             key = record.key.decode() if record.key else None
             name = f"{topic}.{key}" if want_key is not None and key else topic
-            await handler(Message(channel=name, data=record.value or b"", key=key, headers=headers, reply=reply))
+            await handler(Message(channel=name, data=structured_event(record), key=key, headers=headers, reply=reply))
 
         return self._subscription(self._pump(consumer, want_key, handle))
 
@@ -437,7 +487,7 @@ class KafkaBus:
 
         async def handle(record: ConsumerRecord[bytes, bytes]) -> None:
             try:
-                await handler(Message(channel=topic, data=record.value or b"", headers=_headers(record)))
+                await handler(Message(channel=topic, data=structured_event(record), headers=_headers(record)))
             except Exception:  # a follower's bug must not stop it following
                 log.exception("follower %s failed on a message of %s", durable, topic)
             if group is None:
@@ -460,7 +510,7 @@ class KafkaBus:
                 async def on_reply(record: ConsumerRecord[bytes, bytes]) -> None:
                     future = self._replies.pop(_headers(record).get(CORRELATION, ""), None)
                     if future is not None and not future.done():
-                        future.set_result(record.value or b"")
+                        future.set_result(structured_event(record))
 
                 self._pump(consumer, None, on_reply)
                 self._reply_topic, self._reply_consumer = topic, consumer

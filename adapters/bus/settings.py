@@ -61,6 +61,10 @@ class BusSettings:
     """Connect over TLS (Kafka; NATS uses `tls://`); also implied by `tls_ca` or `tls_cert`."""
     sasl_mechanism: str = "SCRAM-SHA-512"
     """How a Kafka client with a user in its URL authenticates: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512."""
+    cloudevents_mode: str = "structured"
+    """How a Kafka client writes events: structured (the whole CloudEvent as JSON in the record's value)
+    or binary (the CloudEvents Kafka binding: the data as the value, the attributes as ce_* headers);
+    every reader takes both. NATS is always structured."""
 
     def check_files(self) -> None:
         """A BusError naming the setting whose file does not exist, or TLS files that do not pair up:
