@@ -11,11 +11,14 @@ import atexit
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
 
 F32_CACHE = 0
 """GGML type id of F32, for `type_k` / `type_v`: the export check compares logits with torch at
@@ -33,12 +36,11 @@ class Completion:
 
 
 @functools.cache
-def llama_class() -> type[Any]:
+def llama_class() -> type[Llama]:
     """llama_cpp.Llama, imported once. llama-cpp-python opens os.devnull twice at import (to silence
     llama.cpp's C output) and never closes it, so every process that used it ended with two
     'ResourceWarning: unclosed file /dev/null' lines; they are closed at exit here."""
     import llama_cpp._utils
-    from llama_cpp import Llama
 
     def close_devnull() -> None:
         for name in ("outnull_file", "errnull_file"):
@@ -47,7 +49,7 @@ def llama_class() -> type[Any]:
                 held.close()
 
     atexit.register(close_devnull)
-    return Llama
+    return llama_cpp.Llama
 
 
 class LlamaRuntime:
