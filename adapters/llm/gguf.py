@@ -221,7 +221,11 @@ def write_model(
     names = TensorNames(layout)
     partial = path.with_name(path.name + ".partial")
     writer = gguf.GGUFWriter(partial, layout.architecture)
+    # general.* as llama.cpp's convert_hf_to_gguf.py writes them: tools that list or filter GGUF files
+    # (the Hub's viewer, LM Studio, ollama) read type and quantization_version beside name and file_type
+    writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(layout.context)
     writer.add_embedding_length(layout.hidden)
     writer.add_block_count(layout.blocks)

@@ -64,12 +64,16 @@ async def test_a_classifier_fetched_by_a_plain_nats_client_classifies_rows_in_th
     assert (predicted == cancer.target).mean() >= 0.9
 
 
-async def test_a_peft_adapter_fetched_by_a_plain_nats_client_loads_with_peft(
+async def test_a_fine_tunes_peft_adapter_and_gguf_fetched_by_a_plain_nats_client_load_with_peft_and_llama_cpp(
     nats_server: NatsServer, tmp_path: Path, tiny_llama: Path
 ) -> None:
     import torch
+    from gguf import GGUFReader, GGUFValueType
+    from llama_cpp import Llama
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
+
+    INTEGERS = (GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.UINT8)
 
     from forseti.worker.handlers.finetune import FinetuneHandler
 
@@ -82,7 +86,7 @@ async def test_a_peft_adapter_fetched_by_a_plain_nats_client_loads_with_peft(
         await announced.put(orjson.loads(msg.data))
 
     await nc.subscribe("forseti.models", cb=on_model)
-    task = finetune()
+    task = finetune(export={"gguf": ["q8_0"]})
     data_root_with_tiny_llama(tmp_path, tiny_llama)  # the worker's data root: tmp_path/datasets
     async with running_worker(create_bus(nats_server.url), [FinetuneHandler(progress_seconds=0)], tmp_path):
         client = create_bus(nats_server.url)
@@ -91,13 +95,35 @@ async def test_a_peft_adapter_fetched_by_a_plain_nats_client_loads_with_peft(
         await submit(client, task)
         result = (await watcher.wait_for("completed", timeout=240)).data.result
         await client.close()
-        event = (await asyncio.wait_for(announced.get(), 30))["data"]
-        assert event["format"] == "peft"
+        events: dict[str, dict[str, Any]] = {}
+        while set(events) != {"peft", "gguf"}:
+            event = (await asyncio.wait_for(announced.get(), 30))["data"]
+            events[event["format"]] = event
         adapter = tmp_path / "fetched-adapter"
         adapter.mkdir()
-        (adapter / "adapter_model.safetensors").write_bytes(await fetched(nc, event["uri"]))
-        (adapter / "adapter_config.json").write_bytes(await fetched(nc, event["config_uri"]))
+        (adapter / "adapter_model.safetensors").write_bytes(await fetched(nc, events["peft"]["uri"]))
+        (adapter / "adapter_config.json").write_bytes(await fetched(nc, events["peft"]["config_uri"]))
+        model = tmp_path / "fetched.gguf"
+        model.write_bytes(await fetched(nc, events["gguf"]["uri"]))
     await nc.close()
+
+    # the metadata llama.cpp's own converter writes, read with gguf-py (llama.cpp's reader)
+    fields = GGUFReader(model).fields
+    text = {k: bytes(f.parts[f.data[0]]).decode() for k, f in fields.items() if f.types == [GGUFValueType.STRING]}
+    number = {k: int(f.parts[f.data[0]][0]) for k, f in fields.items() if f.types and f.types[0] in INTEGERS}
+    assert text["general.architecture"] == "llama" and text["general.type"] == "model"
+    assert text["general.name"] == "sensor-assistant v1.0"
+    assert number["general.file_type"] == 7, "LlamaFileType MOSTLY_Q8_0"
+    assert number["general.quantization_version"] == 2
+    assert text["tokenizer.ggml.model"] == "gpt2" and "tokenizer.ggml.pre" in text
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "llama.context_length"):
+        assert key in fields, key
+    # and it loads and generates with plain llama-cpp-python, no Forseti code in between
+    llm = Llama(model_path=str(model), n_ctx=64, verbose=False)
+    assert llm.n_vocab() == number["llama.vocab_size"]
+    out = llm.create_completion("Sensor 3 reads", max_tokens=3, temperature=0.0, stream=False)
+    assert isinstance(out, dict) and out["usage"]["completion_tokens"] >= 1
+    llm.close()
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama)
     loaded = PeftModel.from_pretrained(base, adapter)
