@@ -23,17 +23,27 @@ LLAMA := llama-cpp-python==0.3.36
 LLAMA_WHEELS ?= $(HOME)/.cache/forseti/wheels/llama-x86-64-v3
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 
+# pip runs quietly; each step says what it is doing and how long it may take, so a long build does
+# not look like a hang
 $(VENV)/.installed: pyproject.toml
+	@echo "install: a virtual environment in $(VENV)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	@if [ "$(TORCH)" != "none" ]; then echo "install: $(TORCH) (the CPU wheel on CPU hosts)"; fi
 	if [ "$(TORCH)" != "none" ]; then $(BIN)/pip install --quiet $(TORCH); fi
+	@if [ "$(TORCH)" != "none" ] && ! ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1; then \
+	  echo "install: building $(LLAMA) from source, once per machine (5-13 minutes on 2 cores)"; fi
 	if [ "$(TORCH)" != "none" ]; then \
 	  ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	    CMAKE_ARGS="$(LLAMA_CMAKE)" $(BIN)/pip wheel --quiet --no-deps --no-cache-dir -w $(LLAMA_WHEELS) "$(LLAMA)"; \
 	  $(BIN)/pip install --quiet $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl; \
 	fi
-	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	@echo "install: forseti-worker and its extras ($(EXTRAS)), editable"
+	@# setuptools warns on every editable install that folders (worker/, schemas/, ...) share names
+	@# with the package's subpackages: DESIGN.md's layout, on purpose (package-dir maps them)
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
+	@echo "install: done; the forseti command is $(BIN)/forseti"
 
 test: install
 	$(BIN)/pytest

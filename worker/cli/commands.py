@@ -718,6 +718,34 @@ def up(
         run_loop(run_stack(settings, handlers, executor_env=executor_env or None, demo=demo, console=err))
 
 
+@app.command("demo-files")
+def demo_files(
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    data_root: Annotated[
+        Path | None, typer.Option(envvar="FORSETI_DATA_ROOT", help="The worker's data root [<data-dir>/datasets].")
+    ] = None,
+    llm: Annotated[
+        bool,
+        typer.Option("--llm/--no-llm", help="Also build the tiny Llama that docs/llm.md fine-tunes (needs torch)."),
+    ] = True,
+) -> None:
+    """Put the data the docs' examples use into the worker's data root: cancer.csv and new_patients.csv
+    (docs/training.md), feedback/november.jsonl and a tiny Llama built locally as models/tiny-llama
+    (docs/llm.md). Files already there are kept."""
+    from ..demo import build_demo_llama, write_demo_files
+
+    root = data_root or data_dir / "datasets"
+    for path in write_demo_files(root):
+        err.print(f"data: {path}")
+    if llm:
+        try:
+            folder = build_demo_llama(root)
+        except ImportError as exc:
+            raise _fail(f"the tiny Llama needs the llm extra (torch, transformers, tokenizers): {exc}") from exc
+        err.print(f"model: {folder} (a tiny random Llama: base_model file://{folder.relative_to(root)})")
+    err.print(f"tasks name these files relative to the data root, e.g. file://cancer.csv ({root})")
+
+
 keys_app = typer.Typer(
     help="The ed25519 keys that sign model announcements.", no_args_is_help=True, rich_markup_mode=PLAIN_HELP
 )

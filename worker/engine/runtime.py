@@ -78,10 +78,14 @@ def may_act(owner: str | None, asker: str | None, *, operator: bool = False) -> 
     return operator or owner is None or asker == owner
 
 
+DISTRIBUTION = "forseti-worker"
+"""Forseti's name on the package index (`forseti` there is another project)."""
+
+
 def forseti_version() -> str:
     """The installed Forseti version."""
     try:
-        return version("forseti")
+        return version(DISTRIBUTION)
     except PackageNotFoundError:
         return "0+unknown"
 
