@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -22,6 +26,8 @@ from forseti.worker.cli.follow import progress_detail
 from forseti.worker.engine.logs import setup_logging
 
 from ..helpers import EchoHandler, StepHandler, running_worker
+
+REPO = Path(__file__).parents[2]
 
 
 def rl_progress(step: int, total: int, metrics: dict[str, float]) -> JobProgress:
@@ -118,3 +124,38 @@ def test_a_table_keeps_whole_ids_in_80_columns() -> None:
     console.print(table)
     shown = console.file.getvalue()  # type: ignore[attr-defined]  # the StringIO given above
     assert job_id in shown
+
+
+def leaves(command: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every runnable command under `command` (typer's own click), with its path (`models list`)."""
+    if hasattr(command, "commands"):
+        for name, sub in command.commands.items():
+            yield from leaves(sub, f"{path} {name}".strip())
+    else:
+        yield path, command
+
+
+def test_the_readme_names_exactly_the_commands_that_take_no_bus() -> None:
+    # the README said every command takes --bus; forseti jobs did not
+    readme = (REPO / "README.md").read_text()
+    said = re.search(r"Every command that talks to the bus takes `--bus URL` \((.*?) do not", readme, re.S)
+    assert said is not None
+    named = set(re.findall(r"`([a-z -]+)`", said.group(1)))
+    without_bus = {
+        path
+        for path, command in leaves(typer.main.get_command(app))
+        if not any("--bus" in getattr(param, "opts", ()) for param in command.params)
+    }
+    # a group named in the README stands for all its commands
+    assert {path if path.split()[0] not in named else path.split()[0] for path in without_bus} == named
+
+
+def test_no_doc_tells_users_to_install_forseti_from_the_package_index() -> None:
+    # the name forseti on PyPI is an unrelated project: `pip install forseti[edge]` installed it
+    docs = [REPO / "README.md", *(REPO / "docs").glob("*.md"), *(REPO / "examples").glob("*")]
+    trap = re.compile(r"pip install\s+['\"]?forseti(?![-\w])")
+    found = [
+        f"{path.name}: {line.strip()}" for path in docs for line in path.read_text().splitlines() if trap.search(line)
+    ]
+    assert not found, found
+    assert 'name = "forseti-worker"' in (REPO / "pyproject.toml").read_text()
