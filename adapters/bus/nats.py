@@ -56,6 +56,8 @@ RECORDS = "FORSETI_RECORDS"
 FOLLOW_ACK_WAIT = 30.0
 """Seconds a follower may hold a message before the server offers it again; a handler that runs
 longer is kept alive by progress acks, so only a follower that died lets it lapse."""
+LAST_ERRORS: dict[str, str] = {}
+"""Per server URL, the connection error a client of it logged last (not logged again until it connects)."""
 REPLAY_INACTIVE = 120.0
 """Seconds after its last fetch that the server removes a replaying (`durable=None`) follower's consumer."""
 MAX_DELIVERIES = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
@@ -162,6 +164,8 @@ class NatsBus:
         self._js: JetStreamContext | None = None
         self._followers: set[asyncio.Task[None]] = set()
         self._last_error: str | None = None
+        self._connected = False
+        """Whether the first connect succeeded: before it, failed tries are the connect's error to give."""
         self._refusal: str | None = None
         """The server's last refusal (authorization, TLS) of a connect: the reason a connect that
         timed out gives."""
@@ -186,8 +190,12 @@ class NatsBus:
                 self._nc = await self._connect()
         except (NoServersError, OSError, TimeoutError) as exc:
             # an authorization or TLS refusal shows only through error_cb: it is the reason to give
-            reason = self._refusal or str(exc) or f"no answer within {self.settings.connect_timeout:g}s"
-            raise BusError(f"cannot reach NATS at {self.shown_url}: {reason}") from exc
+            reason = self._refusal or str(exc) or self._last_error or "no answer"
+            raise BusError(
+                f"cannot reach NATS at {self.shown_url} within {self.settings.connect_timeout:g}s: {reason}"
+            ) from exc
+        self._connected = True
+        LAST_ERRORS.pop(self.shown_url, None)
         self._js = self._nc.jetstream()
         tasks = StreamConfig(
             name=STREAM,
@@ -313,10 +321,14 @@ class NatsBus:
 
     async def _on_error(self, exc: Exception) -> None:
         # nats-py reports every failed try (four a second while a server is away): the same error
-        # again is only worth a debug line
+        # again is only worth a debug line. Before the first connect, the connect's error says it
+        # (a command that gives up prints it once); a worker waiting patiently still logs it once
         said = str(exc)
-        log.log(logging.DEBUG if said == self._last_error else logging.WARNING, "nats: %s", said)
-        self._last_error = said
+        # a caller that retries with a new client (the edge agent waiting for its bus) is the same
+        # wait: what a client of this URL said last is not said again
+        again = said in (self._last_error, LAST_ERRORS.get(self.shown_url))
+        log.log(logging.DEBUG if again else logging.WARNING if self._connected else logging.INFO, "nats: %s", said)
+        self._last_error = LAST_ERRORS[self.shown_url] = said
         # what a refused connect is to say (at connect nats-py reports the server's -ERR as a plain Error)
         if isinstance(exc, AuthorizationError | ssl.SSLError) or "authorization violation" in said.lower():
             self._refusal = said
@@ -327,6 +339,7 @@ class NatsBus:
 
     async def _on_reconnect(self) -> None:
         self._last_error = None
+        LAST_ERRORS.pop(self.shown_url, None)
         log.info("nats: reconnected to %s", self.shown_url)
         self.reconnected.set()
 

@@ -356,6 +356,14 @@ def test_a_worker_with_a_bad_setting_says_why_and_exits_1(tmp_path: Path) -> Non
     assert "Traceback" not in said
 
 
+def test_a_command_whose_bus_is_away_says_why_once() -> None:
+    # nats-py's error callback printed the refusal, then the command's own error said it again
+    done = run(f"nats://127.0.0.1:{free_port()}?connect_timeout=1", "capabilities", timeout=30)
+    said = done.stderr.decode()
+    assert done.returncode == 1
+    assert said.count("Connection refused") == 1 and said.startswith("error: cannot reach NATS"), said
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_worker_waiting_for_its_bus_stops_at_once_on_a_signal(tmp_path: Path, sig: signal.Signals) -> None:
     """With no server on its bus, the worker could not be stopped but by SIGKILL (issue 13); it now
