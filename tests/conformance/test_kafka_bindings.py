@@ -25,9 +25,9 @@ def task_data(job_id: str) -> dict[str, Any]:
     return {"request_id": job_id, "model_id": "m1", "inputs": [{"x": 1}, {"x": 2}, {"x": 3}]}
 
 
-def structured(job_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
-    """The task as one JSON CloudEvent in the record's value."""
-    event = {
+def task_event(job_id: str) -> dict[str, Any]:
+    """The task as a CloudEvent's attributes and data."""
+    return {
         "specversion": "1.0",
         "id": uuid.uuid4().hex,
         "source": "kafka-python",
@@ -35,19 +35,19 @@ def structured(job_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
         "datacontenttype": "application/json",
         "data": task_data(job_id),
     }
-    return orjson.dumps(event), []
+
+
+def structured(job_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The task as one JSON CloudEvent in the record's value."""
+    return orjson.dumps(task_event(job_id)), []
 
 
 def binary(job_id: str) -> tuple[bytes, list[tuple[str, bytes]]]:
     """The task in the Kafka binary binding: attributes in ce_* headers, the data as the value."""
-    headers = {
-        "ce_specversion": "1.0",
-        "ce_id": uuid.uuid4().hex,
-        "ce_source": "kafka-python",
-        "ce_type": "forseti.task.inference.v1",
-        "content-type": "application/json",
-    }
-    return orjson.dumps(task_data(job_id)), [(k, v.encode()) for k, v in headers.items()]
+    event = task_event(job_id)
+    data, content_type = event.pop("data"), event.pop("datacontenttype")
+    headers = [(f"ce_{name}", str(value).encode()) for name, value in event.items()]
+    return orjson.dumps(data), [*headers, ("content-type", content_type.encode())]
 
 
 def completed_events(bootstrap: str, job_ids: set[str]) -> dict[str, Any]:

@@ -56,9 +56,11 @@ def ask(bus: str, expect_version: str, timeout: float = 30) -> None:
 
 
 def test_finetune_serve_complete_promote_and_rollback_from_the_command_line(
-    nats_server: NatsServer, tmp_path: Path, tiny_llama: Path
+    fresh_nats: NatsServer, tmp_path: Path, tiny_llama: Path
 ) -> None:
-    bus = nats_server.url
+    # a server of its own: llm-serve reads the kept history of forseti.models, where other tests
+    # announce versions of the same name
+    bus = fresh_nats.url
     data_root_with_tiny_llama(tmp_path, tiny_llama)  # the worker's default data root, <data-dir>/datasets
     worker = WorkerProcess(bus, tmp_path, handlers=["--handler", "forseti.worker.handlers.finetune:FinetuneHandler"])
     # an edge device following the same LLM, answering on its own channel

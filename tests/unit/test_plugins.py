@@ -29,6 +29,14 @@ def test_a_handler_whose_dependency_is_missing_is_skipped_with_a_warning(
     assert "handler broken not loaded: forseti_absent_extra is not installed" in caplog.text
 
 
+def test_an_entry_point_found_twice_gives_one_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a checkout's stale forseti.egg-info (the name before forseti-worker) beside the installed
+    # metadata listed every handler twice, and a worker with two handlers for a kind did not start
+    rl = EntryPoint("rl", "forseti.worker.handlers.rl:RLHandler", plugins.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(plugins, "entry_points", lambda group: [rl, rl])
+    assert [h.kind for h in installed_handlers()] == [TaskKind.RL]
+
+
 @pytest.mark.parametrize(
     ("spec", "words"), [("nocolon", "not of the form"), ("forseti.worker.engine.plugins:nope", "has no")]
 )

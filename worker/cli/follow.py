@@ -9,7 +9,7 @@ from enum import IntEnum
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
 
-from forseti.client import ClientTimeout, Job, QueryRefused, TaskRefused, UnknownJob
+from forseti.client import ClientError, ClientTimeout, Job, QueryRefused, TaskRefused, UnknownJob
 from forseti.schemas.jobs import JobAccepted, JobCancelled, JobCompleted, JobFailed, JobProgress
 
 
@@ -33,6 +33,15 @@ SHOWN = (
     ("steps_per_second", "{:,.0f} steps/s"),
     ("tokens_per_second", "{:,.0f} tokens/s"),
 )
+
+
+GAVE_UP_ON: tuple[tuple[type[ClientError], str, ExitCode], ...] = (
+    (TaskRefused, "refused", ExitCode.REFUSED),
+    (UnknownJob, "unknown job", ExitCode.UNKNOWN),
+    (QueryRefused, "error", ExitCode.FAILED),
+    (ClientTimeout, "gave up", ExitCode.GAVE_UP),
+)
+"""Why following a job stopped before its end: the client's error, the word shown, the exit code."""
 
 
 def progress_detail(event: JobProgress) -> str:
@@ -93,22 +102,11 @@ async def follow(job: Job, *, console: Console, timeout: float | None = None) ->
                             description=f"{event.job_id}: {event.state}",
                             detail=progress_detail(event),
                         )
-        except TaskRefused as exc:
+        except (TaskRefused, UnknownJob, QueryRefused, ClientTimeout) as exc:
             bar.stop()
-            console.print(f"[red]refused[/red]: {exc.message}")
-            return ExitCode.REFUSED
-        except UnknownJob as exc:
-            bar.stop()
-            console.print(f"[red]unknown job[/red]: {exc.message}")
-            return ExitCode.UNKNOWN
-        except QueryRefused as exc:
-            bar.stop()
-            console.print(f"[red]error[/red]: {exc.message}")
-            return ExitCode.FAILED
-        except ClientTimeout as exc:
-            bar.stop()
-            console.print(f"[red]gave up[/red]: {exc.message}")
-            return ExitCode.GAVE_UP
+            label, code = next((label, code) for kind, label, code in GAVE_UP_ON if isinstance(exc, kind))
+            console.print(f"[red]{label}[/red]: {exc.message}")
+            return code
         except TimeoutError:
             bar.stop()
             console.print(f"gave up waiting for {job.job_id} after {timeout:g}s (it runs on)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from importlib.metadata import entry_points
+from importlib.metadata import EntryPoint, entry_points
 from typing import cast
 
 from .context import Handler
@@ -34,7 +34,12 @@ def installed_handlers() -> list[Handler]:
     """One handler from each installed `forseti.handlers` entry point whose dependencies are installed
     (a backbone-only install, `make install TORCH=none`, has no RL or fine-tune handler)."""
     handlers = []
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
+    # one entry point can be found twice: a checkout's stale `forseti.egg-info` (the distribution's
+    # name before forseti-worker) sits beside the installed metadata when commands run from it
+    unique: dict[str, EntryPoint] = {}
+    for found in entry_points(group=ENTRY_POINT_GROUP):
+        unique.setdefault(found.value, found)
+    for ep in unique.values():
         try:
             handlers.append(load_handler(f"{ep.module}:{ep.attr}"))
         except ModuleNotFoundError as exc:
