@@ -24,7 +24,7 @@ from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.encryption import Keyring
 from forseti.adapters.registry import RegistryStore, create_store
 from forseti.adapters.signing import Signer, TrustedKeys, configured_keys
-from forseti.client import ACCEPT_TIMEOUT, Client, ClientError, ClientTimeout, UnknownJob
+from forseti.client import ACCEPT_TIMEOUT, Client, ClientError, ClientTimeout, UnknownJob, as_task
 from forseti.schemas.base import Strict
 from forseti.schemas.capabilities import Capabilities
 from forseti.schemas.catalog import infer_channel, llm_channel
@@ -359,10 +359,8 @@ def worker_cmd(
         raise _fail(exc.message) from exc
 
 
-def read_task_file(path: str, kind: TaskKind | None) -> tuple[TaskKind, TaskBase]:
+def read_task_file(path: str, kind: TaskKind | None) -> TaskBase:
     """A task from a file (or `-`): a whole CloudEvent, or just its `data` with `--kind`."""
-    from forseti.client import as_task
-
     raw = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     try:
         doc = orjson.loads(raw)
@@ -373,12 +371,9 @@ def read_task_file(path: str, kind: TaskKind | None) -> tuple[TaskKind, TaskBase
     if "specversion" not in doc and kind is None:
         raise _fail(f"{path} holds a bare payload: say which kind with --kind")
     try:
-        task_kind, task = as_task(doc, kind)
+        return as_task(doc, kind)[1]
     except InvalidTask as exc:
         raise _fail(f"{path}: {exc.message}") from exc
-    if task.request_id is None:
-        task = task.model_copy(update={"request_id": uuid.uuid4().hex})
-    return task_kind, task
 
 
 async def _client(url: str, user: str | None = None) -> Client:
@@ -388,7 +383,9 @@ async def _client(url: str, user: str | None = None) -> Client:
 
 @app.command()
 def submit(
-    file: Annotated[str, typer.Argument(help="Task JSON (a CloudEvent, or its data with --kind); - for stdin.")],
+    file: Annotated[
+        str, typer.Argument(metavar="FILE", help="Task JSON (a CloudEvent, or its data with --kind); - for stdin.")
+    ],
     kind: Annotated[TaskKind | None, typer.Option(help="Task kind of a bare payload.")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Follow the job until it ends.")] = False,
     accept_timeout: Annotated[
@@ -399,7 +396,7 @@ def submit(
 ) -> None:
     """Publish a task and print its job id; with --watch, follow it: exit 0 completed, 1 failed, 2 cancelled,
     3 no worker took it, 5 refused."""
-    _, task = read_task_file(file, kind)
+    task = read_task_file(file, kind)
 
     async def go() -> int:
         async with await _client(bus, task.user_id) as forseti:
@@ -412,7 +409,7 @@ def submit(
 
 @app.command()
 def watch(
-    job_id: Annotated[str, typer.Argument(help="The job to follow.")],
+    job_id: Annotated[str, typer.Argument(metavar="JOB_ID", help="The job to follow.")],
     timeout: Annotated[float | None, typer.Option(help="Give up after this many seconds (exit 3).")] = None,
     accept_timeout: Annotated[
         float, typer.Option(help="Give up on a job no worker knows after this many seconds (exit 4).")
@@ -477,7 +474,8 @@ def _control(
     raise typer.Exit(int(run_loop(go())))
 
 
-JobArg = Annotated[str, typer.Argument(help="The job id.")]
+# arguments carry an upper-case metavar: click's plain help shows them as {name} otherwise
+JobArg = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job id.")]
 ReasonOpt = Annotated[str, typer.Option(help="Why, for the job's history.")]
 OperatorOpt = Annotated[
     bool,
@@ -769,7 +767,9 @@ def keys_generate(
 
 @keys_app.command("data-key")
 def keys_data_key(
-    file: Annotated[Path, typer.Argument(help="The key file: made with one key, or given a new first key.")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="The key file: made with one key, or given a new first key.")
+    ],
 ) -> None:
     """Make an AES-256 key for encryption at rest, as the first line of FILE (mode 0600): it encrypts from
     now on, and the keys already in FILE stay to decrypt what they encrypted (key rotation)."""
@@ -953,7 +953,9 @@ def privacy_audit(
 
 @app.command()
 def encrypt(
-    file: Annotated[Path, typer.Argument(help="The file to encrypt (a dataset to put in the data root).")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="The file to encrypt (a dataset to put in the data root).")
+    ],
     encryption_key_file: KeyFileOpt = None,
     out_file: Annotated[Path | None, typer.Option("--out", help="Write here instead of replacing FILE.")] = None,
 ) -> None:
@@ -997,7 +999,7 @@ async def _with_store_and_bus(store: RegistryStore, bus: str | None, work: Any) 
 
 @models_app.command("list")
 def models_list(
-    name: Annotated[str | None, typer.Argument(help="Only versions of this model name.")] = None,
+    name: Annotated[str | None, typer.Argument(metavar="NAME", help="Only versions of this model name.")] = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     registry_url: RegistryOpt = None,
     limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 20,
@@ -1022,8 +1024,8 @@ def models_list(
 
 @models_app.command("promote")
 def models_promote(
-    name: Annotated[str, typer.Argument(help="Model name.")],
-    version: Annotated[str, typer.Argument(help="Version label (v1.1) or number.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="Version label (v1.1) or number.")],
     alias: AliasOpt = "production",
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     registry_url: RegistryOpt = None,
@@ -1059,7 +1061,7 @@ def models_promote(
 
 @models_app.command("rollback")
 def models_rollback(
-    name: Annotated[str, typer.Argument(help="Model name.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
     alias: AliasOpt = "production",
     reason: ReasonOpt = "rolled back from the command line",
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
@@ -1102,9 +1104,6 @@ def llm_serve(
 ) -> None:
     """Serve completions of a fine-tuned model with llama.cpp, hot-swapping announced versions, until SIGTERM.
     Files announced in the NATS object store (or, on Kafka, an S3 store) are downloaded under DATA_DIR/fetched."""
-    import os
-    import socket
-
     from ..services.llm_serve import LlmService
 
     setup_logging(json_lines=log_json)
@@ -1253,8 +1252,10 @@ def edge(
 
 @app.command()
 def infer(
-    model_id: Annotated[str, typer.Argument(help="The registry id of the model.")],
-    rows: Annotated[str, typer.Argument(help='The rows as JSON, e.g. \'[{"f0": 1.5, "colour": "red"}]\'.')],
+    model_id: Annotated[str, typer.Argument(metavar="MODEL_ID", help="The registry id of the model.")],
+    rows: Annotated[
+        str, typer.Argument(metavar="ROWS", help='The rows as JSON, e.g. \'[{"f0": 1.5, "colour": "red"}]\'.')
+    ],
     timeout: Annotated[float, typer.Option(help="Seconds to wait for an infer-serve.")] = 10.0,
     bus: BusOpt = DEFAULT_BUS_URL,
 ) -> None:
@@ -1276,8 +1277,8 @@ def infer(
 
 @app.command()
 def complete(
-    name: Annotated[str, typer.Argument(help="The model name an llm-serve serves.")],
-    prompt: Annotated[str, typer.Argument(help="The text to continue.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="The model name an llm-serve serves.")],
+    prompt: Annotated[str, typer.Argument(metavar="PROMPT", help="The text to continue.")],
     max_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate at most.")] = 64,
     temperature: Annotated[float, typer.Option(min=0, help="0 is greedy.")] = 0.0,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the service.")] = 30.0,
