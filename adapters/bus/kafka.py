@@ -85,11 +85,11 @@ def binary_record(event: bytes) -> tuple[bytes, dict[str, str]] | None:
     return (orjson.dumps(doc["data"]) if "data" in doc else b""), headers
 
 
-def structured_event(record: ConsumerRecord[bytes, bytes]) -> bytes:
+def structured_event(record: ConsumerRecord[bytes, bytes], headers: dict[str, str]) -> bytes:
     """A record's event as structured JSON: its value, or, for a record in the binary binding (a
-    `ce_specversion` header), the CloudEvent rebuilt from its headers and value."""
+    `ce_specversion` header among its `headers`, as `_headers` reads them), the CloudEvent rebuilt
+    from its headers and value."""
     value = record.value or b""
-    headers = _headers(record)
     if CE_PREFIX + "specversion" not in headers:
         return value
     doc: dict[str, Any] = {k.removeprefix(CE_PREFIX): v for k, v in headers.items() if k.startswith(CE_PREFIX)}
@@ -129,7 +129,7 @@ class _OffsetTracker:
 class _KafkaDelivery(Delivery):
     def __init__(self, intake: _KafkaIntake, record: ConsumerRecord[bytes, bytes], channel: str) -> None:
         headers = _headers(record)
-        super().__init__(channel, structured_event(record), int(headers.get(ATTEMPT, "1")))
+        super().__init__(channel, structured_event(record, headers), int(headers.get(ATTEMPT, "1")))
         self._intake, self._record, self._key = intake, record, record.key
 
     async def _do_settle(self, how: Settle, delay: float) -> None:
@@ -469,7 +469,8 @@ class KafkaBus:
 
             key = record.key.decode() if record.key else None
             name = f"{topic}.{key}" if want_key is not None and key else topic
-            await handler(Message(channel=name, data=structured_event(record), key=key, headers=headers, reply=reply))
+            data = structured_event(record, headers)
+            await handler(Message(channel=name, data=data, key=key, headers=headers, reply=reply))
 
         return self._subscription(self._pump(consumer, want_key, handle))
 
@@ -487,7 +488,8 @@ class KafkaBus:
 
         async def handle(record: ConsumerRecord[bytes, bytes]) -> None:
             try:
-                await handler(Message(channel=topic, data=structured_event(record), headers=_headers(record)))
+                headers = _headers(record)
+                await handler(Message(channel=topic, data=structured_event(record, headers), headers=headers))
             except Exception:  # a follower's bug must not stop it following
                 log.exception("follower %s failed on a message of %s", durable, topic)
             if group is None:
@@ -508,9 +510,10 @@ class KafkaBus:
                 consumer = await self._start_consumer(topic, None)
 
                 async def on_reply(record: ConsumerRecord[bytes, bytes]) -> None:
-                    future = self._replies.pop(_headers(record).get(CORRELATION, ""), None)
+                    headers = _headers(record)
+                    future = self._replies.pop(headers.get(CORRELATION, ""), None)
                     if future is not None and not future.done():
-                        future.set_result(structured_event(record))
+                        future.set_result(structured_event(record, headers))
 
                 self._pump(consumer, None, on_reply)
                 self._reply_topic, self._reply_consumer = topic, consumer

@@ -94,7 +94,7 @@ def test_a_signed_event_survives_the_binary_binding_and_still_verifies(tmp_path:
         checksum=None, serialized_key_size=2, serialized_value_size=len(value),
         headers=[(k, v.encode()) for k, v in headers.items()],
     )  # fmt: skip
-    rebuilt = structured_event(record)
+    rebuilt = structured_event(record, headers)
     assert orjson.loads(rebuilt) == orjson.loads(event)
     assert refusal(TrustedKeys.from_paths([public]), rebuilt) is None, "the signature covers content, not layout"
     assert binary_record(b"not json") is None and binary_record(b'{"no": "specversion"}') is None
