@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 ENV_IDS = ("forseti/EmailTriage-v0", "forseti/SensorAnomaly-v0")
+MULTI_AGENT_ENVS = {"forseti/TriageTeam-v0": "forseti.envs.triage_team:TriageTeamEnv"}
+"""Forseti's own multi-agent envs (PettingZoo ParallelEnv), by the id a task names them with: trained
+with parameter sharing (`envs/multi_agent.py`)."""
 
 
 def register_envs() -> None:

@@ -24,7 +24,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecMonitor
 
 from forseti.adapters.exporters.policy import PolicyExport, export_policy
 from forseti.adapters.inference import OnnxPolicy
-from forseti.envs import register_envs
+from forseti.envs import MULTI_AGENT_ENVS, register_envs
 from forseti.envs.remote import RemoteVecEnv
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import RLTask
@@ -76,13 +76,19 @@ def check_algorithm(algorithm: str, action_space: spaces.Space[Any]) -> None:
 
 def make_env(task: RLTask, ctx: Work, *, session: str, step_timeout: float, num_envs: int) -> VecEnv:
     """The training (or evaluation) env: in this process, or on the task's executor; with episode stats."""
-    if task.executor is None:
+    venv: VecEnv
+    if task.executor is None and task.environment in MULTI_AGENT_ENVS:
+        from forseti.envs.multi_agent import multi_agent_factory, shared_policy_vec_env
+
+        # parameter sharing: num_envs copies of the team, each agent a sub-env of one policy
+        venv = shared_policy_vec_env(multi_agent_factory(task.environment), num_envs)
+    elif task.executor is None:
         register_envs()
         try:
             gym.spec(task.environment)
         except gym.error.Error as exc:
             raise ForsetiError(f"unknown environment {task.environment!r}: {exc}", code=ErrorCode.INVALID_TASK) from exc
-        venv: VecEnv = DummyVecEnv([lambda: gym.make(task.environment) for _ in range(num_envs)])
+        venv = DummyVecEnv([lambda: gym.make(task.environment) for _ in range(num_envs)])
     else:
         if ctx.bus is None:
             raise ForsetiError("remote envs need the worker's bus", code=ErrorCode.INVALID_TASK)

@@ -1,0 +1,58 @@
+"""Multi-agent envs (PettingZoo `ParallelEnv`) trained with parameter sharing: one policy for every
+agent, each agent a sub-env of an SB3 VecEnv, through SuperSuit (the Farama library made for this).
+Agents must be alike (one observation space, one action space); their rewards stay their own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from pettingzoo import ParallelEnv
+from stable_baselines3.common.vec_env import VecEnv
+from supersuit.vector.sb3_vector_wrapper import SB3VecEnvWrapper
+
+from . import MULTI_AGENT_ENVS
+
+
+def multi_agent_factory(env_id: str) -> Callable[[], ParallelEnv]:
+    """The constructor of the multi-agent env `env_id` (one of MULTI_AGENT_ENVS)."""
+    module, _, name = MULTI_AGENT_ENVS[env_id].partition(":")
+    cls: Callable[[], ParallelEnv] = getattr(__import__(module, fromlist=[name]), name)
+    return cls
+
+
+class _SeededVecEnv(SB3VecEnvWrapper):  # type: ignore[misc]  # supersuit ships no type information
+    """SuperSuit's SB3 wrapper, seedable: SB3 2.x seeds a VecEnv through `seed()`, which SuperSuit
+    3.11's concatenated env lacks (AttributeError); the seed goes to its next reset instead."""
+
+    def __init__(self, venv: Any) -> None:
+        super().__init__(venv)
+        self._seed: int | None = None
+
+    def seed(self, seed: int | None = None) -> list[int | None]:
+        """Seed the next reset."""
+        self._seed = seed
+        return [seed] * self.num_envs
+
+    def get_attr(self, attr_name: str, indices: Any = None) -> list[Any]:
+        """A sub-env attribute: only `render_mode` (None: nothing draws), which SB3 asks every
+        VecEnv for; SuperSuit keeps no other per sub-env."""
+        if attr_name != "render_mode":
+            raise AttributeError(attr_name)
+        return [None] * len(self._get_indices(indices))
+
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> np.ndarray:
+        """Reset every copy (with the stored seed, once)."""
+        seed, self._seed = (seed if seed is not None else self._seed), None
+        observations, self.reset_infos = self.venv.reset(seed=seed)
+        return np.asarray(observations)
+
+
+def shared_policy_vec_env(make: Callable[[], ParallelEnv], copies: int) -> VecEnv:
+    """`copies` of the env, each agent of each a sub-env (copies x agents in all), for one policy."""
+    import supersuit
+
+    vectorised = supersuit.pettingzoo_env_to_vec_env_v1(make())
+    concatenated = supersuit.concat_vec_envs_v1(vectorised, copies, num_cpus=0, base_class="gymnasium")
+    return _SeededVecEnv(concatenated)

@@ -1,0 +1,58 @@
+"""Multi-agent RL: Forseti's TriageTeam passes PettingZoo's own API test, and an RL job on it trains one
+policy shared by every agent (the agents as sub-envs, through SuperSuit) and exports it to ONNX."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from pettingzoo.test import parallel_api_test, parallel_seed_test
+
+from forseti.adapters.bus import MemoryBroker, MemoryBus
+from forseti.adapters.inference import OnnxPolicy
+from forseti.envs.multi_agent import multi_agent_factory, shared_policy_vec_env
+from forseti.envs.triage_team import SKIP, TriageTeamEnv
+from forseti.worker.handlers.rl import RLHandler
+
+from ..helpers import running_worker, submit, watch
+from .test_rl import rl_task
+
+
+def test_triage_team_passes_pettingzoo_api_and_seed_tests() -> None:
+    parallel_api_test(TriageTeamEnv(), num_cycles=500)
+    parallel_seed_test(TriageTeamEnv)
+
+
+def test_a_skipped_email_waits_and_costs_the_whole_team() -> None:
+    env = TriageTeamEnv(agents=2, load=0.0)
+    env.reset(seed=0)
+    env._arrive = lambda: 0  # type: ignore[method-assign]  # no arrivals: the queue holds what reset brought
+    env._queue.extend([(0, np.full(8, 0.5, dtype=np.float32))] * 4)
+    waiting = len(env._queue)
+    _, rewards, *_ = env.step(dict.fromkeys(env.agents, SKIP))
+    assert len(env._queue) == waiting, "nothing filed, nothing gone"
+    assert rewards["triager_0"] == rewards["triager_1"] < 0, "the backlog is everyone's"
+
+
+def test_shared_policy_env_makes_each_agent_a_sub_env_and_is_seeded() -> None:
+    venv = shared_policy_vec_env(multi_agent_factory("forseti/TriageTeam-v0"), copies=2)
+    assert venv.num_envs == 2 * 3
+    venv.seed(7)
+    first = np.asarray(venv.reset())
+    venv.seed(7)
+    assert np.array_equal(first, np.asarray(venv.reset()))
+
+
+async def test_a_multi_agent_job_trains_one_shared_policy_and_exports_it(
+    broker: MemoryBroker, client: MemoryBus, tmp_path: Path
+) -> None:
+    async with running_worker(MemoryBus(broker), [RLHandler(progress_every=64)], tmp_path):
+        task = rl_task("ppo", "forseti/TriageTeam-v0", total_timesteps=384, n_steps=64, num_envs=1)
+        events = await watch(client, task.request_id or "")
+        await submit(client, task)
+        done = (await events.wait_end(timeout=120)).data
+    result = done.result
+    assert result.metrics.custom_metrics["onnx_action_agreement"] == 1.0
+    policy = OnnxPolicy(Path(result.policy_path))
+    observation = np.zeros((1, 10), dtype=np.float32)
+    assert 0 <= int(np.asarray(policy.act(observation)).ravel()[0]) <= SKIP
