@@ -37,6 +37,16 @@ PROTOTYPES = np.array(
 )
 
 
+def filing_reward(label: int, chosen: int) -> float:
+    """The reward for filing an email of category `label` as `chosen`: +1 right, -2 for spam let into
+    the inbox, -1 for any other mistake."""
+    if chosen == label:
+        return 1.0
+    if label == CATEGORIES.index("spam") and chosen == CATEGORIES.index("inbox"):
+        return -2.0
+    return -1.0
+
+
 class EmailTriageEnv(gym.Env[np.ndarray, np.int64]):
     """Pick the category of each email in a stream."""
 
@@ -66,12 +76,7 @@ class EmailTriageEnv(gym.Env[np.ndarray, np.int64]):
     def step(self, action: np.int64 | int) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
         """File the current email; the next one arrives."""
         label, chosen = self._label, int(action)
-        if chosen == label:
-            reward = 1.0
-        elif label == CATEGORIES.index("spam") and chosen == CATEGORIES.index("inbox"):
-            reward = -2.0
-        else:
-            reward = -1.0
+        reward = filing_reward(label, chosen)
         self._seen += 1
         info = {"label": label, "correct": chosen == label}
         return self._next_email(), reward, self._seen >= self.episode_length, False, info

@@ -20,11 +20,10 @@ import numpy as np
 from gymnasium import spaces
 from pettingzoo import ParallelEnv
 
-from .email_triage import CATEGORIES, FEATURES, PROTOTYPES
+from .email_triage import CATEGORIES, FEATURES, PROTOTYPES, filing_reward
 
 SKIP = len(CATEGORIES)
 """The action that leaves the shown email in the queue."""
-SPAM, INBOX = CATEGORIES.index("spam"), CATEGORIES.index("inbox")
 
 
 class TriageTeamEnv(ParallelEnv):  # type: ignore[misc]  # pettingzoo ships no type information
@@ -114,12 +113,7 @@ class TriageTeamEnv(ParallelEnv):  # type: ignore[misc]  # pettingzoo ships no t
             if i >= len(self._queue) or chosen == SKIP:
                 continue
             label = self._queue[i][0]
-            if chosen == label:
-                rewards[agent] += 1.0
-            elif label == SPAM and chosen == INBOX:
-                rewards[agent] -= 2.0
-            else:
-                rewards[agent] -= 1.0
+            rewards[agent] += filing_reward(label, chosen)
             infos[agent] = {"label": label, "correct": chosen == label}
             filed.append(i)
         for i in reversed(filed):  # from the back, so the positions still hold
