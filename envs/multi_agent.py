@@ -26,9 +26,11 @@ class _SeededVecEnv(SB3VecEnvWrapper):  # type: ignore[misc]  # supersuit ships 
     """SuperSuit's SB3 wrapper, seedable: SB3 2.x seeds a VecEnv through `seed()`, which SuperSuit
     3.11's concatenated env lacks (AttributeError); the seed goes to its next reset instead."""
 
-    def __init__(self, venv: Any) -> None:
+    def __init__(self, venv: Any, agents: list[str]) -> None:
         super().__init__(venv)
         self._seed: int | None = None
+        self.sub_env_agents = agents
+        """The agent each sub-env is: SuperSuit lays out each copy's agents in turn."""
 
     def seed(self, seed: int | None = None) -> list[int | None]:
         """Seed the next reset."""
@@ -53,6 +55,7 @@ def shared_policy_vec_env(make: Callable[[], ParallelEnv], copies: int) -> VecEn
     """`copies` of the env, each agent of each a sub-env (copies x agents in all), for one policy."""
     import supersuit
 
-    vectorised = supersuit.pettingzoo_env_to_vec_env_v1(make())
+    team = make()
+    vectorised = supersuit.pettingzoo_env_to_vec_env_v1(team)
     concatenated = supersuit.concat_vec_envs_v1(vectorised, copies, num_cpus=0, base_class="gymnasium")
-    return _SeededVecEnv(concatenated)
+    return _SeededVecEnv(concatenated, [agent for _ in range(copies) for agent in team.possible_agents])

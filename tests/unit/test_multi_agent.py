@@ -53,6 +53,9 @@ async def test_a_multi_agent_job_trains_one_shared_policy_and_exports_it(
         done = (await events.wait_end(timeout=120)).data
     result = done.result
     assert result.metrics.custom_metrics["onnx_action_agreement"] == 1.0
+    last = [e.data for e in events.events if e.type.endswith("progress.v1")][-1]
+    per_agent = {k for k in last.metrics if k.startswith("mean_reward_100/")}
+    assert per_agent == {f"mean_reward_100/triager_{i}" for i in range(3)}, last.metrics
     policy = OnnxPolicy(Path(result.policy_path))
     observation = np.zeros((1, 10), dtype=np.float32)
     assert 0 <= int(np.asarray(policy.act(observation)).ravel()[0]) <= SKIP

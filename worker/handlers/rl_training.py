@@ -8,6 +8,7 @@ a checkpoint every `checkpoint_interval`, and `ctx.hold()` so a pause holds and 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -158,6 +159,17 @@ def new_model(task: RLTask, env: VecEnv) -> BaseAlgorithm:
     return ALGORITHMS[task.algorithm]("MlpPolicy", env, **kwargs)
 
 
+def sub_env_agents(venv: VecEnv | None) -> list[str]:
+    """The agent each sub-env of a multi-agent env is (`envs/multi_agent.py` marks them), looked for
+    through the wrappers around it; empty for any other env."""
+    while venv is not None:
+        agents: list[str] | None = vars(venv).get("sub_env_agents")
+        if agents:
+            return agents
+        venv = vars(venv).get("venv")
+    return []
+
+
 class JobCallback(BaseCallback):
     """Progress, checkpoints, pause and cancel, from inside SB3's loop."""
 
@@ -169,12 +181,22 @@ class JobCallback(BaseCallback):
         self._last_checkpoint = self._last_progress = 0
         self._started = time.monotonic()
         self._start_steps = 0
+        self.agents: list[str] = []
+        """For a multi-agent env, the agent each sub-env is (empty otherwise)."""
+        self.agent_rewards: dict[str, deque[float]] = {}
+        """Per agent, the rewards of its last 100 episodes."""
 
     def _on_training_start(self) -> None:
         self._start_steps = self._last_checkpoint = self._last_progress = self.num_timesteps
+        self.agents = sub_env_agents(self.training_env)
+        self.agent_rewards = {agent: deque(maxlen=100) for agent in dict.fromkeys(self.agents)}
 
     def _on_step(self) -> bool:
-        self.episodes += sum(1 for info in self.locals.get("infos", ()) if "episode" in info)
+        infos = self.locals.get("infos", ())
+        self.episodes += sum(1 for info in infos if "episode" in info)
+        for i, info in enumerate(infos):
+            if "episode" in info and i < len(self.agents):
+                self.agent_rewards[self.agents[i]].append(float(info["episode"]["r"]))
         checkpoint = self.num_timesteps - self._last_checkpoint >= self.every
         if checkpoint:
             self.save()
@@ -198,6 +220,9 @@ class JobCallback(BaseCallback):
         }
         if rewards:
             metrics["mean_reward_100"] = float(np.mean(rewards))
+        for agent, kept in self.agent_rewards.items():
+            if kept:
+                metrics[f"mean_reward_100/{agent}"] = float(np.mean(kept))
         self.ctx.progress(
             self.num_timesteps / self.total,
             step=self.num_timesteps,
