@@ -111,6 +111,8 @@ class OnnxModel:
         self.session = _session(onnx_path, threads)
         embedded = self.session.get_modelmeta().custom_metadata_map.get(CARD_KEY)
         self.card = ModelCard.parse(embedded, str(onnx_path)) if embedded else ModelCard.read(onnx_path.with_name(CARD))
+        self._columns = [*self.card.numeric, *self.card.categorical]
+        self._known = frozenset(self._columns)
         # onnxruntime sessions are safe to run from several threads; the lock only keeps one batch at a
         # time, so `threads` bounds the cores a model takes
         self._lock = threading.Lock()
@@ -135,10 +137,9 @@ class OnnxModel:
     def _check_columns(self, rows: list[dict[str, Any]]) -> None:
         """invalid_data for a row that gives none of the model's columns: every value would be imputed,
         and the answer would be the model's guess for an average row, not for this one."""
-        columns = [*self.card.numeric, *self.card.categorical]
-        known = set(columns)
+        columns = self._columns
         for i, row in enumerate(rows):
-            if known.isdisjoint(row):
+            if self._known.isdisjoint(row):
                 shown = ", ".join(columns[:5]) + (f", ... ({len(columns)} in all)" if len(columns) > 5 else "")
                 given = ", ".join(map(str, list(row)[:5])) or "nothing"
                 raise ForsetiError(

@@ -154,7 +154,7 @@ class Job:
     async def _open(self) -> None:
         """Subscribe to the job's channel (and, for a task submitted here, to the dead letters)."""
         self._subs.append(await self.client.bus.subscribe(jobs_channel(self.job_id), self._on_event))
-        if self._event_id is not None:
+        if self.submitted:
             self._subs.append(await self.client.bus.subscribe(DEADLETTER, self._on_dead_letter))
 
     async def _on_event(self, msg: Message) -> None:
@@ -221,7 +221,7 @@ class Job:
     async def _known_ending(self) -> JobCompleted | JobFailed | JobCancelled | None:
         """For a job followed by id: its ending when it has one already (its events were sent before
         we listened). A job submitted here has sent nothing yet."""
-        if self._event_id is not None:
+        if self.submitted:
             return None
         try:
             return _ending(await self.client.status(self.job_id))
@@ -240,7 +240,7 @@ class Job:
         try:
             status = await self.client.status(self.job_id)
         except UnknownJob as exc:
-            if self._event_id is None:
+            if not self.submitted:
                 raise UnknownJob(
                     f"no worker knows job {self.job_id} after {self._accept_timeout:g}s: was it submitted on "
                     f"{self.client.bus.url}? (a task still queued behind busy workers is not known yet either)"
