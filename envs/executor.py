@@ -3,8 +3,9 @@
     server = EnvServer(bus, "thor-1", lambda: gymnasium.make("CartPole-v1"), num_envs=8)
     await server.start()        # answers forseti.env.thor-1 until stop()
 
-One server holds many sessions at once (one per RL job); each session owns `num_envs` sub-envs,
-stepped together so the bus cost is paid once per vector step. Auto-reset follows SB3's VecEnv:
+One server holds many sessions at once (one per RL job); each session owns `num_envs` sub-envs (or
+as many as its open asks for, up to `max_envs_per_session`), stepped together so the bus cost is
+paid once per vector step. Auto-reset follows SB3's VecEnv:
 a finished sub-env is reset at once, its last observation sent as `terminal_observation` in its
 info. This module needs gymnasium and numpy only (no torch), so an action system can embed it.
 
@@ -140,6 +141,7 @@ class EnvServer:
         max_sessions_per_client: int | None = None,
         replica: str | None = None,
         session_idle: float = 600.0,
+        max_envs_per_session: int = 256,
     ) -> None:
         self.bus, self.executor_id, self.make_env = bus, executor_id, make_env
         self.num_envs, self.environment, self.max_sessions = num_envs, environment, max_sessions
@@ -149,6 +151,8 @@ class EnvServer:
             raise ValueError(f"replica name {replica!r}: 1-64 of A-Z a-z 0-9 _ -")
         self.replica = f"{executor_id}.replica-{replica or uuid.uuid4().hex[:8]}"
         """This server's own id, where the requests of the sessions it opened come."""
+        self.max_envs_per_session = max(max_envs_per_session, num_envs)
+        """The most sub-envs one open may ask for (`EnvOpen.num_envs`)."""
         self.session_idle = session_idle
         """Seconds after which a silent session may be closed to make room (its job is gone)."""
         self.sessions: dict[str, Session] = {}
@@ -235,19 +239,31 @@ class EnvServer:
                 f"executor {self.executor_id} serves {self.environment}, not {request.environment}",
                 code=ErrorCode.INVALID_TASK,
             )
+        if self.replica in request.avoid:
+            raise ForsetiError(
+                f"replica {self.replica} already holds a session of this job",
+                code=ErrorCode.RESOURCE_EXHAUSTED,
+                retriable=True,
+            )
+        wanted = request.num_envs or self.num_envs
+        if wanted > self.max_envs_per_session:
+            raise ForsetiError(
+                f"num_envs {wanted}: executor {self.executor_id} makes at most {self.max_envs_per_session} per session",
+                code=ErrorCode.INVALID_TASK,
+            )
         held = self.sessions.get(request.session_id)
         if held is not None and held.token is not None and request.token != held.token:
             raise self._forbidden(request.session_id, "EnvOpen")
         if held is None:
             self._make_room(request.client)
-            envs = [self.make_env() for _ in range(self.num_envs)]
-            self.sessions[request.session_id] = Session(envs, token=request.token, client=request.client)
+            envs = [self.make_env() for _ in range(wanted)]
+            held = self.sessions[request.session_id] = Session(envs, token=request.token, client=request.client)
         observation, action = self.spaces
         return EnvSpec(
             session_id=request.session_id,
             observation_space=observation,
             action_space=action,
-            num_envs=self.num_envs,
+            num_envs=len(held.envs),
             executor_id=self.replica,
         )
 

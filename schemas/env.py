@@ -47,6 +47,11 @@ class EnvOpen(Strict):
     the bus can step, reset or close it (None: an open session, for clients that predate tokens)."""
     client: ShortText | None = None
     """Who opens it (a worker's id): an executor limits the sessions one client holds."""
+    num_envs: int | None = Field(default=None, ge=1, le=1024)
+    """Sub-envs the session should hold (None: as many as the executor serves by default)."""
+    avoid: list[ReplicaId] = Field(default_factory=list, max_length=32)
+    """Replicas that already hold a session of the same job: one of them refuses the open (retriable
+    `resource_exhausted`) so that the queue group offers it to another replica of the pool."""
 
 
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]

@@ -198,8 +198,10 @@ class RLTask(TaskBase):
     """The stable-baselines3 algorithm."""
     environment: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_./:-]{1,128}$")]
     """A registered gymnasium environment id."""
-    executor: Id | None = None
-    """Null runs the env inside the worker; an executor id runs it remotely over the bus."""
+    executor: Id | Annotated[list[Id], Field(min_length=1, max_length=32)] | None = None
+    """Null runs the env inside the worker; an executor id runs it remotely over the bus; a list of
+    ids spreads `config.num_envs` over one session on each (an id named twice: two sessions on its
+    replicas, on two different ones where it has them), stepped together."""
     name: Name | None = None
     """Registry name of the agent."""
     config: RLConfig = Field(default_factory=RLConfig)

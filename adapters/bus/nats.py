@@ -172,6 +172,11 @@ class NatsBus:
         self.reconnected = asyncio.Event()
         """Set each time the client reconnects after losing the server."""
 
+    def sibling(self, name: str) -> NatsBus:
+        """An unconnected bus to the same server with the same settings, named `name`: a private
+        connection for a thread that runs a loop of its own (a remote env's steps)."""
+        return NatsBus(self.url, settings=self.settings, name=name)
+
     @property
     def nc(self) -> Client:
         """The live connection."""

@@ -88,3 +88,53 @@ async def test_ppo_trains_through_a_remote_executor(bus_factory: Callable[[], An
         await server.stop()
         await client.close()
         await executor_side.close()
+
+
+async def test_ppo_trains_across_two_executors(bus_factory: Callable[[], Any], tmp_path: Path) -> None:
+    """Issue 16: a job names two executors; its num_envs are spread over them, stepped together."""
+    made: dict[str, int] = {}
+
+    def counted(name: str) -> Callable[[], Any]:
+        make = gym_factory("CartPole-v1")
+
+        def counting() -> Any:
+            made[name] = made.get(name, 0) + 1
+            return make()
+
+        return counting
+
+    buses, servers = [], []
+    names = [f"ex-{uuid.uuid4().hex[:6]}" for _ in range(2)]
+    for name in names:
+        bus = bus_factory()
+        await bus.connect()
+        server = EnvServer(bus, name, counted(name), environment="CartPole-v1")
+        await server.start()
+        buses.append(bus)
+        servers.append(server)
+    client = bus_factory()
+    await client.connect()
+    try:
+        async with running_worker(bus_factory(), [RLHandler(progress_every=64)], tmp_path, poll_interval=0.5):
+            task = RLTask.model_validate(
+                {
+                    "request_id": f"spread-{uuid.uuid4().hex[:6]}",
+                    "algorithm": "ppo",
+                    "environment": "CartPole-v1",
+                    "executor": names,
+                    "config": {"total_timesteps": 256, "n_steps": 32, "num_envs": 4, "seed": 3},
+                    "policy": {"net_arch": [16]},
+                    "evaluation": {"episodes": 1},
+                }
+            )
+            events = await watch(client, task.request_id or "")
+            await submit(client, task)
+            done = (await events.wait_end(timeout=120)).data
+        assert done.result.metrics.custom_metrics["timesteps"] >= 256
+        # each made a probe and two training sub-envs; the first also the evaluation's one
+        assert [made[name] for name in names] == [1 + 2 + 1, 1 + 2]
+    finally:
+        for server in servers:
+            await server.stop()
+        for bus in [*buses, client]:
+            await bus.close()

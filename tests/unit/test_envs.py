@@ -16,7 +16,7 @@ from gymnasium.utils.env_checker import check_env
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.envs import ENV_IDS, register_envs
 from forseti.envs.executor import EnvServer, gym_factory
-from forseti.envs.remote import RemoteVecEnv
+from forseti.envs.remote import RemoteVecEnv, spread
 from forseti.envs.spaces import check_batch, check_infos, check_rewards, space_to_spec, spec_to_space
 from forseti.schemas.catalog import env_channel
 from forseti.schemas.env import EnvClose, EnvError, EnvOpen, EnvStep
@@ -346,3 +346,78 @@ async def test_one_client_cannot_take_every_session_of_an_executor(pair: tuple[M
     env = await asyncio.to_thread(lambda: RemoteVecEnv(worker_side, "fair", loop=loop, session_id="real-job"))
     assert set(server.sessions) == {"grab-0", "grab-1", env.session_id}
     await asyncio.to_thread(env.close)
+
+
+async def test_sub_envs_spread_over_two_executors_step_as_one_vec_env(broker: MemoryBroker) -> None:
+    """Issue 16: a job's num_envs spread over two executors is one VecEnv whose sub-envs behave as the
+    same envs in the worker would, seeds and all (executor `a` holds sub-envs 0-1, `b` 2-4)."""
+    buses = [MemoryBus(broker) for _ in range(3)]
+    for bus in buses:
+        await bus.connect()
+    servers = [EnvServer(bus, name, gym_factory("CartPole-v1")) for bus, name in zip(buses, "ab", strict=False)]
+    for server in servers:
+        await server.start()
+    loop = asyncio.get_running_loop()
+
+    def run() -> tuple[list[Any], list[Any]]:
+        remote = RemoteVecEnv(buses[2], ["a", "b"], loop=loop, session_id="job", num_envs=5)
+        local = gym.vector.SyncVectorEnv([lambda: gym.make("CartPole-v1") for _ in range(5)])
+        assert remote.num_envs == 5 and [s.num_envs for s in remote.sessions] == [3, 2]
+        remote.seed(7)
+        seen, expected = [remote.reset()], [local.reset(seed=list(range(7, 12)))[0]]
+        actions = np.random.default_rng(0).integers(0, 2, size=(20, 5))
+        for act in actions:
+            seen.append(remote.step(act)[0])
+            expected.append(local.step(act)[0])
+        remote.close()
+        return seen, expected
+
+    try:
+        seen, expected = await asyncio.to_thread(run)
+        # before any episode ends, autoreset conventions agree: every observation matches
+        for got, want in zip(seen[:9], expected[:9], strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-6)
+        assert all(not server.sessions for server in servers)
+    finally:
+        for bus in buses:
+            await bus.close()
+
+
+async def test_a_pool_gives_each_session_of_a_job_its_own_replica(broker: MemoryBroker) -> None:
+    """Two sessions of one job on a pool of two replicas land on different replicas; when one replica
+    leaves mid-job its session is opened again on the other and only its own episodes are cut."""
+    buses = [MemoryBus(broker) for _ in range(3)]
+    for bus in buses:
+        await bus.connect()
+    servers = [EnvServer(bus, "pool", gym_factory("CartPole-v1"), num_envs=2) for bus in buses[:2]]
+    for server in servers:
+        await server.start()
+    loop = asyncio.get_running_loop()
+    env = await asyncio.to_thread(
+        lambda: RemoteVecEnv(buses[2], ["pool", "pool"], loop=loop, session_id="job", num_envs=4, step_timeout=0.5)
+    )
+    try:
+        assert {s.replica for s in env.sessions} == {server.replica for server in servers}
+        assert [len(server.sessions) for server in servers] == [1, 1]
+        await asyncio.to_thread(env.reset)
+        await asyncio.to_thread(env.step, np.array([0, 1, 0, 1]))
+        gone = next(i for i, s in enumerate(env.sessions) if s.replica == servers[0].replica)
+        await servers[0].stop()
+        _, rewards, _, infos = await asyncio.to_thread(env.step, np.array([0, 1, 0, 1]))
+        cut = [bool(info.get("session_reopened")) for info in infos]
+        assert cut == [i // 2 == gone for i in range(4)], "only the lost session's episodes end"
+        assert rewards[[i for i in range(4) if cut[i]]].tolist() == [0.0, 0.0]
+        assert len(servers[1].sessions) == 2, "the replica that stayed holds both sessions now"
+        await asyncio.to_thread(env.step, np.array([1, 1, 1, 1]))
+        await asyncio.to_thread(env.close)
+        assert not servers[1].sessions
+    finally:
+        for bus in buses:
+            await bus.close()
+
+
+def test_num_envs_cannot_be_spread_thinner_than_one_per_executor() -> None:
+    with pytest.raises(ForsetiError, match="num_envs 1 cannot be spread over 2 executors") as info:
+        spread(1, 2)
+    assert info.value.code is ErrorCode.INVALID_TASK
+    assert spread(16, 3) == [6, 5, 5]

@@ -7,6 +7,7 @@ a checkpoint every `checkpoint_interval`, and `ctx.hold()` so a pause holds and 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import RLTask
 from forseti.worker.engine.context import Work
 from forseti.worker.engine.limits import TRAINED_BYTES_PER_PARAMETER, check_fits, mlp_parameters
+from forseti.worker.engine.loop import loop_factory
 
 from . import rl_checkpoint
 
@@ -75,8 +77,10 @@ def check_algorithm(algorithm: str, action_space: spaces.Space[Any]) -> None:
         )
 
 
-def make_env(task: RLTask, ctx: Work, *, session: str, step_timeout: float, num_envs: int) -> VecEnv:
-    """The training (or evaluation) env: in this process, or on the task's executor; with episode stats."""
+def make_env(task: RLTask, ctx: Work, *, session: str, step_timeout: float, evaluation: bool = False) -> VecEnv:
+    """The training env (`config.num_envs` sub-envs) or the evaluation env (one): in this process, or
+    on the task's executors; with episode stats."""
+    num_envs = 1 if evaluation else task.config.num_envs
     venv: VecEnv
     if task.executor is None and task.environment in MULTI_AGENT_ENVS:
         from forseti.envs.multi_agent import multi_agent_factory, shared_policy_vec_env
@@ -93,14 +97,22 @@ def make_env(task: RLTask, ctx: Work, *, session: str, step_timeout: float, num_
     else:
         if ctx.bus is None:
             raise ForsetiError("remote envs need the worker's bus", code=ErrorCode.INVALID_TASK)
+        executors = [task.executor] if isinstance(task.executor, str) else task.executor
+        if evaluation:  # one sub-env on the first executor, as in the worker
+            executors = executors[:1]
+        # one executor serves its own number of sub-envs unless the task asks for one; several
+        # share the task's
+        asked = evaluation or len(executors) > 1 or "num_envs" in task.config.model_fields_set
         venv = RemoteVecEnv(
             ctx.bus,
-            task.executor,
+            executors,
             loop=ctx.loop,
             session_id=session,
             environment=task.environment,
+            num_envs=num_envs if asked else None,
             step_timeout=step_timeout,
             check=ctx.check,
+            private_loop=loop_factory() or asyncio.new_event_loop,
         )
     return VecMonitor(venv)
 
@@ -240,7 +252,7 @@ class JobCallback(BaseCallback):
 
 def train(task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int) -> TrainedPolicy:
     """Train (or resume), evaluate and export; raises JobStopped (via ctx.check) when stopped."""
-    env = make_env(task, ctx, session=ctx.job_id, step_timeout=step_timeout, num_envs=task.config.num_envs)
+    env = make_env(task, ctx, session=ctx.job_id, step_timeout=step_timeout)
     try:
         check_algorithm(task.algorithm, env.action_space)
         check_fits_memory(task, env, ctx.memory_limit)
@@ -311,7 +323,7 @@ def evaluate(
 ) -> tuple[float, float]:
     """Mean and std of the return over `evaluation.episodes` deterministic episodes, seeded alike for
     every model evaluated in a job."""
-    env = make_env(task, ctx, session=session, step_timeout=step_timeout, num_envs=1)
+    env = make_env(task, ctx, session=session, step_timeout=step_timeout, evaluation=True)
     try:
         if task.config.seed is not None:
             env.seed(task.config.seed + 10_000)
