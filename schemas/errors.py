@@ -33,6 +33,7 @@ class ErrorCode(StrEnum):
     SHUTDOWN = "shutdown"
     FORBIDDEN = "forbidden"
     UNKNOWN_JOB = "unknown_job"
+    RENDEZVOUS_TIMEOUT = "rendezvous_timeout"
 
 
 class ForsetiError(Exception):

@@ -90,7 +90,15 @@ class TrainingConfig(Strict):
     metrics: list[ShortText] = Field(default_factory=list, max_length=32)
     """Metrics to report each epoch."""
     distributed: bool = False
-    """Ask for data-parallel training across devices."""
+    """Data-parallel training (torch DistributedDataParallel) over `world_size` ranks."""
+    world_size: int = Field(default=1, ge=1, le=64)
+    """Ranks of a distributed run, each taking an equal share of every batch (`num_gpus` when left at
+    1 and more GPUs are asked for)."""
+    max_restarts: int = Field(default=3, ge=0, le=100)
+    """A distributed run: times the group is started again from the last checkpoint after a rank dies."""
+    rendezvous_timeout: float = Field(default=120.0, ge=1, le=3600)
+    """A distributed run: seconds its ranks may take to find each other before the job fails with
+    `rendezvous_timeout`."""
     num_gpus: int = Field(default=0, ge=0, le=64)
     """GPUs to use; 0 trains on the CPU."""
     early_stopping: EarlyStopping | None = None
@@ -117,6 +125,22 @@ class TrainingConfig(Strict):
     """Hyperparameter search; one run with the config as given when omitted."""
     quantize_int8: bool = False
     """Also export a dynamically int8-quantised ONNX (for devices), its change against the float model measured."""
+
+    @model_validator(mode="after")
+    def _ranks(self) -> TrainingConfig:
+        if self.world_size > 1 and not self.distributed:
+            raise ValueError("world_size > 1 needs distributed: true")
+        if self.distributed and self.num_gpus and self.world_size > self.num_gpus:
+            raise ValueError(f"world_size {self.world_size} needs as many GPUs, not num_gpus {self.num_gpus}")
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """Processes the run trains on: 1 unless distributed; then `world_size`, or `num_gpus` when
+        world_size is left at 1."""
+        if not self.distributed:
+            return 1
+        return self.num_gpus if self.world_size == 1 and self.num_gpus > 1 else self.world_size
 
 
 class DataSource(Strict):

@@ -70,39 +70,20 @@ class Announcer(Protocol):
         or announces what only the job's holder may)."""
 
 
-class Work(Protocol):
-    """What a job's heavy work may use of its job, in a thread of the worker or in a child process."""
+class Steps(Protocol):
+    """What a training loop uses of its job: its safe points, its reports, its memory budget (a
+    job's context, or one rank's of a distributed run)."""
 
     job_id: str
-    kind: TaskKind
-    attempt: int
-    resumed: bool
-    inputs: Inputs
     memory_limit: int
-
-    @property
-    def bus(self) -> Bus | None:
-        """The worker's bus; None in a child process."""
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        """The worker's event loop (raises in a child process)."""
-
-    @property
-    def work_dir(self) -> Path:
-        """The job's private folder."""
-
-    @property
-    def artifacts_dir(self) -> Path:
-        """Where the job's exported files go."""
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        """Where the job's checkpoints go."""
 
     @property
     def should_stop(self) -> bool:
         """True once the job was asked to stop."""
+
+    @property
+    def paused(self) -> bool:
+        """True while a pause is in force."""
 
     def hold(self) -> bool:
         """Block while paused; False once asked to stop."""
@@ -123,6 +104,35 @@ class Work(Protocol):
 
     def checkpointed(self, step: int) -> None:
         """Say a whole checkpoint was just written to `checkpoint_dir` at `step`."""
+
+
+class Work(Steps, Protocol):
+    """What a job's heavy work may use of its job, in a thread of the worker or in a child process."""
+
+    kind: TaskKind
+    attempt: int
+    resumed: bool
+    inputs: Inputs
+
+    @property
+    def bus(self) -> Bus | None:
+        """The worker's bus; None in a child process."""
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's event loop (raises in a child process)."""
+
+    @property
+    def work_dir(self) -> Path:
+        """The job's private folder."""
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where the job's exported files go."""
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the job's checkpoints go."""
 
 
 class SafePoints:

@@ -24,9 +24,10 @@ from forseti.adapters.exporters.torch_onnx import torch_to_onnx
 from forseti.adapters.inference import CARD, CARD_KEY
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import TrainingConfig
-from forseti.worker.engine.context import JobStopped, Work
+from forseti.worker.engine.context import JobStopped, Steps, Work
 from forseti.worker.engine.limits import TRAINED_BYTES_PER_PARAMETER, check_fits, module_parameters
 
+from .training_ddp import Rank
 from .training_models import Prepared, loss_function, predict
 
 LATEST, BEST, TRIAL = "latest.pt", "best.pt", "trial.json"
@@ -74,8 +75,9 @@ def watched(config: TrainingConfig) -> tuple[str, bool]:
     return name, name.endswith("loss") or name.removeprefix("val_") in LOWER_IS_BETTER
 
 
-def device_for(config: TrainingConfig) -> torch.device:
-    """CUDA when the task asks for GPUs (invalid_task when there is none), else the CPU."""
+def device_for(config: TrainingConfig, local_rank: int = 0) -> torch.device:
+    """CUDA when the task asks for GPUs (invalid_task when there is none; the rank's own GPU in a
+    distributed run), else the CPU."""
     if config.num_gpus == 0:
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -83,7 +85,7 @@ def device_for(config: TrainingConfig) -> torch.device:
             f"num_gpus is {config.num_gpus} but this worker has no CUDA device; use 0 to train on the CPU",
             code=ErrorCode.INVALID_TASK,
         )
-    return torch.device("cuda")
+    return torch.device("cuda", local_rank) if config.distributed else torch.device("cuda")
 
 
 def _resource_metrics() -> dict[str, float]:
@@ -151,24 +153,48 @@ def one_epoch(
     batch_size: int,
     clip: float | None,
     precision: Precision,
+    rank: Rank | None = None,
 ) -> float:
-    """One pass over the training data in `order`; the mean training loss."""
+    """One pass over the training data in `order`; the mean training loss. In a distributed run each
+    rank takes its share of every batch, and its loss is weighted by that share so that the averaged
+    gradient is the whole batch's: the steps are single-process training's on the same batches."""
+    rank = rank or Rank()
+    me, ranks = rank.shard
     x, y = data
     network.train()
     total = torch.zeros((), device=x.device)
     for i in range(0, len(order), batch_size):
         batch = order[i : i + batch_size]
+        share = batch.tensor_split(ranks)[me]
         optimizer.zero_grad(set_to_none=True)
         with precision.autocast():
-            loss = criterion(network(x[batch]), y[batch])
-        precision.step(loss, optimizer, network.parameters(), clip)
-        total += loss.detach() * len(batch)  # summed on the device: no sync per batch
-    return float(total) / len(order)
+            if len(share):
+                loss = criterion(network(x[share]), y[share])
+            else:  # a last batch smaller than the group: this rank adds nothing, but takes part
+                loss = sum((p.sum() * 0.0 for p in network.parameters()), torch.zeros((), device=x.device))
+        precision.step(loss * (len(share) * ranks / len(batch)), optimizer, network.parameters(), clip)
+        total += loss.detach() * len(share)  # summed on the device: no sync per batch
+    return float(rank.total(total)) / len(order)
+
+
+def resume(
+    latest: Path, network: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
+) -> tuple[int, float, int, int, float]:
+    """Load the checkpoint `latest` into the network, optimizer and scheduler; the loop's state
+    (epoch, best score, best epoch, stale epochs, the last training loss)."""
+    state = torch.load(latest, weights_only=True, map_location=device)
+    network.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler"):
+        scheduler.load_state_dict(state["scheduler"])
+    # a job redelivered after its last checkpoint trains no epoch: it reports the loss that one saved
+    train_loss = float(state.get("train_loss", float("nan")))
+    return state["epoch"], state["best_score"], state["best_epoch"], state["stale"], train_loss
 
 
 def train(
     config: TrainingConfig,
-    ctx: Work,
+    ctx: Steps,
     prepared: Prepared,
     folder: Path,
     *,
@@ -176,9 +202,30 @@ def train(
     label: str = "",
 ) -> Stats:
     """Train one network (or resume it from `folder`), keeping its best epoch by the watched metric
-    in `folder`; progress fills `span` of the job."""
+    in `folder`; progress fills `span` of the job. A distributed config trains over its ranks
+    (`training_ddp`)."""
+    if config.ranks > 1:
+        from .training_ddp import launch
+
+        stats: Stats = launch(config, ctx, prepared, folder, span=span, label=label)
+        return stats
+    return fit(config, ctx, prepared, folder, span=span, label=label)
+
+
+def fit(
+    config: TrainingConfig,
+    ctx: Steps,
+    prepared: Prepared,
+    folder: Path,
+    *,
+    span: tuple[float, float] = (0.0, 1.0),
+    label: str = "",
+) -> Stats:
+    """Train in this process: alone, or as one rank of a distributed run (rank 0 reports, keeps the
+    checkpoints and decides when the run ends; the others train their share)."""
+    rank = Rank.current()
     folder.mkdir(parents=True, exist_ok=True)
-    device = device_for(config)
+    device = device_for(config, rank.local_rank)
     precision = Precision(device)
     torch.manual_seed(config.seed)
     parameters = module_parameters(lambda: prepared.build(config)[0])
@@ -193,17 +240,9 @@ def train(
     watch, lower_is_better = watched(config)
 
     latest, best_path = folder / LATEST, folder / BEST
-    epoch, best_score, best_epoch, stale = 0, float("inf"), 0, 0
-    train_loss = float("nan")
+    epoch, best_score, best_epoch, stale, train_loss = 0, float("inf"), 0, 0, float("nan")
     if latest.exists():
-        state = torch.load(latest, weights_only=True, map_location=device)
-        network.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        epoch, best_score, best_epoch, stale = state["epoch"], state["best_score"], state["best_epoch"], state["stale"]
-        # a job redelivered after its last checkpoint trains no epoch: it reports the loss that one saved
-        train_loss = float(state.get("train_loss", train_loss))
+        epoch, best_score, best_epoch, stale, train_loss = resume(latest, network, optimizer, scheduler, device)
     resumed_from = epoch
     stopped_early = stopping is not None and stale >= stopping.patience
 
@@ -225,20 +264,21 @@ def train(
         partial.replace(path)
 
     def checkpoint() -> None:
-        save(latest)
-        ctx.checkpointed(epoch)
+        if rank.lead:  # the ranks hold the same weights: one copy, rank 0's
+            save(latest)
+            ctx.checkpointed(epoch)
 
     x_train, y_train, x_val, y_val = (
         torch.from_numpy(a).to(device) for a in (prepared.train.x, prepared.train.y, prepared.val.x, prepared.val.y)
     )
+    model = rank.wrap(network, device)
     generator = torch.Generator().manual_seed(config.seed + epoch)
     started, samples = time.monotonic(), 0
     try:
-        while epoch < config.epochs and not stopped_early:
-            ctx.check()
+        while rank.go_on(ctx, more=epoch < config.epochs and not stopped_early):
             order = torch.randperm(len(x_train), generator=generator).to(device)
             train_loss = one_epoch(
-                network,
+                model,
                 optimizer,
                 criterion,
                 (x_train, y_train),
@@ -246,17 +286,20 @@ def train(
                 batch_size=config.batch_size,
                 clip=config.grad_clip,
                 precision=precision,
+                rank=rank,
             )
             samples += len(order)
             network.eval()
             with torch.no_grad(), precision.autocast():
                 val_loss = float(criterion(network(x_val), y_val))
+            if scheduler is not None:  # every rank steps it alike: their weights, and val_loss, are equal
+                scheduler.step(val_loss) if config.lr_scheduler == "plateau" else scheduler.step()
+            epoch += 1
+            if not rank.lead:
+                continue
             evaluated = prepared.evaluate(predictor, prepared.val)
             figures = {f"val_{k}": v for k, v in evaluated.items() if k in metric_names}
             figures.update({"train_loss": train_loss, "val_loss": val_loss})
-            if scheduler is not None:
-                scheduler.step(val_loss) if config.lr_scheduler == "plateau" else scheduler.step()
-            epoch += 1
             score = figures.get(watch, val_loss)
             signed = score if lower_is_better else -score
             if signed < best_score - (stopping.min_delta if stopping else 0.0):
@@ -276,7 +319,7 @@ def train(
             )
             if stopping is not None and stale >= stopping.patience:
                 checkpoint()
-                break
+                stopped_early = True  # the loop's next turn tells the other ranks
     except JobStopped:
         checkpoint()
         raise

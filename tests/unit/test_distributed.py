@@ -1,0 +1,185 @@
+"""Data-parallel supervised training (issue 16): DistributedDataParallel over gloo ranks on this host,
+launched by torch's elastic machinery, equal to single-process training on the same global batch."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+
+from forseti.adapters.bus import MemoryBroker, MemoryBus
+from forseti.schemas.errors import ErrorCode, ForsetiError
+from forseti.schemas.tasks import TrainingConfig
+from forseti.worker.engine.context import JobStopped, SafePoints, StopReason
+from forseti.worker.engine.inputs import Inputs
+from forseti.worker.handlers.training import TrainingHandler
+from forseti.worker.handlers.training_ddp import RankJob
+from forseti.worker.handlers.training_loop import LATEST, Stats, fit, train
+from forseti.worker.handlers.training_models import Prepared, prepare
+
+from ..helpers import breast_cancer_training, run_task, running_worker
+
+
+class Recorder(SafePoints):
+    """A job context for the loop alone: it keeps what the work reports."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__()
+        self.job_id, self.memory_limit, self.folder = f"ddp-{folder.name}", 8 * 2**30, folder
+        self.kind, self.attempt, self.resumed, self.inputs = "training", 1, False, Inputs(folder)
+        self.reports: list[dict[str, float]] = []
+        self.checkpoints: list[int] = []
+        self.pause_at = self.stop_at = -1
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the checkpoints go."""
+        return self.folder
+
+    def progress(
+        self,
+        fraction: float,
+        *,
+        step: int = 0,
+        total: int | None = None,
+        message: str = "",
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Keep the figures; pause at `pause_at`, stop at `stop_at`."""
+        self.reports.append({"step": step, **(metrics or {})})
+        if step == self.pause_at:
+            self._unpaused.clear()
+        if step == self.stop_at:
+            self._stop = StopReason.CANCEL
+
+    def checkpointed(self, step: int) -> None:
+        """Keep the step."""
+        self.checkpoints.append(step)
+
+    def resume(self) -> None:
+        """End the pause."""
+        self._unpaused.set()
+
+
+def cancer(**config: Any) -> tuple[TrainingConfig, Prepared]:
+    settings = {"epochs": 2, "batch_size": 64, "learning_rate": 1e-2, "hidden": [16], **config}
+    task = breast_cancer_training("ddp", **settings)
+    rows = task.data_sources[0].rows or []
+    return task.config, prepare(task, rows)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = torch.load(folder / LATEST, weights_only=True)["model"]
+    return state
+
+
+def test_two_ranks_train_the_weights_one_process_trains_on_the_same_batches(tmp_path: Path) -> None:
+    single, prepared = cancer(batch_size=63)  # shards of 32 and 31: each weighted by its share
+    fit(single, Recorder(tmp_path / "one"), prepared, tmp_path / "one")
+    config = single.model_copy(update={"distributed": True, "world_size": 2})
+    ctx = Recorder(tmp_path / "two")
+    stats = train(config, ctx, prepared, tmp_path / "two")
+    assert isinstance(stats, Stats) and stats.epochs == 2
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    assert [r["step"] for r in ctx.reports] == [1, 2] and ctx.checkpoints == [1, 2]
+    assert all(r["world_size"] == 2.0 and r["restarts"] == 0.0 for r in ctx.reports)
+
+
+def late_rank(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
+    """A rank 1 that never joins the group in time (a host too slow or gone)."""
+    from forseti.worker.handlers.training_ddp import rank_main
+
+    if os.environ["RANK"] == "1":
+        time.sleep(job.config.rendezvous_timeout + 2)
+        return "done", None
+    return rank_main(job, messages, state)
+
+
+def test_ranks_that_do_not_meet_in_time_fail_the_job_with_a_clear_code(tmp_path: Path) -> None:
+    from forseti.worker.handlers.training_ddp import launch
+
+    config, prepared = cancer(distributed=True, world_size=2, rendezvous_timeout=2, max_restarts=0)
+    with pytest.raises(ForsetiError, match="did not meet") as info:
+        launch(config, Recorder(tmp_path), prepared, tmp_path, span=(0, 1), label="", entry=late_rank)
+    assert info.value.code is ErrorCode.RENDEZVOUS_TIMEOUT
+
+
+def pid_recording_rank(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
+    """rank_main, leaving its pid in the job's folder as `rank-<RANK>.pid` (the launcher sets RANK
+    after the process starts, where no other process can read it)."""
+    from forseti.worker.handlers.training_ddp import rank_main
+
+    (job.folder / f"rank-{os.environ['RANK']}.pid").write_text(str(os.getpid()))
+    return rank_main(job, messages, state)
+
+
+def test_a_rank_killed_mid_job_restarts_the_group_from_the_checkpoint(tmp_path: Path) -> None:
+    """Rank 1 is killed while the job is paused: the group starts again, resumes from the last
+    checkpoint, and the run ends once, every epoch reported once."""
+    from forseti.worker.handlers.training_ddp import launch
+
+    config, prepared = cancer(distributed=True, world_size=2, epochs=4)
+    ctx = Recorder(tmp_path)
+    ctx.pause_at = 1  # held at the next epoch boundary the pause reaches the ranks
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["stats"] = launch(config, ctx, prepared, tmp_path, span=(0, 1), label="", entry=pid_recording_rank)
+
+    runner = threading.Thread(target=run, daemon=True)
+    runner.start()
+    pid_file = tmp_path / "rank-1.pid"
+    deadline = time.monotonic() + 60
+    while not (ctx.paused and pid_file.exists()):
+        assert time.monotonic() < deadline, "the ranks never reached the pause"
+        time.sleep(0.1)
+    time.sleep(1)  # rank 0 holds the group now
+    held = len(ctx.reports)
+    first = int(pid_file.read_text())
+    os.kill(first, signal.SIGKILL)
+    while int(pid_file.read_text()) == first:
+        assert time.monotonic() < deadline, "the group was not started again"
+        time.sleep(0.1)
+    ctx.resume()
+    runner.join(60)
+    assert outcome["stats"].epochs == 4
+    assert [r["step"] for r in ctx.reports] == [1, 2, 3, 4], "each epoch once: resumed from the checkpoint"
+    assert [r["restarts"] for r in ctx.reports] == [0.0] * held + [1.0] * (4 - held)
+    assert ctx.checkpoints == [1, 2, 3, 4]
+
+
+def test_a_stopped_job_stops_every_rank_after_a_checkpoint(tmp_path: Path) -> None:
+    config, prepared = cancer(distributed=True, world_size=2, epochs=50)
+    ctx = Recorder(tmp_path)
+    ctx.stop_at = 2
+    with pytest.raises(JobStopped):
+        train(config, ctx, prepared, tmp_path)
+    assert ctx.checkpoints[-1] == torch.load(tmp_path / LATEST, weights_only=True)["epoch"] < 50
+    assert not [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
+
+
+async def test_a_distributed_training_task_runs_through_the_worker(broker: MemoryBroker, tmp_path: Path) -> None:
+    """The task names the ranks (distributed, world_size 2); the job reports rank 0's epochs, exports
+    and registers one model, as a single-process job does."""
+    client = MemoryBus(broker)
+    await client.connect()
+    task = breast_cancer_training(
+        f"ddp-{uuid.uuid4().hex[:6]}", epochs=3, batch_size=32, hidden=[16], distributed=True, world_size=2
+    )
+    async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
+        done, events = await run_task(client, task)
+    custom = done.result.metrics.custom_metrics
+    assert custom["test_accuracy"] > 0.9 and custom["onnx_parity"] < 1e-5
+    progress = [e.data for e in events.events if e.type.endswith("progress.v1") and "world_size" in e.data.metrics]
+    assert [p.step for p in progress] == [1, 2, 3] and {p.metrics["world_size"] for p in progress} == {2.0}
+    await client.close()

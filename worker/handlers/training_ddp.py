@@ -1,0 +1,333 @@
+"""Data-parallel supervised training: one job's network trained by `world_size` ranks with torch's
+DistributedDataParallel, each rank taking an equal share of every batch.
+
+The job's work is the agent: it starts the ranks through torch's elastic launcher (the machinery
+behind `torchrun`: a c10d rendezvous keyed by the job id, gloo on the CPU, NCCL on GPUs, each rank
+a process of this host) and stays in the job, relaying. Rank 0 owns the job's side of the run:
+its progress and checkpoints come to the agent over a queue and go out as the job's; the other
+ranks only train. Pause and stop come down through shared flags that rank 0 reads at each epoch
+and passes on to the others. A rank that dies makes the launcher start the whole group again, up
+to `max_restarts` times, and every rank resumes from the last checkpoint; past that the job fails
+with `handler_crashed`, naming the rank and why. Ranks that cannot find each other within
+`rendezvous_timeout` fail the job with `rendezvous_timeout`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import multiprocessing
+import os
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
+
+from forseti.schemas.errors import ErrorCode, ForsetiError
+from forseti.schemas.tasks import TrainingConfig
+from forseti.worker.engine.context import JobStopped, SafePoints, Steps, StopReason
+
+log = logging.getLogger(__name__)
+
+RUNNING, PAUSED, STOPPING = 0, 1, 2
+"""What the agent tells rank 0 through the shared state flag."""
+STOP, GO, HOLD = 0, 1, 2
+"""What rank 0 tells the others before each epoch."""
+POLL_SECONDS = 0.2
+"""How often the agent looks at the job (paused, stopped) while it relays."""
+
+
+class Rank:
+    """This process's place in a distributed run (rank 0 of 1 outside one)."""
+
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> None:
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+
+    @classmethod
+    def current(cls) -> Rank:
+        """The rank of the process group this process belongs to, if any."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return cls()
+        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def lead(self) -> bool:
+        """Rank 0: it reports, checkpoints and decides when the run ends."""
+        return self.rank == 0
+
+    @property
+    def shard(self) -> tuple[int, int]:
+        """(rank, world size): which share of each batch this rank takes."""
+        return self.rank, self.world_size
+
+    def wrap(self, network: nn.Module, device: torch.device) -> nn.Module:
+        """The network as this rank trains it: under DistributedDataParallel when there are others."""
+        if self.world_size == 1:
+            return network
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        return DistributedDataParallel(network, device_ids=ids)
+
+    def go_on(self, ctx: Steps, *, more: bool) -> bool:
+        """Whether every rank trains another epoch: rank 0 decides (`more`, unless the job was stopped:
+        then it raises JobStopped, after telling the others) and says so; the others hear it and
+        ignore their own `more`. While the job is paused rank 0 tells them to hold, every
+        `POLL_SECONDS`, so that no rank waits on a collective long enough to time out."""
+        if self.world_size == 1:
+            if more:
+                ctx.check()
+            return more
+        if not self.lead:
+            while (word := self._say(HOLD)) == HOLD:
+                pass
+            return word == GO
+        while more and ctx.paused and not ctx.should_stop:
+            self._say(HOLD)
+            time.sleep(POLL_SECONDS)
+        if more and ctx.should_stop:
+            self._say(STOP)
+            ctx.check()  # raises JobStopped
+        return self._say(GO if more else STOP) == GO
+
+    def _say(self, word: int) -> int:
+        """Rank 0's word to the others (theirs is ignored), as every rank hears it."""
+        flag = torch.tensor([float(word)])
+        dist.broadcast(flag, src=0)
+        return int(flag.item())
+
+    def total(self, value: torch.Tensor) -> torch.Tensor:
+        """`value` summed over every rank."""
+        if self.world_size > 1:
+            dist.all_reduce(value)
+        return value
+
+
+class RankContext(SafePoints):
+    """What a rank's training sees of its job: rank 0's progress and checkpoints go to the agent; the
+    job's pause and stop come from the agent's shared flag."""
+
+    def __init__(self, messages: Any, state: Any, memory_limit: int, job_id: str) -> None:
+        super().__init__()
+        self.messages, self.state, self.memory_limit, self.job_id = messages, state, memory_limit, job_id
+
+    @property
+    def paused(self) -> bool:
+        """True while the job is paused."""
+        return bool(self.state.value == PAUSED)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once the job was stopped."""
+        return bool(self.state.value == STOPPING)
+
+    def check(self) -> None:
+        """Wait while the job is paused; raise JobStopped once it was stopped."""
+        while self.state.value == PAUSED:
+            time.sleep(POLL_SECONDS)
+        if self.state.value == STOPPING:
+            raise JobStopped(StopReason.CANCEL, "stopped by its job")
+
+    def progress(
+        self,
+        fraction: float,
+        *,
+        step: int = 0,
+        total: int | None = None,
+        message: str = "",
+        metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Hand the figures to the agent, which reports them as the job's."""
+        restarts = float(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+        figures = {**(metrics or {}), "world_size": float(dist.get_world_size()), "restarts": restarts}
+        report = {"step": step, "total": total, "message": message, "metrics": figures}
+        self.messages.put(("progress", fraction, report))
+
+    def checkpointed(self, step: int) -> None:
+        """Tell the agent a whole checkpoint was written."""
+        self.messages.put(("checkpointed", step))
+
+
+@dataclass(frozen=True)
+class RankJob:
+    """What every rank needs to train its share (pickled to each rank's process)."""
+
+    config: TrainingConfig
+    prepared: Any
+    """The job's prepared data and model type (`training_models.Prepared`)."""
+    folder: Path
+    span: tuple[float, float]
+    label: str
+    memory_limit: int
+    threads: int
+    job_id: str
+
+
+def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
+    """One rank's process: join the group, train, and say how it ended (a ForsetiError is an
+    outcome, not a crash: the launcher must not start the group again for a refused task)."""
+    from .training_loop import fit
+
+    torch.set_num_threads(job.threads)
+    backend = "nccl" if job.config.num_gpus else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    timeout = datetime.timedelta(seconds=job.config.rendezvous_timeout)
+    try:
+        dist.init_process_group(
+            backend,
+            store=group_store(job.job_id, timeout),
+            rank=int(os.environ["RANK"]),
+            world_size=int(os.environ["WORLD_SIZE"]),
+            timeout=timeout,
+        )
+    except dist.DistStoreError as exc:
+        return "error", (ErrorCode.RENDEZVOUS_TIMEOUT, f"the ranks did not meet: {exc}")
+    try:
+        ctx = RankContext(messages, state, job.memory_limit, job.job_id)
+        stats = fit(job.config, ctx, job.prepared, job.folder, span=job.span, label=job.label)
+        return "done", stats
+    except JobStopped:
+        return "stopped", None
+    except ForsetiError as exc:
+        return "error", (exc.code, exc.message)
+    finally:
+        dist.destroy_process_group()
+
+
+def group_store(job_id: str, timeout: datetime.timedelta) -> Store:
+    """The c10d store the ranks meet in: the launcher's (its TCPStore, at MASTER_ADDR:MASTER_PORT),
+    under a prefix of the job id and the group's start count. A group started again after a rank
+    died then never reads an address its dead predecessor left there (seen here: the new rank 1
+    dialled the old rank 0's port, and the group had to start a third time)."""
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent and rank == 0,
+        timeout=timeout,
+        multi_tenant=not agent,
+    )
+    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return PrefixStore(f"forseti/{job_id}/start-{restarts}", store)
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for the rendezvous store."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def quiet_launcher() -> Iterator[None]:
+    """The elastic launcher's own log lines (one per rank start, a warning that it cannot install
+    signal handlers off the main thread: the agent stops the ranks itself) kept to errors."""
+    logger = logging.getLogger("torch.distributed.elastic")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def launch(
+    config: TrainingConfig,
+    ctx: Steps,
+    prepared: Any,
+    folder: Path,
+    *,
+    span: tuple[float, float],
+    label: str,
+    entry: Callable[[RankJob, Any, Any], tuple[str, Any]] = rank_main,
+) -> Any:
+    """Train with `config.ranks` ranks on this host and return rank 0's `Stats`; relays rank 0's
+    progress and checkpoints, and the job's pause and stop, until the ranks end."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    spawn = multiprocessing.get_context("spawn")
+    messages, state = spawn.Queue(), spawn.Value("i", RUNNING)
+    ranks = config.ranks
+    job = RankJob(
+        config=config,
+        prepared=prepared,
+        folder=folder,
+        span=span,
+        label=label,
+        memory_limit=ctx.memory_limit,
+        threads=max(1, torch.get_num_threads() // ranks),
+        job_id=ctx.job_id,
+    )
+    launcher = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=ranks,
+        run_id=ctx.job_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{free_port()}",
+        rdzv_configs={"join_timeout": config.rendezvous_timeout},
+        max_restarts=config.max_restarts,
+        monitor_interval=POLL_SECONDS,
+        start_method="spawn",
+    )
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            with quiet_launcher():
+                outcome["ranks"] = elastic_launch(launcher, entry)(job, messages, state)
+        except BaseException as exc:  # handed to the job's thread, which raises what it means
+            outcome["error"] = exc
+
+    log.info("%s: training with %d ranks (restarts allowed: %d)", ctx.job_id, ranks, config.max_restarts)
+    thread = threading.Thread(target=run, name=f"ranks-{ctx.job_id}", daemon=True)
+    thread.start()
+    while thread.is_alive() or not messages.empty():
+        state.value = STOPPING if ctx.should_stop else PAUSED if ctx.paused else RUNNING
+        try:
+            message = messages.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            continue
+        if message[0] == "progress":
+            ctx.progress(message[1], **message[2])
+        else:
+            ctx.checkpointed(message[1])
+    thread.join()
+    error = outcome.get("error")
+    if isinstance(error, RendezvousTimeoutError):
+        raise ForsetiError(
+            f"the {ranks} ranks did not meet within {config.rendezvous_timeout:g}s: {error}",
+            code=ErrorCode.RENDEZVOUS_TIMEOUT,
+        )
+    if isinstance(error, ChildFailedError):
+        rank, failure = error.get_first_failure()
+        raise ForsetiError(
+            f"rank {rank} failed (the group was started {config.max_restarts} times again): "
+            f"{failure.message or f'exit code {failure.exitcode}'}"[:4096],
+            code=ErrorCode.HANDLER_CRASHED,
+        )
+    if error is not None:
+        raise error
+    how, value = outcome["ranks"][0]
+    if how == "error":
+        code, message = value
+        raise ForsetiError(message, code=code)
+    if how == "stopped":
+        ctx.check()  # raises the job's own JobStopped
+    return value
