@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from typing import Any
+
 ENV_IDS = ("forseti/EmailTriage-v0", "forseti/SensorAnomaly-v0")
 MULTI_AGENT_ENVS = {"forseti/TriageTeam-v0": "forseti.envs.triage_team:TriageTeamEnv"}
 """Forseti's own multi-agent envs (PettingZoo ParallelEnv), by the id a task names them with: trained
 with parameter sharing (`envs/multi_agent.py`)."""
+
+
+def multi_agent_factory(env_id: str) -> Callable[[], Any]:
+    """The constructor of the multi-agent env `env_id` (one of MULTI_AGENT_ENVS): a PettingZoo
+    ParallelEnv class, imported on first use."""
+    module, _, name = MULTI_AGENT_ENVS[env_id].partition(":")
+    cls: Callable[[], Any] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 def register_envs() -> None:

@@ -31,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, SupportsFloat
+from typing import Any, Protocol, SupportsFloat, cast
 
 from gymnasium import spaces
 
@@ -81,6 +81,16 @@ class Session:
     used: float = field(default_factory=time.monotonic)
     """When its client last asked anything (time.monotonic)."""
 
+    @property
+    def num_envs(self) -> int:
+        """Its sub-envs."""
+        return len(self.envs)
+
+    def close(self) -> None:
+        """Close its envs."""
+        for env in self.envs:
+            env.close()
+
     def reset(self, session_id: str, seeds: list[int | None]) -> EnvTransition:
         observations, infos = [], []
         for i, env in enumerate(self.envs):
@@ -126,6 +136,68 @@ class Session:
         )
 
 
+class TeamSession(Session):
+    """A multi-agent session: copies of a PettingZoo ParallelEnv's team, each agent a sub-env (the
+    layout SuperSuit gives SB3 for parameter sharing: one policy acts for every agent). SuperSuit's
+    vector env resets a copy when all its agents are done and puts the last observation in each
+    agent's info as `terminal_observation`, as a single-agent session does."""
+
+    def __init__(self, team: Any, copies: int, *, token: str | None, client: str | None) -> None:
+        import supersuit
+
+        super().__init__([], token=token, client=client)
+        self.agents = list(team.possible_agents) * copies
+        """The agent each sub-env is."""
+        self.space = team.action_space(team.possible_agents[0])
+        self.vec = supersuit.concat_vec_envs_v1(
+            supersuit.pettingzoo_env_to_vec_env_v1(team), copies, num_cpus=0, base_class="gymnasium"
+        )
+
+    @property
+    def num_envs(self) -> int:
+        """Its sub-envs: copies x agents."""
+        return len(self.agents)
+
+    def reset(self, session_id: str, seeds: list[int | None]) -> EnvTransition:
+        observations, infos = self.vec.reset(seed=seeds[0] if seeds else None)
+        return EnvTransition.model_construct(
+            session_id=session_id,
+            step=0,
+            observations=[to_wire(o) for o in observations],
+            infos=[to_wire(i) if i else {} for i in infos],
+            rewards=[],
+            terminated=[],
+            truncated=[],
+        )
+
+    def step(self, session_id: str, number: int, actions: list[Any]) -> EnvTransition:
+        batch = check_batch(actions, self.space, self.num_envs, "actions")
+        observations, rewards, terminated, truncated, infos = self.vec.step(batch)
+        self.last_step = number
+        return EnvTransition.model_construct(
+            session_id=session_id,
+            step=number,
+            observations=[to_wire(o) for o in observations],
+            rewards=[float(r) for r in rewards],
+            terminated=[bool(t) for t in terminated],
+            truncated=[bool(t) for t in truncated],
+            infos=[to_wire(i) if i else {} for i in infos],
+        )
+
+    def close(self) -> None:
+        """Close the team's copies."""
+        self.vec.close()
+
+
+def team_of(env: Any) -> list[str]:
+    """The agents of a PettingZoo ParallelEnv (empty for a gymnasium env)."""
+    try:
+        from pettingzoo import ParallelEnv
+    except ImportError:  # an executor without the multi-agent library serves gymnasium envs only
+        return []
+    return list(env.possible_agents) if isinstance(env, ParallelEnv) else []
+
+
 class EnvServer:
     """Serves sessions of `num_envs` sub-envs made by `make_env` on `forseti.env.<executor_id>`."""
 
@@ -159,8 +231,14 @@ class EnvServer:
         self.refused = 0
         """Requests refused for not carrying their session's token."""
         self._subs: list[Subscription] = []
-        probe = make_env()
-        self.spaces = (space_to_spec(probe.observation_space), space_to_spec(probe.action_space))
+        probe: Any = make_env()
+        self.agents = team_of(probe)
+        """A multi-agent env's agents (its sessions hold copies of the team); empty for a gymnasium env."""
+        if self.agents:
+            first = self.agents[0]
+            self.spaces = (space_to_spec(probe.observation_space(first)), space_to_spec(probe.action_space(first)))
+        else:
+            self.spaces = (space_to_spec(probe.observation_space), space_to_spec(probe.action_space))
         probe.close()
 
     @property
@@ -256,15 +334,20 @@ class EnvServer:
             raise self._forbidden(request.session_id, "EnvOpen")
         if held is None:
             self._make_room(request.client)
-            envs = [self.make_env() for _ in range(wanted)]
-            held = self.sessions[request.session_id] = Session(envs, token=request.token, client=request.client)
+            token, client = request.token, request.client
+            if self.agents:  # num_envs counts copies of the team, as in a worker
+                held = TeamSession(self.make_env(), wanted, token=token, client=client)
+            else:
+                held = Session([self.make_env() for _ in range(wanted)], token=token, client=client)
+            self.sessions[request.session_id] = held
         observation, action = self.spaces
         return EnvSpec(
             session_id=request.session_id,
             observation_space=observation,
             action_space=action,
-            num_envs=len(held.envs),
+            num_envs=held.num_envs,
             executor_id=self.replica,
+            agents=held.agents if isinstance(held, TeamSession) else [],
         )
 
     def _make_room(self, client: str | None) -> None:
@@ -309,15 +392,20 @@ class EnvServer:
 
     def _close(self, session_id: str) -> None:
         session = self.sessions.pop(session_id, None)
-        for env in session.envs if session else []:
-            env.close()
+        if session is not None:
+            session.close()
 
 
 def gym_factory(env_id: str, **kwargs: Any) -> Callable[[], EnvLike]:
-    """`make_env` for a registered gymnasium id (Forseti's own envs included)."""
+    """`make_env` for a registered gymnasium id (Forseti's own envs included), or for one of Forseti's
+    multi-agent envs (MULTI_AGENT_ENVS: a PettingZoo ParallelEnv, served as copies of its team)."""
     import gymnasium
 
-    from . import register_envs
+    from . import MULTI_AGENT_ENVS, multi_agent_factory, register_envs
+
+    if env_id in MULTI_AGENT_ENVS:
+        team = multi_agent_factory(env_id)
+        return lambda: cast(EnvLike, team(**kwargs))
 
     register_envs()
 

@@ -12,14 +12,9 @@ from pettingzoo import ParallelEnv
 from stable_baselines3.common.vec_env import VecEnv
 from supersuit.vector.sb3_vector_wrapper import SB3VecEnvWrapper
 
-from . import MULTI_AGENT_ENVS
+from . import multi_agent_factory
 
-
-def multi_agent_factory(env_id: str) -> Callable[[], ParallelEnv]:
-    """The constructor of the multi-agent env `env_id` (one of MULTI_AGENT_ENVS)."""
-    module, _, name = MULTI_AGENT_ENVS[env_id].partition(":")
-    cls: Callable[[], ParallelEnv] = getattr(__import__(module, fromlist=[name]), name)
-    return cls
+__all__ = ["multi_agent_factory", "shared_policy_vec_env"]
 
 
 class _SeededVecEnv(SB3VecEnvWrapper):  # type: ignore[misc]  # supersuit ships no type information

@@ -135,6 +135,11 @@ class Session:
         assert self.spec is not None, "open first"
         return self.spec.num_envs
 
+    @property
+    def agents(self) -> list[str]:
+        """The agent each of its sub-envs is, on a multi-agent env."""
+        return list(self.spec.agents) if self.spec is not None else []
+
     def request(self, request: Strict) -> tuple[str, bytes]:
         """A request of this session, ready to send."""
         return self.channel, encode(request, subject=self.session_id)
@@ -226,6 +231,8 @@ class RemoteVecEnv(VecEnv):
         self._bounds = np.cumsum([0] + [s.num_envs for s in self.sessions]).tolist()
         total = self._bounds[-1]
         super().__init__(total, spec_to_space(first.observation_space), spec_to_space(first.action_space))
+        self.sub_env_agents = [agent for session in self.sessions for agent in session.agents]
+        """A multi-agent env's agent for each sub-env (empty for a single-agent env), for per-agent figures."""
 
     @property
     def session_id(self) -> str:

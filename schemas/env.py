@@ -104,6 +104,8 @@ class EnvSpec(Strict):
     executor_id: ReplicaId | None = None
     """Where the session's later requests go: the replica that holds it, when several executors serve
     one id (None: the id it was opened on)."""
+    agents: list[ShortText] = Field(default_factory=list, max_length=1024)
+    """A multi-agent env: the agent each sub-env is (copies of the team, in turn); empty otherwise."""
 
 
 class EnvError(Strict):
