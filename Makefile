@@ -75,6 +75,7 @@ bench: install
 	$(BIN)/python bench/bus.py
 	cd bench && ../$(BIN)/python rl_throughput.py
 	cd bench && ../$(BIN)/python rl_learning.py
+	cd bench && ../$(BIN)/python scale.py
 	$(BIN)/python bench/finetune.py
 	$(BIN)/python bench/supervised_quality.py
 	$(BIN)/python bench/supervised_speed.py

@@ -18,3 +18,9 @@ def write_section(name: str, section: str, doc: Path = DOC) -> None:
     else:
         text = text.rstrip() + "\n\n" + body + "\n"
     doc.write_text(text)
+
+
+def verdicts(checks: list[tuple[str, str, bool]], heading: str = "target") -> list[str]:
+    """A markdown table of targets: what, the measured value, met or missed."""
+    lines = ["", f"| {heading} | measured | verdict |", "| --- | --- | --- |"]
+    return lines + [f"| {what} | {value} | {'met' if ok else 'missed'} |" for what, value, ok in checks]

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from report import write_section
+from report import verdicts, write_section
 from rl_common import executor_process, run_rl
 
 from forseti.adapters.bus import create_bus
@@ -89,6 +89,49 @@ async def step_round_trip(url: str, num_envs: int = 16, steps: int = 500) -> tup
     return samples[len(samples) // 2], samples[int(len(samples) * 0.99) - 1]
 
 
+ECHO = """
+import asyncio, sys, nats, uvloop
+async def main():
+    nc = await nats.connect(sys.argv[1])
+    async def echo(msg):
+        await msg.respond(msg.data)
+    await nc.subscribe("bench.echo", cb=echo)
+    await nc.flush()
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+uvloop.run(main())
+"""
+"""A bare nats-py responder in a process of its own: what an executor's reply costs with no env,
+no codec and no checks."""
+
+
+def raw_round_trip(url: str, payload: bytes, count: int = 2000) -> float:
+    """p50 milliseconds of a bare NATS request-reply, sent as RemoteVecEnv sends its steps (from a
+    thread running a loop of its own), `payload` bytes each way, to the bare responder."""
+    import subprocess
+    import sys
+
+    import nats
+    import uvloop
+
+    echo = subprocess.Popen([sys.executable, "-c", ECHO, url], stdout=subprocess.PIPE, text=True)
+    try:
+        assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+        loop = uvloop.new_event_loop()
+        client = loop.run_until_complete(nats.connect(url))
+        samples = []
+        for _ in range(count):
+            start = time.perf_counter()
+            loop.run_until_complete(client.request("bench.echo", payload, timeout=5))
+            samples.append((time.perf_counter() - start) * 1000)
+        loop.run_until_complete(client.close())
+        loop.close()
+    finally:
+        echo.kill()
+        echo.wait()
+    return statistics.median(samples)
+
+
 async def episodes_per_second(url: str) -> float:
     task = {
         "algorithm": "ppo",
@@ -143,6 +186,11 @@ async def main() -> str:
             with remote_url(transport, nats_server.url) as url:
                 rtt[name] = await step_round_trip(url)
         episodes = await episodes_per_second(nats_server.url)
+        # the size of a 1-env and a 16-env step reply on the wire
+        raw = {
+            n: await asyncio.to_thread(raw_round_trip, nats_server.url, b"x" * size)
+            for n, size in ((1, 420), (16, 2900))
+        }
     ratios = {key: [remote / local for local, remote in pairs] for key, pairs in runs.items()}
     ratio = {key: statistics.median(values) for key, values in ratios.items()}
     speeds = {key: statistics.median(remote for _, remote in pairs) for key, pairs in runs.items()}
@@ -165,32 +213,44 @@ async def main() -> str:
         lines.append(f"| {where} | {one:,.0f} | {ratio[(where, 1)]:.2f}x | {many:,.0f} | {ratio[(where, 16)]:.2f}x |")
     lines += ["", "| 16-env step round trip through RemoteVecEnv | p50 ms | p99 ms |", "| --- | --- | --- |"]
     lines += [f"| {name} | {p50:.2f} | {p99:.2f} |" for name, (p50, p99) in rtt.items()]
+    lines += [
+        f"| bare NATS request-reply ({n} env{'s' if n > 1 else ''}' size, no env, no codec) | {ms:.2f} | |"
+        for n, ms in raw.items()
+    ]
+    # a remote step costs at least the bare round trip more than the in-worker step: the ratio's ceiling
+    ceiling = {n: 1 / (1 + raw[n] / 1000 * speeds[("in the worker", n)] / n) for n in (1, 16)}
+    lines += [
+        "",
+        "What bounds the remote figures: a remote vector step costs at least one bare round trip more than "
+        "the in-worker one, so at the in-worker speed measured here the NATS ratio cannot pass "
+        f"{ceiling[1]:.2f}x at 1 env and {ceiling[16]:.2f}x at 16 envs (1 / (1 + round trip x in-worker vector "
+        "steps/s)); at 16 envs the executor steps the envs in its own process, which the ceiling does not "
+        "count, so the measured ratio may pass it.",
+    ]
     lines += ["", f"Ratios of the {REPEATS} pairs, lowest to highest:", ""]
     lines += [f"- {where}, {envs} env(s): {min(v):.2f}x-{max(v):.2f}x" for (where, envs), v in sorted(ratios.items())]
+    nats1, nats16, kafka16 = (
+        ratio[("remote, NATS", 1)],
+        ratio[("remote, NATS", 16)],
+        ratio[("remote, Kafka (Tansu)", 16)],
+    )
     checks = [
+        ("issue 3: remote over NATS >= 0.9x the worker at 16 envs", f"{nats16:.2f}x", nats16 >= 0.9),
+        ("issue 3: remote over NATS >= 0.6x the worker at 1 env", f"{nats1:.2f}x", nats1 >= 0.6),
+        ("issue 3: remote over Kafka >= 0.5x the worker at 16 envs", f"{kafka16:.2f}x", kafka16 >= 0.5),
         (
-            "remote over NATS >= 0.9x the worker at 16 envs",
-            f"{ratio[('remote, NATS', 16)]:.2f}x",
-            ratio[("remote, NATS", 16)] >= 0.9,
-        ),
-        (
-            "remote over NATS >= 0.6x the worker at 1 env",
-            f"{ratio[('remote, NATS', 1)]:.2f}x",
-            ratio[("remote, NATS", 1)] >= 0.6,
-        ),
-        (
-            "remote over Kafka >= 0.5x the worker at 16 envs",
-            f"{ratio[('remote, Kafka (Tansu)', 16)]:.2f}x",
-            ratio[("remote, Kafka (Tansu)", 16)] >= 0.5,
-        ),
-        (
-            ">= 100 episodes/s on a short-episode env (EmailTriage, 10 steps, 16 envs over NATS)",
+            "issue 3: >= 100 episodes/s on a short-episode env (EmailTriage, 10 steps, 16 envs over NATS)",
             f"{episodes:,.0f} episodes/s",
             episodes >= 100,
         ),
+        ("issue 16: remote over NATS >= 0.95x the worker at 16 envs", f"{nats16:.2f}x", nats16 >= 0.95),
+        (
+            "issue 16: remote over NATS >= 0.7x the worker at 1 env",
+            f"{nats1:.2f}x (ceiling {ceiling[1]:.2f}x)",
+            nats1 >= 0.7,
+        ),
     ]
-    lines += ["", "| target (issue 3) | measured | verdict |", "| --- | --- | --- |"]
-    lines += [f"| {what} | {value} | {'met' if ok else 'missed'} |" for what, value, ok in checks]
+    lines += verdicts(checks)
     return "\n".join(lines)
 
 

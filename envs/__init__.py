@@ -7,6 +7,8 @@ from collections.abc import Callable
 from typing import Any
 
 ENV_IDS = ("forseti/EmailTriage-v0", "forseti/SensorAnomaly-v0")
+SLOW_CARTPOLE = "forseti/SlowCartPole-v0"
+"""CartPole with 1 ms of CPU a step (`step_cost_ms`): the benchmarks' costly env (`bench/scale.py`)."""
 MULTI_AGENT_ENVS = {"forseti/TriageTeam-v0": "forseti.envs.triage_team:TriageTeamEnv"}
 """Forseti's own multi-agent envs (PettingZoo ParallelEnv), by the id a task names them with: trained
 with parameter sharing (`envs/multi_agent.py`)."""
@@ -28,3 +30,4 @@ def register_envs() -> None:
         return
     gymnasium.register(ENV_IDS[0], entry_point="forseti.envs.email_triage:EmailTriageEnv")
     gymnasium.register(ENV_IDS[1], entry_point="forseti.envs.sensor_anomaly:SensorAnomalyEnv")
+    gymnasium.register(SLOW_CARTPOLE, entry_point="forseti.envs.slow_cartpole:SlowCartPoleEnv")

@@ -410,6 +410,7 @@ def gym_factory(env_id: str, **kwargs: Any) -> Callable[[], EnvLike]:
     register_envs()
 
     def make() -> EnvLike:
+        register_envs()  # again where it runs: a process it was pickled to starts without them
         env: EnvLike = gymnasium.make(env_id, **kwargs)
         return env
 

@@ -13,6 +13,9 @@ import numpy as np
 import pytest
 from stable_baselines3.common.vec_env import DummyVecEnv
 
+from forseti.adapters.bus import create_bus
+from forseti.adapters.bus.nats import NatsBus
+from forseti.adapters.bus.servers import NatsServer
 from forseti.envs import register_envs
 from forseti.envs.executor import EnvServer, gym_factory
 from forseti.envs.remote import RemoteVecEnv
@@ -138,3 +141,35 @@ async def test_ppo_trains_across_two_executors(bus_factory: Callable[[], Any], t
             await server.stop()
         for bus in [*buses, client]:
             await bus.close()
+
+
+async def test_a_private_step_connection_dropped_while_idle_reconnects_at_the_next_step(
+    nats_server: NatsServer,
+) -> None:
+    """Over NATS the steps go through a connection driven only while the training thread steps; a
+    server that closes it meanwhile (stale after a long pause: unanswered pings) costs a reconnect
+    at the next step, not the episodes."""
+    executor_side, worker_side = create_bus(nats_server.url), create_bus(nats_server.url)
+    for bus in (executor_side, worker_side):
+        await bus.connect()
+    executor_id = f"ex-{uuid.uuid4().hex[:6]}"
+    await EnvServer(executor_side, executor_id, gym_factory("CartPole-v1"), num_envs=2).start()
+    loop = asyncio.get_running_loop()
+
+    def run() -> tuple[bool, list[bool], int]:
+        env = RemoteVecEnv(worker_side, executor_id, loop=loop, session_id="s", private_loop=asyncio.new_event_loop)
+        private = env.requests.bus
+        assert isinstance(private, NatsBus) and private is not worker_side
+        env.reset()
+        env.step(np.array([0, 1]))
+        transport = private.nc._transport
+        assert transport is not None
+        transport.close()  # type: ignore[no-untyped-call]  # stands in for the server closing a stale connection
+        _, _, dones, infos = env.step(np.array([0, 1]))
+        env.close()
+        return any(info.get("session_reopened") for info in infos), dones.tolist(), env.reopens
+
+    reopened, dones, reopens = await asyncio.to_thread(run)
+    assert (reopened, reopens) == (False, 0) and dones == [False, False]
+    for bus in (executor_side, worker_side):
+        await bus.close()

@@ -168,15 +168,19 @@ def test_a_stopped_job_stops_every_rank_after_a_checkpoint(tmp_path: Path) -> No
     assert not [p for p in psutil.Process().children(recursive=True) if "spawn_main" in " ".join(p.cmdline())]
 
 
-async def test_a_distributed_training_task_runs_through_the_worker(broker: MemoryBroker, tmp_path: Path) -> None:
+@pytest.mark.parametrize("isolation", ["thread", "process"])
+async def test_a_distributed_training_task_runs_through_the_worker(
+    broker: MemoryBroker, tmp_path: Path, isolation: str
+) -> None:
     """The task names the ranks (distributed, world_size 2); the job reports rank 0's epochs, exports
-    and registers one model, as a single-process job does."""
+    and registers one model, as a single-process job does. Under process isolation (the default) the
+    job's work ran in a daemonic child process, which may not start the ranks' processes."""
     client = MemoryBus(broker)
     await client.connect()
     task = breast_cancer_training(
         f"ddp-{uuid.uuid4().hex[:6]}", epochs=3, batch_size=32, hidden=[16], distributed=True, world_size=2
     )
-    async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path):
+    async with running_worker(MemoryBus(broker), [TrainingHandler()], tmp_path, isolation=isolation):
         done, events = await run_task(client, task)
     custom = done.result.metrics.custom_metrics
     assert custom["test_accuracy"] > 0.9 and custom["onnx_parity"] < 1e-5

@@ -41,7 +41,9 @@ class TrainingHandler:
         run = TrainingRun(id=ctx.job_id, config=task.config.model_dump(mode="json"), user_id=task.user_id)
         await ctx.store.put_training_run(run)
         try:
-            outcome = await ctx.work(self._train, task)
+            # a distributed job's heavy work runs in its ranks' processes already; its agent stays in
+            # the worker, since a job's child process is a daemon, which may not start processes
+            outcome = await ctx.work(self._train, task, isolate=task.config.ranks == 1)
         except JobStopped as stopped:
             # a shutdown or a takeover hands the job back (it resumes); a cancel ends it
             status = JobState.CANCELLED if stopped.reason is StopReason.CANCEL else JobState.PENDING

@@ -20,7 +20,9 @@ import logging
 import multiprocessing
 import os
 import queue
+import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -178,6 +180,7 @@ def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
     outcome, not a crash: the launcher must not start the group again for a refused task)."""
     from .training_loop import fit
 
+    end_with_parent()
     torch.set_num_threads(job.threads)
     backend = "nccl" if job.config.num_gpus else "gloo"
     if backend == "nccl":
@@ -222,6 +225,17 @@ def group_store(job_id: str, timeout: datetime.timedelta) -> Store:
     )
     restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return PrefixStore(f"forseti/{job_id}/start-{restarts}", store)
+
+
+def end_with_parent() -> None:
+    """Have the kernel kill this rank when the process that launched it dies (Linux): a worker killed
+    mid-job must not leave its ranks training for nobody. Elsewhere they run to their end."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def free_port() -> int:
