@@ -80,11 +80,14 @@ async def test_the_supervised_example_and_the_training_docs_run_on_the_demo_file
             trained = await (await forseti.submit(training, kind="training")).result(timeout=120)
             scoring = doc_task("training.md", '"request_id": "score-1"')
             scored = await (await forseti.submit(scoring, kind="inference")).result(timeout=60)
+            distributed = doc_task("training.md", '"request_id": "cancer-ddp"')
+            spread = await (await forseti.submit(distributed, kind="training")).result(timeout=180)
     assert "test_accuracy" in text and "patient 0: diagnosis " in text
     assert isinstance(trained, TrainingResult) and trained.model_id == "cancer-1"
     assert trained.metrics.custom_metrics["test_accuracy"] >= 0.9
     assert isinstance(scored, InferenceResult) and len(scored.outputs) == 20
     assert {p["label"] for p in scored.outputs} <= {0, 1}
+    assert isinstance(spread, TrainingResult) and spread.metrics.custom_metrics["test_accuracy"] >= 0.9
 
 
 async def test_the_finetune_doc_task_runs_as_written_on_the_demo_model(nats_server: NatsServer, tmp_path: Path) -> None:

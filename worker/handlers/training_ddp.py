@@ -108,6 +108,12 @@ class Rank:
         dist.broadcast(flag, src=0)
         return int(flag.item())
 
+    def unsynchronised(self, model: nn.Module) -> contextlib.AbstractContextManager[Any]:
+        """A context in which `model`'s backward passes leave the gradients on this rank: for work
+        every rank does alike (DistributedDataParallel.no_sync)."""
+        no_sync = getattr(model, "no_sync", None)
+        return no_sync() if no_sync is not None else contextlib.nullcontext()
+
     def total(self, value: torch.Tensor) -> torch.Tensor:
         """`value` summed over every rank."""
         if self.world_size > 1:

@@ -157,7 +157,9 @@ def one_epoch(
 ) -> float:
     """One pass over the training data in `order`; the mean training loss. In a distributed run each
     rank takes its share of every batch, and its loss is weighted by that share so that the averaged
-    gradient is the whole batch's: the steps are single-process training's on the same batches."""
+    gradient is the whole batch's: the steps are single-process training's on the same batches. A
+    batch with fewer rows than ranks (the last one) cannot be shared: every rank computes all of it,
+    without synchronising (their gradients are equal already), and rank 0 alone counts its loss."""
     rank = rank or Rank()
     me, ranks = rank.shard
     x, y = data
@@ -165,15 +167,16 @@ def one_epoch(
     total = torch.zeros((), device=x.device)
     for i in range(0, len(order), batch_size):
         batch = order[i : i + batch_size]
-        share = batch.tensor_split(ranks)[me]
+        whole = len(batch) < ranks
+        share = batch if whole else batch.tensor_split(ranks)[me]
         optimizer.zero_grad(set_to_none=True)
-        with precision.autocast():
-            if len(share):
+        with rank.unsynchronised(network) if whole else contextlib.nullcontext():
+            with precision.autocast():
                 loss = criterion(network(x[share]), y[share])
-            else:  # a last batch smaller than the group: this rank adds nothing, but takes part
-                loss = sum((p.sum() * 0.0 for p in network.parameters()), torch.zeros((), device=x.device))
-        precision.step(loss * (len(share) * ranks / len(batch)), optimizer, network.parameters(), clip)
-        total += loss.detach() * len(share)  # summed on the device: no sync per batch
+            weight = 1.0 if whole else len(share) * ranks / len(batch)
+            precision.step(loss * weight, optimizer, network.parameters(), clip)
+        if not whole or rank.lead:
+            total += loss.detach() * len(share)  # summed on the device: no sync per batch
     return float(rank.total(total)) / len(order)
 
 
