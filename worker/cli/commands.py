@@ -611,9 +611,22 @@ def capabilities(
 
 @app.command()
 def executor(
-    env: Annotated[str, typer.Option(help="A gymnasium env id (forseti/EmailTriage-v0, CartPole-v1, ...).")],
+    env: Annotated[
+        str,
+        typer.Option(
+            help="A gymnasium env id (forseti/EmailTriage-v0, CartPole-v1, ...), or a multi-agent one "
+            "(forseti/TriageTeam-v0: each agent a sub-env)."
+        ),
+    ],
     executor_id: Annotated[str, typer.Option("--id", help="The executor's name: jobs send actions to it.")],
-    num_envs: Annotated[int, typer.Option(min=1, max=1024, help="Sub-envs per session.")] = 1,
+    num_envs: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=1024,
+            help="Sub-envs per session when the job does not ask (a multi-agent env: copies of the team).",
+        ),
+    ] = 1,
     max_sessions: Annotated[int, typer.Option(min=1, help="Sessions (RL jobs) served at once.")] = 64,
     max_sessions_per_client: Annotated[
         int | None, typer.Option(min=1, help="Sessions one client (worker) may hold [a quarter of --max-sessions].")

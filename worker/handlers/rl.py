@@ -30,9 +30,12 @@ class RLHandler:
         """Torch CPU threads for training: small MLPs run fastest on one, and the event loop keeps a core."""
 
     def capabilities(self) -> list[Capability]:
-        """The algorithms, and the formats policies are exported to."""
+        """The algorithms, multi-agent envs (parameter sharing), sub-envs spread over several executors,
+        and the formats policies are exported to."""
         return [
             *(Capability(area="reinforcement-learning", name=a) for a in ALGORITHM_NAMES),
+            Capability(area="reinforcement-learning", name="multi-agent"),
+            Capability(area="reinforcement-learning", name="many-executors"),
             Capability(area="model-export", name="onnx"),
             Capability(area="model-export", name="safetensors"),
         ]

@@ -30,9 +30,10 @@ class TrainingHandler:
     kind = TaskKind.TRAINING
 
     def capabilities(self) -> list[Capability]:
-        """The model types, and the export format."""
+        """The model types, data-parallel training over ranks of one host, and the export format."""
         return [
             *(Capability(area="supervised-training", name=name) for name in MODEL_TYPES),
+            Capability(area="supervised-training", name="distributed"),
             Capability(area="model-export", name="onnx"),
         ]
 
