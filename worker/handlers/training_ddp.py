@@ -52,15 +52,18 @@ POLL_SECONDS = 0.2
 class Rank:
     """This process's place in a distributed run (rank 0 of 1 outside one)."""
 
-    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0) -> None:
+    def __init__(self, rank: int = 0, world_size: int = 1, local_rank: int = 0, *, cuda: bool = False) -> None:
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+        """Where this rank's own collectives keep their tensors: NCCL takes GPU tensors only."""
 
     @classmethod
     def current(cls) -> Rank:
         """The rank of the process group this process belongs to, if any."""
         if not (dist.is_available() and dist.is_initialized()):
             return cls()
-        return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return cls(dist.get_rank(), dist.get_world_size(), local_rank, cuda=dist.get_backend() == "nccl")
 
     @property
     def lead(self) -> bool:
@@ -104,7 +107,7 @@ class Rank:
 
     def _say(self, word: int) -> int:
         """Rank 0's word to the others (theirs is ignored), as every rank hears it."""
-        flag = torch.tensor([float(word)])
+        flag = torch.tensor([float(word)], device=self.device)
         dist.broadcast(flag, src=0)
         return int(flag.item())
 
