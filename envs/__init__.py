@@ -22,6 +22,15 @@ def multi_agent_factory(env_id: str) -> Callable[[], Any]:
     return cls
 
 
+def team_vec_env(team: Any, copies: int) -> Any:
+    """SuperSuit's gymnasium vector env of `copies` of a ParallelEnv's team, each agent a sub-env (each
+    copy's agents in turn); what parameter sharing steps, in a worker and on an executor alike."""
+    import supersuit
+
+    vectorised = supersuit.pettingzoo_env_to_vec_env_v1(team)
+    return supersuit.concat_vec_envs_v1(vectorised, copies, num_cpus=0, base_class="gymnasium")
+
+
 def register_envs() -> None:
     """Register Forseti's environments with gymnasium (idempotent)."""
     import gymnasium

@@ -143,15 +143,13 @@ class TeamSession(Session):
     agent's info as `terminal_observation`, as a single-agent session does."""
 
     def __init__(self, team: Any, copies: int, *, token: str | None, client: str | None) -> None:
-        import supersuit
+        from . import team_vec_env
 
         super().__init__([], token=token, client=client)
         self.agents = list(team.possible_agents) * copies
         """The agent each sub-env is."""
         self.space = team.action_space(team.possible_agents[0])
-        self.vec = supersuit.concat_vec_envs_v1(
-            supersuit.pettingzoo_env_to_vec_env_v1(team), copies, num_cpus=0, base_class="gymnasium"
-        )
+        self.vec = team_vec_env(team, copies)
 
     @property
     def num_envs(self) -> int:

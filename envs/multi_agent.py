@@ -12,7 +12,7 @@ from pettingzoo import ParallelEnv
 from stable_baselines3.common.vec_env import VecEnv
 from supersuit.vector.sb3_vector_wrapper import SB3VecEnvWrapper
 
-from . import multi_agent_factory
+from . import multi_agent_factory, team_vec_env
 
 __all__ = ["multi_agent_factory", "shared_policy_vec_env"]
 
@@ -48,9 +48,5 @@ class _SeededVecEnv(SB3VecEnvWrapper):  # type: ignore[misc]  # supersuit ships 
 
 def shared_policy_vec_env(make: Callable[[], ParallelEnv], copies: int) -> VecEnv:
     """`copies` of the env, each agent of each a sub-env (copies x agents in all), for one policy."""
-    import supersuit
-
     team = make()
-    vectorised = supersuit.pettingzoo_env_to_vec_env_v1(team)
-    concatenated = supersuit.concat_vec_envs_v1(vectorised, copies, num_cpus=0, base_class="gymnasium")
-    return _SeededVecEnv(concatenated, [agent for _ in range(copies) for agent in team.possible_agents])
+    return _SeededVecEnv(team_vec_env(team, copies), [agent for _ in range(copies) for agent in team.possible_agents])
