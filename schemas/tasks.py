@@ -74,7 +74,38 @@ class SearchSpace(Strict):
     """Seed of the random draw."""
 
 
-class TrainingConfig(Strict):
+class Distribution(Strict):
+    """How a job's training is spread over ranks: torch.distributed data parallelism, each rank a
+    process training an equal share of every batch."""
+
+    distributed: bool = False
+    """Data-parallel training over `world_size` ranks."""
+    world_size: int = Field(default=1, ge=1, le=64)
+    """Ranks of a distributed run, each taking an equal share of every batch."""
+    workers: int = Field(default=1, ge=1, le=64)
+    """Workers (hosts) the ranks are spread over, `world_size / workers` ranks on each: the job's own
+    worker, and `workers - 1` others that join it over the bus."""
+    max_restarts: int = Field(default=3, ge=0, le=100)
+    """A distributed run: times the group is started again from the last checkpoint after a rank dies."""
+    rendezvous_timeout: float = Field(default=120.0, ge=1, le=3600)
+    """A distributed run: seconds its ranks may take to find each other before the job fails with
+    `rendezvous_timeout`."""
+
+    @model_validator(mode="after")
+    def _spread(self) -> Distribution:
+        if (self.world_size > 1 or self.workers > 1) and not self.distributed:
+            raise ValueError("world_size > 1 and workers > 1 need distributed: true")
+        if self.world_size % self.workers:
+            raise ValueError(f"world_size {self.world_size} does not divide over {self.workers} workers")
+        return self
+
+    @property
+    def ranks(self) -> int:
+        """Processes the run trains on, on every worker together: 1 unless distributed."""
+        return self.world_size if self.distributed else 1
+
+
+class TrainingConfig(Distribution):
     """Supervised training settings (the seed's TrainingConfig)."""
 
     epochs: int = Field(default=10, ge=1, le=100_000)
@@ -89,18 +120,8 @@ class TrainingConfig(Strict):
     """Loss name; the model type's usual loss when omitted."""
     metrics: list[ShortText] = Field(default_factory=list, max_length=32)
     """Metrics to report each epoch."""
-    distributed: bool = False
-    """Data-parallel training (torch DistributedDataParallel) over `world_size` ranks."""
-    world_size: int = Field(default=1, ge=1, le=64)
-    """Ranks of a distributed run, each taking an equal share of every batch (`num_gpus` when left at
-    1 and more GPUs are asked for)."""
-    max_restarts: int = Field(default=3, ge=0, le=100)
-    """A distributed run: times the group is started again from the last checkpoint after a rank dies."""
-    rendezvous_timeout: float = Field(default=120.0, ge=1, le=3600)
-    """A distributed run: seconds its ranks may take to find each other before the job fails with
-    `rendezvous_timeout`."""
     num_gpus: int = Field(default=0, ge=0, le=64)
-    """GPUs to use; 0 trains on the CPU."""
+    """GPUs to use on each worker; 0 trains on the CPU."""
     early_stopping: EarlyStopping | None = None
     """Stop early when validation stops improving."""
     lr_scheduler: Literal["step", "cosine", "plateau"] | None = None
@@ -127,17 +148,16 @@ class TrainingConfig(Strict):
     """Also export a dynamically int8-quantised ONNX (for devices), its change against the float model measured."""
 
     @model_validator(mode="after")
-    def _ranks(self) -> TrainingConfig:
-        if self.world_size > 1 and not self.distributed:
-            raise ValueError("world_size > 1 needs distributed: true")
-        if self.distributed and self.num_gpus and self.world_size > self.num_gpus:
-            raise ValueError(f"world_size {self.world_size} needs as many GPUs, not num_gpus {self.num_gpus}")
+    def _gpus(self) -> TrainingConfig:
+        if self.distributed and self.num_gpus and self.world_size // self.workers > self.num_gpus:
+            per_worker = self.world_size // self.workers
+            raise ValueError(f"{per_worker} ranks on each worker need as many GPUs, not num_gpus {self.num_gpus}")
         return self
 
     @property
     def ranks(self) -> int:
-        """Processes the run trains on: 1 unless distributed; then `world_size`, or `num_gpus` when
-        world_size is left at 1."""
+        """Processes the run trains on, on every worker together: 1 unless distributed; then
+        `world_size`, or `num_gpus` when world_size is left at 1."""
         if not self.distributed:
             return 1
         return self.num_gpus if self.world_size == 1 and self.num_gpus > 1 else self.world_size
@@ -258,7 +278,7 @@ class EwcConfig(Strict):
     """Examples used to estimate the Fisher information."""
 
 
-class FinetuneConfig(Strict):
+class FinetuneConfig(Distribution):
     """Fine-tuning loop settings."""
 
     epochs: int = Field(default=1, ge=1, le=1000)

@@ -3,11 +3,13 @@ launched by torch's elastic machinery, equal to single-process training on the s
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +20,10 @@ import torch
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import TrainingConfig
-from forseti.worker.engine.context import JobStopped, SafePoints, StopReason
+from forseti.worker.engine.context import JobStopped, SafePoints, Steps, StopReason
 from forseti.worker.engine.inputs import Inputs
 from forseti.worker.handlers.training import TrainingHandler
-from forseti.worker.handlers.training_ddp import RankJob
+from forseti.worker.handlers.training_ddp import Group, RankJob
 from forseti.worker.handlers.training_loop import LATEST, Stats, fit, train
 from forseti.worker.handlers.training_models import Prepared, prepare
 
@@ -34,6 +36,7 @@ class Recorder(SafePoints):
     def __init__(self, folder: Path) -> None:
         super().__init__()
         self.job_id, self.memory_limit, self.folder = f"ddp-{folder.name}", 8 * 2**30, folder
+        folder.mkdir(parents=True, exist_ok=True)
         self.kind, self.attempt, self.resumed, self.inputs = "training", 1, False, Inputs(folder)
         self.reports: list[dict[str, float]] = []
         self.checkpoints: list[int] = []
@@ -76,6 +79,11 @@ def cancer(**config: Any) -> tuple[TrainingConfig, Prepared]:
     return task.config, prepare(task, rows)
 
 
+def work(config: TrainingConfig, prepared: Prepared, folder: Path) -> Callable[[Steps], Stats]:
+    """What each rank runs: the loop, on the job's folder."""
+    return functools.partial(fit, config, prepared=prepared, folder=folder)
+
+
 def weights(folder: Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = torch.load(folder / LATEST, weights_only=True)["model"]
     return state
@@ -107,7 +115,7 @@ def late_rank(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
     from forseti.worker.handlers.training_ddp import rank_main
 
     if os.environ["RANK"] == "1":
-        time.sleep(job.config.rendezvous_timeout + 2)
+        time.sleep(job.group.rendezvous_timeout + 2)
         return "done", None
     return rank_main(job, messages, state)
 
@@ -116,8 +124,9 @@ def test_ranks_that_do_not_meet_in_time_fail_the_job_with_a_clear_code(tmp_path:
     from forseti.worker.handlers.training_ddp import launch
 
     config, prepared = cancer(distributed=True, world_size=2, rendezvous_timeout=2, max_restarts=0)
+    group, fitting = Group.of(config, cuda=False), work(config, prepared, tmp_path)
     with pytest.raises(ForsetiError, match="did not meet") as info:
-        launch(config, Recorder(tmp_path), prepared, tmp_path, span=(0, 1), label="", entry=late_rank)
+        launch(group, Recorder(tmp_path), fitting, tmp_path, entry=late_rank)
     assert info.value.code is ErrorCode.RENDEZVOUS_TIMEOUT
 
 
@@ -141,7 +150,8 @@ def test_a_rank_killed_mid_job_restarts_the_group_from_the_checkpoint(tmp_path: 
     outcome: dict[str, Any] = {}
 
     def run() -> None:
-        outcome["stats"] = launch(config, ctx, prepared, tmp_path, span=(0, 1), label="", entry=pid_recording_rank)
+        group, fitting = Group.of(config, cuda=False), work(config, prepared, tmp_path)
+        outcome["stats"] = launch(group, ctx, fitting, tmp_path, entry=pid_recording_rank)
 
     runner = threading.Thread(target=run, daemon=True)
     runner.start()
@@ -194,3 +204,40 @@ async def test_a_distributed_training_task_runs_through_the_worker(
     progress = [e.data for e in events.events if e.type.endswith("progress.v1") and "world_size" in e.data.metrics]
     assert [p.step for p in progress] == [1, 2, 3] and {p.metrics["world_size"] for p in progress} == {2.0}
     await client.close()
+
+
+def test_a_lora_fine_tune_over_two_ranks_trains_the_adapter_one_process_trains(tmp_path: Path, data_root: Path) -> None:
+    """Seven examples in micro-batches of three, two to a step: shares of 2 and 1, and a last
+    micro-batch of one example that rank 1 has no share of; the version continues from a parent with
+    EWC, whose penalty every rank adds alike."""
+    from forseti.worker.handlers.finetune_training import CHECKPOINT, Parent, save_adapter
+    from forseti.worker.handlers.finetune_training import train as finetune_train
+
+    from ..llm import finetune, pairs, write_dataset
+
+    folder, dataset = data_root / "tiny", write_dataset(data_root / "seven.jsonl", pairs(0, 7))
+    first = finetune("seven.jsonl", config={"epochs": 1})
+    trained = finetune_train(
+        first, Recorder(tmp_path / "v1"), folder, dataset, None, checkpoints=tmp_path / "v1", progress_seconds=0
+    )
+    parent = Parent("v1", "v1.0", save_adapter(trained, tmp_path / "v1" / "adapter", fisher_samples=4))
+
+    settings = {"epochs": 2, "batch_size": 3, "grad_accum": 2}
+    single = finetune("seven.jsonl", ewc={"lambda": 100.0}, config=settings)
+    distributed = finetune(
+        "seven.jsonl", ewc={"lambda": 100.0}, config={**settings, "distributed": True, "world_size": 2}
+    )
+    one = finetune_train(
+        single, Recorder(tmp_path / "one"), folder, dataset, parent, checkpoints=tmp_path / "one", progress_seconds=0
+    )
+    ctx = Recorder(tmp_path / "two")
+    two = finetune_train(distributed, ctx, folder, dataset, parent, checkpoints=tmp_path / "two", progress_seconds=0)
+    assert two.figures.steps == one.figures.steps == 4 and two.figures.tokens == one.figures.tokens
+    assert two.figures.ewc_penalty > 0
+    assert two.figures.loss == pytest.approx(one.figures.loss, rel=1e-4)
+    adapters = [torch.load(tmp_path / run / CHECKPOINT, weights_only=True)["adapter"] for run in ("one", "two")]
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, rtol=1e-4, atol=1e-6)
+    returned = {name: p.detach() for name, p in two.model.named_parameters() if p.requires_grad}
+    assert len(returned) == len(adapters[1])  # the agent rebuilt the model with rank 0's adapter
+    assert [r["step"] for r in ctx.reports] == [1, 2, 3, 4] and ctx.checkpoints == [4]

@@ -93,7 +93,9 @@ class FinetuneHandler:
 
         earlier = [m for m in await ctx.store.list_models(name=task.name, limit=2) if m.id != ctx.job_id]
         label, parent = next_label(earlier[0] if earlier else None, str(folder), origin)
-        produced = await ctx.work(self._produce, task, folder, dataset, parent, label)
+        # a distributed job's training runs in its ranks' processes; its agent stays in the worker (a
+        # daemonic child process may not start processes)
+        produced = await ctx.work(self._produce, task, folder, dataset, parent, label, isolate=task.config.ranks == 1)
 
         metrics = dict(produced.metrics)
         for role, figures in produced.parity.items():
@@ -144,9 +146,18 @@ class FinetuneHandler:
         from .finetune_training import Parent, save_adapter, train
 
         ancestor = Parent(parent.id, parent.label or "", Path(parent.export_path)) if parent else None
-        trained = train(task, ctx, folder, dataset, ancestor, progress_seconds=self.progress_seconds)
+        trained = train(
+            task,
+            ctx,
+            folder,
+            dataset,
+            ancestor,
+            checkpoints=ctx.checkpoint_dir,
+            progress_seconds=self.progress_seconds,
+        )
+        figures = trained.figures
         ctx.check()
-        ctx.progress(1.0, step=trained.steps, total=trained.steps, message="exporting and checking")
+        ctx.progress(1.0, step=figures.steps, total=figures.steps, message="exporting and checking")
         adapter_dir = save_adapter(trained, ctx.artifacts_dir / "adapter", task.ewc.fisher_samples)
         files: dict[str, Path] = {}
         parity: dict[str, dict[str, float]] = {}
@@ -163,11 +174,13 @@ class FinetuneHandler:
             files = export.files
             parity = {role: export.metrics(role) for role in export.parity}
         metrics: dict[str, Any] = {
-            "loss": trained.loss,
-            "ewc_penalty": trained.ewc_penalty,
-            "tokens_per_second": trained.tokens_per_second,
-            "steps": float(trained.steps),
-            "resumed_from_step": float(trained.resumed_from),
+            "loss": figures.loss,
+            "ewc_penalty": figures.ewc_penalty,
+            "tokens_per_second": figures.tokens_per_second,
+            "steps": float(figures.steps),
+            "resumed_from_step": float(figures.resumed_from),
             "examples": float(len(trained.examples)),
         }
-        return Produced(adapter_dir, files, parity, metrics, trained.training_time_ms)
+        if task.config.ranks > 1:
+            metrics["world_size"] = float(task.config.ranks)
+        return Produced(adapter_dir, files, parity, metrics, figures.training_time_ms)

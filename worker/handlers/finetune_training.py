@@ -10,10 +10,13 @@ least.
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,10 @@ from safetensors.torch import load_file, save_file
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import FinetuneTask
-from forseti.worker.engine.context import JobStopped, Work
+from forseti.worker.engine.context import JobStopped, Steps
 
 from .finetune_data import IGNORE, Example, read_lines, tokenize
+from .training_ddp import Group, Rank, Recruit, launch, meet
 
 log = logging.getLogger(__name__)
 FISHER = "fisher.safetensors"
@@ -42,13 +46,10 @@ class Parent:
     adapter_dir: Path
 
 
-@dataclass
-class Trained:
-    """What a finished run hands to the export."""
+@dataclass(frozen=True)
+class Figures:
+    """How a run went (what a distributed run's rank 0 hands back)."""
 
-    model: Any
-    tokenizer: Any
-    examples: list[Example]
     steps: int
     resumed_from: int
     tokens: int
@@ -58,13 +59,29 @@ class Trained:
     tokens_per_second: float
 
 
-def device_and_dtype(task: FinetuneTask) -> tuple[torch.device, torch.dtype]:
-    """Where to train and in what precision: fp32 on CPU; bf16 (or fp16 where bf16 is missing) on CUDA."""
-    config = task.config
+@dataclass
+class Trained:
+    """What a finished run hands to the export."""
+
+    model: Any
+    tokenizer: Any
+    examples: list[Example]
+    figures: Figures
+
+
+def on_cuda(task: FinetuneTask) -> bool:
+    """Whether the task trains on CUDA (invalid_task when it asks for CUDA and there is none)."""
     cuda = torch.cuda.is_available()
-    if config.device == "cuda" and not cuda:
+    if task.config.device == "cuda" and not cuda:
         raise ForsetiError("device cuda was asked for, but this worker has no CUDA device", code=ErrorCode.INVALID_TASK)
-    device = torch.device("cuda" if cuda and config.device != "cpu" else "cpu")
+    return cuda and task.config.device != "cpu"
+
+
+def device_and_dtype(task: FinetuneTask, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
+    """Where to train (a distributed run: the rank's own GPU) and in what precision: fp32 on CPU;
+    bf16 (or fp16 where bf16 is missing) on CUDA."""
+    config = task.config
+    device = torch.device("cuda", local_rank) if on_cuda(task) else torch.device("cpu")
     if device.type == "cpu":
         if config.precision in ("bf16", "fp16"):
             raise ForsetiError(f"precision {config.precision} needs CUDA; use fp32 on CPU", code=ErrorCode.INVALID_TASK)
@@ -199,16 +216,84 @@ def fisher_information(
 
 
 def train(
-    task: FinetuneTask, ctx: Work, folder: Path, dataset: Path, parent: Parent | None, *, progress_seconds: float
+    task: FinetuneTask,
+    ctx: Steps,
+    folder: Path,
+    dataset: Path,
+    parent: Parent | None,
+    *,
+    checkpoints: Path,
+    progress_seconds: float,
+    recruit: Recruit | None = None,
 ) -> Trained:
-    """Check the inputs, then train (or resume) the adapter; raises JobStopped when stopped."""
-    config = task.config
+    """Check the inputs, then train (or resume) the adapter, alone or over the task's ranks (`recruit`
+    finds the other workers when they are spread over several); raises JobStopped when stopped."""
+    work = functools.partial(
+        fit,
+        task,
+        folder=folder,
+        dataset=dataset,
+        parent=parent,
+        checkpoints=checkpoints,
+        progress_seconds=progress_seconds,
+    )
+    if task.config.ranks == 1:
+        return work(ctx)
+    group = Group.of(task.config, cuda=on_cuda(task))
+    meeting = meet(group, task.config, recruit)
+    figures: Figures = launch(group, ctx, functools.partial(figures_of, work), checkpoints, meeting=meeting)
+    tokenizer, model, examples = build(task, folder, dataset, parent, torch.device("cpu"))
+    saved = torch.load(checkpoints / CHECKPOINT, map_location="cpu", weights_only=True)
+    with torch.no_grad():
+        for name, param in trainable(model).items():
+            param.copy_(saved["adapter"][name])
+    return Trained(model, tokenizer, examples, figures)
+
+
+def build(
+    task: FinetuneTask, folder: Path, dataset: Path, parent: Parent | None, device: torch.device
+) -> tuple[Any, Any, list[Example]]:
+    """The tokenizer, the base model with its adapter (seeded: every rank starts alike), and the
+    dataset's examples."""
     records = read_lines(dataset)
-    device, dtype = device_and_dtype(task)
     tokenizer, base = open_base(folder)
-    examples = tokenize(records, tokenizer, config.max_seq_len)
-    torch.manual_seed(config.seed)
-    model = attach_adapter(task, base, parent).to(device)
+    examples = tokenize(records, tokenizer, task.config.max_seq_len)
+    torch.manual_seed(task.config.seed)
+    return tokenizer, attach_adapter(task, base, parent).to(device), examples
+
+
+def resume(
+    saved: bytes | None, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, device: torch.device
+) -> int:
+    """Load a checkpoint's bytes (when there is one) into the adapter and optimizer; its step (else 0)."""
+    if saved is None:
+        return 0
+    state = torch.load(io.BytesIO(saved), map_location=device, weights_only=True)
+    with torch.no_grad():
+        for name, value in state["adapter"].items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def fit(
+    task: FinetuneTask,
+    ctx: Steps,
+    *,
+    folder: Path,
+    dataset: Path,
+    parent: Parent | None,
+    checkpoints: Path,
+    progress_seconds: float,
+) -> Trained:
+    """Train in this process: alone, or as one rank of a distributed run. Each rank takes its share
+    of every micro-batch; after an optimizer step's micro-batches one all-reduce adds up every
+    rank's adapter gradients (the adapter is small: one flat buffer, which keeps micro-batches
+    with fewer examples than ranks, and the EWC penalty, exact). Rank 0 reports and checkpoints."""
+    config = task.config
+    rank = Rank.current()
+    device, dtype = device_and_dtype(task, rank.local_rank)
+    tokenizer, model, examples = build(task, folder, dataset, parent, device)
     params = trainable(model)
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate)
     ewc = Ewc.of(task.ewc.lambda_, parent, device)
@@ -216,19 +301,14 @@ def train(
     batches_per_epoch = -(-len(examples) // config.batch_size)
     steps_per_epoch = -(-batches_per_epoch // config.grad_accum)
     total_steps = steps_per_epoch * config.epochs
-    checkpoint = ctx.checkpoint_dir / CHECKPOINT
-    step = 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=True)
-        with torch.no_grad():
-            for name, value in state["adapter"].items():
-                params[name].copy_(value)
-        optimizer.load_state_dict(state["optimizer"])
-        step = int(state["step"])
+    checkpoint = checkpoints / CHECKPOINT
+    step = resumed_from = resume(rank.read(checkpoint), params, optimizer, device)  # rank 0's checkpoint
+    if step:
         log.info("job %s resumes fine-tuning at step %d of %d", ctx.job_id, step, total_steps)
-    resumed_from = step
 
     def save() -> None:
+        if not rank.lead:  # the ranks hold the same adapter: one copy, rank 0's
+            return
         partial = checkpoint.with_name("partial-" + CHECKPOINT)
         adapter = {name: p.detach().cpu() for name, p in params.items()}
         torch.save({"adapter": adapter, "optimizer": optimizer.state_dict(), "step": step}, partial)
@@ -237,13 +317,14 @@ def train(
 
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
+    me, ranks = rank.shard
     tokens = 0
     loss_value = penalty_value = 0.0
     started = time.monotonic()
     last_report = 0.0
     model.train()
     try:
-        while step < total_steps:
+        while rank.go_on(ctx, more=step < total_steps):
             epoch, in_epoch = divmod(step, steps_per_epoch)
             order = list(range(len(examples)))
             random.Random(config.seed + epoch).shuffle(order)
@@ -252,17 +333,23 @@ def train(
             group = batches[first : first + config.grad_accum]
             optimizer.zero_grad(set_to_none=True)
             weight_total = sum(examples[i].weight for batch in group for i in batch)
-            step_loss = 0.0
+            step_loss = step_tokens = 0.0
             for batch in group:
-                ctx.check()
-                ids, mask, labels, weights = collate([examples[i] for i in batch], tokenizer.pad_token_id, device)
+                if ranks == 1:
+                    ctx.check()  # a rank waits for rank 0's word instead, between steps
+                share = batch[me::ranks]
+                if not share:
+                    continue
+                ids, mask, labels, weights = collate([examples[i] for i in share], tokenizer.pad_token_id, device)
                 with autocast:
                     losses = example_losses(model, ids, mask, labels)
                 # feedback weights: a liked example counts double, a disliked one half
                 loss = (losses * weights).sum() / weight_total
                 scaler.scale(loss).backward()  # type: ignore[no-untyped-call]
                 step_loss += float(loss.detach())
-                tokens += int(mask.sum())
+                step_tokens += float(mask.sum())
+            step_loss, step_tokens = rank.add_gradients(list(params.values()), step_loss, step_tokens)
+            tokens += int(step_tokens)
             if ewc is not None:
                 penalty = ewc.penalty(params)
                 scaler.scale(penalty).backward()  # type: ignore[no-untyped-call]
@@ -274,7 +361,7 @@ def train(
             if step % config.checkpoint_interval == 0:
                 save()
             elapsed = time.monotonic() - started
-            if elapsed - last_report >= progress_seconds or step == total_steps:
+            if rank.lead and (elapsed - last_report >= progress_seconds or step == total_steps):
                 last_report = elapsed
                 ctx.progress(
                     step / total_steps,
@@ -293,10 +380,7 @@ def train(
         raise
     save()
     elapsed = time.monotonic() - started
-    return Trained(
-        model=model,
-        tokenizer=tokenizer,
-        examples=examples,
+    figures = Figures(
         steps=step,
         resumed_from=resumed_from,
         tokens=tokens,
@@ -305,6 +389,13 @@ def train(
         training_time_ms=int(elapsed * 1000),
         tokens_per_second=tokens / max(elapsed, 1e-9),
     )
+    return Trained(model, tokenizer, examples, figures)
+
+
+def figures_of(work: Callable[[Steps], Trained], ctx: Steps) -> Figures:
+    """A rank's run of `work`: only its figures go back (the agent rebuilds the model from rank 0's
+    checkpoint rather than have it pickled across)."""
+    return work(ctx).figures
 
 
 def save_adapter(trained: Trained, folder: Path, fisher_samples: int) -> Path:

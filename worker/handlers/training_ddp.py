@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import itertools
 import logging
 import multiprocessing
 import os
@@ -28,15 +29,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+from pydantic import BaseModel
 from torch import nn
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 from forseti.schemas.errors import ErrorCode, ForsetiError
-from forseti.schemas.tasks import TrainingConfig
+from forseti.schemas.tasks import Distribution
 from forseti.worker.engine.context import JobStopped, SafePoints, Steps, StopReason
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,8 @@ STOP, GO, HOLD = 0, 1, 2
 """What rank 0 tells the others before each epoch."""
 POLL_SECONDS = 0.2
 """How often the agent looks at the job (paused, stopped) while it relays."""
+_reads = itertools.count()
+"""Numbers the files rank 0 hands the others (`Rank.read`), alike on every rank."""
 
 
 class Rank:
@@ -117,6 +121,35 @@ class Rank:
         no_sync = getattr(model, "no_sync", None)
         return no_sync() if no_sync is not None else contextlib.nullcontext()
 
+    def read(self, path: Path) -> bytes | None:
+        """Rank 0's copy of the file at `path` (None when it has none), as every rank reads it: it
+        travels through the group's store, as the other ranks may run on hosts that lack it (a
+        checkpoint only rank 0 writes). Every rank calls this alike, in the same order."""
+        if self.world_size == 1 or _group_store is None:  # alone, or ranks started by a bare torchrun
+            return path.read_bytes() if path.exists() else None
+        key = f"file-{next(_reads)}"
+        if self.lead:
+            data = b"\x01" + path.read_bytes() if path.exists() else b"\x00"
+            _group_store.set(key, data)  # type: ignore[arg-type]  # the binding takes bytes (a C++ string)
+        data = bytes(_group_store.get(key))
+        return data[1:] if data[:1] == b"\x01" else None
+
+    def add_gradients(self, params: list[nn.Parameter], *figures: float) -> list[float]:
+        """Sum every rank's gradients of `params` into each rank's, and the `figures` given with them
+        (one all-reduce of one flat buffer: for a small set of parameters, a LoRA adapter's, where
+        DistributedDataParallel's buckets buy nothing); the figures summed."""
+        if self.world_size == 1:
+            return list(figures)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        extra = torch.tensor(figures, dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([*(g.reshape(-1) for g in grads), extra])
+        dist.all_reduce(flat)
+        offset = 0
+        for param in params:
+            param.grad = flat[offset : offset + param.numel()].view_as(param).clone()
+            offset += param.numel()
+        return [float(v) for v in flat[offset:]]
+
     def total(self, value: torch.Tensor) -> torch.Tensor:
         """`value` summed over every rank."""
         if self.world_size > 1:
@@ -170,35 +203,103 @@ class RankContext(SafePoints):
 
 
 @dataclass(frozen=True)
+class Group:
+    """How one job's ranks are laid out and how long they may take to meet (from its config)."""
+
+    world_size: int
+    workers: int
+    """Workers (hosts) the ranks are spread over, `world_size / workers` on each."""
+    cuda: bool
+    """NCCL on one GPU per rank; gloo on the CPU otherwise."""
+    max_restarts: int
+    rendezvous_timeout: float
+
+    @classmethod
+    def of(cls, config: Distribution, *, cuda: bool) -> Group:
+        """The group a task's config asks for."""
+        return cls(config.ranks, config.workers, cuda, config.max_restarts, config.rendezvous_timeout)
+
+    @property
+    def per_worker(self) -> int:
+        """Ranks each worker runs."""
+        return self.world_size // self.workers
+
+    @property
+    def backend(self) -> str:
+        """The process group's backend."""
+        return "nccl" if self.cuda else "gloo"
+
+
+@dataclass(frozen=True)
+class Meeting:
+    """Where the ranks of a group over several workers meet: the c10d rendezvous store, served by
+    the job's own worker at an address the others reach."""
+
+    host: str
+    port: int
+    hosting: bool
+    """True on the job's own worker, which serves the store; False on a worker that joins."""
+
+    @property
+    def endpoint(self) -> str:
+        """host:port, as torch's launcher takes it."""
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
 class RankJob:
     """What every rank needs to train its share (pickled to each rank's process)."""
 
-    config: TrainingConfig
-    prepared: Any
-    """The job's prepared data and model type (`training_models.Prepared`)."""
+    work: Callable[[Steps], Any]
+    """The training, called with the rank's context; rank 0's return value is the job's."""
+    group: Group
     folder: Path
-    span: tuple[float, float]
-    label: str
+    """The job's folder on this host."""
     memory_limit: int
     threads: int
     job_id: str
 
 
+class Recruit(Protocol):
+    """Finds the other workers of a group spread over several, hands each the run's config, and says
+    where the group meets (`ranks.Recruiter`, on a worker of the bus)."""
+
+    def __call__(self, group: Group, config: dict[str, Any]) -> Meeting:
+        """Recruit `group.workers - 1` workers for a run of `config`; where its ranks meet."""
+
+
+def meet(group: Group, config: BaseModel, recruit: Recruit | None) -> Meeting | None:
+    """Where the ranks of `group` meet: nothing to arrange on one worker; on several, where
+    `recruit` says once it found the others."""
+    if group.workers == 1:
+        return None
+    if recruit is None:
+        raise ForsetiError(
+            f"this run spreads its ranks over {group.workers} workers, which takes a worker on a bus",
+            code=ErrorCode.INVALID_TASK,
+        )
+    return recruit(group, config.model_dump(mode="json", by_alias=True))
+
+
+_group_store: Store | None = None
+"""This rank's group store (set once it joined its group): files rank 0 hands the others travel in it."""
+
+
 def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
     """One rank's process: join the group, train, and say how it ended (a ForsetiError is an
     outcome, not a crash: the launcher must not start the group again for a refused task)."""
-    from .training_loop import fit
+    global _group_store
 
     end_with_parent()
     torch.set_num_threads(job.threads)
-    backend = "nccl" if job.config.num_gpus else "gloo"
-    if backend == "nccl":
+    if job.group.cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    timeout = datetime.timedelta(seconds=job.config.rendezvous_timeout)
+    timeout = datetime.timedelta(seconds=job.group.rendezvous_timeout)
     try:
+        _group_store = group_store(job.job_id, timeout)
         dist.init_process_group(
-            backend,
-            store=group_store(job.job_id, timeout),
+            job.group.backend,
+            store=_group_store,
             rank=int(os.environ["RANK"]),
             world_size=int(os.environ["WORLD_SIZE"]),
             timeout=timeout,
@@ -207,8 +308,7 @@ def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
         return "error", (ErrorCode.RENDEZVOUS_TIMEOUT, f"the ranks did not meet: {exc}")
     try:
         ctx = RankContext(messages, state, job.memory_limit, job.job_id)
-        stats = fit(job.config, ctx, job.prepared, job.folder, span=job.span, label=job.label)
-        return "done", stats
+        return "done", job.work(ctx)
     except JobStopped:
         return "stopped", None
     except ForsetiError as exc:
@@ -269,45 +369,48 @@ def quiet_launcher() -> Iterator[None]:
 
 
 def launch(
-    config: TrainingConfig,
+    group: Group,
     ctx: Steps,
-    prepared: Any,
+    work: Callable[[Steps], Any],
     folder: Path,
     *,
-    span: tuple[float, float],
-    label: str,
+    meeting: Meeting | None = None,
     entry: Callable[[RankJob, Any, Any], tuple[str, Any]] = rank_main,
 ) -> Any:
-    """Train with `config.ranks` ranks on this host and return rank 0's `Stats`; relays rank 0's
-    progress and checkpoints, and the job's pause and stop, until the ranks end."""
+    """Run `work` on this worker's ranks of `group` and return rank 0's result (None on a worker that
+    joined another's job: rank 0 is not here). Relays rank 0's progress and checkpoints, and the
+    job's pause and stop, until the ranks end. A group over several workers meets at `meeting`."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousTimeoutError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     spawn = multiprocessing.get_context("spawn")
     messages, state = spawn.Queue(), spawn.Value("i", RUNNING)
-    ranks = config.ranks
     job = RankJob(
-        config=config,
-        prepared=prepared,
+        work=work,
+        group=group,
         folder=folder,
-        span=span,
-        label=label,
         memory_limit=ctx.memory_limit,
-        threads=max(1, torch.get_num_threads() // ranks),
+        threads=max(1, torch.get_num_threads() // group.per_worker),
         job_id=ctx.job_id,
     )
+    place: dict[str, Any] = {"rdzv_endpoint": f"127.0.0.1:{free_port()}"}
+    if meeting is not None:
+        # the launcher's own guess (is this host named in the endpoint?) is wrong for two workers on one host
+        place = {"rdzv_endpoint": meeting.endpoint, "local_addr": meeting.host, "hosting": meeting.hosting}
     launcher = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=ranks,
+        min_nodes=group.workers,
+        max_nodes=group.workers,
+        nproc_per_node=group.per_worker,
         run_id=ctx.job_id,
         rdzv_backend="c10d",
-        rdzv_endpoint=f"127.0.0.1:{free_port()}",
-        rdzv_configs={"join_timeout": config.rendezvous_timeout},
-        max_restarts=config.max_restarts,
+        rdzv_endpoint=place["rdzv_endpoint"],
+        rdzv_configs={"join_timeout": group.rendezvous_timeout}
+        | ({"is_host": place["hosting"]} if meeting is not None else {}),
+        max_restarts=group.max_restarts,
         monitor_interval=POLL_SECONDS,
         start_method="spawn",
+        local_addr=place.get("local_addr"),
     )
     outcome: dict[str, Any] = {}
 
@@ -318,7 +421,13 @@ def launch(
         except BaseException as exc:  # handed to the job's thread, which raises what it means
             outcome["error"] = exc
 
-    log.info("%s: training with %d ranks (restarts allowed: %d)", ctx.job_id, ranks, config.max_restarts)
+    log.info(
+        "%s: training with %d ranks here of %d (restarts allowed: %d)",
+        ctx.job_id,
+        group.per_worker,
+        group.world_size,
+        group.max_restarts,
+    )
     thread = threading.Thread(target=run, name=f"ranks-{ctx.job_id}", daemon=True)
     thread.start()
     while thread.is_alive() or not messages.empty():
@@ -335,22 +444,23 @@ def launch(
     error = outcome.get("error")
     if isinstance(error, RendezvousTimeoutError):
         raise ForsetiError(
-            f"the {ranks} ranks did not meet within {config.rendezvous_timeout:g}s: {error}",
+            f"the {group.world_size} ranks did not meet within {group.rendezvous_timeout:g}s: {error}",
             code=ErrorCode.RENDEZVOUS_TIMEOUT,
         )
     if isinstance(error, ChildFailedError):
         rank, failure = error.get_first_failure()
         raise ForsetiError(
-            f"rank {rank} failed (the group was started {config.max_restarts} times again): "
+            f"rank {rank} failed (the group was started {group.max_restarts} times again): "
             f"{failure.message or f'exit code {failure.exitcode}'}"[:4096],
             code=ErrorCode.HANDLER_CRASHED,
         )
     if error is not None:
         raise error
-    how, value = outcome["ranks"][0]
+    ranks: dict[int, tuple[str, Any]] = outcome["ranks"]
+    how, value = ranks[min(ranks)]  # rank 0 where it is here; else this worker's first
     if how == "error":
         code, message = value
         raise ForsetiError(message, code=code)
     if how == "stopped":
         ctx.check()  # raises the job's own JobStopped
-    return value
+    return value if 0 in ranks else None

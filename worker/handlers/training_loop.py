@@ -6,6 +6,8 @@ preprocessing in front for tabular data) as one ONNX graph, checked against torc
 from __future__ import annotations
 
 import contextlib
+import functools
+import io
 import itertools
 import json
 import os
@@ -27,7 +29,7 @@ from forseti.schemas.tasks import TrainingConfig
 from forseti.worker.engine.context import JobStopped, Steps, Work
 from forseti.worker.engine.limits import TRAINED_BYTES_PER_PARAMETER, check_fits, module_parameters
 
-from .training_ddp import Rank
+from .training_ddp import Group, Rank, Recruit, launch, meet
 from .training_models import Prepared, loss_function, predict
 
 LATEST, BEST, TRIAL = "latest.pt", "best.pt", "trial.json"
@@ -181,11 +183,11 @@ def one_epoch(
 
 
 def resume(
-    latest: Path, network: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
+    saved: bytes, network: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, device: torch.device
 ) -> tuple[int, float, int, int, float]:
-    """Load the checkpoint `latest` into the network, optimizer and scheduler; the loop's state
+    """Load a `latest` checkpoint's bytes into the network, optimizer and scheduler; the loop's state
     (epoch, best score, best epoch, stale epochs, the last training loss)."""
-    state = torch.load(latest, weights_only=True, map_location=device)
+    state = torch.load(io.BytesIO(saved), weights_only=True, map_location=device)
     network.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler"):
@@ -203,16 +205,17 @@ def train(
     *,
     span: tuple[float, float] = (0.0, 1.0),
     label: str = "",
+    recruit: Recruit | None = None,
 ) -> Stats:
     """Train one network (or resume it from `folder`), keeping its best epoch by the watched metric
     in `folder`; progress fills `span` of the job. A distributed config trains over its ranks
-    (`training_ddp`)."""
-    if config.ranks > 1:
-        from .training_ddp import launch
-
-        stats: Stats = launch(config, ctx, prepared, folder, span=span, label=label)
-        return stats
-    return fit(config, ctx, prepared, folder, span=span, label=label)
+    (`training_ddp`); `recruit` finds the other workers when they are spread over several."""
+    work = functools.partial(fit, config, prepared=prepared, folder=folder, span=span, label=label)
+    if config.ranks == 1:
+        return work(ctx)
+    group = Group.of(config, cuda=bool(config.num_gpus))
+    stats: Stats = launch(group, ctx, work, folder, meeting=meet(group, config, recruit))
+    return stats
 
 
 def fit(
@@ -244,8 +247,9 @@ def fit(
 
     latest, best_path = folder / LATEST, folder / BEST
     epoch, best_score, best_epoch, stale, train_loss = 0, float("inf"), 0, 0, float("nan")
-    if latest.exists():
-        epoch, best_score, best_epoch, stale, train_loss = resume(latest, network, optimizer, scheduler, device)
+    saved = rank.read(latest)  # rank 0's: the others may be on hosts without the checkpoint
+    if saved is not None:
+        epoch, best_score, best_epoch, stale, train_loss = resume(saved, network, optimizer, scheduler, device)
     resumed_from = epoch
     stopped_early = stopping is not None and stale >= stopping.patience
 
@@ -368,12 +372,15 @@ def trial_configs(config: TrainingConfig) -> list[TrainingConfig]:
     ]
 
 
-def search(config: TrainingConfig, ctx: Work, prepared: Prepared) -> tuple[nn.Module, Stats, list[dict[str, Any]]]:
+def search(
+    config: TrainingConfig, ctx: Work, prepared: Prepared, *, recruit: Recruit | None = None
+) -> tuple[nn.Module, Stats, list[dict[str, Any]]]:
     """Train each trial (one when there is no search), report each, pick the best on the watched
-    validation metric; its predictor, its figures and every trial's record, the best one first."""
+    validation metric; its predictor, its figures and every trial's record, the best one first.
+    `recruit` finds the workers a run spread over several shares its ranks with."""
     configs = trial_configs(config)
     if config.search is None:
-        stats = train(config, ctx, prepared, ctx.checkpoint_dir)
+        stats = train(config, ctx, prepared, ctx.checkpoint_dir, recruit=recruit)
         return restore(config, prepared, ctx.checkpoint_dir), stats, []
     watch, lower_is_better = watched(config)
     records: list[dict[str, Any]] = []
@@ -384,7 +391,8 @@ def search(config: TrainingConfig, ctx: Work, prepared: Prepared) -> tuple[nn.Mo
             record = json.loads(done.read_text())
         else:
             n = len(configs)
-            stats = train(trial, ctx, prepared, folder, span=(k / n, (k + 1) / n), label=f"trial {k + 1}/{n}: ")
+            span, label = (k / n, (k + 1) / n), f"trial {k + 1}/{n}: "
+            stats = train(trial, ctx, prepared, folder, span=span, label=label, recruit=recruit)
             record = {
                 "trial": k + 1,
                 "learning_rate": trial.learning_rate,
