@@ -15,10 +15,10 @@ from typing import Any, Self
 from forseti.schemas.errors import BusError, ForsetiError
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now at `host`."""
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 

@@ -28,6 +28,7 @@ from .jobs import (
 from .llm import CompleteReply, CompleteRequest, LlmError
 from .models import ModelAvailable, ModelLoaded, ModelRollback, ModelsList, ModelsQuery, ModelsQueryError
 from .privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify
+from .ranks import RankJoin, RankJoined
 from .tasks import TASK_MODELS, task_channel, task_type
 
 
@@ -55,6 +56,7 @@ INFER = "forseti.infer.{model_id}"
 EDGE = "forseti.edge.{device_id}.infer"
 PRIVACY = "forseti.privacy"
 RECEIPTS = "forseti.privacy.receipts.{request_id}"
+RANKS = "forseti.ranks"
 
 
 def jobs_channel(job_id: str) -> str:
@@ -134,6 +136,8 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.privacy.erase.v1", PrivacyErase, PRIVACY, "Delete everything held for a user."),
     EventSpec("forseti.privacy.rectify.v1", PrivacyRectify, PRIVACY, "Replace a user's dataset and train again."),
     EventSpec("forseti.privacy.receipt.v1", PrivacyReceipt, RECEIPTS, "What one worker found and did (reply)."),
+    EventSpec("forseti.ranks.join.v1", RankJoin, RANKS, "Run a share of a distributed job's ranks (signed request)."),
+    EventSpec("forseti.ranks.joined.v1", RankJoined, RANKS, "Taken, or why not (reply)."),
 ]
 
 BY_TYPE: dict[str, EventSpec] = {spec.type: spec for spec in _SPECS}

@@ -23,7 +23,7 @@ from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import JobProgress, JobResult, JobState
 from forseti.schemas.models import ModelAvailable
-from forseti.schemas.tasks import TaskKind
+from forseti.schemas.tasks import TaskBase, TaskKind, dump_task
 
 from .inputs import Inputs
 from .limits import default_memory_limit
@@ -31,6 +31,7 @@ from .limits import default_memory_limit
 if TYPE_CHECKING:
     from .checkpoints import SharedCheckpoints
     from .isolation import ChildPool
+    from .ranks import RankDesk, Recruiter
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -199,9 +200,11 @@ class JobContext(SafePoints):
         memory_limit: int | None = None,
         threads: int | None = None,
         pool: ChildPool | None = None,
+        ranks: RankDesk | None = None,
     ) -> None:
         super().__init__()
         self.job_id, self.kind, self.attempt, self.resumed = job_id, kind, attempt, resumed
+        self._ranks = ranks
         self._work_dir = work_dir
         self._artifacts_root = artifacts_root or work_dir.parent.parent / "artifacts"
         self.bus = bus
@@ -218,6 +221,13 @@ class JobContext(SafePoints):
         self._announcer = announcer
         self._loop = loop
         self._checkpoints = checkpoints
+
+    def recruiter(self, task: TaskBase) -> Recruiter | None:
+        """What the job's thread calls to spread its ranks over several workers (None where this
+        worker has no bus to recruit on). Call on the event loop."""
+        if self._ranks is None:
+            return None
+        return self._ranks.recruiter(self.job_id, self.kind, dump_task(task), self)
 
     @property
     def work_dir(self) -> Path:

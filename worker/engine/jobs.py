@@ -45,6 +45,7 @@ from .isolation import ChildPool
 from .limits import default_memory_limit
 from .logs import job_id_var
 from .metrics import Metrics
+from .ranks import RankDesk
 from .settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class JobServices:
     """The child processes jobs' heavy work runs in (None: threads of the worker)."""
     keyring: Keyring | None = None
     """Encrypts the checkpoints shared through `objects` (None: shared as they are)."""
+    ranks: RankDesk | None = None
+    """Recruits workers for the job's distributed runs spread over several (None: none)."""
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,7 @@ class JobRunner:
             memory_limit=self._memory_limit(),
             threads=self._threads(),
             pool=services.pool,
+            ranks=services.ranks,
         )
         services.running[self.job_id] = self
         running = services.metrics.jobs_running.labels(self.kind.value)

@@ -39,7 +39,8 @@ class Metrics:
         self.refused = Counter(
             "forseti_refused_requests",
             "Requests refused: control events and status replies withheld because the asker is not the job's "
-            "owner nor an operator, privacy requests not signed by an operator key.",
+            "owner nor an operator, privacy requests not signed by an operator key, join requests for a "
+            "distributed job not signed by a trusted worker key.",
             ["request"],
             registry=r,
         )

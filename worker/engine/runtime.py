@@ -35,6 +35,7 @@ from forseti.schemas.catalog import (
     MODELS,
     MODELS_QUERY,
     PRIVACY,
+    RANKS,
     STATUS,
     jobs_channel,
 )
@@ -57,6 +58,7 @@ from .logs import job_id_var
 from .metrics import MeteredBus, Metrics
 from .models import version_label
 from .privacy import PrivacyDesk
+from .ranks import RankDesk
 from .settings import WorkerSettings
 from .slots import Slots
 
@@ -149,6 +151,8 @@ class Worker:
         self._sweep: asyncio.Task[None] | None = None
         self._bus_reachable = True
         self._job_services: JobServices | None = None
+        self._ranks: RankDesk | None = None
+        """Recruits workers for this worker's distributed jobs, and joins theirs (set by run())."""
         key = self.settings.signing_key_path
         self.signer = Signer.from_file(key) if key is not None else None
         """Signs model announcements (None: they go out unsigned)."""
@@ -173,6 +177,16 @@ class Worker:
             self.objects = open_object_store(self.settings.object_store_url, self.bus.inner)
             if self.objects is not None:
                 self._pruning = asyncio.create_task(self._prune_checkpoints(self.objects), name="prune-checkpoints")
+            self._ranks = RankDesk(
+                bus=self.bus,
+                settings=self.settings,
+                store=self.store,
+                handlers=self.handlers,
+                slots=self._slots,
+                running=self.running,
+                signer=self.signer,
+                refuse=self._refuse_join,
+            )
             self._job_services = self._make_services()
             data = UserData(
                 settings=self.settings,
@@ -198,6 +212,7 @@ class Worker:
                 await self.bus.subscribe(STATUS, self._on_status),
                 await self.bus.subscribe(MODELS_QUERY, self._on_models_query),
                 await self.bus.subscribe(PRIVACY, privacy.on_request),
+                await self.bus.subscribe(RANKS, self._ranks.on_join, queue=f"{self.settings.group}-ranks"),
                 await self.bus.on_given_up(self._on_given_up, group=self.settings.group),
             ]
             loops = []
@@ -517,6 +532,7 @@ class Worker:
             early_cancel=self.take_early_cancel,
             pool=self._pool,
             keyring=self.keyring,
+            ranks=self._ranks,
         )
 
     async def announce_model(self, event: ModelAvailable, job_id: str) -> None:
@@ -592,6 +608,14 @@ class Worker:
         self.metrics.refused.labels("control").inc()
         try:
             await self.dead_letter(Refused(ErrorCode.FORBIDDEN, detail, job_id), msg.data, channel=CONTROL)
+        except BusError as exc:
+            log.warning("dead-letter not recorded: %s", exc)
+
+    async def _refuse_join(self, refused: Refused, raw: bytes) -> None:
+        """A join request this worker may not act on: a dead-letter record and the refused-requests metric."""
+        self.metrics.refused.labels("ranks").inc()
+        try:
+            await self.dead_letter(refused, raw, channel=RANKS)
         except BusError as exc:
             log.warning("dead-letter not recorded: %s", exc)
 

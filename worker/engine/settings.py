@@ -11,7 +11,7 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from forseti.adapters.encryption import Keyring
-from forseti.adapters.signing import PRIVATE_KEY, TrustedKeys, configured_keys
+from forseti.adapters.signing import PRIVATE_KEY, Signer, TrustedKeys, configured_keys, key_id
 
 DEFAULT_BUS_URL = "nats://127.0.0.1:4222"
 """The embedded default: the nats-server that `forseti up` starts."""
@@ -104,6 +104,14 @@ class WorkerSettings(BaseSettings):
     control event or status query for another user's job, is honoured when one of them signed it;
     unset: `<data_dir>/keys` when it holds a public key, else none (privacy requests are refused).
     In the environment: paths separated by commas."""
+    peer_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """ed25519 public keys (PEM files, or folders of `*.pub`) of the other workers whose distributed
+    jobs this worker joins, besides its own signing key's (workers sharing one key need none). In the
+    environment: paths separated by commas."""
+    rendezvous_host: str = "127.0.0.1"
+    """Address this worker's distributed jobs spread over several workers meet at: their rendezvous
+    store listens there, and the other workers (and their ranks) must reach it. Give the host's
+    address on the workers' own network: torch's store takes anyone who connects."""
     encryption_key: SecretStr | None = None
     """Base64 AES-256 key(s), comma-separated, the first of which encrypts: announced artifacts and
     shared checkpoints are then stored encrypted (docs/security.md); unset: stored as they are."""
@@ -112,7 +120,7 @@ class WorkerSettings(BaseSettings):
     burst: bool = False
     """Exit once no task arrives within one poll and nothing is running (for tests and batch runs)."""
 
-    @field_validator("operator_keys", mode="before")
+    @field_validator("operator_keys", "peer_keys", mode="before")
     @classmethod
     def _paths_separated_by_commas(cls, value: object) -> object:
         return [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
@@ -155,6 +163,16 @@ class WorkerSettings(BaseSettings):
     def operators(self) -> TrustedKeys | None:
         """The operators' keys in force (None: there are none)."""
         return configured_keys(self.operator_keys, self.data_dir / "keys")
+
+    def peers(self) -> TrustedKeys | None:
+        """The keys whose signed join requests this worker acts on: its own signing key's and
+        `peer_keys` (None: it has neither, and joins no other worker's job)."""
+        keys = TrustedKeys.from_paths(self.peer_keys) if self.peer_keys else TrustedKeys([])
+        own = self.signing_key_path
+        if own is not None:
+            public = Signer.from_file(own).private.public_key()
+            keys.keys[key_id(public)] = public
+        return keys if keys.keys else None
 
     def keyring(self) -> Keyring | None:
         """The encryption keys in force (None: nothing is encrypted)."""

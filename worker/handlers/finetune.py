@@ -4,19 +4,27 @@ announced."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forseti.adapters.llm.gguf import GGUF_TYPES, LlamaLayout, Vocab
-from forseti.adapters.registry import ModelRecord
+from forseti.adapters.registry import ModelRecord, RegistryStore
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.jobs import FinetuneResult
 from forseti.schemas.tasks import FinetuneTask, TaskKind
-from forseti.worker.engine.context import JobContext, Work
+from forseti.worker.engine.context import JobContext, Steps, Work
+from forseti.worker.engine.inputs import Inputs
 from forseti.worker.engine.models import ANNOUNCED_FORMATS, BASE_FORMAT, PEFT_CONFIG_FORMAT
+from forseti.worker.engine.ranks import JoinSite
+
+if TYPE_CHECKING:  # torch is imported in the training thread, not when the worker loads its handlers
+    from .finetune_training import Figures
+    from .training_ddp import Group, Recruit
 
 LABEL = re.compile(r"^v(\d+)\.(\d+)$")
 
@@ -37,17 +45,17 @@ def next_label(
     return f"v{major}.{minor + 1}", origin or latest
 
 
-async def base_of(task: FinetuneTask, ctx: JobContext) -> tuple[Path, ModelRecord | None]:
+async def base_of(task: FinetuneTask, store: RegistryStore, inputs: Inputs) -> tuple[Path, ModelRecord | None]:
     """The base model folder, and the version to continue from when `base_model` is the registry id
     of an earlier fine-tune (whose base folder it then uses)."""
-    origin = None if "://" in task.base_model else await ctx.store.get_model(task.base_model)
+    origin = None if "://" in task.base_model else await store.get_model(task.base_model)
     if origin is not None and origin.model_type != "llm":
         raise ForsetiError(
             f"base_model {task.base_model!r} is a {origin.model_type} in the registry, not an LLM",
             code=ErrorCode.INVALID_MODEL,
         )
     uri = Path(origin.base_model or "").as_uri() if origin is not None else task.base_model
-    folder = ctx.inputs.resolve(uri, what="base_model", missing=ErrorCode.INVALID_MODEL)
+    folder = inputs.resolve(uri, what="base_model", missing=ErrorCode.INVALID_MODEL)
     if not folder.is_dir():
         raise ForsetiError(f"base_model {task.base_model!r} is not a model folder", code=ErrorCode.INVALID_MODEL)
     return folder, origin
@@ -85,7 +93,7 @@ class FinetuneHandler:
 
     async def run(self, task: FinetuneTask, ctx: JobContext) -> FinetuneResult:
         """Check inputs, train (in a child process), export and check, then register and announce."""
-        folder, origin = await base_of(task, ctx)
+        folder, origin = await base_of(task, ctx.store, ctx.inputs)
         dataset = ctx.inputs.resolve(task.dataset, what="dataset")
         layout = LlamaLayout.read(folder)
         if task.export.gguf or task.export.adapter_gguf:
@@ -95,7 +103,10 @@ class FinetuneHandler:
         label, parent = next_label(earlier[0] if earlier else None, str(folder), origin)
         # a distributed job's training runs in its ranks' processes; its agent stays in the worker (a
         # daemonic child process may not start processes)
-        produced = await ctx.work(self._produce, task, folder, dataset, parent, label, isolate=task.config.ranks == 1)
+        recruit = ctx.recruiter(task) if task.config.workers > 1 else None
+        produced = await ctx.work(
+            self._produce, task, folder, dataset, parent, label, recruit, isolate=task.config.ranks == 1
+        )
 
         metrics = dict(produced.metrics)
         for role, figures in produced.parity.items():
@@ -139,8 +150,38 @@ class FinetuneHandler:
             metrics=metrics,
         )
 
+    async def rank_work(
+        self, task: FinetuneTask, run: dict[str, Any], site: JoinSite
+    ) -> tuple[Group, Callable[[Steps], Figures]]:
+        """Another worker's fine-tune of `task` (`run`: the version it continues from): its group, and
+        what this worker's ranks train, on the base model and dataset as found here."""
+        from .finetune_training import Parent, on_cuda, rank_work
+        from .training_ddp import Group
+
+        folder, _ = await base_of(task, site.store, site.inputs)
+        dataset = site.inputs.resolve(task.dataset, what="dataset")
+        parent = None
+        if run.get("parent"):
+            record = await site.store.get_model(str(run["parent"]))
+            if record is None or not await asyncio.to_thread(Path(record.export_path).is_dir):
+                raise ForsetiError(
+                    f"the version this fine-tune continues from ({run['parent']}) has no adapter folder on this "
+                    "worker: its ranks need it where every worker reads it (a shared data dir)",
+                    code=ErrorCode.INVALID_MODEL,
+                )
+            parent = Parent(record.id, record.label or "", Path(record.export_path))
+        work = rank_work(task, folder, dataset, parent, checkpoints=site.folder, progress_seconds=self.progress_seconds)
+        return Group.of(task.config, cuda=on_cuda(task)), work
+
     def _produce(
-        self, task: FinetuneTask, folder: Path, dataset: Path, parent: ModelRecord | None, label: str, ctx: Work
+        self,
+        task: FinetuneTask,
+        folder: Path,
+        dataset: Path,
+        parent: ModelRecord | None,
+        label: str,
+        recruit: Recruit | None,
+        ctx: Work,
     ) -> Produced:
         from .finetune_export import export_gguf
         from .finetune_training import Parent, save_adapter, train
@@ -154,6 +195,7 @@ class FinetuneHandler:
             ancestor,
             checkpoints=ctx.checkpoint_dir,
             progress_seconds=self.progress_seconds,
+            recruit=recruit,
         )
         figures = trained.figures
         ctx.check()

@@ -228,20 +228,20 @@ def train(
 ) -> Trained:
     """Check the inputs, then train (or resume) the adapter, alone or over the task's ranks (`recruit`
     finds the other workers when they are spread over several); raises JobStopped when stopped."""
-    work = functools.partial(
-        fit,
-        task,
-        folder=folder,
-        dataset=dataset,
-        parent=parent,
-        checkpoints=checkpoints,
-        progress_seconds=progress_seconds,
-    )
     if task.config.ranks == 1:
-        return work(ctx)
+        return fit(
+            task,
+            ctx,
+            folder=folder,
+            dataset=dataset,
+            parent=parent,
+            checkpoints=checkpoints,
+            progress_seconds=progress_seconds,
+        )
     group = Group.of(task.config, cuda=on_cuda(task))
-    meeting = meet(group, task.config, recruit)
-    figures: Figures = launch(group, ctx, functools.partial(figures_of, work), checkpoints, meeting=meeting)
+    meeting = meet(group, {"parent": parent.model_id if parent is not None else None}, recruit)
+    work = rank_work(task, folder, dataset, parent, checkpoints=checkpoints, progress_seconds=progress_seconds)
+    figures: Figures = launch(group, ctx, work, checkpoints, meeting=meeting)
     tokenizer, model, examples = build(task, folder, dataset, parent, torch.device("cpu"))
     saved = torch.load(checkpoints / CHECKPOINT, map_location="cpu", weights_only=True)
     with torch.no_grad():
@@ -392,9 +392,31 @@ def fit(
     return Trained(model, tokenizer, examples, figures)
 
 
+def rank_work(
+    task: FinetuneTask,
+    folder: Path,
+    dataset: Path,
+    parent: Parent | None,
+    *,
+    checkpoints: Path,
+    progress_seconds: float,
+) -> Callable[[Steps], Figures]:
+    """What each rank of a distributed fine-tune runs: `fit`, handing back only its figures (the
+    agent rebuilds the model from rank 0's checkpoint rather than have it pickled across)."""
+    work = functools.partial(
+        fit,
+        task,
+        folder=folder,
+        dataset=dataset,
+        parent=parent,
+        checkpoints=checkpoints,
+        progress_seconds=progress_seconds,
+    )
+    return functools.partial(figures_of, work)
+
+
 def figures_of(work: Callable[[Steps], Trained], ctx: Steps) -> Figures:
-    """A rank's run of `work`: only its figures go back (the agent rebuilds the model from rank 0's
-    checkpoint rather than have it pickled across)."""
+    """The figures of a run of `work`."""
     return work(ctx).figures
 
 

@@ -5,8 +5,11 @@ checked against torch, registered and announced."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -15,10 +18,13 @@ from forseti.adapters.registry import ModelRecord, TrainingRun
 from forseti.adapters.registry.base import utcnow
 from forseti.schemas.capabilities import Capability
 from forseti.schemas.jobs import JobState, TrainingMetrics, TrainingResult
-from forseti.schemas.tasks import TaskKind, TrainingTask
-from forseti.worker.engine.context import JobContext, JobStopped, StopReason, Work
+from forseti.schemas.tasks import Row, TaskKind, TrainingConfig, TrainingTask
+from forseti.worker.engine.context import JobContext, JobStopped, Steps, StopReason, Work
+from forseti.worker.engine.inputs import Inputs
+from forseti.worker.engine.ranks import JoinSite
 
 if TYPE_CHECKING:  # torch is imported in the training thread, not when the worker loads its handlers
+    from .training_ddp import Group, Recruit
     from .training_loop import Exported, Stats
 
 MODEL_TYPES = ("classifier", "regressor", "autoencoder", "forecaster")
@@ -30,7 +36,7 @@ class TrainingHandler:
     kind = TaskKind.TRAINING
 
     def capabilities(self) -> list[Capability]:
-        """The model types, data-parallel training over ranks of one host, and the export format."""
+        """The model types, data-parallel training over ranks (of one host or several), and the export format."""
         return [
             *(Capability(area="supervised-training", name=name) for name in MODEL_TYPES),
             Capability(area="supervised-training", name="distributed"),
@@ -44,7 +50,8 @@ class TrainingHandler:
         try:
             # a distributed job's heavy work runs in its ranks' processes already; its agent stays in
             # the worker, since a job's child process is a daemon, which may not start processes
-            outcome = await ctx.work(self._train, task, isolate=task.config.ranks == 1)
+            recruit = ctx.recruiter(task) if task.config.workers > 1 else None
+            outcome = await ctx.work(self._train, task, recruit, isolate=task.config.ranks == 1)
         except JobStopped as stopped:
             # a shutdown or a takeover hands the job back (it resumes); a cancel ends it
             status = JobState.CANCELLED if stopped.reason is StopReason.CANCEL else JobState.PENDING
@@ -119,14 +126,27 @@ class TrainingHandler:
             ),
         )
 
-    def _train(self, task: TrainingTask, ctx: Work) -> Outcome:
-        from .training_data import read_rows
+    async def rank_work(
+        self, task: TrainingTask, run: dict[str, Any], site: JoinSite
+    ) -> tuple[Group, Callable[[Steps], Stats]]:
+        """Another worker's run of `task` (`run`: its config, a search trial's): its group, and what
+        this worker's ranks train, on the task's data as read here."""
+        from .training_ddp import Group
+        from .training_loop import fit
+        from .training_models import prepare
+
+        config = TrainingConfig.model_validate(run.get("config"))
+        prepared = await asyncio.to_thread(lambda: prepare(task, read_all(task, site.inputs)))
+        return Group.of(config, cuda=bool(config.num_gpus)), functools.partial(
+            fit, config, prepared=prepared, folder=site.folder
+        )
+
+    def _train(self, task: TrainingTask, recruit: Recruit | None, ctx: Work) -> Outcome:
         from .training_loop import export, quantize, search
         from .training_models import prepare
 
-        rows = [row for source in task.data_sources for row in read_rows(source, ctx.inputs)]
-        prepared = prepare(task, rows)
-        predictor, stats, trials = search(task.config, ctx, prepared)
+        prepared = prepare(task, read_all(task, ctx.inputs))
+        predictor, stats, trials = search(task.config, ctx, prepared, recruit=recruit)
         ctx.check()
         calibration = prepared.calibrate(predictor)
         test_metrics = prepared.evaluate(predictor, prepared.test)
@@ -136,6 +156,13 @@ class TrainingHandler:
             int8_path, int8_figures = quantize(prepared, exported.onnx_path)
             calibration.update(int8_figures)
         return Outcome(stats, exported, test_metrics, calibration, trials, len(prepared.test.x), int8_path)
+
+
+def read_all(task: TrainingTask, inputs: Inputs) -> list[Row]:
+    """Every row of the task's data sources."""
+    from .training_data import read_rows
+
+    return [row for source in task.data_sources for row in read_rows(source, inputs)]
 
 
 @dataclass

@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import queue
 import signal
-import socket
 import sys
 import threading
 import time
@@ -33,10 +32,10 @@ from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
-from pydantic import BaseModel
 from torch import nn
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
+from forseti.adapters.processes import free_port
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.tasks import Distribution
 from forseti.worker.engine.context import JobStopped, SafePoints, Steps, StopReason
@@ -239,6 +238,11 @@ class Meeting:
     port: int
     hosting: bool
     """True on the job's own worker, which serves the store; False on a worker that joins."""
+    local: str
+    """This worker's own address, which its ranks tell each other (rank 0's serves their group)."""
+    node: int
+    """This worker's place in the group: its ranks are `node * per_worker` onwards, so the job's own
+    worker (node 0) holds rank 0 whatever order torch's rendezvous admitted the workers in."""
 
     @property
     def endpoint(self) -> str:
@@ -258,17 +262,25 @@ class RankJob:
     memory_limit: int
     threads: int
     job_id: str
+    node: int = 0
+    """This worker's place in the group (`Meeting.node`)."""
+
+    @property
+    def rank(self) -> int:
+        """This process's rank: the worker's first, plus its place on the worker (LOCAL_RANK)."""
+        return self.node * self.group.per_worker + int(os.environ["LOCAL_RANK"])
 
 
 class Recruit(Protocol):
-    """Finds the other workers of a group spread over several, hands each the run's config, and says
-    where the group meets (`ranks.Recruiter`, on a worker of the bus)."""
+    """Finds the other workers of a group spread over several, hands each the run, and says where
+    the group meets (`engine.ranks.Recruiter`, on a worker of the bus)."""
 
-    def __call__(self, group: Group, config: dict[str, Any]) -> Meeting:
-        """Recruit `group.workers - 1` workers for a run of `config`; where its ranks meet."""
+    def __call__(self, group: Group, run: dict[str, Any]) -> Meeting:
+        """Recruit `group.workers - 1` workers for the run (`run`: what they need beyond the task);
+        where its ranks meet."""
 
 
-def meet(group: Group, config: BaseModel, recruit: Recruit | None) -> Meeting | None:
+def meet(group: Group, run: dict[str, Any], recruit: Recruit | None) -> Meeting | None:
     """Where the ranks of `group` meet: nothing to arrange on one worker; on several, where
     `recruit` says once it found the others."""
     if group.workers == 1:
@@ -278,7 +290,7 @@ def meet(group: Group, config: BaseModel, recruit: Recruit | None) -> Meeting | 
             f"this run spreads its ranks over {group.workers} workers, which takes a worker on a bus",
             code=ErrorCode.INVALID_TASK,
         )
-    return recruit(group, config.model_dump(mode="json", by_alias=True))
+    return recruit(group, run)
 
 
 _group_store: Store | None = None
@@ -290,17 +302,17 @@ def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
     outcome, not a crash: the launcher must not start the group again for a refused task)."""
     global _group_store
 
-    end_with_parent()
+    settle_in(job.rank)
     torch.set_num_threads(job.threads)
     if job.group.cuda:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     timeout = datetime.timedelta(seconds=job.group.rendezvous_timeout)
     try:
-        _group_store = group_store(job.job_id, timeout)
+        _group_store = group_store(job.job_id, job.rank, timeout)
         dist.init_process_group(
             job.group.backend,
             store=_group_store,
-            rank=int(os.environ["RANK"]),
+            rank=job.rank,
             world_size=int(os.environ["WORLD_SIZE"]),
             timeout=timeout,
         )
@@ -317,13 +329,13 @@ def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
         dist.destroy_process_group()
 
 
-def group_store(job_id: str, timeout: datetime.timedelta) -> Store:
+def group_store(job_id: str, rank: int, timeout: datetime.timedelta) -> Store:
     """The c10d store the ranks meet in: the launcher's (its TCPStore, at MASTER_ADDR:MASTER_PORT),
     under a prefix of the job id and the group's start count. A group started again after a rank
     died then never reads an address its dead predecessor left there (seen here: the new rank 1
     dialled the old rank 0's port, and the group had to start a third time)."""
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    world_size = int(os.environ["WORLD_SIZE"])
     store = TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
@@ -336,23 +348,18 @@ def group_store(job_id: str, timeout: datetime.timedelta) -> Store:
     return PrefixStore(f"forseti/{job_id}/start-{restarts}", store)
 
 
-def end_with_parent() -> None:
+def settle_in(rank: int) -> None:
     """Have the kernel kill this rank when the process that launched it dies (Linux): a worker killed
-    mid-job must not leave its ranks training for nobody. Elsewhere they run to their end."""
+    mid-job must not leave its ranks training for nobody; and name the process `forseti-rank-<rank>`,
+    so `ps` and `top` tell the ranks apart. Elsewhere they run to their end, unnamed."""
     if not sys.platform.startswith("linux"):
         return
     import ctypes
 
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-
-
-def free_port() -> int:
-    """A TCP port free on this host now, for the rendezvous store."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+    pr_set_pdeathsig, pr_set_name = 1, 15
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    libc.prctl(pr_set_name, f"forseti-rank-{rank}".encode()[:15])
 
 
 @contextlib.contextmanager
@@ -393,11 +400,12 @@ def launch(
         memory_limit=ctx.memory_limit,
         threads=max(1, torch.get_num_threads() // group.per_worker),
         job_id=ctx.job_id,
+        node=meeting.node if meeting is not None else 0,
     )
     place: dict[str, Any] = {"rdzv_endpoint": f"127.0.0.1:{free_port()}"}
     if meeting is not None:
         # the launcher's own guess (is this host named in the endpoint?) is wrong for two workers on one host
-        place = {"rdzv_endpoint": meeting.endpoint, "local_addr": meeting.host, "hosting": meeting.hosting}
+        place = {"rdzv_endpoint": meeting.endpoint, "local_addr": meeting.local, "hosting": meeting.hosting}
     launcher = LaunchConfig(
         min_nodes=group.workers,
         max_nodes=group.workers,
@@ -457,10 +465,10 @@ def launch(
     if error is not None:
         raise error
     ranks: dict[int, tuple[str, Any]] = outcome["ranks"]
-    how, value = ranks[min(ranks)]  # rank 0 where it is here; else this worker's first
+    how, value = ranks[min(ranks)]  # this worker's first rank: rank 0 on the job's own worker
     if how == "error":
         code, message = value
         raise ForsetiError(message, code=code)
     if how == "stopped":
         ctx.check()  # raises the job's own JobStopped
-    return value if 0 in ranks else None
+    return value if job.node == 0 else None

@@ -214,7 +214,8 @@ def train(
     if config.ranks == 1:
         return work(ctx)
     group = Group.of(config, cuda=bool(config.num_gpus))
-    stats: Stats = launch(group, ctx, work, folder, meeting=meet(group, config, recruit))
+    meeting = meet(group, {"config": config.model_dump(mode="json", by_alias=True)}, recruit)
+    stats: Stats = launch(group, ctx, work, folder, meeting=meeting)
     return stats
 
 
@@ -279,11 +280,12 @@ def fit(
         torch.from_numpy(a).to(device) for a in (prepared.train.x, prepared.train.y, prepared.val.x, prepared.val.y)
     )
     model = rank.wrap(network, device)
-    generator = torch.Generator().manual_seed(config.seed + epoch)
     started, samples = time.monotonic(), 0
     try:
         while rank.go_on(ctx, more=epoch < config.epochs and not stopped_early):
-            order = torch.randperm(len(x_train), generator=generator).to(device)
+            # seeded by the epoch itself: a run resumed from a checkpoint shuffles as it would have
+            shuffle = torch.Generator().manual_seed(config.seed + epoch)
+            order = torch.randperm(len(x_train), generator=shuffle).to(device)
             train_loss = one_epoch(
                 model,
                 optimizer,
