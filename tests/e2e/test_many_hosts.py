@@ -23,6 +23,7 @@ from forseti.adapters.bus.nats import NatsBus
 from forseti.adapters.bus.servers import NatsServer
 from forseti.adapters.registry import create_store
 from forseti.adapters.registry.postgres import MIGRATIONS as POSTGRES_MIGRATIONS
+from forseti.adapters.signing import generate
 from forseti.schemas.envelope import encode
 from forseti.schemas.tasks import RLTask, TaskBase
 from forseti.worker.cli.embedded import EmbeddedRegistry, embedded_registry
@@ -176,3 +177,41 @@ def check_embedded_postgres(data_dir: Path) -> None:
     assert (data_dir / "postgres" / "PG_VERSION").exists()
     with embedded_registry(EmbeddedRegistry.SQLITE, data_dir, console=console) as none:
         assert none is None, "sqlite: the worker's own file under the data dir"
+
+
+def test_a_distributed_training_job_spreads_its_ranks_over_two_worker_processes(
+    bus_url: str, hosts_env: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `forseti worker` processes (isolating jobs in child processes, as by default) sharing one
+    key: the one that takes the task recruits the other over nats-server, each runs one rank."""
+    key, _ = generate(tmp_path / "keys")
+    monkeypatch.setenv("FORSETI_SIGNING_KEY", str(key))
+    task = breast_cancer_training(
+        f"ddp-{uuid.uuid4().hex[:8]}", epochs=3, batch_size=32, hidden=[16], distributed=True, world_size=2, workers=2
+    )
+
+    async def scenario() -> tuple[Any, Any, dict[str, WorkerProcess]]:
+        client = NatsBus(bus_url.split("?")[0])
+        await client.connect()
+        events = await watch(client, task.request_id or "")
+        hosts = {
+            name: WorkerProcess(bus_url, tmp_path / name, "--worker-id", name, handlers=[])
+            for name in ("host-a", "host-b")
+        }
+        try:
+            await client.publish("forseti.tasks.training", encode(task))
+            done = await events.wait_end(timeout=180)
+        finally:
+            for host in hosts.values():
+                host.stop()
+            await client.close()
+        return done, events, hosts
+
+    done, events, hosts = asyncio.run(scenario())
+    assert done.type.endswith("completed.v1"), done.data
+    accepted = next(e.data for e in events.events if e.type.endswith("accepted.v1"))
+    joiner = next(name for name in hosts if name != accepted.worker)
+    assert any("joining as node 1" in line for line in hosts[joiner].lines), "".join(hosts[joiner].lines)
+    progress = [e.data for e in events.events if e.type.endswith("progress.v1") and "world_size" in e.data.metrics]
+    assert [p.step for p in progress] == [1, 2, 3] and {p.metrics["world_size"] for p in progress} == {2.0}
+    assert done.data.result.metrics.custom_metrics["test_accuracy"] > 0.9

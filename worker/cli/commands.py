@@ -327,6 +327,22 @@ def worker_cmd(
             "serves (repeatable; FORSETI_OPERATOR_KEYS, comma-separated) [<data-dir>/keys when it holds a .pub].",
         ),
     ] = None,
+    peer_keys: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--peer-keys",
+            help="Public keys (PEM files or folders) of other workers whose distributed jobs this worker joins, "
+            "besides its own signing key's (repeatable; FORSETI_PEER_KEYS, comma-separated).",
+        ),
+    ] = None,
+    rendezvous_host: Annotated[
+        str,
+        typer.Option(
+            envvar="FORSETI_RENDEZVOUS_HOST",
+            help="Address this worker's distributed jobs over several workers meet at: the host's address on the "
+            "workers' own network.",
+        ),
+    ] = "127.0.0.1",
     log_json: LogJsonOpt = False,
 ) -> None:
     """Run a worker: take tasks for every installed handler, until SIGTERM."""
@@ -348,8 +364,10 @@ def worker_cmd(
         object_store_url=object_store_url,
         signing_key=signing_key,
         encryption_key_file=encryption_key_file,
+        rendezvous_host=rendezvous_host,
         **overrides,
         **({"operator_keys": operator_keys} if operator_keys else {}),
+        **({"peer_keys": peer_keys} if peer_keys else {}),
     )
     _port_free(settings.metrics_port, settings.metrics_host, "--metrics-port")
     _port_free(settings.artifact_port, settings.artifact_host, "--artifact-port")

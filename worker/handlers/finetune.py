@@ -82,10 +82,13 @@ class FinetuneHandler:
         """Least seconds between progress events (the last step always reports)."""
 
     def capabilities(self) -> list[Capability]:
-        """LoRA with EWC, and the formats adapters and merged models are exported to."""
+        """LoRA with EWC, over ranks of one host or several, and the formats adapters and merged models
+        are exported to."""
         return [
             Capability(area="fine-tuning", name="lora"),
             Capability(area="fine-tuning", name="ewc"),
+            Capability(area="fine-tuning", name="distributed"),
+            Capability(area="fine-tuning", name="distributed-workers"),
             *(Capability(area="model-export", name=f"gguf-{kind}") for kind in GGUF_TYPES),
             Capability(area="model-export", name="gguf-lora"),
             Capability(area="model-export", name="peft"),

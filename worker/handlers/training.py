@@ -40,6 +40,7 @@ class TrainingHandler:
         return [
             *(Capability(area="supervised-training", name=name) for name in MODEL_TYPES),
             Capability(area="supervised-training", name="distributed"),
+            Capability(area="supervised-training", name="distributed-workers"),
             Capability(area="model-export", name="onnx"),
         ]
 

@@ -1,15 +1,18 @@
-"""Data-parallel supervised training: one job's network trained by `world_size` ranks with torch's
-DistributedDataParallel, each rank taking an equal share of every batch.
+"""Data-parallel training: one job's network (or LoRA adapter) trained by `world_size` ranks, each
+taking an equal share of every batch, with torch.distributed.
 
 The job's work is the agent: it starts the ranks through torch's elastic launcher (the machinery
-behind `torchrun`: a c10d rendezvous keyed by the job id, gloo on the CPU, NCCL on GPUs, each rank
-a process of this host) and stays in the job, relaying. Rank 0 owns the job's side of the run:
-its progress and checkpoints come to the agent over a queue and go out as the job's; the other
-ranks only train. Pause and stop come down through shared flags that rank 0 reads at each epoch
-and passes on to the others. A rank that dies makes the launcher start the whole group again, up
-to `max_restarts` times, and every rank resumes from the last checkpoint; past that the job fails
-with `handler_crashed`, naming the rank and why. Ranks that cannot find each other within
-`rendezvous_timeout` fail the job with `rendezvous_timeout`.
+behind `torchrun`: a c10d rendezvous keyed by the job id, gloo on the CPU, NCCL on GPUs), each rank
+a process of this host; a group spread over several workers meets at the job's worker, whose
+recruiter (`engine/ranks.py`) found the others, and each worker's launcher starts its own share.
+Rank 0, always on the job's own worker, owns the job's side of the run: its progress and
+checkpoints come to the agent over a queue and go out as the job's; the other ranks only train,
+and read rank 0's checkpoint through the group's store when the group starts. Pause and stop come
+down through shared flags that rank 0 reads at each epoch and passes on to the others. A rank that
+dies makes the launchers start the whole group again, up to `max_restarts` times, and every rank
+resumes from the last checkpoint; past that the job fails with `handler_crashed`, naming the rank
+and why. Ranks that cannot find each other within `rendezvous_timeout` fail the job with
+`rendezvous_timeout`.
 """
 
 from __future__ import annotations
