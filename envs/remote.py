@@ -68,9 +68,10 @@ class Requests:
     ) -> None:
         self.bus, self.loop = bus, loop
         self._own: asyncio.AbstractEventLoop | None = None
-        if private_loop is not None and isinstance(bus, NatsBus):
+        transport = getattr(bus, "inner", bus)  # a worker's bus is metered: the connection is the transport's
+        if private_loop is not None and isinstance(transport, NatsBus):
             own = private_loop()
-            private = bus.sibling(f"forseti-env-{socket.gethostname()}-{os.getpid()}")
+            private = transport.sibling(f"forseti-env-{socket.gethostname()}-{os.getpid()}")
             try:
                 own.run_until_complete(private.connect())
             except BaseException:

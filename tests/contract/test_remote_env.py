@@ -60,7 +60,9 @@ async def test_a_remote_env_steps_exactly_like_a_local_one(
     assert await asyncio.to_thread(compare) > 0
 
 
-async def test_ppo_trains_through_a_remote_executor(bus_factory: Callable[[], Any], tmp_path: Path) -> None:
+async def test_ppo_trains_through_a_remote_executor(
+    bus_factory: Callable[[], Any], tmp_path: Path, transport: str
+) -> None:
     executor_side = bus_factory()
     await executor_side.connect()
     executor_id = f"ex-{uuid.uuid4().hex[:6]}"
@@ -69,7 +71,7 @@ async def test_ppo_trains_through_a_remote_executor(bus_factory: Callable[[], An
     client = bus_factory()
     await client.connect()
     try:
-        async with running_worker(bus_factory(), [RLHandler(progress_every=64)], tmp_path, poll_interval=0.5):
+        async with running_worker(bus_factory(), [RLHandler(progress_every=64)], tmp_path, poll_interval=0.5) as worker:
             task = RLTask.model_validate(
                 {
                     "request_id": f"remote-{uuid.uuid4().hex[:6]}",
@@ -87,6 +89,13 @@ async def test_ppo_trains_through_a_remote_executor(bus_factory: Callable[[], An
         assert done.result.metrics.custom_metrics["timesteps"] >= 256
         assert done.result.metrics.custom_metrics["onnx_action_agreement"] == 1.0
         assert [e for e in events.events if e.type.endswith("progress.v1")]
+        if transport == "nats":
+            # the 64+ vector steps went over the training thread's own connection, not through the
+            # worker's (metered) bus and its event loop: issue 16, the worker's bus is a MeteredBus
+            through_worker = worker.metrics.registry.get_sample_value(
+                "forseti_bus_request_duration_seconds_count", {"transport": "nats"}
+            )
+            assert (through_worker or 0) < 10
     finally:
         await server.stop()
         await client.close()
