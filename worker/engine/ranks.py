@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import ValidationError
 
@@ -48,6 +48,9 @@ from .intake import Refused
 from .limits import default_memory_limit
 from .settings import WorkerSettings
 from .slots import Slots
+
+if TYPE_CHECKING:  # torch is imported by the jobs that use it, not when the worker starts
+    from forseti.worker.handlers.training_ddp import Group, Meeting
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +83,8 @@ class JoinSite:
 class Joinable(Protocol):
     """A handler whose distributed runs other workers can join."""
 
-    async def rank_work(self, task: Any, run: dict[str, Any], site: JoinSite) -> tuple[Any, Callable[[Steps], Any]]:
-        """The group (`training_ddp.Group`) and what each of this worker's ranks runs, for the run the
+    async def rank_work(self, task: Any, run: dict[str, Any], site: JoinSite) -> tuple[Group, Callable[[Steps], Any]]:
+        """The group and what each of this worker's ranks runs, for the run the
         job's worker described (`run`, as its `Recruit` was given it)."""
 
 
@@ -228,17 +231,24 @@ class RankDesk:
                     code=ErrorCode.INVALID_TASK,
                 )
         except (ValidationError, ForsetiError) as exc:
-            self.slots.release()
-            shutil.rmtree(folder, ignore_errors=True)
+            self._give_back(folder)
             code = exc.code if isinstance(exc, ForsetiError) else ErrorCode.INVALID_TASK
             reason = exc.message if isinstance(exc, ForsetiError) else str(exc)
             log.warning("%s: not joining: %s", join.job_id, reason)
             return RankJoined(joined=False, worker_id=me, code=code, reason=reason[:4096])
+        except BaseException:  # a defect, or the worker stopping: on_join answers it; the slot comes back
+            self._give_back(folder)
+            raise
         self._taken[key] = None
         while len(self._taken) > KEPT_JOINS:
             self._taken.popitem(last=False)
         self._start(join, group, work, folder)
         return RankJoined(joined=True, worker_id=me)
+
+    def _give_back(self, folder: Path) -> None:
+        """Undo a join that did not start: its slot and its folder."""
+        self.slots.release()
+        shutil.rmtree(folder, ignore_errors=True)
 
     async def _slot(self) -> bool:
         """Take a job slot, waiting in line `SLOT_WAIT` at most (an idle worker's intake holds its free
@@ -258,7 +268,7 @@ class RankDesk:
         await self.refuse(Refused(code, detail, None), raw)
         return RankJoined(joined=False, worker_id=self.settings.worker_id, code=code, reason=detail[:4096])
 
-    def _start(self, join: RankJoin, group: Any, work: Callable[[Steps], Any], folder: Path) -> None:
+    def _start(self, join: RankJoin, group: Group, work: Callable[[Steps], Any], folder: Path) -> None:
         """Run this worker's ranks in a thread of their own until the group ends. The thread is a
         daemon: a worker that stops does not wait for another worker's job; its ranks die with it
         (`training_ddp.settle_in`) and the job's worker restarts or fails the group."""
@@ -281,7 +291,8 @@ class RankDesk:
                 log.exception("%s: this worker's ranks failed", join.job_id)
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
-                loop.call_soon_threadsafe(self._ended)
+                with contextlib.suppress(RuntimeError):  # the worker's loop ended first: nothing to give back
+                    loop.call_soon_threadsafe(self._ended)
 
         log.info("%s: joining as node %d at %s:%d", join.job_id, join.node, join.host, join.port)
         threading.Thread(target=run, name=f"joined-{join.job_id}", daemon=True).start()
@@ -302,7 +313,7 @@ class Recruiter:
     ctx: Steps
     loop: asyncio.AbstractEventLoop
 
-    def __call__(self, group: Any, run: dict[str, Any]) -> Any:
+    def __call__(self, group: Group, run: dict[str, Any]) -> Meeting:
         """Recruit the other workers of `group` for `run`; where the group meets (on this worker)."""
         from forseti.worker.handlers.training_ddp import Meeting
 

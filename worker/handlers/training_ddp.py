@@ -51,6 +51,8 @@ STOP, GO, HOLD = 0, 1, 2
 """What rank 0 tells the others before each epoch."""
 POLL_SECONDS = 0.2
 """How often the agent looks at the job (paused, stopped) while it relays."""
+STARTS = "group-starts"
+"""The file in the job's folder where rank 0 counts the group's starts (`launch` clears it)."""
 _reads = itertools.count()
 """Numbers the files rank 0 hands the others (`Rank.read`), alike on every rank."""
 
@@ -163,9 +165,11 @@ class RankContext(SafePoints):
     """What a rank's training sees of its job: rank 0's progress and checkpoints go to the agent; the
     job's pause and stop come from the agent's shared flag."""
 
-    def __init__(self, messages: Any, state: Any, memory_limit: int, job_id: str) -> None:
+    def __init__(self, messages: Any, state: Any, memory_limit: int, job_id: str, restarts: int = 0) -> None:
         super().__init__()
         self.messages, self.state, self.memory_limit, self.job_id = messages, state, memory_limit, job_id
+        self.restarts = restarts
+        """Times the group was started again before this start (counted by rank 0)."""
 
     @property
     def paused(self) -> bool:
@@ -194,8 +198,7 @@ class RankContext(SafePoints):
         metrics: dict[str, float] | None = None,
     ) -> None:
         """Hand the figures to the agent, which reports them as the job's."""
-        restarts = float(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-        figures = {**(metrics or {}), "world_size": float(dist.get_world_size()), "restarts": restarts}
+        figures = {**(metrics or {}), "world_size": float(dist.get_world_size()), "restarts": float(self.restarts)}
         report = {"step": step, "total": total, "message": message, "metrics": figures}
         self.messages.put(("progress", fraction, report))
 
@@ -311,7 +314,7 @@ def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     timeout = datetime.timedelta(seconds=job.group.rendezvous_timeout)
     try:
-        _group_store = group_store(job.job_id, job.rank, timeout)
+        _group_store = group_store(job.job_id, timeout)
         dist.init_process_group(
             job.group.backend,
             store=_group_store,
@@ -322,7 +325,8 @@ def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
     except dist.DistStoreError as exc:
         return "error", (ErrorCode.RENDEZVOUS_TIMEOUT, f"the ranks did not meet: {exc}")
     try:
-        ctx = RankContext(messages, state, job.memory_limit, job.job_id)
+        restarts = count_start(job.folder / STARTS) if job.rank == 0 else 0
+        ctx = RankContext(messages, state, job.memory_limit, job.job_id, restarts)
         return "done", job.work(ctx)
     except JobStopped:
         return "stopped", None
@@ -332,23 +336,30 @@ def rank_main(job: RankJob, messages: Any, state: Any) -> tuple[str, Any]:
         dist.destroy_process_group()
 
 
-def group_store(job_id: str, rank: int, timeout: datetime.timedelta) -> Store:
-    """The c10d store the ranks meet in: the launcher's (its TCPStore, at MASTER_ADDR:MASTER_PORT),
-    under a prefix of the job id and the group's start count. A group started again after a rank
-    died then never reads an address its dead predecessor left there (seen here: the new rank 1
-    dialled the old rank 0's port, and the group had to start a third time)."""
-    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    world_size = int(os.environ["WORLD_SIZE"])
+def group_store(job_id: str, timeout: datetime.timedelta) -> Store:
+    """The c10d store the ranks meet in: a TCPStore served by the launcher's rank 0 (on the host
+    MASTER_ADDR names), new at every start of the group, since `launch` has the launchers pick a new
+    port each round rather than share their rendezvous store. A group started again after a rank died
+    then never reads an address its dead predecessor left (seen here: the new rank 1 dialled the old
+    rank 0's port); and a prefix by start count would not do across workers, whose launchers count
+    a restart only when their own ranks failed."""
     store = TCPStore(
         os.environ["MASTER_ADDR"],
         int(os.environ["MASTER_PORT"]),
-        world_size,
-        is_master=not agent and rank == 0,
+        int(os.environ["WORLD_SIZE"]),
+        is_master=os.environ["RANK"] == "0",  # the launcher's numbering: its rank 0 is on MASTER_ADDR
         timeout=timeout,
-        multi_tenant=not agent,
+        multi_tenant=True,
     )
-    restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return PrefixStore(f"forseti/{job_id}/start-{restarts}", store)
+    return PrefixStore(f"forseti/{job_id}", store)
+
+
+def count_start(path: Path) -> int:
+    """Count one more start of the group in `path` (rank 0's, on the job's worker); how many before."""
+    before = int(path.read_text()) if path.exists() else 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(before + 1))
+    return before
 
 
 def settle_in(rank: int) -> None:
@@ -396,6 +407,10 @@ def launch(
 
     spawn = multiprocessing.get_context("spawn")
     messages, state = spawn.Queue(), spawn.Value("i", RUNNING)
+    # the launchers pick a new store (and port) for every start of the group instead of sharing their
+    # rendezvous store with the ranks: see group_store. Torch reads this from the environment.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+    (folder / STARTS).unlink(missing_ok=True)
     job = RankJob(
         work=work,
         group=group,
