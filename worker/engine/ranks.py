@@ -125,8 +125,6 @@ class RankDesk:
         """The keys whose joins this worker acts on (None: it acts on none)."""
         self.source = f"forseti/worker/{settings.worker_id}"
         self._taken: OrderedDict[tuple[str, str, int], None] = OrderedDict()
-        self.joined = 0
-        """Groups of other workers' jobs this worker runs ranks of now."""
         self.joins = 0
         """Groups of other workers' jobs this worker joined since it started."""
 
@@ -276,9 +274,8 @@ class RankDesk:
 
         memory = self.settings.max_job_memory_mb
         ctx = JoinedRanks(join.job_id, default_memory_limit() if memory is None else memory << 20)
-        meeting = Meeting(join.host, join.port, hosting=False, local=self.settings.rendezvous_host, node=join.node)
+        meeting = Meeting(join.host, join.port, local=self.settings.rendezvous_host, node=join.node)
         loop = asyncio.get_running_loop()
-        self.joined += 1
         self.joins += 1
 
         def run() -> None:
@@ -292,14 +289,10 @@ class RankDesk:
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
                 with contextlib.suppress(RuntimeError):  # the worker's loop ended first: nothing to give back
-                    loop.call_soon_threadsafe(self._ended)
+                    loop.call_soon_threadsafe(self.slots.release)
 
         log.info("%s: joining as node %d at %s:%d", join.job_id, join.node, join.host, join.port)
         threading.Thread(target=run, name=f"joined-{join.job_id}", daemon=True).start()
-
-    def _ended(self) -> None:
-        self.joined -= 1
-        self.slots.release()
 
 
 @dataclass
@@ -318,7 +311,7 @@ class Recruiter:
         from forseti.worker.handlers.training_ddp import Meeting
 
         host = self.desk.settings.rendezvous_host
-        meeting = Meeting(host, free_port(host), hosting=True, local=host, node=0)
+        meeting = Meeting(host, free_port(host), local=host, node=0)
         join = RankJoin(
             job_id=self.job_id,
             kind=self.kind,

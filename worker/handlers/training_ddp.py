@@ -242,13 +242,16 @@ class Meeting:
 
     host: str
     port: int
-    hosting: bool
-    """True on the job's own worker, which serves the store; False on a worker that joins."""
     local: str
     """This worker's own address, which its ranks tell each other (rank 0's serves their group)."""
     node: int
     """This worker's place in the group: its ranks are `node * per_worker` onwards, so the job's own
     worker (node 0) holds rank 0 whatever order torch's rendezvous admitted the workers in."""
+
+    @property
+    def hosting(self) -> bool:
+        """True on the job's own worker (node 0), which serves the store; False on one that joins."""
+        return self.node == 0
 
     @property
     def endpoint(self) -> str:
