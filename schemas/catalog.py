@@ -14,6 +14,17 @@ from .capabilities import Capabilities, CapabilitiesError, CapabilitiesQuery
 from .control import CancelJob, PauseJob, ResumeJob
 from .deadletter import DeadLetter
 from .env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
+from .federation import (
+    ExperienceExport,
+    FederationError,
+    FederationPull,
+    FederationReceipt,
+    FederationRound,
+    FederationTask,
+    FederationUpdate,
+    WarmStart,
+    WarmStartQuery,
+)
 from .inference import ActReply, ActRequest, InferError, InferReply, InferRequest
 from .jobs import (
     JobAccepted,
@@ -57,6 +68,17 @@ EDGE = "forseti.edge.{device_id}.infer"
 PRIVACY = "forseti.privacy"
 RECEIPTS = "forseti.privacy.receipts.{request_id}"
 RANKS = "forseti.ranks"
+FEDERATION = "forseti.federation.{name}.{verb}"
+FEDERATION_VERBS = ("pull", "update", "experience", "warmstart", "rounds")
+"""The channels of one federation: what agents ask (`pull`, `update`, `experience`, `warmstart`) and
+where the coordinator announces rounds (`rounds`)."""
+
+
+def federation_channel(name: str, verb: str) -> str:
+    """One of a federation's channels (`verb` in FEDERATION_VERBS)."""
+    if verb not in FEDERATION_VERBS:
+        raise ValueError(f"unknown federation channel {verb!r}; one of {', '.join(FEDERATION_VERBS)}")
+    return FEDERATION.format(name=name, verb=verb)
 
 
 def jobs_channel(job_id: str) -> str:
@@ -87,6 +109,10 @@ def receipts_channel(request_id: str) -> str:
 def llm_channel(name: str) -> str:
     """The completion channel of the LLM service that serves model `name`."""
     return LLM.format(name=name)
+
+
+def _fed(verb: str) -> str:
+    return FEDERATION.replace("{verb}", verb)
 
 
 _SPECS: list[EventSpec] = [
@@ -138,6 +164,21 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.privacy.receipt.v1", PrivacyReceipt, RECEIPTS, "What one worker found and did (reply)."),
     EventSpec("forseti.ranks.join.v1", RankJoin, RANKS, "Run a share of a distributed job's ranks (signed request)."),
     EventSpec("forseti.ranks.joined.v1", RankJoined, RANKS, "Taken, or why not (reply)."),
+    EventSpec("forseti.federation.pull.v1", FederationPull, _fed("pull"), "An agent asks what to do (request)."),
+    EventSpec("forseti.federation.task.v1", FederationTask, _fed("pull"), "Train, wait or stop (reply)."),
+    EventSpec("forseti.federation.update.v1", FederationUpdate, _fed("update"), "An agent's weight change (request)."),
+    EventSpec(
+        "forseti.federation.experience.v1", ExperienceExport, _fed("experience"), "An ending agent's trajectories."
+    ),
+    EventSpec(
+        "forseti.federation.receipt.v1", FederationReceipt, _fed("update"), "What became of a contribution (reply)."
+    ),
+    EventSpec(
+        "forseti.federation.warmstart.query.v1", WarmStartQuery, _fed("warmstart"), "A new agent asks for a warm start."
+    ),
+    EventSpec("forseti.federation.warmstart.v1", WarmStart, _fed("warmstart"), "What the federation learned (reply)."),
+    EventSpec("forseti.federation.round.v1", FederationRound, _fed("rounds"), "A round opened, closed or failed."),
+    EventSpec("forseti.federation.error.v1", FederationError, _fed("pull"), "Why a request was refused (reply)."),
 ]
 
 BY_TYPE: dict[str, EventSpec] = {spec.type: spec for spec in _SPECS}

@@ -234,6 +234,40 @@ class PrivacyRecord(Record):
     """When it was done."""
 
 
+class FederationRecord(Record):
+    """A federation as its coordinator last saved it: its config and its state, so a coordinator
+    started on another host resumes it where it was."""
+
+    name: str
+    """The federation's name."""
+    config: dict[str, Any] = Field(default_factory=dict)
+    """Its config (`schemas.federation.FederationConfig`)."""
+    state: dict[str, Any] = Field(default_factory=dict)
+    """Its state: round, global weights, optimizer moments, contributions, counters."""
+    round: int = 0
+    """The round it is at."""
+    lease_owner: str | None = None
+    """The coordinator running it now."""
+    lease_expires_at: str | None = None
+    """When that coordinator's lease runs out unless renewed."""
+    created_at: str = Field(default_factory=utcnow)
+    """First saved."""
+    updated_at: str = Field(default_factory=utcnow)
+    """Last saved."""
+
+
+@dataclass(frozen=True)
+class FederationClaim:
+    """What `RegistryStore.claim_federation` found."""
+
+    federation: FederationRecord
+    """The stored federation (the given one when it was new)."""
+    won: bool
+    """True when the caller holds its lease now and runs it."""
+    lease_left: float = 0.0
+    """When not won: seconds until the holder's lease runs out."""
+
+
 class RegistryStore(Protocol):
     """What the worker and the CLI need from a registry: SQLite on one host, PostgreSQL for many."""
 
@@ -341,3 +375,16 @@ class RegistryStore(Protocol):
 
     async def list_privacy(self, *, limit: int = 100) -> list[PrivacyRecord]:
         """The audit records, newest first."""
+
+    async def claim_federation(self, federation: FederationRecord, *, owner: str, ttl: float) -> FederationClaim:
+        """Take a federation's lease for `ttl` seconds (storing it when new) unless another coordinator's
+        lease is live; the stored federation either way."""
+
+    async def save_federation(self, federation: FederationRecord, *, owner: str, ttl: float) -> bool:
+        """Store a federation's state and renew `owner`'s lease; False when another coordinator holds it."""
+
+    async def release_federation(self, name: str, *, owner: str) -> None:
+        """Give up `owner`'s lease of a federation (a coordinator stopping cleanly)."""
+
+    async def get_federation(self, name: str) -> FederationRecord | None:
+        """One federation, or None."""

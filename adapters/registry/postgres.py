@@ -95,6 +95,13 @@ MIGRATIONS: list[str] = [
     CREATE INDEX idx_privacy_user ON privacy_requests(user_hash);
     CREATE INDEX idx_jobs_user ON jobs((task->>'user_id'));
     """,
+    # 8: federations: a coordinator's config and state, under a lease, so another host can resume it
+    """
+    CREATE TABLE federations (
+        name TEXT PRIMARY KEY, config JSONB NOT NULL, state JSONB NOT NULL, round INTEGER NOT NULL,
+        lease_owner TEXT, lease_expires_at TIMESTAMPTZ, created_at TIMESTAMPTZ NOT NULL,
+        updated_at TIMESTAMPTZ NOT NULL);
+    """,
 ]
 """Schema migrations in order, numbered as SQLite's; migration N is applied once and recorded in `schema_migrations`."""
 

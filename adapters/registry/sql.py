@@ -20,6 +20,8 @@ from .base import (
     Artifact,
     CheckpointRecord,
     Claim,
+    FederationClaim,
+    FederationRecord,
     JobRecord,
     ModelRecord,
     PrivacyRecord,
@@ -31,7 +33,7 @@ from .base import (
 
 R = TypeVar("R", bound=Record)
 
-JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags", "summary"})
+JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags", "summary", "state"})
 """Columns that hold JSON documents."""
 TIME_FIELDS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "set_at"})
 """Columns that hold points in time."""
@@ -436,6 +438,66 @@ class SqlStore(ABC):
         return await self._select(
             PrivacyRecord, f"SELECT * FROM privacy_requests ORDER BY created_at DESC LIMIT {p(limit)}", p.values
         )
+
+    # -- federations -----------------------------------------------------------------------------
+
+    async def claim_federation(self, federation: FederationRecord, *, owner: str, ttl: float) -> FederationClaim:
+        """Take a federation's lease for `ttl` seconds (storing it when new) unless another coordinator's
+        lease is live; one statement, so two coordinators never both win."""
+        d, p = self.dialect, Params(self.dialect)
+        new = {**self._values(federation), "lease_owner": owner}
+        columns = [c for c in new if c not in ("created_at", "updated_at", "lease_expires_at")]
+        marks = [p(new[c]) for c in columns]
+        stamp, expiry = d.now, d.later(p(ttl))
+        rows = await self._change(
+            f"INSERT INTO federations ({', '.join(columns)}, created_at, updated_at, lease_expires_at) "
+            f"VALUES ({', '.join(marks)}, {stamp}, {stamp}, {expiry}) "
+            f"ON CONFLICT (name) DO UPDATE SET lease_owner = excluded.lease_owner, "
+            f"lease_expires_at = excluded.lease_expires_at "
+            f"WHERE federations.lease_owner IS NULL OR federations.lease_owner = excluded.lease_owner "
+            f"OR federations.lease_expires_at < {stamp} RETURNING *",
+            p.values,
+        )
+        if rows:
+            return FederationClaim(federation=self._record(FederationRecord, rows[0]), won=True)
+        p = Params(self.dialect)
+        rows = await self._fetch(
+            f"SELECT *, {d.seconds_until('lease_expires_at')} AS lease_left FROM federations "
+            f"WHERE name = {p(federation.name)}",
+            p.values,
+        )
+        left = float(rows[0]["lease_left"] or 0.0) if rows else 0.0
+        stored = self._record(FederationRecord, rows[0]) if rows else federation
+        return FederationClaim(federation=stored, won=False, lease_left=max(left, 0.0))
+
+    async def save_federation(self, federation: FederationRecord, *, owner: str, ttl: float) -> bool:
+        """Store a federation's config, state and round and renew `owner`'s lease; False (nothing
+        written) when another coordinator holds it."""
+        values = self._values(federation)
+        p = Params(self.dialect)
+        sets = [f"{c} = {p(values[c])}" for c in ("config", "state", "round")]
+        sets += [f"updated_at = {self.dialect.now}", f"lease_expires_at = {self.dialect.later(p(ttl))}"]
+        rows = await self._change(
+            f"UPDATE federations SET {', '.join(sets)} WHERE name = {p(federation.name)} "
+            f"AND lease_owner = {p(owner)} RETURNING name",
+            p.values,
+        )
+        return bool(rows)
+
+    async def release_federation(self, name: str, *, owner: str) -> None:
+        """Give up `owner`'s lease of a federation."""
+        p = Params(self.dialect)
+        await self._change(
+            f"UPDATE federations SET lease_owner = NULL, lease_expires_at = NULL "
+            f"WHERE name = {p(name)} AND lease_owner = {p(owner)}",
+            p.values,
+        )
+
+    async def get_federation(self, name: str) -> FederationRecord | None:
+        """One federation, or None."""
+        p = Params(self.dialect)
+        rows = await self._select(FederationRecord, f"SELECT * FROM federations WHERE name = {p(name)}", p.values)
+        return rows[0] if rows else None
 
 
 def _in(p: Params, column: str, values: list[str]) -> str:

@@ -90,6 +90,12 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (request_id, part));
     CREATE INDEX idx_privacy_user ON privacy_requests(user_hash);
     """,
+    # 8: federations: a coordinator's config and state, under a lease, so another host can resume it
+    """
+    CREATE TABLE federations (
+        name TEXT PRIMARY KEY, config TEXT NOT NULL, state TEXT NOT NULL, round INTEGER NOT NULL,
+        lease_owner TEXT, lease_expires_at TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 
