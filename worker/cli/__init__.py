@@ -1,5 +1,6 @@
 """The `forseti` command."""
 
+from . import federation  # registers `coordinator` and `federate` on the app
 from .commands import app, main
 
-__all__ = ["app", "main"]
+__all__ = ["app", "federation", "main"]

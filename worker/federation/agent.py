@@ -30,6 +30,7 @@ from forseti.schemas.federation import (
     FederationError,
     FederationPull,
     FederationReceipt,
+    FederationRound,
     FederationTask,
     FederationUpdate,
     Trajectory,
@@ -98,6 +99,7 @@ class UpdateAgent:
         self._trainer: LocalTrainer | None = None
         self._trained: dict[int, tuple[list[np.ndarray], dict[str, float]]] = {}
         self._woken = asyncio.Event()
+        self._done = False
 
     async def run(self, *, stop: asyncio.Event | None = None) -> AgentReport:
         """Take part until the federation is done (or `stop` is set)."""
@@ -105,6 +107,9 @@ class UpdateAgent:
         quiet_since = time.monotonic()
         try:
             while not (stop and stop.is_set()):
+                if self._done:
+                    self.report.finished = True
+                    break
                 pull = FederationPull(agent_id=self.agent_id, examples=len(self.rows), public_key=self.key.public)
                 try:
                     task = await ask(
@@ -133,6 +138,12 @@ class UpdateAgent:
         return self.report
 
     async def _on_round(self, msg: Message) -> None:
+        """A round opened or closed: pull now; a federation announced done ends the agent (its coordinator
+        may have exited already)."""
+        with contextlib.suppress(ForsetiError):
+            event: Strict = decode(msg.data).data
+            if isinstance(event, FederationRound) and event.state == "done":
+                self._done = True
         self._woken.set()
 
     def _channel(self, verb: str) -> str:

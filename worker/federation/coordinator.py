@@ -344,22 +344,17 @@ class Coordinator:
         self._changed.set()
 
     async def _take_update(self, update: FederationUpdate) -> FederationReceipt:
-        if self.state.done:
-            return FederationReceipt(accepted=False, code=ErrorCode.INVALID_TASK, reason="the federation is done")
         if self.config.form != "updates":
             return FederationReceipt(
                 accepted=False, code=ErrorCode.INVALID_TASK, reason="this is an experience federation: send exports"
             )
+        if self._counted_before(update):  # a redelivery, also once the federation is done
+            return FederationReceipt(accepted=True, duplicate=True, round=self.state.round, reason="counted before")
+        if self.state.done:
+            return FederationReceipt(accepted=False, code=ErrorCode.INVALID_TASK, reason="the federation is done")
         if self.config.strategy == "fedbuff":
             return await self._buffer(update)
         live, agent = self.open, update.agent_id
-        counted = self.state.contributors.get(agent)
-        if (
-            counted is not None
-            and counted.last_round == update.round + 1
-            and (live is None or live.number > update.round)
-        ):
-            return FederationReceipt(accepted=True, duplicate=True, round=self.state.round, reason="counted before")
         if live is None or live.number != update.round or live.attempt != update.attempt:
             at = f"round {live.number} attempt {live.attempt}" if live else "no round"
             return FederationReceipt(
@@ -390,10 +385,17 @@ class Coordinator:
             record.examples += n
             record.last_round = self.state.round + 1
 
+    def _counted_before(self, update: FederationUpdate) -> bool:
+        """Whether this agent's update for this round (FedBuff: version) counted already."""
+        if self.config.strategy == "fedbuff":
+            return self._buffered_key(update.round, update.agent_id)
+        counted = self.state.contributors.get(update.agent_id)
+        live = self.open
+        in_closed_round = live is None or live.number > update.round
+        return counted is not None and counted.last_round == update.round + 1 and in_closed_round
+
     async def _buffer(self, update: FederationUpdate) -> FederationReceipt:
         staleness = self.state.round - update.round
-        if self._buffered_key(update.round, update.agent_id):
-            return FederationReceipt(accepted=True, duplicate=True, round=self.state.round, reason="counted before")
         if staleness < 0 or staleness > self.config.max_staleness:
             raise BadUpdate(
                 f"trained on version {update.round}; the federation is at {self.state.round} and takes updates "

@@ -55,14 +55,15 @@ def read_rows(source: DataSource, inputs: Inputs) -> list[Row]:
         path = inputs.resolve(source.uri or "", what="data source")
         if path.suffix not in SUFFIXES:
             raise _bad(f"{path.name}: unknown format; use {', '.join(SUFFIXES)}")
-        rows = list(_read_file(path))
+        rows = list(read_file(path))
         where = path.name
     if not rows:
         raise _bad(f"{where}: no rows")
     return rows
 
 
-def _read_file(path: Path) -> Iterable[Row]:
+def read_file(path: Path) -> Iterable[Row]:
+    """The rows of a CSV, Parquet or JSON Lines file (by its suffix)."""
     if path.suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             for row in csv.DictReader(handle):
