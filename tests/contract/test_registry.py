@@ -10,6 +10,7 @@ import pytest
 from forseti.adapters.registry import (
     Artifact,
     CheckpointRecord,
+    FederationRecord,
     JobRecord,
     ModelRecord,
     RegistryStore,
@@ -222,3 +223,32 @@ async def test_checkpoints_are_listed_newest_first_and_pruned_once_their_job_end
     }  # fmt: skip
     await store.delete_checkpoint("done", 2_000_001)
     assert [c.seq for c in await store.list_checkpoints("done")] == [1_000_002, 1_000_001]
+
+
+async def test_one_coordinator_holds_a_federation_and_another_takes_over_when_its_lease_lapses(
+    store: RegistryStore,
+) -> None:
+    fresh = FederationRecord(name="digits", config={"name": "digits"})
+    first = await store.claim_federation(fresh, owner="host-a", ttl=30)
+    assert first.won and first.federation.round == 0
+    assert await store.save_federation(
+        first.federation.model_copy(update={"round": 3, "state": {"round": 3}}), owner="host-a", ttl=0.2
+    )
+    blocked = await store.claim_federation(fresh, owner="host-b", ttl=30)
+    assert not blocked.won and blocked.federation.lease_owner == "host-a" and blocked.lease_left <= 0.2
+    assert not await store.save_federation(fresh, owner="host-b", ttl=30)
+    await asyncio.sleep(0.3)
+    taken = await store.claim_federation(fresh, owner="host-b", ttl=30)
+    assert taken.won and taken.federation.round == 3 and taken.federation.state == {"round": 3}
+    assert not await store.save_federation(taken.federation, owner="host-a", ttl=30)  # the old owner lost it
+    await store.release_federation("digits", owner="host-b")
+    again = await store.claim_federation(fresh, owner="host-c", ttl=30)
+    assert again.won and again.federation.state == {"round": 3}
+    stored = await store.get_federation("digits")
+    assert stored is not None and stored.lease_owner == "host-c"
+
+
+async def test_coordinators_claiming_a_federation_at_once_have_one_winner(store: RegistryStore) -> None:
+    fresh = FederationRecord(name="race", config={})
+    claims = await asyncio.gather(*(store.claim_federation(fresh, owner=f"c{i}", ttl=30) for i in range(6)))
+    assert sum(c.won for c in claims) == 1

@@ -38,6 +38,7 @@ from forseti.schemas.federation import (
     WarmStartQuery,
 )
 
+from . import woken
 from .model import LocalTrainer, features
 from .privacy import MaskingKey, clip, mask_context, masked
 from .tensors import Layout, from_wire, to_wire
@@ -131,8 +132,7 @@ class UpdateAgent:
                     await self._train_and_send(task)
                     continue
                 self._woken.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._woken.wait(), task.retry_after)
+                await woken(self._woken, task.retry_after)
         finally:
             await sub.unsubscribe()
         return self.report

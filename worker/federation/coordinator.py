@@ -55,7 +55,7 @@ from forseti.schemas.jobs import JobProgress, JobState
 from forseti.schemas.tasks import TaskKind
 
 from ..engine.models import announcements, describe
-from . import experience
+from . import experience, woken
 from .model import export_onnx, initial
 from .privacy import Accountant, from_ring, ring_sum
 from .state import Contributor, FederationState
@@ -377,9 +377,9 @@ class Coordinator:
         live.losses[agent] = update.metrics.get("loss", 0.0)
         return FederationReceipt(accepted=True, round=self.state.round)
 
-    def _credit(self, examples: dict[str, int]) -> None:
+    def _credit(self, examples: list[tuple[str, int]]) -> None:
         """Record the contributions that counted in the round now closing."""
-        for agent, n in examples.items():
+        for agent, n in examples:
             record = self.state.contributors.setdefault(agent, Contributor())
             record.contributions += 1
             record.examples += n
@@ -521,8 +521,7 @@ class Coordinator:
 
     async def _next_change(self, timeout: float) -> None:
         self._changed.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), timeout)
+        await woken(self._changed, timeout)
 
     async def _open(self, peers: dict[str, str], *, attempt: int) -> None:
         number = self.state.round
@@ -590,7 +589,7 @@ class Coordinator:
                 )
             )
             return
-        await self._apply(mean, examples=live.examples, losses=live.losses)
+        await self._apply(mean, examples=sorted(live.examples.items()), losses=live.losses)
 
     def _noise_std(self) -> float:
         return (self.state.noise_multiplier or 0.0) * (self.config.privacy.clip_norm or 0.0)
@@ -605,11 +604,11 @@ class Coordinator:
             noise_std=self._noise_std() if privacy.noisy else 0.0,
             rng=self._rng,
         )
-        await self._apply(mean, examples={u.agent_id: u.examples for u in updates}, losses=losses)
+        await self._apply(mean, examples=[(u.agent_id, u.examples) for u in updates], losses=losses)
 
-    async def _apply(self, mean: np.ndarray, *, examples: dict[str, int], losses: dict[str, float]) -> None:
+    async def _apply(self, mean: np.ndarray, *, examples: list[tuple[str, int]], losses: dict[str, float]) -> None:
         """Take the server step with a round's combined change, and close the round."""
-        participants = sorted(examples)
+        participants = [agent for agent, _ in examples]  # FedBuff: an agent may count twice (two versions)
         self._credit(examples)
         self.weights = _f32(apply(self.config.strategy, self.weights, mean, self.config.server, self.moments))
         if self.moments.m is not None and self.moments.v is not None:
