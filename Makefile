@@ -9,7 +9,7 @@ comma := ,
 EXTRAS := $(if $(filter none,$(TORCH)),dev,dev$(comma)ml$(comma)llm$(comma)federated)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test lint format mypy run bench schemas clean all
+.PHONY: install test lint format mypy run bench bench-flower-env schemas clean all
 
 all: lint test
 
@@ -80,6 +80,17 @@ bench: install
 	$(BIN)/python bench/supervised_quality.py
 	$(BIN)/python bench/supervised_speed.py
 	$(BIN)/python bench/edge.py
+	cd bench && ../$(BIN)/python federated.py
+
+# Flower's simulation runtime (Ray) for bench/federated.py's baseline, in an environment of its own:
+# flwr[simulation] pins versions of cryptography, protobuf, typer and rich that Forseti's differ from.
+FLOWER_VENV ?= .venv-flower
+bench-flower-env: $(FLOWER_VENV)/.installed
+
+$(FLOWER_VENV)/.installed:
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/pip install --quiet $(if $(filter none,$(TORCH)),torch==2.13.0,$(TORCH)) scikit-learn "flwr[simulation]==1.42.0"
+	touch $@
 
 clean:
-	rm -rf $(VENV) .mypy_view .mypy_cache .ruff_cache .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(FLOWER_VENV) .mypy_view .mypy_cache .ruff_cache .pytest_cache build *.egg-info

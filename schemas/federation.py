@@ -334,6 +334,8 @@ class FederationReceipt(Strict):
     """Experience: this export completed an interval and the model was consolidated."""
     round: int = Field(default=0, ge=0)
     """The round (or global version) the federation is at after it."""
+    finished: bool = False
+    """True when the federation has run all its rounds: the agent can stop."""
 
 
 class WarmStartQuery(Strict):

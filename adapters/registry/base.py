@@ -242,8 +242,10 @@ class FederationRecord(Record):
     """The federation's name."""
     config: dict[str, Any] = Field(default_factory=dict)
     """Its config (`schemas.federation.FederationConfig`)."""
-    state: dict[str, Any] = Field(default_factory=dict)
-    """Its state: round, global weights, optimizer moments, contributions, counters."""
+    snapshot: dict[str, Any] = Field(default_factory=dict)
+    """Its state (`worker/federation/state.py`): round, global weights, optimizer moments,
+    contributions, counters. Not named `state`: that column is the jobs' lifecycle state, which the
+    SQL stores read as text."""
     round: int = 0
     """The round it is at."""
     lease_owner: str | None = None

@@ -98,7 +98,7 @@ MIGRATIONS: list[str] = [
     # 8: federations: a coordinator's config and state, under a lease, so another host can resume it
     """
     CREATE TABLE federations (
-        name TEXT PRIMARY KEY, config JSONB NOT NULL, state JSONB NOT NULL, round INTEGER NOT NULL,
+        name TEXT PRIMARY KEY, config JSONB NOT NULL, snapshot JSONB NOT NULL, round INTEGER NOT NULL,
         lease_owner TEXT, lease_expires_at TIMESTAMPTZ, created_at TIMESTAMPTZ NOT NULL,
         updated_at TIMESTAMPTZ NOT NULL);
     """,

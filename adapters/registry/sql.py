@@ -33,7 +33,7 @@ from .base import (
 
 R = TypeVar("R", bound=Record)
 
-JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags", "summary", "state"})
+JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags", "summary", "snapshot"})
 """Columns that hold JSON documents."""
 TIME_FIELDS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "set_at"})
 """Columns that hold points in time."""
@@ -471,11 +471,11 @@ class SqlStore(ABC):
         return FederationClaim(federation=stored, won=False, lease_left=max(left, 0.0))
 
     async def save_federation(self, federation: FederationRecord, *, owner: str, ttl: float) -> bool:
-        """Store a federation's config, state and round and renew `owner`'s lease; False (nothing
+        """Store a federation's config, snapshot and round and renew `owner`'s lease; False (nothing
         written) when another coordinator holds it."""
         values = self._values(federation)
         p = Params(self.dialect)
-        sets = [f"{c} = {p(values[c])}" for c in ("config", "state", "round")]
+        sets = [f"{c} = {p(values[c])}" for c in ("config", "snapshot", "round")]
         sets += [f"updated_at = {self.dialect.now}", f"lease_expires_at = {self.dialect.later(p(ttl))}"]
         rows = await self._change(
             f"UPDATE federations SET {', '.join(sets)} WHERE name = {p(federation.name)} "

@@ -93,7 +93,7 @@ MIGRATIONS: list[str] = [
     # 8: federations: a coordinator's config and state, under a lease, so another host can resume it
     """
     CREATE TABLE federations (
-        name TEXT PRIMARY KEY, config TEXT NOT NULL, state TEXT NOT NULL, round INTEGER NOT NULL,
+        name TEXT PRIMARY KEY, config TEXT NOT NULL, snapshot TEXT NOT NULL, round INTEGER NOT NULL,
         lease_owner TEXT, lease_expires_at TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
     """,
 ]

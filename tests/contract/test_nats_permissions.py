@@ -16,12 +16,16 @@ from nats.aio.client import Client
 from forseti.adapters import signing
 from forseti.adapters.bus import create_bus
 from forseti.adapters.bus.servers import NatsServer, free_port
+from forseti.adapters.registry import create_store
 from forseti.adapters.signing import TrustedKeys
 from forseti.envs.executor import EnvServer, gym_factory
-from forseti.schemas.catalog import CONTROL, LOADED, MODELS
+from forseti.schemas.catalog import CONTROL, LOADED, MODELS, federation_channel
+from forseti.schemas.federation import FederationConfig
 from forseti.schemas.models import ModelLoaded
 from forseti.schemas.tasks import RLTask
 from forseti.worker.engine.context import Handler
+from forseti.worker.federation.agent import UpdateAgent
+from forseti.worker.federation.coordinator import Coordinator
 from forseti.worker.handlers.rl import RLHandler
 from forseti.worker.handlers.training import TrainingHandler
 from forseti.worker.services.edge import EdgeAgent
@@ -147,3 +151,34 @@ async def test_a_role_is_refused_what_is_not_its_part(
     executor, executor_says = as_role["executor"]
     await executor.publish("forseti.jobs.someone", b"{}")
     await executor_says.expect("Publish", "forseti.jobs.someone")
+
+
+async def test_a_device_takes_part_in_a_federation_and_cannot_play_its_coordinator(
+    as_role: dict[str, tuple[Client, Violations]], server: NatsServer, tmp_path: Path
+) -> None:
+    """A coordinator runs as a worker; an agent on a device's account pulls, trains and sends its update,
+    and may neither answer agents in the coordinator's place nor announce rounds."""
+    store = create_store(str(tmp_path / "registry.db"))
+    await store.open()
+    coordinator_bus, agent_bus = create_bus(url(server, "worker")), create_bus(url(server, "device"))
+    await coordinator_bus.connect()
+    await agent_bus.connect()
+    config = FederationConfig.model_validate(
+        {"name": "fed", "model": {"columns": ["a"], "classes": [0, 1]}, "rounds": 1, "min_participants": 1}
+    )
+    coordinator = Coordinator(coordinator_bus, store, config, data_dir=tmp_path / "c", owner="c")
+    await coordinator.start()
+    try:
+        rows = [{"a": float(i % 2), "label": i % 2} for i in range(8)]
+        report = await asyncio.wait_for(UpdateAgent(agent_bus, "fed", "phone", rows).run(), 60)
+        assert report.finished and [r.accepted for r in report.receipts] == [True]
+    finally:
+        await coordinator.stop()
+        await coordinator_bus.close()
+        await agent_bus.close()
+        await store.close()
+    device, device_says = as_role["device"]
+    await device.subscribe(federation_channel("fed", "pull"))  # answering agents as the coordinator
+    await device_says.expect("Subscription", federation_channel("fed", "pull"))
+    await device.publish(federation_channel("fed", "rounds"), b"{}")
+    await device_says.expect("Publish", federation_channel("fed", "rounds"))

@@ -232,18 +232,18 @@ async def test_one_coordinator_holds_a_federation_and_another_takes_over_when_it
     first = await store.claim_federation(fresh, owner="host-a", ttl=30)
     assert first.won and first.federation.round == 0
     assert await store.save_federation(
-        first.federation.model_copy(update={"round": 3, "state": {"round": 3}}), owner="host-a", ttl=0.2
+        first.federation.model_copy(update={"round": 3, "snapshot": {"round": 3}}), owner="host-a", ttl=0.2
     )
     blocked = await store.claim_federation(fresh, owner="host-b", ttl=30)
     assert not blocked.won and blocked.federation.lease_owner == "host-a" and blocked.lease_left <= 0.2
     assert not await store.save_federation(fresh, owner="host-b", ttl=30)
     await asyncio.sleep(0.3)
     taken = await store.claim_federation(fresh, owner="host-b", ttl=30)
-    assert taken.won and taken.federation.round == 3 and taken.federation.state == {"round": 3}
+    assert taken.won and taken.federation.round == 3 and taken.federation.snapshot == {"round": 3}
     assert not await store.save_federation(taken.federation, owner="host-a", ttl=30)  # the old owner lost it
     await store.release_federation("digits", owner="host-b")
     again = await store.claim_federation(fresh, owner="host-c", ttl=30)
-    assert again.won and again.federation.state == {"round": 3}
+    assert again.won and again.federation.snapshot == {"round": 3}
     stored = await store.get_federation("digits")
     assert stored is not None and stored.lease_owner == "host-c"
 

@@ -19,6 +19,7 @@ from sklearn.datasets import load_digits
 from forseti.adapters.bus import Bus, Message, create_bus
 from forseti.adapters.bus.servers import NatsServer
 from forseti.adapters.registry import RegistryStore, create_store
+from forseti.client import Client, Job
 from forseti.schemas.catalog import DEADLETTER, federation_channel
 from forseti.schemas.envelope import decode
 from forseti.schemas.federation import (
@@ -30,6 +31,7 @@ from forseti.schemas.federation import (
     FederationTask,
     FederationUpdate,
 )
+from forseti.schemas.jobs import JobCompleted, JobProgress, TrainingResult
 from forseti.worker.federation.agent import ExperienceAgent, UpdateAgent, ask
 from forseti.worker.federation.coordinator import Coordinator
 from forseti.worker.federation.model import accuracy, features, initial
@@ -51,6 +53,13 @@ def digits() -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     ]
     np.random.default_rng(0).shuffle(rows)
     return rows[300:], rows[:300]
+
+
+async def collect(job: Job, into: list[Any]) -> list[Any]:
+    """Every event of a followed job up to its end."""
+    async for update in job.events():
+        into.append(update)
+    return into
 
 
 def non_iid(rows: list[dict[str, Any]], agents: int) -> list[list[dict[str, Any]]]:
@@ -171,7 +180,18 @@ async def test_update_federation_trains_on_a_non_iid_split_and_an_edge_agent_loa
     layout, start = initial(MODEL)
     x, y = features(MODEL, test)
     before = accuracy(MODEL, layout, start, x, y)
+    job = await Client(await buses()).job("federation-digits", accept_timeout=None)  # `forseti watch`'s follower
+    seen: list[Any] = []
+    followed = asyncio.create_task(collect(job, seen))
     coordinator = await run_federation(buses, store, tmp_path, cfg, non_iid(train, 4))
+    try:
+        updates = await asyncio.wait_for(followed, 30)
+    except TimeoutError:
+        raise AssertionError(seen) from None
+    assert [u.step for u in updates if isinstance(u, JobProgress)][-5:] == [1, 2, 3, 4, 5]
+    ending = updates[-1]
+    assert isinstance(ending, JobCompleted) and isinstance(ending.result, TrainingResult)
+    assert ending.result.model_id == coordinator.state.versions[-1] and ending.result.metrics.total_epochs == 5
     after = accuracy(MODEL, coordinator.layout, coordinator.layout.split(coordinator.weights), x, y)
     assert after > before + 0.25, (before, after)  # labels dealt in blocks: slow, but learning
     versions = await store.list_models(name="digits")
@@ -342,7 +362,7 @@ async def test_a_coordinator_killed_between_rounds_is_resumed_by_another(
     await registry.open()
     try:
         stored = await registry.get_federation("digits")
-        assert stored is not None and stored.round == 4 and stored.state["done"]
+        assert stored is not None and stored.round == 4 and stored.snapshot["done"]
         assert len(await registry.list_models(name="digits")) == 4
     finally:
         await registry.close()

@@ -184,7 +184,9 @@ class UpdateAgent:
         )
         self.report.rounds.append(task.round)
         self.report.receipts.append(receipt)
-        if not receipt.accepted:
+        if receipt.finished:
+            self._done = True  # the last round closed while this update was on its way
+        elif not receipt.accepted:
             log.warning("%s: update for round %d refused: %s", self.agent_id, task.round, receipt.reason)
 
 

@@ -51,7 +51,7 @@ from forseti.schemas.federation import (
     WarmStart,
     WarmStartQuery,
 )
-from forseti.schemas.jobs import JobProgress, JobState
+from forseti.schemas.jobs import JobCompleted, JobProgress, JobState, TrainingMetrics, TrainingResult
 from forseti.schemas.tasks import TaskKind
 
 from ..engine.models import announcements, describe
@@ -180,8 +180,8 @@ class Coordinator:
         """Take the federation's lease (waiting while another coordinator holds it), load or create its
         state, and serve its channels."""
         record = await self._claim()
-        if record.state:
-            self.state = FederationState.model_validate(record.state)
+        if record.snapshot:
+            self.state = FederationState.model_validate(record.snapshot)
         self._load_weights()
         if self.state.noise_multiplier is None and self.config.privacy.noisy:
             privacy = self.config.privacy
@@ -210,8 +210,9 @@ class Coordinator:
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
-        for task in self._tasks:
-            task.cancel()
+        async with self._lock:  # a round being closed is saved, announced and reported before we stop
+            for task in self._tasks:
+                task.cancel()
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -257,7 +258,10 @@ class Coordinator:
             self.state.moment1 = to_wire(self.layout, self.layout.split(self.moments.m))
             self.state.moment2 = to_wire(self.layout, self.layout.split(self.moments.v))
         record = FederationRecord(
-            name=self.name, config=self.config.model_dump(mode="json"), state=self.state.dump(), round=self.state.round
+            name=self.name,
+            config=self.config.model_dump(mode="json"),
+            snapshot=self.state.dump(),
+            round=self.state.round,
         )
         if not await self.store.save_federation(record, owner=self.owner, ttl=self.lease_ttl):
             raise ForsetiError(
@@ -339,7 +343,8 @@ class Coordinator:
                 self._counted(f"refused_{exc.kind}")
                 await self._refuse(msg, "update", exc.code, f"update from {update.agent_id} refused: {exc.message}")
                 return
-        self._counted("duplicate" if receipt.duplicate else "accepted" if receipt.accepted else "refused_round")
+        outcome = "duplicate" if receipt.duplicate else "accepted" if receipt.accepted else "refused_round"
+        self._counted("late" if receipt.finished else outcome)
         await msg.respond(encode(receipt, subject=self.name))
         self._changed.set()
 
@@ -351,7 +356,9 @@ class Coordinator:
         if self._counted_before(update):  # a redelivery, also once the federation is done
             return FederationReceipt(accepted=True, duplicate=True, round=self.state.round, reason="counted before")
         if self.state.done:
-            return FederationReceipt(accepted=False, code=ErrorCode.INVALID_TASK, reason="the federation is done")
+            return FederationReceipt(
+                accepted=False, finished=True, code=ErrorCode.INVALID_TASK, reason="the federation is done"
+            )
         if self.config.strategy == "fedbuff":
             return await self._buffer(update)
         live, agent = self.open, update.agent_id
@@ -654,6 +661,7 @@ class Coordinator:
         await self._progress(f"round {self.state.round} closed with {len(participants)} participants", figures)
         if final:
             log.info("federation %s: done after %d rounds", self.name, self.state.round)
+            await self._completed(figures)
             self.done.set()
 
     # -- out -------------------------------------------------------------------------------------
@@ -686,6 +694,25 @@ class Coordinator:
             shared = await share(self.bus, event, objects=self.objects, keyring=self.keyring)
             await self.bus.publish(MODELS, seal(encode(shared, subject=model.id), self.signer))
         self.state.versions.append(model.id)
+
+    async def _completed(self, figures: dict[str, float]) -> None:
+        """The federation's terminal job event, so a progress follower (`forseti watch`) ends with it."""
+        model = await self.store.get_model(self.state.versions[-1])
+        assert model is not None  # registered by _announce just before
+        elapsed = int((time.time() - self.state.started_at) * 1000)
+        loss = figures.get("loss")
+        result = TrainingResult(
+            model_id=model.id,
+            export_path=model.export_path,
+            metrics=TrainingMetrics(
+                final_loss=loss if loss is not None and np.isfinite(loss) else None,
+                total_epochs=self.state.round,
+                training_time_ms=elapsed,
+                custom_metrics={k: v for k, v in figures.items() if np.isfinite(v) and k != "loss"},
+            ),
+        )
+        event = JobCompleted(job_id=self.job_id, kind=TaskKind.TRAINING, result=result, duration_ms=elapsed)
+        await self.bus.publish(jobs_channel(self.job_id), encode(event, subject=self.job_id))
 
     async def _broadcast(self, event: FederationRound) -> None:
         await self.bus.publish(federation_channel(self.name, "rounds"), encode(event, subject=self.name))

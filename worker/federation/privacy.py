@@ -36,8 +36,9 @@ from forseti.schemas.errors import ErrorCode, ForsetiError
 FIXED_POINT = 2.0**24
 """Scale of the fixed-point numbers secure aggregation sums: 2^-24 resolution, and room for sums up to
 2^39 in magnitude before the ring wraps."""
-ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
-"""The Rényi orders the accountant tries (Opacus' defaults)."""
+ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)) + [2.0**k for k in range(6, 13)]
+"""The Rényi orders the accountant tries: Opacus' defaults, and larger ones for large epsilons (whose best
+order lies beyond 63)."""
 
 
 def clip(vector: np.ndarray, bound: float) -> np.ndarray:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -69,6 +70,8 @@ class FederationState(BaseModel):
     """Figures of every closed round, in order."""
     done: bool = False
     """The federation has run all its rounds."""
+    started_at: float = Field(default_factory=time.time)
+    """When the federation started (seconds since the epoch), for its duration."""
 
     def count(self, what: str, n: int = 1) -> None:
         """Add to a counter."""
