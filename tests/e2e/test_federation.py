@@ -38,7 +38,8 @@ from forseti.worker.federation.model import accuracy, features, initial
 from forseti.worker.federation.tensors import to_wire
 from forseti.worker.services.edge import EdgeAgent
 
-from .test_cli import WorkerProcess
+from .test_cli import REPO, WorkerProcess, run
+from .test_examples import demo_files
 
 COLUMNS = [f"p{i}" for i in range(64)]
 MODEL = FederatedModel(columns=COLUMNS, classes=list(range(10)), scales=[16.0] * 64, hidden=[16])
@@ -366,3 +367,36 @@ async def test_a_coordinator_killed_between_rounds_is_resumed_by_another(
         assert len(await registry.list_models(name="digits")) == 4
     finally:
         await registry.close()
+
+
+async def test_the_documented_federation_runs_as_written_with_the_command_line(
+    nats_server: NatsServer, tmp_path: Path
+) -> None:
+    """docs/federated.md's commands: the demo files, `forseti coordinator` with examples/federation_cancer.yaml,
+    two `forseti federate` agents; the coordinator exits when its 10 rounds are done."""
+    demo_files(tmp_path, "--no-llm")
+    data = tmp_path / "datasets" / "cancer.csv"
+    config = REPO / "examples" / "federation_cancer.yaml"
+    coordinator = await asyncio.to_thread(
+        WorkerProcess,
+        nats_server.url,
+        tmp_path / "coordinator",
+        handlers=[],
+        command=("coordinator", "--name", "cancer", "--config", str(config)),
+        ready="coordinator cancer: round",
+    )
+    agents = await asyncio.gather(
+        *(
+            asyncio.to_thread(
+                run, nats_server.url, "federate", "--name", "cancer", "--data", str(data), "--agent-id", a
+            )
+            for a in ("hospital-a", "hospital-b")
+        )
+    )
+    for agent in agents:
+        assert agent.returncode == 0, agent.stderr.decode()[-2000:]
+        assert b"sent 10 updates (0 refused); federation done" in agent.stderr
+    assert coordinator.proc.wait(60) == 0
+    coordinator.stop()
+    log = "".join(coordinator.lines)
+    assert "federation cancer: done after 10 rounds; last version cancer-r10-" in log

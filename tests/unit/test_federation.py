@@ -28,7 +28,7 @@ from forseti.schemas.federation import (
 )
 from forseti.worker.federation.agent import ExperienceAgent, UpdateAgent, ask
 from forseti.worker.federation.coordinator import Coordinator
-from forseti.worker.federation.model import initial
+from forseti.worker.federation.model import features, initial
 from forseti.worker.federation.privacy import Accountant, MaskingKey, from_ring, mask_context, masked, ring_sum
 from forseti.worker.federation.strategies import Contribution, Moments, apply, mean_of, staleness_weight
 from forseti.worker.federation.tensors import BadUpdate, Layout, check_update, from_wire, to_wire
@@ -67,6 +67,14 @@ def test_parameters_cross_the_wire_unchanged_and_bad_ones_are_refused_with_the_c
     short = to_wire(layout, params).model_copy(update={"data": "AAAA"})
     with pytest.raises(BadUpdate, match="3 bytes of parameters"):
         from_wire(short, layout)
+
+
+def test_labels_read_from_a_csv_as_floats_are_their_classes() -> None:
+    model = FederatedModel(columns=["a"], classes=[0, 1, "x"])
+    _, y = features(model, [{"a": 1.0, "label": 1.0}, {"a": 2.0, "label": 0}, {"a": 0.5, "label": "x"}])
+    assert y.tolist() == [1, 0, 2]
+    with pytest.raises(ForsetiError, match="no 'label' among the classes"):
+        features(model, [{"a": 1.0, "label": 2.0}])
 
 
 # -- strategies ------------------------------------------------------------------------------------

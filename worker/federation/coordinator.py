@@ -24,17 +24,15 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 
-from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.adapters.encryption import Keyring
 from forseti.adapters.objects import ObjectStore
-from forseti.adapters.registry import FederationRecord, ModelRecord, RegistryStore
-from forseti.adapters.signing import Signer, TrustedKeys, refusal, seal
+from forseti.adapters.registry import FederationRecord, RegistryStore
+from forseti.adapters.signing import Signer, TrustedKeys, refusal
 from forseti.schemas.base import Strict
-from forseti.schemas.catalog import DEADLETTER, MODELS, federation_channel, jobs_channel
-from forseti.schemas.deadletter import DeadLetter
+from forseti.schemas.catalog import federation_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.federation import (
@@ -51,12 +49,10 @@ from forseti.schemas.federation import (
     WarmStart,
     WarmStartQuery,
 )
-from forseti.schemas.jobs import JobCompleted, JobProgress, JobState, TrainingMetrics, TrainingResult
-from forseti.schemas.tasks import TaskKind
 
-from ..engine.models import announcements, describe
 from . import experience, woken
-from .model import export_onnx, initial
+from .model import initial
+from .outbox import CoordinatorMetrics, Outbox
 from .privacy import Accountant, from_ring, ring_sum
 from .state import Contributor, FederationState
 from .strategies import Contribution, Moments, apply, mean_of
@@ -101,23 +97,6 @@ class OpenRound:
         return set(self.updates) | set(self.masked)
 
 
-class CoordinatorMetrics:
-    """The coordinator's Prometheus series."""
-
-    def __init__(self, registry: CollectorRegistry | None) -> None:
-        self.registry = registry or CollectorRegistry()
-        self.contributions = Counter(
-            "forseti_federation_contributions",
-            "Contributions by outcome (accepted, duplicate, refused_<check>).",
-            ["federation", "outcome"],
-            registry=self.registry,
-        )
-        self.round = Gauge("forseti_federation_round", "Rounds completed.", ["federation"], registry=self.registry)
-        self.epsilon = Gauge(
-            "forseti_federation_epsilon", "Differential privacy spent so far.", ["federation"], registry=self.registry
-        )
-
-
 class Coordinator:
     """Runs one federation: its rounds, its participants, its state in the registry."""
 
@@ -138,11 +117,12 @@ class Coordinator:
     ) -> None:
         self.bus, self.store, self.config = bus, store, config
         self.name = config.name
-        self.folder = data_dir / "federations" / config.name
-        """Where exported versions are written."""
         self.owner, self.lease_ttl = owner, lease_ttl
-        self.objects, self.signer, self.trusted, self.keyring = objects, signer, trusted, keyring
+        self.trusted = trusted
         """Contributions must be signed by one of `trusted` (None: anyone's are taken, checked)."""
+        self.outbox = Outbox(
+            bus, store, config, data_dir / "federations" / config.name, owner, objects, signer, keyring
+        )
         self.metrics = CoordinatorMetrics(registry)
         self.state = FederationState()
         self.model: FederatedModel = _model_of(config)
@@ -165,7 +145,7 @@ class Coordinator:
     @property
     def job_id(self) -> str:
         """The id progress events go out under."""
-        return f"federation-{self.name}"
+        return self.outbox.job_id
 
     @property
     def accountant(self) -> Accountant | None:
@@ -203,7 +183,7 @@ class Coordinator:
         if self.config.form == "updates":
             rounds = self._flush_late() if self.config.strategy == "fedbuff" else self._rounds()
             self._tasks.append(asyncio.create_task(rounds))
-        await self._progress("coordinator started")
+        await self.outbox.progress(self.state, "coordinator started")
 
     async def stop(self) -> None:
         """Stop serving and give the lease up (the state is saved after every round)."""
@@ -471,7 +451,9 @@ class Coordinator:
         outcome = "duplicate" if receipt.duplicate else "accepted" if receipt.accepted else "refused_shape"
         self._counted(outcome)
         if not receipt.accepted:
-            await self._dead_letter(msg.data, "experience", receipt.code or ErrorCode.INVALID_DATA, receipt.reason)
+            await self.outbox.dead_letter(
+                msg.data, "experience", receipt.code or ErrorCode.INVALID_DATA, receipt.reason
+            )
         await msg.respond(encode(receipt, subject=self.name))
 
     async def _on_warmstart(self, msg: Message) -> None:
@@ -536,7 +518,7 @@ class Coordinator:
         for agent in peers:
             self.waiting.pop(agent, None)
         log.info("federation %s: round %d attempt %d open to %d agents", self.name, number, attempt, len(peers))
-        await self._broadcast(
+        await self.outbox.broadcast(
             FederationRound(
                 federation=self.name, round=number, attempt=attempt, state="open", participants=sorted(peers)
             )
@@ -558,7 +540,7 @@ class Coordinator:
             self.open = None
             self.state.count("failed_rounds")
             await self._save()
-            await self._broadcast(
+            await self.outbox.broadcast(
                 FederationRound(
                     federation=self.name,
                     round=live.number,
@@ -586,7 +568,7 @@ class Coordinator:
         if not np.all(np.isfinite(mean)) or float(np.linalg.norm(mean)) > self.config.max_update_norm:
             self.state.count("refused_sum")
             await self._save()
-            await self._broadcast(
+            await self.outbox.broadcast(
                 FederationRound(
                     federation=self.name,
                     round=live.number,
@@ -644,12 +626,12 @@ class Coordinator:
         if final:
             self.state.done = True
         if final or self.state.round % self.config.announce_every == 0 or self.config.form == "experience":
-            await self._announce(figures)
+            await self.outbox.announce(self.state, self.model, self.layout, self.layout.split(self.weights), figures)
         await self._save()
         self.metrics.round.labels(self.name).set(self.state.round)
         if "epsilon" in figures:
             self.metrics.epsilon.labels(self.name).set(figures["epsilon"])
-        await self._broadcast(
+        await self.outbox.broadcast(
             FederationRound(
                 federation=self.name,
                 round=self.state.round,
@@ -658,78 +640,13 @@ class Coordinator:
                 metrics=figures,
             )
         )
-        await self._progress(f"round {self.state.round} closed with {len(participants)} participants", figures)
+        await self.outbox.progress(
+            self.state, f"round {self.state.round} closed with {len(participants)} participants", figures
+        )
         if final:
             log.info("federation %s: done after %d rounds", self.name, self.state.round)
-            await self._completed(figures)
+            await self.outbox.completed(self.state, figures)
             self.done.set()
-
-    # -- out -------------------------------------------------------------------------------------
-
-    async def _announce(self, figures: dict[str, float]) -> None:
-        """Register the global model as a version, export it to ONNX and announce it."""
-        name = self.config.model_name or self.name
-        model_id = f"{name}-r{self.state.round}-{secrets.token_hex(4)}"
-        path = await asyncio.to_thread(
-            export_onnx, self.model, self.layout, self.layout.split(self.weights), self.folder / model_id / "model.onnx"
-        )
-        parent = self.state.versions[-1] if self.state.versions else None
-        model = await self.store.add_model(
-            ModelRecord(
-                id=model_id,
-                name=name,
-                model_type=self.model.model_type,
-                export_path=str(path),
-                export_format="onnx",
-                metrics={k: v for k, v in figures.items() if np.isfinite(v)},
-                parent_id=parent,
-                job_id=self.job_id,
-                device_tags=list(self.config.device_tags),
-            )
-        )
-        artifacts = describe([("onnx", None, path)], model.id)
-        for artifact in artifacts:
-            await self.store.add_artifact(artifact)
-        for event in announcements(model, artifacts):
-            shared = await share(self.bus, event, objects=self.objects, keyring=self.keyring)
-            await self.bus.publish(MODELS, seal(encode(shared, subject=model.id), self.signer))
-        self.state.versions.append(model.id)
-
-    async def _completed(self, figures: dict[str, float]) -> None:
-        """The federation's terminal job event, so a progress follower (`forseti watch`) ends with it."""
-        model = await self.store.get_model(self.state.versions[-1])
-        assert model is not None  # registered by _announce just before
-        elapsed = int((time.time() - self.state.started_at) * 1000)
-        loss = figures.get("loss")
-        result = TrainingResult(
-            model_id=model.id,
-            export_path=model.export_path,
-            metrics=TrainingMetrics(
-                final_loss=loss if loss is not None and np.isfinite(loss) else None,
-                total_epochs=self.state.round,
-                training_time_ms=elapsed,
-                custom_metrics={k: v for k, v in figures.items() if np.isfinite(v) and k != "loss"},
-            ),
-        )
-        event = JobCompleted(job_id=self.job_id, kind=TaskKind.TRAINING, result=result, duration_ms=elapsed)
-        await self.bus.publish(jobs_channel(self.job_id), encode(event, subject=self.job_id))
-
-    async def _broadcast(self, event: FederationRound) -> None:
-        await self.bus.publish(federation_channel(self.name, "rounds"), encode(event, subject=self.name))
-
-    async def _progress(self, message: str, figures: dict[str, float] | None = None) -> None:
-        updates = self.config.form == "updates"
-        event = JobProgress(
-            job_id=self.job_id,
-            kind=TaskKind.TRAINING,
-            state=JobState.RUNNING,
-            fraction=min(1.0, self.state.round / self.config.rounds) if updates else 0.0,
-            step=self.state.round,
-            total=self.config.rounds if updates else None,
-            message=message,
-            metrics={k: v for k, v in (figures or {}).items() if np.isfinite(v)},
-        )
-        await self.bus.publish(jobs_channel(self.job_id), encode(event, subject=self.job_id))
 
     # -- refusals --------------------------------------------------------------------------------
 
@@ -749,24 +666,11 @@ class Coordinator:
 
     async def _refuse(self, msg: Message, verb: str, code: ErrorCode, reason: str) -> None:
         log.warning("federation %s: %s", self.name, reason)
-        await self._dead_letter(msg.data, verb, code, reason)
+        await self.outbox.dead_letter(msg.data, verb, code, reason)
         if verb == "update":
             await msg.respond(encode(FederationReceipt(accepted=False, code=code, reason=reason[:4096])))
         else:
             await msg.respond(encode(FederationError(code=code, reason=reason[:4096])))
-
-    async def _dead_letter(self, raw: bytes, verb: str, code: ErrorCode, reason: str) -> None:
-        import base64
-
-        record = DeadLetter(
-            reason=code,
-            detail=reason[:4096],
-            channel=federation_channel(self.name, verb),
-            worker=f"coordinator/{self.owner}",
-            original_b64=base64.b64encode(raw[: 1 << 20]).decode(),
-            original_size=len(raw),
-        )
-        await self.bus.publish(DEADLETTER, encode(record))
 
     def _counted(self, outcome: str) -> None:
         self.metrics.contributions.labels(self.name, outcome).inc()

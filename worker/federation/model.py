@@ -22,6 +22,7 @@ from forseti.adapters.inference import CARD_KEY, ModelCard
 from forseti.schemas.errors import ErrorCode, ForsetiError
 from forseti.schemas.federation import FederatedModel, LocalTraining
 
+from ..handlers.training_data import class_name
 from .tensors import Layout, Params
 
 PROBABILITIES = "probabilities"
@@ -57,9 +58,9 @@ def features(model: FederatedModel, rows: list[dict[str, Any]]) -> tuple[np.ndar
     means = np.zeros(len(model.columns)) if model.means is None else np.asarray(model.means)
     scales = np.ones(len(model.columns)) if model.scales is None else np.asarray(model.scales)
     x = (np.where(np.isnan(x), means, x) - means) / scales
-    index = {str(c): i for i, c in enumerate(model.classes)}
-    try:
-        y = np.array([index[str(row[model.target])] for row in rows], dtype=np.int64)
+    index = {class_name(c): i for i, c in enumerate(model.classes)}
+    try:  # as a supervised job names classes: a label read as 1.0 from a CSV is class 1
+        y = np.array([index[class_name(row[model.target])] for row in rows], dtype=np.int64)
     except KeyError as exc:
         raise ForsetiError(
             f"a row has no {model.target!r} among the classes {model.classes[:10]}: {exc}", code=ErrorCode.INVALID_DATA
