@@ -251,6 +251,9 @@ class FederationTask(Strict):
     """Clip the update to this L2 norm before sending (secure aggregation: the coordinator cannot)."""
     peers: list[Peer] = Field(default_factory=list, max_length=10_000)
     """Secure aggregation: every participant of this attempt (the agent itself included), in order."""
+    weighted: bool = True
+    """Secure aggregation: multiply the clipped update by the agent's example count before masking
+    (FedAvg's weights); False under differential privacy, whose mean gives every agent equal weight."""
     deadline_seconds: float = Field(default=0.0, ge=0)
     """Seconds left before the round closes."""
     retry_after: float = Field(default=1.0, ge=0)

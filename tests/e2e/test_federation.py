@@ -307,6 +307,19 @@ async def test_secure_aggregation_equals_plain_fedavg_and_dp_reports_epsilon(
     spent = [h["epsilon"] for h in noisy.state.history]
     assert 0 < spent[0] < spent[1] <= 8.0 + 0.1
     assert not np.allclose(noisy.weights, plain.weights, atol=1e-3)
+    # with noise, the mean gives every agent equal weight, masked or not (noise tiny enough to compare)
+    whisper = {"clip_norm": 1.0, "noise_multiplier": 1e-7}
+    noisy_plain = await run_federation(
+        buses, store, tmp_path / "np", config(name="noisy-plain", rounds=2, privacy=whisper), shares
+    )
+    noisy_secure = await run_federation(
+        buses,
+        store,
+        tmp_path / "ns",
+        config(name="noisy-secure", rounds=2, privacy={**whisper, "secure_aggregation": True}),
+        shares,
+    )
+    assert np.allclose(noisy_secure.weights, noisy_plain.weights, atol=1e-5)
 
 
 async def test_a_coordinator_killed_between_rounds_is_resumed_by_another(

@@ -247,3 +247,21 @@ async def test_a_coordinator_with_another_config_under_a_stored_name_is_refused(
     )
     with pytest.raises(ForsetiError, match="exists in the registry with another config"):
         await changed.start()
+
+
+async def test_a_coordinator_whose_round_loop_breaks_says_so_instead_of_hanging(
+    broker: MemoryBroker, store: RegistryStore, tmp_path: Path
+) -> None:
+    class Broken(Coordinator):
+        async def _apply(self, mean: np.ndarray, **_: Any) -> None:
+            raise RuntimeError("aggregation defect")
+
+    cfg = FederationConfig(name="broken", model=MODEL, rounds=2, min_participants=1, gather_seconds=0)
+    coordinator = Broken(await connected(broker), store, cfg, data_dir=tmp_path, owner="c")
+    await coordinator.start()
+    agent = UpdateAgent(await connected(broker), "broken", "a", rows(10, 0), patience=5)
+    running = asyncio.create_task(agent.run())
+    await asyncio.wait_for(coordinator.done.wait(), 30)
+    assert isinstance(coordinator.error, RuntimeError) and not coordinator.state.done
+    running.cancel()
+    await coordinator.stop()

@@ -146,6 +146,8 @@ def coordinator(
             await service.stop()
             if metrics:
                 await metrics.close()
+            if service.error is not None:
+                raise _fail(f"federation {name}: the coordinator stopped: {service.error!r} (its state is saved)")
             if service.done.is_set():
                 err.print(
                     f"federation {name}: done after {service.state.round} rounds; "

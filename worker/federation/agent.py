@@ -163,7 +163,8 @@ class UpdateAgent:
                 await asyncio.sleep((self.slowdown - 1) * (time.monotonic() - started))
         delta, figures = self._trained[task.round]
         if task.peers:
-            vector = clip(layout.flat(delta), task.clip_norm or float("inf")) * len(self.rows)
+            weight = len(self.rows) if task.weighted else 1
+            vector = clip(layout.flat(delta), task.clip_norm or float("inf")) * weight
             peers = {p.agent_id: p.public_key for p in task.peers}
             ring = masked(
                 vector, self.key, self.agent_id, peers, mask_context(self.federation, task.round, task.attempt)

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -131,7 +132,9 @@ class Coordinator:
         self.waiting: dict[str, Waiting] = {}
         self.open: OpenRound | None = None
         self.done = asyncio.Event()
-        """Set when the federation has run all its rounds."""
+        """Set when the federation has run all its rounds, or the coordinator broke (`error`)."""
+        self.error: BaseException | None = None
+        """What stopped the coordinator's rounds, when something did."""
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
         self._subs: list[Subscription] = []
@@ -179,10 +182,10 @@ class Coordinator:
             ("warmstart", self._on_warmstart),
         ):
             self._subs.append(await self.bus.subscribe(federation_channel(self.name, verb), handler))
-        self._tasks.append(asyncio.create_task(self._renew()))
+        self._tasks.append(asyncio.create_task(self._guarded(self._renew)))
         if self.config.form == "updates":
-            rounds = self._flush_late() if self.config.strategy == "fedbuff" else self._rounds()
-            self._tasks.append(asyncio.create_task(rounds))
+            rounds = self._flush_late if self.config.strategy == "fedbuff" else self._rounds
+            self._tasks.append(asyncio.create_task(self._guarded(rounds)))
         await self.outbox.progress(self.state, "coordinator started")
 
     async def stop(self) -> None:
@@ -260,6 +263,16 @@ class Coordinator:
                 await self.stop_serving()
                 return
 
+    async def _guarded(self, work: Callable[[], Awaitable[None]]) -> None:
+        """Run one of the coordinator's loops; a failure is logged, kept in `error` and ends the wait on
+        `done`, instead of dying unseen in a task nobody awaits."""
+        try:
+            await work()
+        except Exception as exc:  # any defect: the federation cannot go on, and its operator must see why
+            log.exception("federation %s: the coordinator stopped", self.name)
+            self.error = exc
+            self.done.set()
+
     async def stop_serving(self) -> None:
         """Unsubscribe without touching the lease (it was lost)."""
         for sub in self._subs:
@@ -304,6 +317,7 @@ class Coordinator:
                 attempt=live.attempt,
                 weights=weights,
                 clip_norm=self.config.privacy.clip_norm if secure else None,
+                weighted=not self.config.privacy.noisy,
                 peers=[Peer(agent_id=a, public_key=k) for a, k in sorted(live.peers.items())] if secure else [],
                 deadline_seconds=max(0.0, live.deadline - now),
                 **base,
