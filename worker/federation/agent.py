@@ -87,14 +87,11 @@ class UpdateAgent:
         seed: int = 0,
         timeout: float = 10.0,
         patience: float = 120.0,
-        slowdown: float = 1.0,
     ) -> None:
         self.bus, self.federation, self.agent_id, self.rows = bus, federation, agent_id, rows
         self.signer, self.seed, self.timeout = signer, seed, timeout
         self.patience = patience
         """Seconds without an answer from any coordinator before giving up."""
-        self.slowdown = slowdown
-        """A device this many times slower than this host (benchmarks: it waits out the difference)."""
         self.key = MaskingKey()
         self.report = AgentReport()
         self._trainer: LocalTrainer | None = None
@@ -157,10 +154,7 @@ class UpdateAgent:
         layout = Layout(list(task.weights.names), [tuple(s) for s in task.weights.shapes])
         weights = from_wire(task.weights, layout)
         if task.round not in self._trained:  # a secure round tried again re-masks the same change
-            started = time.monotonic()
             self._trained = {task.round: await asyncio.to_thread(self._trainer.train, layout, weights, task.local)}
-            if self.slowdown > 1:
-                await asyncio.sleep((self.slowdown - 1) * (time.monotonic() - started))
         delta, figures = self._trained[task.round]
         if task.peers:
             weight = len(self.rows) if task.weighted else 1

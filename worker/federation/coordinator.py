@@ -72,8 +72,9 @@ class Waiting:
     """An agent that pulled and waits for a round."""
 
     public_key: str
-    examples: int
+    """Its X25519 key (empty without secure aggregation)."""
     seen: float
+    """When it last pulled (loop time)."""
 
 
 @dataclass
@@ -322,7 +323,7 @@ class Coordinator:
                 deadline_seconds=max(0.0, live.deadline - now),
                 **base,
             )
-        self.waiting[pull.agent_id] = Waiting(pull.public_key or "", pull.examples, now)
+        self.waiting[pull.agent_id] = Waiting(pull.public_key or "", now)
         self._changed.set()
         return FederationTask(federation=self.name, status="wait", round=self.state.round, retry_after=RETRY_AFTER)
 

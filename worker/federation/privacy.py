@@ -48,11 +48,6 @@ def clip(vector: np.ndarray, bound: float) -> np.ndarray:
     return vector * (bound / norm) if norm > bound else vector
 
 
-def noise(size: int, std: float, rng: np.random.Generator) -> np.ndarray:
-    """Gaussian noise for a round's sum."""
-    return rng.normal(0.0, std, size=size)
-
-
 @dataclass(frozen=True)
 class Accountant:
     """The epsilon a federation has spent: Rényi DP of the Gaussian mechanism over its noisy rounds."""

@@ -42,8 +42,6 @@ class Moments:
     """First moment of the aggregated change."""
     v: np.ndarray | None = None
     """Second moment."""
-    steps: int = 0
-    """Server steps taken."""
 
 
 def staleness_weight(staleness: int) -> float:
@@ -83,7 +81,6 @@ def apply(
 ) -> np.ndarray:
     """The next global weights after one server step."""
     rate = server_rate(strategy, server)
-    moments.steps += 1
     if strategy != "fedadam":
         return weights + rate * mean
     m = np.zeros_like(mean) if moments.m is None else moments.m
