@@ -40,6 +40,16 @@ from .llm import CompleteReply, CompleteRequest, LlmError
 from .models import ModelAvailable, ModelLoaded, ModelRollback, ModelsList, ModelsQuery, ModelsQueryError
 from .privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify
 from .ranks import RankJoin, RankJoined
+from .schedules import (
+    ScheduleCreate,
+    ScheduleDelete,
+    ScheduleError,
+    ScheduleFired,
+    SchedulePause,
+    ScheduleResume,
+    SchedulesList,
+    SchedulesQuery,
+)
 from .tasks import TASK_MODELS, task_channel, task_type
 
 
@@ -69,6 +79,8 @@ PRIVACY = "forseti.privacy"
 RECEIPTS = "forseti.privacy.receipts.{request_id}"
 RANKS = "forseti.ranks"
 FEDERATION = "forseti.federation.{name}.{verb}"
+SCHEDULES = "forseti.schedules"
+SCHEDULES_FIRED = "forseti.schedules.fired"
 FEDERATION_VERBS = ("pull", "update", "experience", "warmstart", "rounds")
 """The channels of one federation: what agents ask (`pull`, `update`, `experience`, `warmstart`) and
 where the coordinator announces rounds (`rounds`)."""
@@ -179,6 +191,14 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.federation.warmstart.v1", WarmStart, _fed("warmstart"), "What the federation learned (reply)."),
     EventSpec("forseti.federation.round.v1", FederationRound, _fed("rounds"), "A round opened, closed or failed."),
     EventSpec("forseti.federation.error.v1", FederationError, _fed("pull"), "Why a request was refused (reply)."),
+    EventSpec("forseti.schedule.create.v1", ScheduleCreate, SCHEDULES, "Store a schedule (request)."),
+    EventSpec("forseti.schedule.pause.v1", SchedulePause, SCHEDULES, "Stop firing a schedule (request)."),
+    EventSpec("forseti.schedule.resume.v1", ScheduleResume, SCHEDULES, "Fire a paused schedule again (request)."),
+    EventSpec("forseti.schedule.delete.v1", ScheduleDelete, SCHEDULES, "Remove a schedule (request)."),
+    EventSpec("forseti.schedule.query.v1", SchedulesQuery, SCHEDULES, "List schedules (request)."),
+    EventSpec("forseti.schedule.list.v1", SchedulesList, SCHEDULES, "The schedules asked for (reply)."),
+    EventSpec("forseti.schedule.error.v1", ScheduleError, SCHEDULES, "Why a schedule request was refused (reply)."),
+    EventSpec("forseti.schedule.fired.v1", ScheduleFired, SCHEDULES_FIRED, "A worker decided a schedule's slot."),
 ]
 
 BY_TYPE: dict[str, EventSpec] = {spec.type: spec for spec in _SPECS}

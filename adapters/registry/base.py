@@ -270,6 +270,49 @@ class FederationClaim:
     """When not won: seconds until the holder's lease runs out."""
 
 
+class ScheduleRecord(Record):
+    """A stored schedule (`schemas.schedules`) and where its firing stands, shared by every worker."""
+
+    id: str
+    """The schedule's id."""
+    spec: dict[str, Any] = Field(default_factory=dict)
+    """What it fires and when (`schemas.schedules.ScheduleSpec`)."""
+    owner: str | None = None
+    """Who created it; fired tasks carry this `user_id`."""
+    paused: bool = False
+    """True while it does not fire."""
+    pause_reason: str | None = None
+    """Why it was paused."""
+    last_slot: str = ""
+    """The last slot decided (a clock's slot time, ISO 8601 UTC; a trigger's fire count, zero-padded),
+    moved forward only, so a restarted worker starts after it."""
+    baseline: int = 0
+    """For a dataset trigger: the line count the next fire counts from."""
+    buffered: str | None = None
+    """A slot held by the buffer_one overlap policy until the running job ends."""
+    created_at: str = Field(default_factory=utcnow)
+    """Created (or last replaced)."""
+    updated_at: str = Field(default_factory=utcnow)
+    """Last change."""
+
+
+class FireRecord(Record):
+    """One slot of a schedule and what a worker decided for it; the first worker to store it decides."""
+
+    schedule_id: str
+    """The schedule."""
+    slot: str
+    """The slot (see `schemas.schedules.ScheduleFire`)."""
+    job_id: str
+    """The job id the fire publishes under."""
+    action: str
+    """fired, skipped, buffered, missed or cancelled_other."""
+    created_at: str = Field(default_factory=utcnow)
+    """When it was decided."""
+    published_at: str | None = None
+    """When its task went onto the bus (None: not yet; another worker republishes it)."""
+
+
 class RegistryStore(Protocol):
     """What the worker and the CLI need from a registry: SQLite on one host, PostgreSQL for many."""
 
@@ -390,3 +433,39 @@ class RegistryStore(Protocol):
 
     async def get_federation(self, name: str) -> FederationRecord | None:
         """One federation, or None."""
+
+    async def put_schedule(self, schedule: ScheduleRecord) -> None:
+        """Store a schedule, replacing one of the same id."""
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        """One schedule, or None."""
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Every schedule, by id."""
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Remove a schedule and its fire records; False when there was none."""
+
+    async def change_schedule(self, schedule_id: str, **fields: Any) -> bool:
+        """Set some of a schedule's fields (paused, pause_reason, buffered, baseline); False when there is none."""
+
+    async def advance_schedule(self, schedule_id: str, slot: str) -> None:
+        """Move a schedule's `last_slot` to `slot` unless it is already there or past it."""
+
+    async def claim_fire(self, fire: FireRecord) -> bool:
+        """Store a slot's decision; False when another worker stored that slot first."""
+
+    async def change_fire(
+        self,
+        schedule_id: str,
+        slot: str,
+        *,
+        action: str | None = None,
+        expect: str | None = None,
+        published: bool = False,
+    ) -> bool:
+        """Set a fire's action (only while it is `expect`, when given) and/or stamp it published; False
+        when no fire matched."""
+
+    async def list_fires(self, schedule_id: str, *, limit: int = 20) -> list[FireRecord]:
+        """A schedule's fires, newest slot first."""

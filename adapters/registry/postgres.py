@@ -102,6 +102,16 @@ MIGRATIONS: list[str] = [
         lease_owner TEXT, lease_expires_at TIMESTAMPTZ, created_at TIMESTAMPTZ NOT NULL,
         updated_at TIMESTAMPTZ NOT NULL);
     """,
+    # 9: schedules: task templates any worker fires, and each slot's decision (the first worker's)
+    """
+    CREATE TABLE schedules (
+        id TEXT PRIMARY KEY, spec JSONB NOT NULL, owner TEXT, paused BOOLEAN NOT NULL DEFAULT FALSE,
+        pause_reason TEXT, last_slot TEXT NOT NULL, baseline BIGINT NOT NULL DEFAULT 0, buffered TEXT,
+        created_at TIMESTAMPTZ NOT NULL, updated_at TIMESTAMPTZ NOT NULL);
+    CREATE TABLE schedule_fires (
+        schedule_id TEXT NOT NULL, slot TEXT NOT NULL, job_id TEXT NOT NULL, action TEXT NOT NULL,
+        created_at TIMESTAMPTZ NOT NULL, published_at TIMESTAMPTZ, PRIMARY KEY (schedule_id, slot));
+    """,
 ]
 """Schema migrations in order, numbered as SQLite's; migration N is applied once and recorded in `schema_migrations`."""
 

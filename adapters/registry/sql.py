@@ -22,20 +22,24 @@ from .base import (
     Claim,
     FederationClaim,
     FederationRecord,
+    FireRecord,
     JobRecord,
     ModelRecord,
     PrivacyRecord,
     Record,
     RLAgent,
+    ScheduleRecord,
     TrainingRun,
     utcnow,
 )
 
 R = TypeVar("R", bound=Record)
 
-JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags", "summary", "snapshot"})
+JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags", "summary", "snapshot", "spec"})
 """Columns that hold JSON documents."""
-TIME_FIELDS = frozenset({"created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "set_at"})
+TIME_FIELDS = frozenset(
+    {"created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "set_at", "published_at"}
+)
 """Columns that hold points in time."""
 TERMINAL = tuple(state.value for state in JobState if state.terminal)
 USER_TABLES = ("aliases", "artifacts", "training_runs", "rl_agents", "checkpoints", "models", "jobs")
@@ -498,6 +502,94 @@ class SqlStore(ABC):
         p = Params(self.dialect)
         rows = await self._select(FederationRecord, f"SELECT * FROM federations WHERE name = {p(name)}", p.values)
         return rows[0] if rows else None
+
+    # -- schedules -------------------------------------------------------------------------------
+
+    async def put_schedule(self, schedule: ScheduleRecord) -> None:
+        """Store a schedule, replacing one of the same id."""
+        await self._upsert("schedules", "id", schedule.model_copy(update={"updated_at": utcnow()}))
+
+    async def get_schedule(self, schedule_id: str) -> ScheduleRecord | None:
+        """One schedule, or None."""
+        p = Params(self.dialect)
+        rows = await self._select(ScheduleRecord, f"SELECT * FROM schedules WHERE id = {p(schedule_id)}", p.values)
+        return rows[0] if rows else None
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """Every schedule, by id."""
+        return await self._select(ScheduleRecord, "SELECT * FROM schedules ORDER BY id", [])
+
+    async def delete_schedule(self, schedule_id: str) -> bool:
+        """Remove a schedule and its fire records; False when there was none."""
+        p = Params(self.dialect)
+        await self._change(f"DELETE FROM schedule_fires WHERE schedule_id = {p(schedule_id)}", p.values)
+        p = Params(self.dialect)
+        return bool(await self._change(f"DELETE FROM schedules WHERE id = {p(schedule_id)} RETURNING id", p.values))
+
+    async def change_schedule(self, schedule_id: str, **fields: Any) -> bool:
+        """Set some of a schedule's fields (paused, pause_reason, buffered, baseline); False when there is none."""
+        allowed = {"paused", "pause_reason", "buffered", "baseline"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"change_schedule sets {sorted(allowed)}, not {sorted(set(fields) - allowed)}")
+        p = Params(self.dialect)
+        sets = [f"{c} = {p(self.dialect.to_db(c, v))}" for c, v in fields.items()]
+        rows = await self._change(
+            f"UPDATE schedules SET {', '.join(sets)}, updated_at = {self.dialect.now} "
+            f"WHERE id = {p(schedule_id)} RETURNING id",
+            p.values,
+        )
+        return bool(rows)
+
+    async def advance_schedule(self, schedule_id: str, slot: str) -> None:
+        """Move a schedule's `last_slot` to `slot` unless it is already there or past it."""
+        p = Params(self.dialect)
+        await self._change(
+            f"UPDATE schedules SET last_slot = {p(slot)} WHERE id = {p(schedule_id)} AND last_slot < {p(slot)}",
+            p.values,
+        )
+
+    async def claim_fire(self, fire: FireRecord) -> bool:
+        """Store a slot's decision; False when another worker stored that slot first (one statement,
+        so of N workers deciding one slot exactly one wins)."""
+        values = self._values(fire)
+        p = Params(self.dialect)
+        marks = ", ".join(p(v) for v in values.values())
+        rows = await self._change(
+            f"INSERT INTO schedule_fires ({', '.join(values)}) VALUES ({marks}) "
+            "ON CONFLICT (schedule_id, slot) DO NOTHING RETURNING slot",
+            p.values,
+        )
+        return bool(rows)
+
+    async def change_fire(
+        self,
+        schedule_id: str,
+        slot: str,
+        *,
+        action: str | None = None,
+        expect: str | None = None,
+        published: bool = False,
+    ) -> bool:
+        """Set a fire's action (only while it is `expect`, when given) and/or stamp it published; False
+        when no fire matched."""
+        p = Params(self.dialect)
+        sets = [f"action = {p(action)}"] if action is not None else []
+        if published:
+            sets.append(f"published_at = {self.dialect.now}")
+        where = f"schedule_id = {p(schedule_id)} AND slot = {p(slot)}"
+        if expect is not None:
+            where += f" AND action = {p(expect)}"
+        rows = await self._change(f"UPDATE schedule_fires SET {', '.join(sets)} WHERE {where} RETURNING slot", p.values)
+        return bool(rows)
+
+    async def list_fires(self, schedule_id: str, *, limit: int = 20) -> list[FireRecord]:
+        """A schedule's fires, newest slot first."""
+        p = Params(self.dialect)
+        return await self._select(
+            FireRecord,
+            f"SELECT * FROM schedule_fires WHERE schedule_id = {p(schedule_id)} ORDER BY slot DESC LIMIT {p(limit)}",
+            p.values,
+        )
 
 
 def _in(p: Params, column: str, values: list[str]) -> str:

@@ -96,6 +96,16 @@ MIGRATIONS: list[str] = [
         name TEXT PRIMARY KEY, config TEXT NOT NULL, snapshot TEXT NOT NULL, round INTEGER NOT NULL,
         lease_owner TEXT, lease_expires_at TEXT, created_at TEXT NOT NULL, updated_at TEXT NOT NULL);
     """,
+    # 9: schedules: task templates any worker fires, and each slot's decision (the first worker's)
+    """
+    CREATE TABLE schedules (
+        id TEXT PRIMARY KEY, spec TEXT NOT NULL, owner TEXT, paused INTEGER NOT NULL DEFAULT 0, pause_reason TEXT,
+        last_slot TEXT NOT NULL, baseline INTEGER NOT NULL DEFAULT 0, buffered TEXT, created_at TEXT NOT NULL,
+        updated_at TEXT NOT NULL);
+    CREATE TABLE schedule_fires (
+        schedule_id TEXT NOT NULL, slot TEXT NOT NULL, job_id TEXT NOT NULL, action TEXT NOT NULL,
+        created_at TEXT NOT NULL, published_at TEXT, PRIMARY KEY (schedule_id, slot));
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 

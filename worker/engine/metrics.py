@@ -36,6 +36,19 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        self.schedule_fires = Counter(
+            "forseti_schedule_fires",
+            "Schedule slots this worker decided, by action (fired, skipped, buffered, cancelled_other, missed, "
+            "paused).",
+            ["action"],
+            registry=r,
+        )
+        self.schedule_lateness = Histogram(
+            "forseti_schedule_lateness_seconds",
+            "How long after a slot (plus its jitter offset) this worker decided it.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.refused = Counter(
             "forseti_refused_requests",
             "Requests refused: control events and status replies withheld because the asker is not the job's "

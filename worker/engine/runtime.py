@@ -36,6 +36,7 @@ from forseti.schemas.catalog import (
     MODELS_QUERY,
     PRIVACY,
     RANKS,
+    SCHEDULES,
     STATUS,
     jobs_channel,
 )
@@ -45,6 +46,8 @@ from forseti.schemas.errors import BusError, ErrorCode, ForsetiError, InvalidTas
 from forseti.schemas.jobs import JobEvent, JobFailed, JobProgress, JobState, JobStatus, JobStatusError, JobStatusQuery
 from forseti.schemas.models import ModelAvailable, ModelsList, ModelsQuery, ModelsQueryError, ModelSummary
 from forseti.schemas.tasks import TaskKind, task_channel
+from forseti.worker.schedules.desk import ScheduleDesk
+from forseti.worker.schedules.firing import Scheduler
 
 from .artifact_server import ArtifactServer
 from .checkpoints import prune_ended
@@ -149,6 +152,7 @@ class Worker:
         self._pruning: asyncio.Task[None] | None = None
         self._probe: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
+        self._scheduler: asyncio.Task[None] | None = None
         self._bus_reachable = True
         self._job_services: JobServices | None = None
         self._ranks: RankDesk | None = None
@@ -223,6 +227,8 @@ class Worker:
             self._bus_ok = True
             self._probe = asyncio.create_task(self._probe_bus(), name="probe-bus")
             self._sweep = asyncio.create_task(self._sweep_strays(), name="sweep-strays")
+            if self.settings.schedules:
+                await self._start_schedules()
             self.ready.set()
             log.info(
                 "worker %s pulling %s on %s (concurrency %d, registry %s, announcements %s)",
@@ -327,7 +333,7 @@ class Worker:
                 await self._sleep_unless_stopping(self.settings.stray_sweep_interval)
 
     async def _close(self) -> None:
-        for background in (self._pruning, self._probe, self._sweep, *self._late_replies):
+        for background in (self._pruning, self._probe, self._sweep, self._scheduler, *self._late_replies):
             if background is not None:
                 background.cancel()
         for sub in self._subs:
@@ -343,6 +349,16 @@ class Worker:
         await self.bus.close()
         await self.store.close()
         log.info("worker %s stopped", self.settings.worker_id)
+
+    async def _start_schedules(self) -> None:
+        """Answer schedule requests (one worker of the group each) and fire schedules (every worker)."""
+        desk = ScheduleDesk(self.store, source=self._source, by_operator=self._by_operator)
+        queue = f"{self.settings.group}-schedules"
+        self._subs.append(await self.bus.subscribe(SCHEDULES, desk.on_request, queue=queue))
+        scheduler = Scheduler(
+            bus=self.bus, store=self.store, metrics=self.metrics, source=self._source, poll=self.settings.schedule_poll
+        )
+        self._scheduler = asyncio.create_task(scheduler.run(self._stopping), name="schedules")
 
     async def _start_http(self) -> None:
         if self.settings.metrics_port is None:

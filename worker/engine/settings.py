@@ -64,6 +64,11 @@ class WorkerSettings(BaseSettings):
     stray_sweep_interval: float = Field(default=30.0, gt=0)
     """Seconds between sweeps that dead-letter tasks stored on channels no kind owns (a typo such as
     `forseti.tasks.trainig`), which the bus would otherwise keep for ever."""
+    schedules: bool = True
+    """Fire the registry's schedules from this worker (with every other worker that does; each slot
+    fires once) and answer schedule requests on `forseti.schedules`."""
+    schedule_poll: float = Field(default=1.0, gt=0)
+    """Seconds between reads of the schedules; a slot known to be due sooner wakes the scheduler then."""
     max_duration: float | None = Field(default=None, gt=0)
     """Seconds a job may take from its first start, across attempts, before it is stopped at its next
     safe point and failed as `timeout` (a task's own `max_duration` may lower it); unset: no limit."""

@@ -1,0 +1,96 @@
+"""Schedules on a real nats-server and PostgreSQL: three workers fire each slot once, also when one
+of them is restarted across a slot; and the `forseti schedules` commands against a worker process."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from forseti.adapters.bus import create_bus
+from forseti.adapters.registry import create_store
+from forseti.schemas.jobs import JobState
+from forseti.schemas.schedules import Overlap, ScheduleCreate, ScheduleDelete, ScheduleSpec
+from forseti.schemas.tasks import TaskKind
+from forseti.worker.cli.schedules import ask_schedules
+from forseti.worker.schedules.clock import slot_time
+
+from ..helpers import EchoHandler, inference, running_worker
+from .test_cli import WorkerProcess, run
+
+SECONDS = 8.0
+"""How long the schedule runs: about 8 slots of 1 s."""
+
+
+async def test_three_workers_fire_each_slot_once_with_one_restarted(
+    nats_server: object, postgres_url: str, tmp_path: Path
+) -> None:
+    url = nats_server.url  # type: ignore[attr-defined]
+    handlers = [EchoHandler(), EchoHandler(), EchoHandler(), EchoHandler()]
+    template = inference(rows=1).model_dump(mode="json", exclude_none=True)
+    template.pop("request_id")
+    schedule = ScheduleSpec(kind=TaskKind.INFERENCE, task=template, every_seconds=1.0, overlap=Overlap.ALLOW_ALL)
+    client = create_bus(url)
+    await client.connect()
+    common: dict[str, Any] = {"registry_url": postgres_url, "schedule_poll": 0.2}
+    async with (
+        running_worker(create_bus(url), [handlers[0]], tmp_path / "a", **common),
+        running_worker(create_bus(url), [handlers[1]], tmp_path / "b", **common),
+    ):
+        restarted = running_worker(create_bus(url), [handlers[2]], tmp_path / "c", worker_id="c", **common)
+        await restarted.__aenter__()
+        await ask_schedules(client, ScheduleCreate(id="every-second", spec=schedule), None, timeout=10)
+        started = datetime.now(UTC)
+        await asyncio.sleep(3.0)
+        await restarted.__aexit__(None, None, None)  # down across a slot or two
+        await asyncio.sleep(2.2)
+        async with running_worker(create_bus(url), [handlers[3]], tmp_path / "c", worker_id="c", **common):
+            await asyncio.sleep(SECONDS - 5.2)
+            await ask_schedules(client, ScheduleDelete(id="every-second"), None, timeout=10)
+            stopped = datetime.now(UTC)
+            await asyncio.sleep(1.5)  # the last jobs end
+    await client.close()
+
+    store = create_store(postgres_url)
+    await store.open()
+    jobs = [j for j in await store.list_jobs(limit=1000) if j.job_id.startswith("every-second-")]
+    await store.close()
+    slots = sorted(slot_time(j.job_id.removeprefix("every-second-")) for j in jobs)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(slots)]
+    assert all(abs(gap - 1.0) < 1e-6 for gap in gaps), f"a slot was left out or fired twice: {gaps}"
+    assert len(slots) >= int((stopped - started).total_seconds()) - 1
+    assert all(j.state is JobState.COMPLETED and j.attempt == 1 for j in jobs)
+    # each slot ran once, on whichever worker took it: no duplicate reached a handler
+    assert sum(h.runs for h in handlers) == len(jobs)
+
+
+def test_schedules_commands_against_a_worker(nats_server: object, tmp_path: Path) -> None:
+    """The commands of docs/operations.md: create from a task file, list, show, pause, resume, delete."""
+    url = nats_server.url  # type: ignore[attr-defined]
+    task = tmp_path / "retrain.json"
+    task.write_text(json.dumps({"model_id": "m1", "inputs": [{"x": 1.0}]}))
+    worker = WorkerProcess(url, tmp_path / "worker")
+    try:
+        created = run(url, "schedules", "create", "nightly", "--task", str(task), "--kind", "inference",
+                      "--cron", "0 3 * * *", "--timezone", "Europe/Paris", "--user", "ana")  # fmt: skip
+        assert created.returncode == 0, created.stderr.decode()
+        assert "nightly" in created.stdout.decode() and "Europe/Paris" in created.stdout.decode()
+        listed = run(url, "schedules", "list", "--user", "ana", "--json")
+        [info] = json.loads(listed.stdout)["schedules"]
+        assert info["next_fire"].endswith(":00:00Z") and info["spec"]["task"]["inputs"] == [{"x": 1.0}]
+        assert json.loads(run(url, "schedules", "list", "--user", "bob", "--json").stdout)["schedules"] == []
+        refused = run(url, "schedules", "pause", "nightly", "--user", "bob")
+        assert refused.returncode == 1 and "forbidden" in refused.stderr.decode()
+        paused = run(url, "schedules", "pause", "nightly", "--user", "ana", "--json")
+        assert json.loads(paused.stdout)["schedules"][0]["paused"] is True
+        assert run(url, "schedules", "resume", "nightly", "--user", "ana").returncode == 0
+        shown = run(url, "schedules", "show", "nightly", "--user", "ana")
+        assert shown.returncode == 0 and "active" in shown.stdout.decode()
+        assert run(url, "schedules", "delete", "nightly", "--user", "ana").returncode == 0
+        gone = run(url, "schedules", "show", "nightly", "--user", "ana")
+        assert gone.returncode == 1 and "no schedule nightly" in gone.stderr.decode()
+    finally:
+        assert worker.stop() == 0
