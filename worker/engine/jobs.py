@@ -482,7 +482,13 @@ class JobRunner:
         raise JobStopped(StopReason.LEASE_LOST, "another worker took the job over")
 
     async def _pump_progress(self) -> None:
+        steps = self.services.metrics.job_steps.labels(self.kind.value)
+        last: int | None = None  # the first report is the baseline: a resumed job's earlier steps are not counted
         while (event := await self._events.get()) is not None:
+            if event.step:
+                if last is not None and event.step > last:
+                    steps.inc(event.step - last)
+                last = event.step
             try:
                 await self.services.events.publish_job(event)
             except BusError as exc:

@@ -13,6 +13,14 @@ DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5)
 
 
+OUTCOMES = ("completed", "failed", "cancelled", "requeued", "replayed", "deferred", "lost")
+"""How a job can end on a worker (the `outcome` label of forseti_jobs_total)."""
+FIRE_ACTIONS = ("fired", "skipped", "buffered", "cancelled_other", "missed", "paused")
+"""What a scheduler can do with a slot (the `action` label of forseti_schedule_fires_total)."""
+REFUSED = ("control", "status", "privacy", "ranks")
+"""The requests a worker may refuse (the `request` label of forseti_refused_requests_total)."""
+
+
 class Metrics:
     """Every metric a worker exports, named after Prometheus conventions."""
 
@@ -34,6 +42,13 @@ class Metrics:
             "Wall time of jobs from start to end.",
             ["kind", "outcome"],
             buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.job_steps = Counter(
+            "forseti_job_steps",
+            "Steps running jobs reported in their progress, by kind, in each handler's unit (RL: environment "
+            "timesteps; training: epochs; fine-tunes: optimizer steps).",
+            ["kind"],
             registry=r,
         )
         self.schedule_fires = Counter(
@@ -74,6 +89,22 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+
+
+    def start_at_zero(self, kinds: Collection[str]) -> None:
+        """Export every labelled series this worker can count, at 0, from the start: a series that
+        appears only on its first event makes `rate()` and `increase()` (dashboards, alerts) miss that
+        event and return nothing at all before it."""
+        for kind in kinds:
+            self.tasks_received.labels(kind)
+            self.jobs_running.labels(kind)
+            self.job_steps.labels(kind)
+            for outcome in OUTCOMES:
+                self.jobs.labels(kind, outcome)
+        for action in FIRE_ACTIONS:
+            self.schedule_fires.labels(action=action)
+        for request in REFUSED:
+            self.refused.labels(request)
 
 
 class MeteredBus:

@@ -132,6 +132,7 @@ class Worker:
             if handler.kind in self.handlers:
                 raise ValueError(f"two handlers for task kind {handler.kind.value!r}")
             self.handlers[handler.kind] = handler
+        self.metrics.start_at_zero([kind.value for kind in self.handlers])
         self.running: dict[str, JobRunner] = {}
         self.ready = asyncio.Event()
         """Set once the worker is subscribed and pulling tasks."""
