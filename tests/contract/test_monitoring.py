@@ -106,6 +106,7 @@ def prometheus(tmp_path: Path) -> Iterator[tuple[str, int]]:
     port = free_port()
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["scrape_configs"][0].pop("dns_sd_configs")
     config["scrape_configs"][0]["static_configs"] = [{"targets": [f"127.0.0.1:{target}"]}]
     config["rule_files"] = [str(PROMETHEUS / "alerts.yml")]
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
