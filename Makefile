@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # TORCH=none skips torch and the RL extra that needs it: the event backbone alone.
 TORCH ?= torch==2.13.0
 comma := ,
-EXTRAS := $(if $(filter none,$(TORCH)),dev,dev$(comma)ml$(comma)llm$(comma)federated)
+EXTRAS := $(if $(filter none,$(TORCH)),dev$(comma)tracing,dev$(comma)ml$(comma)llm$(comma)federated$(comma)tracing)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: install test lint format mypy run bench bench-flower-env schemas clean all

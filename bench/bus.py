@@ -220,24 +220,29 @@ class NoopHandler:
         return GenericResult(summary="noop")
 
 
-def _worker_process(url: str, data_dir: str, registry: str | None, concurrency: int, out: Any) -> None:
+def _worker_process(
+    url: str, data_dir: str, registry: str | None, concurrency: int, out: Any, otlp: str | None = None
+) -> None:
     """One worker with a no-op handler in a process of its own, until its queue is empty; it sends back
     (tasks run, wall-clock time of its first task's start, of its last task's end)."""
     handler = NoopHandler(clock=time.time)  # perf_counter does not compare across processes
     settings = WorkerSettings(
         bus_url=url, data_dir=Path(data_dir), concurrency=concurrency, burst=True, poll_interval=1.0, group="bench",
-        registry_url=registry,
+        registry_url=registry, otlp_endpoint=otlp,
     )  # fmt: skip
     worker = Worker(bus=create_bus(url), store=create_store(settings.registry), handlers=[handler], settings=settings)
     run_loop(worker.run())
     out.put((handler.count, handler.first, handler.last))
 
 
-async def intake_rate(url: str, n: int, concurrency: int, *, registry: str | None = None, workers: int = 1) -> float:
+async def intake_rate(
+    url: str, n: int, concurrency: int, *, registry: str | None = None, workers: int = 1, otlp: str | None = None
+) -> float:
     """Tasks per second that `workers` workers with a no-op handler take in together, from the first
     task one of them starts to the last one any of them finishes; each has a SQLite file of its own,
     or they share the PostgreSQL `registry`. On memory:// the worker runs in this process (its broker
-    lives here); elsewhere each worker is a process of its own, as on separate hosts."""
+    lives here); elsewhere each worker is a process of its own, as on separate hosts, tracing to the
+    OTLP endpoint `otlp` when given."""
     broker = MemoryBroker()
     client = create_bus(url, broker=broker)
     await client.connect()
@@ -258,7 +263,7 @@ async def intake_rate(url: str, n: int, concurrency: int, *, registry: str | Non
             spawn = multiprocessing.get_context("spawn")
             out = spawn.Queue()
             procs = [
-                spawn.Process(target=_worker_process, args=(url, f"{tmp}/w{k}", registry, concurrency, out))
+                spawn.Process(target=_worker_process, args=(url, f"{tmp}/w{k}", registry, concurrency, out, otlp))
                 for k in range(workers)
             ]
             for proc in procs:

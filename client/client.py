@@ -14,6 +14,7 @@ from typing import Any, Self, TypeVar, cast
 import orjson
 from pydantic import ValidationError
 
+from forseti.adapters import tracing
 from forseti.adapters.bus import Bus, Message, Subscription, create_bus
 from forseti.adapters.bus.channels import is_task_channel
 from forseti.adapters.signing import Signer, TrustedKeys, refusal, seal
@@ -353,7 +354,8 @@ class Client:
         if updates:
             model = model.model_copy(update=updates)
         job_id = model.request_id or ""
-        raw = encode(model, source=self.source, subject=job_id)
+        with tracing.span(f"forseti.publish {task_kind.value}", kind="producer", attributes={"forseti.job_id": job_id}):
+            raw = encode(model, source=self.source, subject=job_id)
         event_id = str(orjson.loads(raw)["id"])
         job = Job(self, job_id, task_kind, event_id=event_id, accept_timeout=accept_timeout)
         await job._open()

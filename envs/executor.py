@@ -30,16 +30,18 @@ import re
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Protocol, SupportsFloat, cast
 
 from gymnasium import spaces
 
+from forseti.adapters import tracing
 from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.schemas.base import Strict
 from forseti.schemas.catalog import env_channel
 from forseti.schemas.env import EnvClose, EnvError, EnvOpen, EnvReset, EnvSpec, EnvStep, EnvTransition
-from forseti.schemas.envelope import decode, encode
+from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
 
 from .spaces import check_batch, space_to_spec, to_wire
@@ -212,6 +214,7 @@ class EnvServer:
         replica: str | None = None,
         session_idle: float = 600.0,
         max_envs_per_session: int = 256,
+        trace_steps_every: int = 100,
     ) -> None:
         self.bus, self.executor_id, self.make_env = bus, executor_id, make_env
         self.num_envs, self.environment, self.max_sessions = num_envs, environment, max_sessions
@@ -225,6 +228,8 @@ class EnvServer:
         """The most sub-envs one open may ask for (`EnvOpen.num_envs`)."""
         self.session_idle = session_idle
         """Seconds after which a silent session may be closed to make room (its job is gone)."""
+        self.trace_steps_every = trace_steps_every
+        """With tracing on: one step in this many gets a span (opens, resets and closes always do)."""
         self.sessions: dict[str, Session] = {}
         self.refused = 0
         """Requests refused for not carrying their session's token."""
@@ -269,9 +274,15 @@ class EnvServer:
     async def _on_request(self, msg: Message) -> None:
         session_id = "_"
         try:
-            request: Strict = decode(msg.data).data
+            event: Event[Strict] = decode(msg.data)
+            request: Strict = event.data
             session_id = getattr(request, "session_id", "_")
-            reply: EnvSpec | EnvTransition | EnvError = self.handle(request)
+            sampled = not isinstance(request, EnvStep) or request.step % self.trace_steps_every == 0
+            attributes = {"forseti.executor": self.replica, "forseti.session": session_id}
+            name = f"forseti.env {type(request).__name__}"
+            span = tracing.span(name, parent=event, kind="server", attributes=attributes) if sampled else nullcontext()
+            with span:
+                reply: EnvSpec | EnvTransition | EnvError = self.handle(request)
         except InvalidTask as exc:
             reply = EnvError(session_id=session_id, code=ErrorCode.INVALID_TASK, message=exc.message)
         except ForsetiError as exc:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import socket
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar, cast
@@ -18,13 +19,20 @@ from .errors import ErrorCode, InvalidTask
 
 M = TypeVar("M", bound=Strict)
 
+trace_context: Callable[[], dict[str, str]] | None = None
+"""Set by `forseti.adapters.tracing` while tracing is on: the current span's `traceparent` (and
+`tracestate`), which `encode` adds to every event; None (the default) adds nothing."""
+
+TRACEPARENT = r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+"""A W3C Trace Context `traceparent`: version, trace id, parent span id, flags."""
+
 CONTENT_TYPE = "application/cloudevents+json"
 DEFAULT_SOURCE = f"forseti/{socket.gethostname()}"
 
 
 class Envelope(Strict):
     """A CloudEvents 1.0 event in JSON structured mode; extension attributes other than the signature's
-    are refused."""
+    and the distributed-tracing extension's are refused."""
 
     specversion: Literal["1.0"]
     """CloudEvents version."""
@@ -48,6 +56,10 @@ class Envelope(Strict):
     signature: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9+/]{86}==$")] | None = None
     """Extension attribute of signed events: base64 of the ed25519 signature of the event without
     `signingkey` and `signature`, in RFC 8785 canonical JSON."""
+    traceparent: Annotated[str, StringConstraints(pattern=TRACEPARENT)] | None = None
+    """Distributed-tracing extension attribute: the W3C `traceparent` of the span that sent the event."""
+    tracestate: Annotated[str, StringConstraints(max_length=512)] | None = None
+    """Distributed-tracing extension attribute: the W3C `tracestate` that goes with it."""
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,8 @@ class Event(Generic[M]):
     subject: str | None
     time: datetime | None
     data: M
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 def encode(
@@ -78,6 +92,8 @@ def encode(
     }
     if subject is not None:
         doc["subject"] = subject
+    if trace_context is not None:
+        doc.update(trace_context())
     return orjson.dumps(doc)
 
 
@@ -126,6 +142,8 @@ def decode(raw: bytes, expect: type[M] | None = None) -> Event[M]:
         subject=envelope.subject,
         time=envelope.time,
         data=cast(M, data),  # spec.model is `expect` or a subclass of it, checked above
+        traceparent=envelope.traceparent,
+        tracestate=envelope.tracestate,
     )
 
 

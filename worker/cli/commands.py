@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from forseti.adapters import tracing
 from forseti.adapters.bus import Bus, create_bus
 from forseti.adapters.encryption import Keyring
 from forseti.adapters.registry import RegistryStore, create_store
@@ -228,9 +229,13 @@ class _Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def _serve(bus: str, make: Callable[[Bus], _Service], *, ready: str = "", wait_for_bus: bool = False) -> None:
+def _serve(
+    bus: str, make: Callable[[Bus], _Service], *, service: str, ready: str = "", wait_for_bus: bool = False
+) -> None:
     """Connect (with `wait_for_bus`, however long the bus takes to answer), start the service `make`
-    builds on the connection, and run it until SIGTERM or SIGINT."""
+    builds on the connection, and run it until SIGTERM or SIGINT; traced as `service` when
+    FORSETI_OTLP_ENDPOINT is set."""
+    tracing.configure_from_env(service)
 
     async def go() -> None:
         client = await _connected(bus, wait=wait_for_bus)
@@ -250,7 +255,10 @@ def _serve(bus: str, make: Callable[[Bus], _Service], *, ready: str = "", wait_f
         finally:
             await client.close()
 
-    run_loop(go())
+    try:
+        run_loop(go())
+    finally:
+        tracing.disable()
 
 
 def _s3_store(url: str | None) -> S3ObjectStore | None:
@@ -415,6 +423,7 @@ def submit(
     """Publish a task and print its job id; with --watch, follow it: exit 0 completed, 1 failed, 2 cancelled,
     3 no worker took it, 5 refused."""
     task = read_task_file(file, kind)
+    tracing.configure_from_env("forseti-client")
 
     async def go() -> int:
         async with await _client(bus, task.user_id) as forseti:
@@ -422,7 +431,11 @@ def submit(
             print(job.job_id, flush=True)
             return int(await follow(job, console=err)) if watch else 0
 
-    raise typer.Exit(run_loop(go()))
+    try:
+        code = run_loop(go())
+    finally:
+        tracing.disable()  # sends the publish span before the command exits
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -677,7 +690,7 @@ def executor(
         except Exception as exc:
             raise _fail(f"cannot make env {env!r}: {exc}") from exc
 
-    _serve(bus, make)
+    _serve(bus, make, service="forseti-executor")
 
 
 @app.command()
@@ -1160,7 +1173,12 @@ def llm_serve(
         except ForsetiError as exc:
             raise _fail(exc.message) from exc
 
-    _serve(bus, make, ready=f"llm-serve {name}: loads announced {artifact} versions; answers on {llm_channel(name)}")
+    _serve(
+        bus,
+        make,
+        service="forseti-llm-serve",
+        ready=f"llm-serve {name}: loads announced {artifact} versions; answers on {llm_channel(name)}",
+    )
 
 
 def _ask(bus: str, channel: str, request: Strict, *, timeout: float, service: str) -> Any:
@@ -1214,7 +1232,12 @@ def infer_serve(
         cache = ModelCache(threads=threads)
         return WithStore(InferenceService(client, store, cache=cache, max_batch=max_batch, max_wait_ms=max_wait_ms))
 
-    _serve(bus, make, ready=f"infer-serve: answers on {infer_channel('MODEL_ID')} (batches of {max_batch} at most)")
+    _serve(
+        bus,
+        make,
+        service="forseti-infer-serve",
+        ready=f"infer-serve: answers on {infer_channel('MODEL_ID')} (batches of {max_batch} at most)",
+    )
 
 
 @app.command()
@@ -1278,7 +1301,7 @@ def edge(
 
     # a device may boot before its network or its broker: it waits for the bus instead of exiting
     ready = f"edge {device_id}: follows forseti.models; answers on {edge_channel(device_id)}"
-    _serve(bus, make, ready=ready, wait_for_bus=True)
+    _serve(bus, make, service="forseti-edge", ready=ready, wait_for_bus=True)
 
 
 @app.command()

@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Container
+from contextlib import AbstractContextManager
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar
 
+from forseti.adapters import tracing
 from forseti.adapters.bus import Bus
 from forseti.adapters.registry import Artifact, ModelRecord, RegistryStore
 from forseti.schemas.capabilities import Capability
@@ -106,6 +108,9 @@ class Steps(Protocol):
     def checkpointed(self, step: int) -> None:
         """Say a whole checkpoint was just written to `checkpoint_dir` at `step`."""
 
+    def phase(self, name: str) -> AbstractContextManager[object]:
+        """Mark a phase of the job (data, training, evaluation, export, announce) around a block."""
+
 
 class Work(Steps, Protocol):
     """What a job's heavy work may use of its job, in a thread of the worker or in a child process."""
@@ -145,6 +150,11 @@ class SafePoints:
         self._stop_detail = ""
         self._unpaused = threading.Event()
         self._unpaused.set()
+
+    def phase(self, name: str) -> AbstractContextManager[object]:
+        """Mark a phase of the job around a block: a span of the job's trace when tracing is on (in a
+        child process, which exports no spans, nothing: the phase that called the child covers it)."""
+        return tracing.span(f"forseti.phase {name}", attributes={"forseti.phase": name})
 
     @property
     def should_stop(self) -> bool:

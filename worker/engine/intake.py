@@ -23,6 +23,8 @@ class Accepted:
     job_id: str
     kind: TaskKind
     task: TaskBase
+    trace: dict[str, str] | None = None
+    """The task event's `traceparent` / `tracestate` (the client's publish span), when it carried them."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,10 @@ def read_task(raw: bytes, kind: TaskKind, *, max_bytes: int) -> Accepted | Refus
             f"publish it on forseti.tasks.{event.type.split('.')[2]}",
             peek_job_id(raw),
         )
-    return Accepted(job_id_for(event.data, event.id), kind, event.data)
+    trace = None
+    if event.traceparent is not None:
+        trace = {"traceparent": event.traceparent, "tracestate": event.tracestate or ""}
+    return Accepted(job_id_for(event.data, event.id), kind, event.data, trace)
 
 
 KIND_OF_CHANNEL = {task_channel(kind): kind for kind in TaskKind}

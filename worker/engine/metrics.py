@@ -90,7 +90,6 @@ class Metrics:
             registry=r,
         )
 
-
     def start_at_zero(self, kinds: Collection[str]) -> None:
         """Export every labelled series this worker can count, at 0, from the start: a series that
         appears only on its first event makes `rate()` and `increase()` (dashboards, alerts) miss that

@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from forseti.adapters import tracing
 from forseti.adapters.artifacts import share
 from forseti.adapters.bus import Bus, Delivery, Message, Settle, Subscription, TaskIntake
 from forseti.adapters.bus.base import cancel_and_wait
@@ -175,6 +176,8 @@ class Worker:
 
     async def run(self) -> None:
         """Connect, serve until asked to stop (or idle in burst mode), then shut down gracefully."""
+        if self.settings.otlp_endpoint:
+            tracing.configure("forseti-worker", self.settings.otlp_endpoint, sample=self.settings.trace_sample)
         if not await self._connect():
             return
         try:
@@ -349,16 +352,18 @@ class Worker:
             await asyncio.to_thread(self._pool.close)
         await self.bus.close()
         await self.store.close()
+        if self.settings.otlp_endpoint:
+            tracing.disable()
         log.info("worker %s stopped", self.settings.worker_id)
 
     async def _start_schedules(self) -> None:
         """Answer schedule requests (one worker of the group each) and fire schedules (every worker)."""
-        desk = ScheduleDesk(self.store, source=self._source, by_operator=self._by_operator)
-        queue = f"{self.settings.group}-schedules"
-        self._subs.append(await self.bus.subscribe(SCHEDULES, desk.on_request, queue=queue))
         scheduler = Scheduler(
             bus=self.bus, store=self.store, metrics=self.metrics, source=self._source, poll=self.settings.schedule_poll
         )
+        desk = ScheduleDesk(self.store, source=self._source, by_operator=self._by_operator, changed=scheduler.wake)
+        queue = f"{self.settings.group}-schedules"
+        self._subs.append(await self.bus.subscribe(SCHEDULES, desk.on_request, queue=queue))
         self._scheduler = asyncio.create_task(scheduler.run(self._stopping), name="schedules")
 
     async def _start_http(self) -> None:

@@ -64,6 +64,12 @@ class WorkerSettings(BaseSettings):
     stray_sweep_interval: float = Field(default=30.0, gt=0)
     """Seconds between sweeps that dead-letter tasks stored on channels no kind owns (a typo such as
     `forseti.tasks.trainig`), which the bus would otherwise keep for ever."""
+    otlp_endpoint: str | None = None
+    """Trace jobs with OpenTelemetry: the OTLP/HTTP collector's base URL (`http://collector:4318`); spans
+    go to `<url>/v1/traces` and every event carries its W3C `traceparent`. Unset: no tracing, at no cost."""
+    trace_sample: float = Field(default=1.0, ge=0.0, le=1.0)
+    """With tracing on: the share of the jobs whose tasks came without a trace that are traced (a task
+    that carries a `traceparent` follows its sender's choice)."""
     schedules: bool = True
     """Fire the registry's schedules from this worker (with every other worker that does; each slot
     fires once) and answer schedule requests on `forseti.schedules`."""

@@ -53,41 +53,43 @@ class RLHandler:
             "onnx_action_agreement": export.agreement,
             **export.int8_figures,
         }
-        model = await ctx.register_model(
-            ModelRecord(
-                id=ctx.job_id,
-                name=name,
-                model_type="policy",
-                framework="stable-baselines3",
-                export_path=str(export.onnx_path),
-                export_format="onnx",
-                metrics=metrics,
-                user_id=task.user_id,
-                device_id=task.device_id,
-                device_tags=list(task.device_tags),
-                job_id=ctx.job_id,
+        with ctx.phase("register"):
+            model = await ctx.register_model(
+                ModelRecord(
+                    id=ctx.job_id,
+                    name=name,
+                    model_type="policy",
+                    framework="stable-baselines3",
+                    export_path=str(export.onnx_path),
+                    export_format="onnx",
+                    metrics=metrics,
+                    user_id=task.user_id,
+                    device_id=task.device_id,
+                    device_tags=list(task.device_tags),
+                    job_id=ctx.job_id,
+                )
             )
-        )
-        await ctx.store.add_rl_agent(
-            RLAgent(
-                id=ctx.job_id,
-                name=name,
-                algorithm=task.algorithm,
-                environment=task.environment,
-                policy_path=str(export.onnx_path),
-                metrics=metrics,
-                user_id=task.user_id,
-                device_id=task.device_id,
-                job_id=ctx.job_id,
+            await ctx.store.add_rl_agent(
+                RLAgent(
+                    id=ctx.job_id,
+                    name=name,
+                    algorithm=task.algorithm,
+                    environment=task.environment,
+                    policy_path=str(export.onnx_path),
+                    metrics=metrics,
+                    user_id=task.user_id,
+                    device_id=task.device_id,
+                    job_id=ctx.job_id,
+                )
             )
-        )
         files: list[tuple[str, str | None, Path]] = [
             ("onnx", None, export.onnx_path),
             ("safetensors", None, export.safetensors_path),
         ]
         if export.int8_path is not None:
             files.append(("onnx", "int8", export.int8_path))
-        await ctx.publish_files(model, files, announce={"onnx"})
+        with ctx.phase("announce"):
+            await ctx.publish_files(model, files, announce={"onnx"})
         return RLResult(
             agent_id=model.id,
             policy_path=str(export.onnx_path),

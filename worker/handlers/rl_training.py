@@ -265,7 +265,8 @@ def train(task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int) 
         # a job redelivered after its last checkpoint has nothing left to learn: it goes straight to
         # evaluation and export (the callback has no model until learn() gives it one)
         if total > model.num_timesteps:
-            model.learn(total - model.num_timesteps, callback=callback, reset_num_timesteps=False)
+            with ctx.phase("training"):
+                model.learn(total - model.num_timesteps, callback=callback, reset_num_timesteps=False)
             callback.save()  # the last state, whether finished, cancelled or handed back
             ctx.check()
             callback.report()
@@ -275,13 +276,27 @@ def train(task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int) 
         env.close()
     episodes = task.evaluation.episodes
     if episodes:
-        mean, std = evaluate(task, ctx, model, session=f"{ctx.job_id}.eval", step_timeout=step_timeout)
+        with ctx.phase("evaluation"):
+            mean, std = evaluate(task, ctx, model, session=f"{ctx.job_id}.eval", step_timeout=step_timeout)
     else:  # no evaluation asked for: training's last 100 episodes
         rewards = [info["r"] for info in model.ep_info_buffer or ()] or [0.0]
         mean, std = float(np.mean(rewards)), float(np.std(rewards))
-    export = export_policy(
+    with ctx.phase("export"):
+        export = _export(task, model, ctx.artifacts_dir)
+    if export.int8_path is not None and episodes:  # the same seeded episodes, acted by the int8 graph
+        int8 = ExportedPolicy(OnnxPolicy(export.int8_path))
+        int8_mean, _ = evaluate(task, ctx, int8, session=f"{ctx.job_id}.eval-int8", step_timeout=step_timeout)
+        export = replace(export, int8_figures={**export.int8_figures, "int8_mean_reward": int8_mean})
+    return TrainedPolicy(
+        export, mean, std, episodes, int(model.num_timesteps), resumed_from, training_ms, callback.steps_per_second()
+    )
+
+
+def _export(task: RLTask, model: Any, artifacts_dir: Path) -> PolicyExport:
+    """The trained policy exported to ONNX (and int8 when the task asks) with its card."""
+    return export_policy(
         model,
-        ctx.artifacts_dir,
+        artifacts_dir,
         algorithm=task.algorithm,
         environment=task.environment,
         extra={
@@ -291,13 +306,6 @@ def train(task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int) 
         },
         seed=task.config.seed or 0,
         int8=task.config.quantize_int8,
-    )
-    if export.int8_path is not None and episodes:  # the same seeded episodes, acted by the int8 graph
-        int8 = ExportedPolicy(OnnxPolicy(export.int8_path))
-        int8_mean, _ = evaluate(task, ctx, int8, session=f"{ctx.job_id}.eval-int8", step_timeout=step_timeout)
-        export = replace(export, int8_figures={**export.int8_figures, "int8_mean_reward": int8_mean})
-    return TrainedPolicy(
-        export, mean, std, episodes, int(model.num_timesteps), resumed_from, training_ms, callback.steps_per_second()
     )
 
 

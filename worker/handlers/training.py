@@ -52,7 +52,8 @@ class TrainingHandler:
             # a distributed job's heavy work runs in its ranks' processes already; its agent stays in
             # the worker, since a job's child process is a daemon, which may not start processes
             recruit = ctx.recruiter(task) if task.config.workers > 1 else None
-            outcome = await ctx.work(self._train, task, recruit, isolate=task.config.ranks == 1)
+            with ctx.phase("training"):  # data, training, evaluation and export: in the child, one phase
+                outcome = await ctx.work(self._train, task, recruit, isolate=task.config.ranks == 1)
         except JobStopped as stopped:
             # a shutdown or a takeover hands the job back (it resumes); a cancel ends it
             status = JobState.CANCELLED if stopped.reason is StopReason.CANCEL else JobState.PENDING
@@ -69,28 +70,30 @@ class TrainingHandler:
         metrics.update(outcome.calibration)
         metrics["onnx_max_abs_diff"] = exported.max_abs_diff
         metrics["onnx_parity"] = exported.parity
-        model = await ctx.register_model(
-            ModelRecord(
-                id=ctx.job_id,
-                name=re.sub(r"[^A-Za-z0-9._-]+", "-", name),
-                model_type=task.model_type,
-                framework="pytorch",
-                export_path=str(exported.onnx_path),
-                export_format="onnx",
-                metrics=metrics,
-                user_id=task.user_id,
-                device_id=task.device_id,
-                device_tags=list(task.device_tags),
-                job_id=ctx.job_id,
+        with ctx.phase("register"):
+            model = await ctx.register_model(
+                ModelRecord(
+                    id=ctx.job_id,
+                    name=re.sub(r"[^A-Za-z0-9._-]+", "-", name),
+                    model_type=task.model_type,
+                    framework="pytorch",
+                    export_path=str(exported.onnx_path),
+                    export_format="onnx",
+                    metrics=metrics,
+                    user_id=task.user_id,
+                    device_id=task.device_id,
+                    device_tags=list(task.device_tags),
+                    job_id=ctx.job_id,
+                )
             )
-        )
         files: list[tuple[str, str | None, Path]] = [
             ("onnx", None, exported.onnx_path),
             ("safetensors", None, exported.safetensors_path),
         ]
         if outcome.int8_path is not None:
             files.append(("onnx", "int8", outcome.int8_path))
-        await ctx.publish_files(model, files, announce={"onnx"})
+        with ctx.phase("announce"):
+            await ctx.publish_files(model, files, announce={"onnx"})
         await ctx.store.put_training_run(
             run.model_copy(
                 update={

@@ -47,11 +47,20 @@ MAX_SCHEDULE_ID = 80
 class ScheduleDesk:
     """Serves schedule requests against the registry."""
 
-    def __init__(self, store: RegistryStore, *, source: str, by_operator: Callable[[bytes], bool]) -> None:
+    def __init__(
+        self,
+        store: RegistryStore,
+        *,
+        source: str,
+        by_operator: Callable[[bytes], bool],
+        changed: Callable[[], None] = lambda: None,
+    ) -> None:
         self.store = store
         self.source = source
         self.by_operator = by_operator
         """Whether a request's bytes carry an operator key's signature."""
+        self.changed = changed
+        """Called after a schedule was created or resumed (this worker's scheduler reads them at once)."""
 
     async def on_request(self, msg: Message) -> None:
         """Check, serve and answer one request."""
@@ -88,6 +97,7 @@ class ScheduleDesk:
             # slots that passed while paused are not caught up: resuming starts from now
             await self.store.advance_schedule(request.id, slot_name(datetime.now(UTC)))
             await self.store.change_schedule(request.id, paused=False, pause_reason=None)
+            self.changed()
         changed = await self.store.get_schedule(request.id)
         assert changed is not None
         return SchedulesList(schedules=[await self._info(changed, fires=False)])
@@ -111,6 +121,7 @@ class ScheduleDesk:
             baseline=count_lines(Path(spec.when_grown.path)) if spec.when_grown is not None else 0,
         )
         await self.store.put_schedule(record)
+        self.changed()
         log.info("schedule %s stored for %s", request.id, request.user_id or "no user")
         return SchedulesList(schedules=[await self._info(record, fires=False)])
 

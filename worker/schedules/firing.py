@@ -62,6 +62,7 @@ class Scheduler:
         self.source = source
         self.poll = poll
         """Seconds between reads of the schedules; a known next slot wakes the loop sooner."""
+        self._wake = asyncio.Event()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Tick until `stopping` is set; a tick that fails (registry or bus away) is logged and retried."""
@@ -71,9 +72,19 @@ class Scheduler:
             except (ForsetiError, OSError) as exc:
                 log.warning("schedules not fired this tick: %s", exc)
                 wait = self.poll
-            with_stop = asyncio.create_task(stopping.wait())
-            await asyncio.wait([with_stop], timeout=max(0.0, min(wait, self.poll)))
-            with_stop.cancel()
+            waits = [asyncio.create_task(stopping.wait()), asyncio.create_task(self._wake.wait())]
+            try:
+                timeout = max(0.0, min(wait, self.poll))
+                await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when the worker cancels this loop
+                for waiting in waits:
+                    waiting.cancel()
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Read the schedules now (one was created or resumed here), not at the next poll: its first
+        slot may come sooner than that."""
+        self._wake.set()
 
     async def tick(self) -> float:
         """Decide every slot that has come; seconds until the next one is due."""

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from forseti.adapters import tracing
 from forseti.adapters.artifacts import fetch
 from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.adapters.encryption import Keyring
@@ -152,8 +153,10 @@ class EdgeAgent:
             log.warning("edge %s: ignoring an unreadable models event: %s", self.device_id, exc.message)
             return
         if isinstance(event.data, ModelAvailable) and self.wants(event.data):
-            if not await self._refused(msg.data, event.data.model_id, event.data.name, event.data.version):
-                await self.load(event.data)
+            attributes = {"forseti.device": self.device_id, "forseti.model_id": event.data.model_id}
+            with tracing.span("forseti.edge load", parent=event, kind="consumer", attributes=attributes):
+                if not await self._refused(msg.data, event.data.model_id, event.data.name, event.data.version):
+                    await self.load(event.data)
         elif (
             isinstance(event.data, ModelRollback)
             and event.data.name in self.current
@@ -173,18 +176,20 @@ class EdgeAgent:
         """Fetch, check and load an announced version beside the serving one, then switch; report either way."""
         async with self._swap:
             try:
-                path = await fetch(
-                    self.bus,
-                    event.uri,
-                    sha256=event.sha256,
-                    size=event.size_bytes,
-                    cache=self.cache,
-                    objects=self.objects,
-                    keyring=self.keyring,
-                )
-                model: OnnxModel | OnnxPolicy = await asyncio.to_thread(
-                    OnnxPolicy if event.kind == "policy" else OnnxModel, path, threads=self.threads
-                )
+                with tracing.span("forseti.edge fetch", attributes={"forseti.uri": event.uri}):
+                    path = await fetch(
+                        self.bus,
+                        event.uri,
+                        sha256=event.sha256,
+                        size=event.size_bytes,
+                        cache=self.cache,
+                        objects=self.objects,
+                        keyring=self.keyring,
+                    )
+                with tracing.span("forseti.edge open", attributes={"forseti.kind": event.kind}):
+                    model: OnnxModel | OnnxPolicy = await asyncio.to_thread(
+                        OnnxPolicy if event.kind == "policy" else OnnxModel, path, threads=self.threads
+                    )
             except ForsetiError as exc:
                 log.warning("edge %s: %s %s refused: %s", self.device_id, event.name, event.version, exc.message)
                 await self._report(event.model_id, event.name, event.version, ok=False, message=exc.message)
