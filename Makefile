@@ -81,6 +81,7 @@ bench: install
 	$(BIN)/python bench/supervised_speed.py
 	$(BIN)/python bench/edge.py
 	cd bench && ../$(BIN)/python federated.py
+	cd bench && ../$(BIN)/python mlops.py
 
 # Flower's simulation runtime (Ray) for bench/federated.py's baseline, in an environment of its own:
 # flwr[simulation] pins versions of cryptography, protobuf, typer and rich that Forseti's differ from.

@@ -181,6 +181,21 @@ class DataSource(Strict):
         return self
 
 
+class Gate(Strict):
+    """An evaluation gate: the new version takes `alias` only when it beats the version holding it
+    (champion against challenger, on the same held-out rows) by `margin`."""
+
+    alias: Id
+    """The alias the new version is for (`production`); with no version holding it yet, it takes it."""
+    dataset: DataSource
+    """Held-out rows, with the target column, that neither version was trained on."""
+    metric: Literal["accuracy", "mae", "rmse"] = "accuracy"
+    """How the two are compared: accuracy (classifiers; higher wins), mae or rmse (regressors; lower wins)."""
+    margin: float = Field(default=0.0, ge=0.0, le=1e9)
+    """How much better the challenger must score: strictly more than the champion plus this (accuracy),
+    or less than the champion minus it (mae, rmse); 0 asks only for no worse."""
+
+
 class TrainingTask(TaskBase):
     """`forseti.task.training.v1`: train a supervised model."""
 
@@ -194,6 +209,9 @@ class TrainingTask(TaskBase):
     """Training settings."""
     data_sources: list[DataSource] = Field(min_length=1, max_length=16)
     """Training data."""
+    gate: Gate | None = None
+    """Promote the new version to an alias only when it wins on held-out data (None: register it,
+    announce it, move no alias)."""
 
 
 class RLConfig(Strict):

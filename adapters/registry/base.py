@@ -270,6 +270,36 @@ class FederationClaim:
     """When not won: seconds until the holder's lease runs out."""
 
 
+class EvaluationRecord(Record):
+    """An evaluation gate's verdict: a new version (challenger) against the version holding an alias
+    (champion), on the same held-out rows."""
+
+    model_id: str
+    """The challenger."""
+    name: str
+    """The model name."""
+    alias: str
+    """The alias at stake."""
+    against_id: str | None = None
+    """The champion (None: the alias was free)."""
+    metric: str
+    """accuracy, mae or rmse."""
+    value: float
+    """The challenger's score."""
+    against_value: float | None = None
+    """The champion's score on the same rows."""
+    margin: float = 0.0
+    """The margin asked for."""
+    promoted: bool
+    """Whether the challenger took the alias."""
+    reason: str
+    """Why, for people."""
+    rows: int = 0
+    """Held-out rows scored."""
+    created_at: str = Field(default_factory=utcnow)
+    """When it was judged."""
+
+
 class ScheduleRecord(Record):
     """A stored schedule (`schemas.schedules`) and where its firing stands, shared by every worker."""
 
@@ -433,6 +463,12 @@ class RegistryStore(Protocol):
 
     async def get_federation(self, name: str) -> FederationRecord | None:
         """One federation, or None."""
+
+    async def add_evaluation(self, evaluation: EvaluationRecord) -> None:
+        """Store an evaluation gate's verdict (one per challenger and alias; a replay replaces it)."""
+
+    async def list_evaluations(self, model_ids: list[str]) -> list[EvaluationRecord]:
+        """The verdicts in which any of `model_ids` was challenger or champion, newest first."""
 
     async def put_schedule(self, schedule: ScheduleRecord) -> None:
         """Store a schedule, replacing one of the same id."""

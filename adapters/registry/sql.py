@@ -20,6 +20,7 @@ from .base import (
     Artifact,
     CheckpointRecord,
     Claim,
+    EvaluationRecord,
     FederationClaim,
     FederationRecord,
     FireRecord,
@@ -502,6 +503,28 @@ class SqlStore(ABC):
         p = Params(self.dialect)
         rows = await self._select(FederationRecord, f"SELECT * FROM federations WHERE name = {p(name)}", p.values)
         return rows[0] if rows else None
+
+    # -- evaluation gates ------------------------------------------------------------------------
+
+    async def add_evaluation(self, evaluation: EvaluationRecord) -> None:
+        """Store an evaluation gate's verdict (one per challenger and alias; a replay replaces it)."""
+        values = self._values(evaluation)
+        p = Params(self.dialect)
+        marks = ", ".join(p(v) for v in values.values())
+        updates = ", ".join(f"{c} = excluded.{c}" for c in values if c not in ("model_id", "alias"))
+        await self._change(
+            f"INSERT INTO evaluations ({', '.join(values)}) VALUES ({marks}) "
+            f"ON CONFLICT (model_id, alias) DO UPDATE SET {updates}",
+            p.values,
+        )
+
+    async def list_evaluations(self, model_ids: list[str]) -> list[EvaluationRecord]:
+        """The verdicts in which any of `model_ids` was challenger or champion, newest first."""
+        p = Params(self.dialect)
+        where = f"{_in(p, 'model_id', model_ids)} OR {_in(p, 'against_id', model_ids)}"
+        return await self._select(
+            EvaluationRecord, f"SELECT * FROM evaluations WHERE {where} ORDER BY created_at DESC", p.values
+        )
 
     # -- schedules -------------------------------------------------------------------------------
 

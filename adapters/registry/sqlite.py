@@ -106,6 +106,14 @@ MIGRATIONS: list[str] = [
         schedule_id TEXT NOT NULL, slot TEXT NOT NULL, job_id TEXT NOT NULL, action TEXT NOT NULL,
         created_at TEXT NOT NULL, published_at TEXT, PRIMARY KEY (schedule_id, slot));
     """,
+    # 10: evaluation gates: a challenger's score against the champion of an alias, and the verdict
+    """
+    CREATE TABLE evaluations (
+        model_id TEXT NOT NULL, name TEXT NOT NULL, alias TEXT NOT NULL, against_id TEXT, metric TEXT NOT NULL,
+        value REAL NOT NULL, against_value REAL, margin REAL NOT NULL, promoted INTEGER NOT NULL,
+        reason TEXT NOT NULL, rows INTEGER NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (model_id, alias));
+    CREATE INDEX idx_evaluations_against ON evaluations(against_id);
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 

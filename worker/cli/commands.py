@@ -1103,6 +1103,48 @@ def models_promote(
     run_loop(_with_store_and_bus(_store(data_dir, registry_url), bus, work))
 
 
+@models_app.command("compare")
+def models_compare(
+    name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
+    first: Annotated[str, typer.Argument(metavar="A", help="A version (number or label).")],
+    second: Annotated[str, typer.Argument(metavar="B", help="Another version.")],
+    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
+    registry_url: RegistryOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of tables.")] = False,
+) -> None:
+    """Two versions side by side: their registered metrics, and the evaluation gates that compared them
+    (champion against challenger on the same held-out rows)."""
+    from ..engine.models import find_version, version_label
+
+    async def work(store: Any, _: Any) -> None:
+        a, b = await find_version(store, name, first), await find_version(store, name, second)
+        verdicts = [
+            v for v in await store.list_evaluations([a.id, b.id]) if {v.model_id, v.against_id} == {a.id, b.id}
+        ]
+        if as_json:
+            doc = {
+                "versions": [m.model_dump(mode="json", include={"id", "version", "label", "metrics"}) for m in (a, b)],
+                "evaluations": [v.model_dump(mode="json") for v in verdicts],
+            }
+            out.print_json(orjson.dumps(doc).decode())
+            return
+        metrics = Table("metric", f"{name} {version_label(a)}", f"{name} {version_label(b)}")
+        for key in sorted(set(a.metrics) | set(b.metrics)):
+            metrics.add_row(key, *(f"{m.metrics[key]:.6g}" if key in m.metrics else "-" for m in (a, b)))
+        out.print(metrics)
+        gates = Table("alias", "challenger", "champion", "metric", "challenger score", "champion score", "verdict")
+        label = {a.id: version_label(a), b.id: version_label(b)}
+        for v in verdicts:
+            gates.add_row(
+                v.alias, label[v.model_id], label.get(v.against_id or "", "-"), v.metric, f"{v.value:.4f}",
+                "-" if v.against_value is None else f"{v.against_value:.4f}",
+                ("promoted: " if v.promoted else "kept out: ") + v.reason,
+            )  # fmt: skip
+        out.print(gates if verdicts else f"no evaluation gate compared {name} {first} and {second}")
+
+    run_loop(_with_store_and_bus(_store(data_dir, registry_url), None, work))
+
+
 @models_app.command("rollback")
 def models_rollback(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],

@@ -347,9 +347,10 @@ class JobContext(SafePoints):
         *,
         announce: Container[str],
         parent_version: str | None = None,
+        alias: str | None = None,
     ) -> list[Artifact]:
         """Register a model version's (format, quantization, path) files (digests taken off the event
-        loop) and announce those whose format is in `announce`."""
+        loop) and announce those whose format is in `announce` (naming `alias` when the version took one)."""
         from .models import announcements, describe
 
         artifacts = await self.run(describe, files, model.id)
@@ -358,7 +359,7 @@ class JobContext(SafePoints):
         await self._announcer.fence()
         for artifact in artifacts:
             await self.store.add_artifact(artifact)
-        for event in announcements(model, artifacts, parent_version=parent_version):
+        for event in announcements(model, artifacts, parent_version=parent_version, alias=alias):
             if event.format in announce:
                 await self.announce_model(event)
         return artifacts

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -23,11 +24,15 @@ from forseti.worker.engine.context import JobContext, JobStopped, Steps, StopRea
 from forseti.worker.engine.inputs import Inputs
 from forseti.worker.engine.ranks import JoinSite
 
+from .training_gate import judge
+
 if TYPE_CHECKING:  # torch is imported in the training thread, not when the worker loads its handlers
     from .training_ddp import Group, Recruit
     from .training_loop import Exported, Stats
 
 MODEL_TYPES = ("classifier", "regressor", "autoencoder", "forecaster")
+
+log = logging.getLogger(__name__)
 
 
 class TrainingHandler:
@@ -92,8 +97,15 @@ class TrainingHandler:
         ]
         if outcome.int8_path is not None:
             files.append(("onnx", "int8", outcome.int8_path))
+        verdict = None
+        if task.gate is not None:
+            with ctx.phase("evaluation"):
+                verdict = await judge(ctx, task.gate, model, exported.onnx_path)
+            log.info("job %s: %s %s (%s)", ctx.job_id, "promoted to" if verdict.promoted else "kept out of",
+                     task.gate.alias, verdict.reason)  # fmt: skip
+        alias = task.gate.alias if task.gate is not None and verdict is not None and verdict.promoted else None
         with ctx.phase("announce"):
-            await ctx.publish_files(model, files, announce={"onnx"})
+            await ctx.publish_files(model, files, announce={"onnx"}, alias=alias)
         await ctx.store.put_training_run(
             run.model_copy(
                 update={
@@ -114,6 +126,10 @@ class TrainingHandler:
             "test_rows": float(outcome.test_rows),
             "version": float(model.version),
         }
+        if verdict is not None:
+            custom.update(gate_score=verdict.value, gate_promoted=float(verdict.promoted))
+            if verdict.against_value is not None:
+                custom["gate_champion_score"] = verdict.against_value
         if outcome.trials:
             best = outcome.trials[0]
             custom.update(trials=float(len(outcome.trials)), best_trial=float(best["trial"]))
