@@ -116,6 +116,18 @@ class SqlStore(ABC):
             p.values,
         )
 
+    async def _insert_once(self, table: str, key: str, record: Record) -> bool:
+        """Insert `record` unless a row with its `key` (columns, comma-separated) exists; whether it was
+        inserted. One statement: of writers racing for one key, exactly one gets True."""
+        values = self._values(record)
+        p = Params(self.dialect)
+        marks = ", ".join(p(v) for v in values.values())
+        rows = await self._change(
+            f"INSERT INTO {table} ({', '.join(values)}) VALUES ({marks}) ON CONFLICT ({key}) DO NOTHING RETURNING 1",
+            p.values,
+        )
+        return bool(rows)
+
     def _where(self, p: Params, filters: dict[str, Any]) -> str:
         clause = " AND ".join(f"{k} = {p(v)}" for k, v in filters.items() if v is not None)
         return f" WHERE {clause}" if clause else ""
@@ -418,15 +430,7 @@ class SqlStore(ABC):
 
     async def claim_privacy(self, record: PrivacyRecord) -> bool:
         """Record a part of a privacy request; False when that part was recorded already."""
-        values = self._values(record)
-        p = Params(self.dialect)
-        marks = ", ".join(p(v) for v in values.values())
-        rows = await self._change(
-            f"INSERT INTO privacy_requests ({', '.join(values)}) VALUES ({marks}) "
-            "ON CONFLICT (request_id, part) DO NOTHING RETURNING request_id",
-            p.values,
-        )
-        return bool(rows)
+        return await self._insert_once("privacy_requests", "request_id, part", record)
 
     async def finish_privacy(self, request_id: str, part: str, summary: dict[str, Any]) -> None:
         """Store the counts of what a part found and did."""
@@ -574,15 +578,7 @@ class SqlStore(ABC):
     async def claim_fire(self, fire: FireRecord) -> bool:
         """Store a slot's decision; False when another worker stored that slot first (one statement,
         so of N workers deciding one slot exactly one wins)."""
-        values = self._values(fire)
-        p = Params(self.dialect)
-        marks = ", ".join(p(v) for v in values.values())
-        rows = await self._change(
-            f"INSERT INTO schedule_fires ({', '.join(values)}) VALUES ({marks}) "
-            "ON CONFLICT (schedule_id, slot) DO NOTHING RETURNING slot",
-            p.values,
-        )
-        return bool(rows)
+        return await self._insert_once("schedule_fires", "schedule_id, slot", fire)
 
     async def change_fire(
         self,

@@ -1118,9 +1118,7 @@ def models_compare(
 
     async def work(store: Any, _: Any) -> None:
         a, b = await find_version(store, name, first), await find_version(store, name, second)
-        verdicts = [
-            v for v in await store.list_evaluations([a.id, b.id]) if {v.model_id, v.against_id} == {a.id, b.id}
-        ]
+        verdicts = [v for v in await store.list_evaluations([a.id, b.id]) if {v.model_id, v.against_id} == {a.id, b.id}]
         if as_json:
             doc = {
                 "versions": [m.model_dump(mode="json", include={"id", "version", "label", "metrics"}) for m in (a, b)],
