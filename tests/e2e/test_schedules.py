@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from forseti.adapters.bus import create_bus
-from forseti.adapters.registry import create_store
+from forseti.adapters.bus.servers import TansuBroker
+from forseti.adapters.registry import FireRecord, create_store
+from forseti.schemas.envelope import encode
 from forseti.schemas.jobs import JobState
 from forseti.schemas.schedules import Overlap, ScheduleCreate, ScheduleDelete, ScheduleSpec
-from forseti.schemas.tasks import TaskKind
+from forseti.schemas.tasks import TaskKind, task_channel
 from forseti.worker.cli.schedules import ask_schedules
-from forseti.worker.schedules.clock import slot_time
+from forseti.worker.schedules.clock import slot_name, slot_time
+from forseti.worker.schedules.firing import fire_job_id
 
 from ..helpers import EchoHandler, inference, running_worker
 from .test_cli import WorkerProcess, run
@@ -94,3 +97,43 @@ def test_schedules_commands_against_a_worker(nats_server: object, tmp_path: Path
         assert gone.returncode == 1 and "no schedule nightly" in gone.stderr.decode()
     finally:
         assert worker.stop() == 0
+
+
+async def test_on_kafka_a_fire_published_twice_runs_once(fresh_tansu: TansuBroker, tmp_path: Path) -> None:
+    """Kafka has no dedupe id: a fire whose worker published it but died before recording that is
+    published again by another tick, and the registry's job id turns the second copy into a replay."""
+    url = fresh_tansu.url + "?session_timeout_ms=6000&heartbeat_interval_ms=500&partitions=2"
+    handler = EchoHandler()
+    template = inference(rows=1).model_dump(mode="json", exclude_none=True)
+    template.pop("request_id")
+    hourly = ScheduleSpec(kind=TaskKind.INFERENCE, task=template, every_seconds=3600)
+    client = create_bus(url)
+    await client.connect()
+    async with running_worker(create_bus(url), [handler], tmp_path, schedule_poll=0.2, bus_url=url) as worker:
+        await ask_schedules(client, ScheduleCreate(id="hourly", spec=hourly), None, timeout=30)
+        slot = slot_name(datetime.now(UTC) - timedelta(seconds=30))
+        fire = FireRecord(
+            schedule_id="hourly",
+            slot=slot,
+            job_id=fire_job_id("hourly", slot),
+            action="fired",
+            created_at=(datetime.now(UTC) - timedelta(seconds=10)).isoformat().replace("+00:00", "Z"),
+        )
+        store = create_store(str(tmp_path / "registry.db"))
+        await store.open()
+        await store.claim_fire(fire)  # decided, never stamped published ...
+        task = inference(fire.job_id, rows=1)
+        await client.publish(task_channel(TaskKind.INFERENCE), encode(task))  # ... though it went out
+        replayed = worker.metrics.jobs.labels(TaskKind.INFERENCE.value, "replayed")
+        for _ in range(150):
+            (stamped,) = [f for f in await store.list_fires("hourly") if f.slot == slot]
+            job = await store.get_job(fire.job_id)
+            if replayed._value.get() >= 1:  # the second copy reached the worker
+                break
+            await asyncio.sleep(0.2)
+        await store.close()
+    await client.close()
+    assert stamped.published_at is not None, "the unrecorded fire was not published again"
+    assert job is not None and job.state is JobState.COMPLETED
+    assert replayed._value.get() == 1, "the second copy never came: the fire was not published again"
+    assert handler.runs == 1, "the fire published twice ran twice"
