@@ -63,6 +63,9 @@ class Scheduler:
         self.poll = poll
         """Seconds between reads of the schedules; a known next slot wakes the loop sooner."""
         self._wake = asyncio.Event()
+        self._lines: dict[Path, tuple[tuple[int, int], int]] = {}
+        """Line counts of watched datasets by path, with the (size, mtime) they were counted at: a file
+        that did not change is not read again each tick."""
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Tick until `stopping` is set; a tick that fails (registry or bus away) is logged and retried."""
@@ -133,13 +136,25 @@ class Scheduler:
 
     async def _grown(self, record: ScheduleRecord, spec: ScheduleSpec) -> None:
         assert spec.when_grown is not None
-        lines = await asyncio.to_thread(count_lines, Path(spec.when_grown.path))
+        lines = await self._count(Path(spec.when_grown.path))
         if lines < record.baseline + spec.when_grown.lines:
             return
         slot = grown_slot(grown_count(record.last_slot) + 1)
         fires = await self.store.list_fires(record.id, limit=RECENT_FIRES)
         await self._decide(record, spec, slot, fires, late=0.0)
         await self.store.change_schedule(record.id, baseline=lines)
+
+    async def _count(self, path: Path) -> int:
+        try:
+            stat = await asyncio.to_thread(path.stat)
+        except FileNotFoundError:
+            return 0
+        seen = (stat.st_size, stat.st_mtime_ns)
+        counted = self._lines.get(path)
+        if counted is None or counted[0] != seen:
+            counted = (seen, await asyncio.to_thread(count_lines, path))
+            self._lines[path] = counted
+        return counted[1]
 
     async def _decide(
         self, record: ScheduleRecord, spec: ScheduleSpec, slot: str, fires: list[FireRecord], *, late: float
