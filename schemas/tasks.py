@@ -253,6 +253,17 @@ class EvaluationConfig(Strict):
     """Deterministic evaluation episodes."""
 
 
+class PolicyGate(Strict):
+    """An evaluation gate for policies: the new policy takes `alias` only when its mean return over the
+    job's evaluation episodes beats the champion's (the alias's policy, acting on the same seeded
+    episodes) by `margin`."""
+
+    alias: Id
+    """The alias the new policy is for (`production`); with no policy holding it yet, it takes it."""
+    margin: float = Field(default=0.0, ge=0.0, le=1e9)
+    """How much more mean return the challenger needs (0: no less than the champion)."""
+
+
 class RLTask(TaskBase):
     """`forseti.task.rl.v1`: train an RL policy."""
 
@@ -272,6 +283,16 @@ class RLTask(TaskBase):
     """Policy network."""
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     """Evaluation after training."""
+    gate: PolicyGate | None = None
+    """Promote the new policy to an alias only when it beats the alias's policy on the same episodes."""
+
+    @model_validator(mode="after")
+    def _gate_has_episodes(self) -> RLTask:
+        if self.gate is not None and (self.evaluation.episodes == 0 or self.config.seed is None):
+            raise ValueError(
+                "a gate compares policies on the same seeded episodes: set evaluation.episodes and config.seed"
+            )
+        return self
 
 
 class LoraConfig(Strict):

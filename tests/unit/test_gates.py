@@ -9,16 +9,19 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.registry import create_store
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.models import ModelAvailable
-from forseti.schemas.tasks import TrainingTask
+from forseti.schemas.tasks import RLTask, TrainingTask
 from forseti.worker.cli import app
+from forseti.worker.handlers.gates import wins
+from forseti.worker.handlers.rl import RLHandler
 from forseti.worker.handlers.training import TrainingHandler
-from forseti.worker.handlers.training_gate import wins
 
 from ..helpers import Watcher, run_task, running_worker
 
@@ -57,11 +60,9 @@ def gated(job_id: str, **config: Any) -> TrainingTask:
 
 
 def test_the_margin_decides_ties_and_direction() -> None:
-    accuracy = gated("x").gate
-    assert accuracy is not None
-    assert wins(accuracy, 0.95, 0.90) and not wins(accuracy, 0.905, 0.90)
-    loss = accuracy.model_copy(update={"metric": "mae", "margin": 0.0})
-    assert wins(loss, 1.0, 2.0) and wins(loss, 2.0, 2.0) and not wins(loss, 2.1, 2.0)
+    assert wins("accuracy", 0.01, 0.95, 0.90) and not wins("accuracy", 0.01, 0.905, 0.90)
+    assert wins("mae", 0.0, 1.0, 2.0) and wins("mae", 0.0, 2.0, 2.0) and not wins("mae", 0.0, 2.1, 2.0)
+    assert wins("mean_reward", 5.0, 200.0, 20.0) and not wins("mean_reward", 5.0, 24.0, 20.0)
 
 
 async def test_a_gate_promotes_a_better_version_and_keeps_a_worse_one_out(tmp_path: Path) -> None:
@@ -106,3 +107,49 @@ async def test_a_gate_promotes_a_better_version_and_keeps_a_worse_one_out(tmp_pa
     assert "production" in shown.output and "kept out: accuracy" in shown.output
     as_json = await asyncio.to_thread(CliRunner().invoke, app, [*args, "--json"])
     assert json.loads(as_json.output)["evaluations"][0]["model_id"] == "weak-2"
+
+
+def policy(job_id: str, timesteps: int) -> RLTask:
+    """PPO on CartPole for the `production` alias of `cartpole`, gated on the job's 5 seeded episodes."""
+    return RLTask.model_validate(
+        {
+            "request_id": job_id,
+            "algorithm": "ppo",
+            "environment": "CartPole-v1",
+            "name": "cartpole",
+            "config": {"total_timesteps": timesteps, "n_steps": 256, "seed": 1},
+            "policy": {"net_arch": [32]},
+            "evaluation": {"episodes": 5},
+            "gate": {"alias": "production", "margin": 5.0},
+        }
+    )
+
+
+def test_a_policy_gate_needs_seeded_episodes() -> None:
+    with pytest.raises(ValidationError, match="same seeded episodes"):
+        RLTask.model_validate({**policy("x", 256).model_dump(), "evaluation": {"episodes": 0}})
+
+
+async def test_a_policy_gate_compares_returns_on_the_same_episodes(tmp_path: Path) -> None:
+    broker = MemoryBroker()
+    client = MemoryBus(broker)
+    await client.connect()
+    async with running_worker(MemoryBus(broker), [RLHandler(progress_every=10_000)], tmp_path):
+        weak, _ = await run_task(client, policy("untrained", 256))
+        strong, _ = await run_task(client, policy("trained", 12_000))
+        again, _ = await run_task(client, policy("untrained-again", 256))
+    await client.close()
+    scores = {r.result.agent_id: r.result.metrics.custom_metrics for r in (weak, strong, again)}
+    assert scores["untrained"]["gate_promoted"] == 1.0  # the alias was free
+    assert scores["trained"]["gate_promoted"] == 1.0
+    assert scores["trained"]["gate_score"] > scores["trained"]["gate_champion_score"] + 5.0
+    assert scores["untrained-again"]["gate_promoted"] == 0.0
+    # the champion acted on the same seeded episodes as when it was the challenger
+    assert scores["untrained-again"]["gate_champion_score"] == scores["trained"]["gate_score"]
+    store = create_store(str(tmp_path / "registry.db"))
+    await store.open()
+    champion = await store.get_alias("cartpole", "production")
+    (verdict,) = await store.list_evaluations(["untrained-again"])
+    await store.close()
+    assert champion is not None and champion.id == "trained"
+    assert verdict.metric == "mean_reward" and "does not beat" in verdict.reason

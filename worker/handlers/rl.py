@@ -3,15 +3,21 @@ remote executor; the trained policy registered, exported to ONNX + SafeTensors a
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from forseti.adapters.registry import ModelRecord, RLAgent
 from forseti.schemas.capabilities import Capability
+from forseti.schemas.errors import ForsetiError
 from forseti.schemas.jobs import RLMetrics, RLResult
 from forseti.schemas.tasks import RLTask, TaskKind
 from forseti.worker.engine.context import JobContext, Work
+
+from .gates import champion_onnx, settle
+
+log = logging.getLogger(__name__)
 
 ALGORITHM_NAMES = ("ppo", "sac", "dqn", "a2c")
 
@@ -42,10 +48,11 @@ class RLHandler:
 
     async def run(self, task: RLTask, ctx: JobContext) -> RLResult:
         """Train (in a child process, for an env in the worker), then register and announce the policy."""
-        # a remote env talks over the worker's bus, which a child process does not have
-        trained = await ctx.work(self._train, task, isolate=task.executor is None)
-        export = trained.export
         name = task.name or re.sub(r"[^A-Za-z0-9._-]+", "-", f"{task.algorithm}-{task.environment}")
+        champion, champion_path = await self._champion(task, ctx, name)
+        # a remote env talks over the worker's bus, which a child process does not have
+        trained = await ctx.work(self._train, task, champion_path, isolate=task.executor is None)
+        export = trained.export
         metrics = {
             "mean_reward": trained.mean_reward,
             "std_reward": trained.std_reward,
@@ -88,8 +95,24 @@ class RLHandler:
         ]
         if export.int8_path is not None:
             files.append(("onnx", "int8", export.int8_path))
+        verdict = None
+        if task.gate is not None:
+            value: float = trained.mean_reward
+            against: float | ForsetiError | None = None  # no champion: the alias is free
+            if trained.gate is not None:
+                value, against = trained.gate  # both acted by their ONNX on the same episodes
+            elif champion is not None:
+                against = ForsetiError(f"the champion {champion.id}'s ONNX policy cannot be read on this worker")
+            on = f"the same {trained.episodes} seeded episodes"
+            verdict = await settle(
+                ctx, model, task.gate.alias, "mean_reward", task.gate.margin, value, champion, against, on
+            )
         with ctx.phase("announce"):
-            await ctx.publish_files(model, files, announce={"onnx"})
+            alias = task.gate.alias if task.gate is not None and verdict is not None and verdict.promoted else None
+            await ctx.publish_files(model, files, announce={"onnx"}, alias=alias)
+        gate = {} if verdict is None else {"gate_score": verdict.value, "gate_promoted": float(verdict.promoted)}
+        if verdict is not None and verdict.against_value is not None:
+            gate["gate_champion_score"] = verdict.against_value
         return RLResult(
             agent_id=model.id,
             policy_path=str(export.onnx_path),
@@ -107,14 +130,29 @@ class RLHandler:
                     "onnx_parity_samples": float(export.samples),
                     **export.int8_figures,
                     "version": float(model.version),
+                    **gate,
                 },
             ),
         )
 
-    def _train(self, task: RLTask, ctx: Work) -> Any:
+    async def _champion(self, task: RLTask, ctx: JobContext, name: str) -> tuple[ModelRecord | None, Path | None]:
+        """For a gated task: the policy holding the gate's alias, and its ONNX on this host (None when
+        there is none, or it cannot be read: then it is not compared, and the alias stays)."""
+        if task.gate is None:
+            return None, None
+        champion = await ctx.store.get_alias(name, task.gate.alias)
+        if champion is None or champion.id == ctx.job_id:
+            return None, None
+        try:
+            return champion, await champion_onnx(ctx, champion)
+        except ForsetiError as exc:
+            log.warning("job %s: the champion %s cannot be compared: %s", ctx.job_id, champion.id, exc.message)
+            return champion, None
+
+    def _train(self, task: RLTask, champion: Path | None, ctx: Work) -> Any:
         import torch
 
         from .rl_training import train
 
         torch.set_num_threads(self.torch_threads)
-        return train(task, ctx, step_timeout=self.step_timeout, progress_every=self.progress_every)
+        return train(task, ctx, step_timeout=self.step_timeout, progress_every=self.progress_every, champion=champion)

@@ -63,6 +63,9 @@ class TrainedPolicy:
     resumed_from: int
     training_time_ms: int
     steps_per_second: float
+    gate: tuple[float, float] | None = None
+    """With a gate and a champion: (this policy's, the champion's) mean return on the same seeded
+    episodes, both acted by their exported ONNX as devices run them."""
 
 
 def check_algorithm(algorithm: str, action_space: spaces.Space[Any]) -> None:
@@ -250,8 +253,11 @@ class JobCallback(BaseCallback):
         self.ctx.checkpointed(self.num_timesteps)
 
 
-def train(task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int) -> TrainedPolicy:
-    """Train (or resume), evaluate and export; raises JobStopped (via ctx.check) when stopped."""
+def train(
+    task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int, champion: Path | None = None
+) -> TrainedPolicy:
+    """Train (or resume), evaluate and export; raises JobStopped (via ctx.check) when stopped. With a
+    `champion` ONNX policy (a gated task), evaluate it on the same seeded episodes too."""
     env = make_env(task, ctx, session=ctx.job_id, step_timeout=step_timeout)
     try:
         check_algorithm(task.algorithm, env.action_space)
@@ -287,9 +293,17 @@ def train(task: RLTask, ctx: Work, *, step_timeout: float, progress_every: int) 
         int8 = ExportedPolicy(OnnxPolicy(export.int8_path))
         int8_mean, _ = evaluate(task, ctx, int8, session=f"{ctx.job_id}.eval-int8", step_timeout=step_timeout)
         export = replace(export, int8_figures={**export.int8_figures, "int8_mean_reward": int8_mean})
+    gate = None
+    if champion is not None and episodes:
+        with ctx.phase("evaluation"):
+            ours, theirs = (ExportedPolicy(OnnxPolicy(path)) for path in (export.onnx_path, champion))
+            mine, _ = evaluate(task, ctx, ours, session=f"{ctx.job_id}.eval-gate", step_timeout=step_timeout)
+            against, _ = evaluate(task, ctx, theirs, session=f"{ctx.job_id}.eval-champion", step_timeout=step_timeout)
+            gate = (mine, against)
     return TrainedPolicy(
-        export, mean, std, episodes, int(model.num_timesteps), resumed_from, training_ms, callback.steps_per_second()
-    )
+        export, mean, std, episodes, int(model.num_timesteps), resumed_from, training_ms, callback.steps_per_second(),
+        gate,
+    )  # fmt: skip
 
 
 def _export(task: RLTask, model: Any, artifacts_dir: Path) -> PolicyExport:

@@ -24,7 +24,7 @@ from forseti.worker.engine.context import JobContext, JobStopped, Steps, StopRea
 from forseti.worker.engine.inputs import Inputs
 from forseti.worker.engine.ranks import JoinSite
 
-from .training_gate import judge
+from .gates import judge
 
 if TYPE_CHECKING:  # torch is imported in the training thread, not when the worker loads its handlers
     from .training_ddp import Group, Recruit

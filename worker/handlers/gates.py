@@ -1,9 +1,11 @@
 """Evaluation gates: a new version (the challenger) takes its alias only when it beats the version that
-holds it (the champion) on the same held-out rows, by the task's margin.
+holds it (the champion) on the same data, by the task's margin.
 
-Both are scored through their exported ONNX with the runtime that serves them (`OnnxModel`), so the
-comparison is of what devices and services would run. The verdict is stored in the registry
-(`evaluations`) whether or not the alias moved, and shown by `forseti models compare`.
+A supervised model is scored with its champion on the same held-out rows, both through their
+exported ONNX with the runtime that serves them (`OnnxModel`); a policy by its mean return over the
+job's evaluation episodes, the champion's ONNX policy acting on the same seeded episodes
+(`rl_training.py`). The verdict is stored in the registry (`evaluations`) whether or not the alias
+moved, and shown by `forseti models compare`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from forseti.worker.engine.context import JobContext
 
 from .training_data import Row, class_name, read_rows
 
-HIGHER_WINS = {"accuracy": True, "mae": False, "rmse": False}
+HIGHER_WINS = {"accuracy": True, "mae": False, "rmse": False, "mean_reward": True}
 """Which way each gate metric improves."""
 
 
@@ -41,11 +43,11 @@ def score(onnx_path: Path, rows: list[Row], target: str, metric: str) -> float:
     return math.sqrt(sum(e * e for e in errors) / len(errors))
 
 
-def wins(gate: Gate, challenger: float, champion: float) -> bool:
-    """Whether the challenger beats the champion by the gate's margin (ties win only with margin 0)."""
-    if HIGHER_WINS[gate.metric]:
-        return challenger > champion + gate.margin or (gate.margin == 0 and challenger == champion)
-    return challenger < champion - gate.margin or (gate.margin == 0 and challenger == champion)
+def wins(metric: str, margin: float, challenger: float, champion: float) -> bool:
+    """Whether the challenger beats the champion by `margin` on `metric` (ties win only with margin 0)."""
+    if HIGHER_WINS[metric]:
+        return challenger > champion + margin or (margin == 0 and challenger == champion)
+    return challenger < champion - margin or (margin == 0 and challenger == champion)
 
 
 async def champion_onnx(ctx: JobContext, champion: ModelRecord) -> Path:
@@ -73,35 +75,55 @@ async def judge(ctx: JobContext, gate: Gate, challenger: ModelRecord, onnx_path:
     rows = await ctx.run(read_rows, gate.dataset, ctx.inputs)
     value = await ctx.run(score, onnx_path, rows, target, gate.metric)
     champion = await ctx.store.get_alias(challenger.name, gate.alias)
-    verdict = EvaluationRecord(
-        model_id=challenger.id,
-        name=challenger.name,
-        alias=gate.alias,
-        metric=gate.metric,
-        value=value,
-        margin=gate.margin,
-        promoted=True,
-        reason=f"{gate.alias} was free",
-        rows=len(rows),
-    )
+    against: float | ForsetiError | None = None
     if champion is not None and champion.id != challenger.id:
         try:
             against = await ctx.run(score, await champion_onnx(ctx, champion), rows, target, gate.metric)
         except ForsetiError as exc:  # not comparable: the alias stays where it is
+            against = exc
+    return await settle(
+        ctx, challenger, gate.alias, gate.metric, gate.margin, value, champion, against, f"{len(rows)} held-out rows",
+        rows=len(rows),
+    )  # fmt: skip
+
+
+async def settle(
+    ctx: JobContext,
+    challenger: ModelRecord,
+    alias: str,
+    metric: str,
+    margin: float,
+    value: float,
+    champion: ModelRecord | None,
+    against: float | ForsetiError | None,
+    on: str,
+    *,
+    rows: int = 0,
+) -> EvaluationRecord:
+    """The verdict of a challenger scoring `value` against a champion scoring `against` (None: the
+    alias was free; an error: the champion could not be scored) `on` some data; stored, and the alias
+    moved when the challenger won."""
+    verdict = EvaluationRecord(
+        model_id=challenger.id, name=challenger.name, alias=alias, metric=metric, value=value, margin=margin,
+        promoted=True, reason=f"{alias} was free", rows=rows,
+    )  # fmt: skip
+    if champion is not None and champion.id != challenger.id:
+        if isinstance(against, ForsetiError) or against is None:
+            why = against.message if isinstance(against, ForsetiError) else "no score"
             verdict = verdict.model_copy(
-                update={"against_id": champion.id, "promoted": False, "reason": f"not compared: {exc.message}"}
+                update={"against_id": champion.id, "promoted": False, "reason": f"not compared: {why}"}
             )
         else:
-            won = wins(gate, value, against)
+            won = wins(metric, margin, value, against)
             how = "beats" if won else "does not beat"
             reason = (
-                f"{gate.metric} {value:.4f} {how} {champion.name} v{champion.version}'s {against:.4f} "
-                f"by the margin {gate.margin:g} on {len(rows)} held-out rows"
+                f"{metric} {value:.4f} {how} {champion.name} v{champion.version}'s {against:.4f} "
+                f"by the margin {margin:g} on {on}"
             )
             verdict = verdict.model_copy(
                 update={"against_id": champion.id, "against_value": against, "promoted": won, "reason": reason}
             )
     await ctx.store.add_evaluation(verdict)
     if verdict.promoted:
-        await ctx.store.set_alias(challenger.name, gate.alias, challenger.id)
+        await ctx.store.set_alias(challenger.name, alias, challenger.id)
     return verdict
