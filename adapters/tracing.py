@@ -35,11 +35,6 @@ _W3C: Any = None
 """OpenTelemetry's W3C Trace Context propagator, once tracing is configured."""
 
 
-def enabled() -> bool:
-    """Whether this process exports traces."""
-    return _tracer is not None
-
-
 def configure(service: str, endpoint: str, *, sample: float = 1.0) -> None:
     """Export this process's spans as `service` to the OTLP/HTTP collector at `endpoint`, and carry
     the current span's context in every event encoded from now on. `sample`: the share of the traces

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -178,22 +179,9 @@ def list_(
     _send(SchedulesQuery(user_id=user), bus, _operator(operator, signing_key, data_dir), as_json)
 
 
-@schedules_app.command("show")
-def show(
-    schedule_id: IdArg,
-    user: UserOpt = None,
-    operator: OperatorOpt = False,
-    signing_key: SigningKeyOpt = None,
-    data_dir: DataDirOpt = DEFAULT_DATA_DIR,
-    bus: BusOpt = DEFAULT_BUS_URL,
-    as_json: JsonOpt = False,
-) -> None:
-    """One schedule and its recent fires (slot, action, job id)."""
-    request = SchedulesQuery(id=schedule_id, user_id=user)
-    _send(request, bus, _operator(operator, signing_key, data_dir), as_json, detail=True)
+def _by_id(name: str, build: Callable[[str, str | None], ScheduleRequest], doc: str, *, detail: bool = False) -> None:
+    """Register `forseti schedules NAME SCHEDULE_ID`: send the request `build(id, user)` makes."""
 
-
-def _change(verb: type[SchedulePause | ScheduleResume | ScheduleDelete]) -> None:
     def command(
         schedule_id: IdArg,
         user: UserOpt = None,
@@ -203,11 +191,27 @@ def _change(verb: type[SchedulePause | ScheduleResume | ScheduleDelete]) -> None
         bus: BusOpt = DEFAULT_BUS_URL,
         as_json: JsonOpt = False,
     ) -> None:
-        _send(verb(id=schedule_id, user_id=user), bus, _operator(operator, signing_key, data_dir), as_json)
+        signer = _operator(operator, signing_key, data_dir)
+        _send(build(schedule_id, user), bus, signer, as_json, detail=detail)
 
-    name = verb.__name__.removeprefix("Schedule").lower()
-    command.__doc__ = (verb.__doc__ or "").split(": ", 1)[-1].capitalize()
+    command.__doc__ = doc
     schedules_app.command(name)(command)
+
+
+_by_id(
+    "show",
+    lambda schedule_id, user: SchedulesQuery(id=schedule_id, user_id=user),
+    "One schedule and its recent fires (slot, action, job id).",
+    detail=True,
+)
+
+
+def _change(verb: type[SchedulePause | ScheduleResume | ScheduleDelete]) -> None:
+    def build(schedule_id: str, user: str | None) -> ScheduleRequest:
+        return verb(id=schedule_id, user_id=user)
+
+    doc = (verb.__doc__ or "").split(": ", 1)[-1].capitalize()
+    _by_id(verb.__name__.removeprefix("Schedule").lower(), build, doc)
 
 
 for _verb in (SchedulePause, ScheduleResume, ScheduleDelete):

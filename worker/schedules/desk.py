@@ -36,7 +36,7 @@ from forseti.schemas.schedules import (
 from forseti.schemas.tasks import TASK_MODELS
 
 from .clock import count_lines, next_due, slot_name, slot_time
-from .firing import fire_job_id, parse_time
+from .firing import fire_job_id
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class ScheduleDesk:
         spec = ScheduleSpec.model_validate(record.spec)
         next_fire = None
         if spec.when_grown is None and not record.paused:
-            anchor = parse_time(record.created_at)
+            anchor = datetime.fromisoformat(record.created_at)
             after = slot_time(record.last_slot) if record.last_slot else anchor
             next_fire = next_due(spec, record.id, after, anchor).isoformat().replace("+00:00", "Z")
         recent = await self.store.list_fires(record.id) if fires else []

@@ -42,11 +42,6 @@ LAUNCHED = ("fired", "cancelled_other")
 """Actions that publish a task."""
 
 
-def parse_time(stamp: str) -> datetime:
-    """An ISO 8601 time as the registry writes it."""
-    return datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-
-
 def fire_job_id(schedule_id: str, slot: str) -> str:
     """The job id a fire publishes under: the same on every worker, so the slot becomes one job."""
     return f"{schedule_id}-{slot}"
@@ -105,7 +100,7 @@ class Scheduler:
                 continue
             await self._follow_up(record, spec, fires)
             if spec.when_grown is not None:
-                await self._grown(record, spec)
+                await self._grown(record, spec, fires)
             else:
                 wait = min(wait, await self._clock(record, spec, fires))
         return wait
@@ -114,7 +109,7 @@ class Scheduler:
 
     async def _clock(self, record: ScheduleRecord, spec: ScheduleSpec, fires: list[FireRecord]) -> float:
         now = datetime.now(UTC)
-        anchor = parse_time(record.created_at)
+        anchor = datetime.fromisoformat(record.created_at)
         after = slot_time(record.last_slot) if record.last_slot else anchor
         window = now - timedelta(seconds=spec.catchup_window_seconds)
         slots = due_slots(spec, record.id, after=after, anchor=anchor, now=now)
@@ -134,13 +129,12 @@ class Scheduler:
         last = slots[-1] if slots else after
         return (next_due(spec, record.id, last, anchor) - datetime.now(UTC)).total_seconds()
 
-    async def _grown(self, record: ScheduleRecord, spec: ScheduleSpec) -> None:
+    async def _grown(self, record: ScheduleRecord, spec: ScheduleSpec, fires: list[FireRecord]) -> None:
         assert spec.when_grown is not None
         lines = await self._count(Path(spec.when_grown.path))
         if lines < record.baseline + spec.when_grown.lines:
             return
         slot = grown_slot(grown_count(record.last_slot) + 1)
-        fires = await self.store.list_fires(record.id, limit=RECENT_FIRES)
         await self._decide(record, spec, slot, fires, late=0.0)
         await self.store.change_schedule(record.id, baseline=lines)
 
@@ -221,7 +215,7 @@ class Scheduler:
             if (
                 fire.action in LAUNCHED
                 and fire.published_at is None
-                and parse_time(fire.created_at).timestamp() < stale
+                and datetime.fromisoformat(fire.created_at).timestamp() < stale
             ):
                 log.info("schedule %s: publishing %s again (its worker did not)", record.id, fire.slot)
                 await self._publish(record, spec, fire)
