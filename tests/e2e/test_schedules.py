@@ -109,7 +109,10 @@ async def test_on_kafka_a_fire_published_twice_runs_once(fresh_tansu: TansuBroke
     hourly = ScheduleSpec(kind=TaskKind.INFERENCE, task=template, every_seconds=3600)
     client = create_bus(url)
     await client.connect()
-    async with running_worker(create_bus(url), [handler], tmp_path, schedule_poll=0.2, bus_url=url) as worker:
+    # both copies may come in one fetch: the second then finds the first's lease live and comes back
+    # when that lease would have lapsed, so the lease is short here
+    settings: dict[str, Any] = {"schedule_poll": 0.2, "bus_url": url, "lease_ttl": 3.0}
+    async with running_worker(create_bus(url), [handler], tmp_path, **settings) as worker:
         await ask_schedules(client, ScheduleCreate(id="hourly", spec=hourly), None, timeout=30)
         slot = slot_name(datetime.now(UTC) - timedelta(seconds=30))
         fire = FireRecord(
@@ -125,7 +128,7 @@ async def test_on_kafka_a_fire_published_twice_runs_once(fresh_tansu: TansuBroke
         task = inference(fire.job_id, rows=1)
         await client.publish(task_channel(TaskKind.INFERENCE), encode(task))  # ... though it went out
         replayed = worker.metrics.jobs.labels(TaskKind.INFERENCE.value, "replayed")
-        for _ in range(150):
+        for _ in range(300):
             (stamped,) = [f for f in await store.list_fires("hourly") if f.slot == slot]
             job = await store.get_job(fire.job_id)
             if replayed._value.get() >= 1:  # the second copy reached the worker
