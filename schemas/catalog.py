@@ -40,6 +40,7 @@ from .llm import CompleteReply, CompleteRequest, LlmError
 from .models import ModelAvailable, ModelLoaded, ModelRollback, ModelsList, ModelsQuery, ModelsQueryError
 from .privacy import PrivacyErase, PrivacyExport, PrivacyReceipt, PrivacyRectify
 from .ranks import RankJoin, RankJoined
+from .rollouts import RolloutStep, ServeHealth
 from .schedules import (
     ScheduleCreate,
     ScheduleDelete,
@@ -67,6 +68,7 @@ JOBS = "forseti.jobs.{job_id}"
 CONTROL = "forseti.control"
 MODELS = "forseti.models"
 LOADED = "forseti.models.loaded"
+HEALTH = "forseti.models.health"
 MODELS_QUERY = "forseti.models.query"
 ENV = "forseti.env.{executor_id}"
 CAPABILITIES = "forseti.capabilities"
@@ -143,6 +145,8 @@ _SPECS: list[EventSpec] = [
     EventSpec("forseti.model.available.v1", ModelAvailable, MODELS, "A new artifact is ready."),
     EventSpec("forseti.model.rollback.v1", ModelRollback, MODELS, "Serve an earlier version again."),
     EventSpec("forseti.model.loaded.v1", ModelLoaded, LOADED, "A consumer loaded (or failed to load) a version."),
+    EventSpec("forseti.rollout.step.v1", RolloutStep, MODELS, "A rollout moved, held or ended."),
+    EventSpec("forseti.model.health.v1", ServeHealth, HEALTH, "A replica's traffic per version, periodically."),
     EventSpec("forseti.models.query.v1", ModelsQuery, MODELS_QUERY, "Ask for the registered model versions."),
     EventSpec("forseti.models.list.v1", ModelsList, MODELS_QUERY, "The model versions in a registry (reply)."),
     EventSpec("forseti.models.query.error.v1", ModelsQueryError, MODELS_QUERY, "Why a models query failed (reply)."),

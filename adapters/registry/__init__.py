@@ -19,6 +19,8 @@ from .base import (
     PrivacyRecord,
     RegistryStore,
     RLAgent,
+    RolloutRecord,
+    RolloutStepRecord,
     ScheduleRecord,
     TrainingRun,
 )
@@ -53,6 +55,8 @@ __all__ = [
     "PrivacyRecord",
     "RLAgent",
     "RegistryStore",
+    "RolloutRecord",
+    "RolloutStepRecord",
     "ScheduleRecord",
     "SqliteStore",
     "TrainingRun",

@@ -343,6 +343,52 @@ class FireRecord(Record):
     """When its task went onto the bus (None: not yet; another worker republishes it)."""
 
 
+class RolloutRecord(Record):
+    """A progressive rollout of one version to an alias; where it stands is its newest step row."""
+
+    id: str
+    """The rollout's id."""
+    name: str
+    """The model name."""
+    alias: str
+    """The alias rolled out."""
+    model_id: str
+    """The candidate version."""
+    baseline_id: str
+    """The version the alias held when the rollout started."""
+    spec: dict[str, Any] = Field(default_factory=dict)
+    """How it goes (`schemas.rollouts.RolloutSpec`)."""
+    candidates: list[dict[str, Any]] = Field(default_factory=list)
+    """The candidate's announcements as shared when the rollout started (`ModelAvailable` documents)."""
+    ended: bool = False
+    """True once a step row ended it (completed, rolled_back, aborted)."""
+    created_at: str = Field(default_factory=utcnow)
+    """When it started."""
+
+
+class RolloutStepRecord(Record):
+    """One move of a rollout (a step, a hold, its end); the first worker to store a `seq` made the move."""
+
+    rollout_id: str
+    """The rollout."""
+    seq: int
+    """The move's number, from 0."""
+    step: int
+    """0: candidate loading; n: the n-th share of the rollout's steps."""
+    share: int
+    """The candidate's share of requests, in percent."""
+    state: str
+    """progressing, holding, completed, rolled_back or aborted."""
+    reason: str = ""
+    """Why, for people."""
+    evidence: dict[str, Any] | None = None
+    """What the move was judged on (`schemas.rollouts.StepEvidence`)."""
+    created_at: str = Field(default_factory=utcnow)
+    """When it was decided: the step's interval counts from here."""
+    published_at: str | None = None
+    """When its event went onto the bus (None: not yet; a worker publishes it again)."""
+
+
 class RegistryStore(Protocol):
     """What the worker and the CLI need from a registry: SQLite on one host, PostgreSQL for many."""
 
@@ -505,3 +551,23 @@ class RegistryStore(Protocol):
 
     async def list_fires(self, schedule_id: str, *, limit: int = 20) -> list[FireRecord]:
         """A schedule's fires, newest slot first."""
+
+    async def put_rollout(self, rollout: RolloutRecord, first: RolloutStepRecord) -> bool:
+        """Store a new rollout and its first step; False (nothing stored) while another rollout of the
+        same name and alias has not ended."""
+
+    async def get_rollout(self, rollout_id: str) -> RolloutRecord | None:
+        """One rollout, or None."""
+
+    async def list_rollouts(self, *, name: str | None = None, active: bool = False) -> list[RolloutRecord]:
+        """Rollouts, newest first; `active`: only those not ended."""
+
+    async def claim_rollout_step(self, step: RolloutStepRecord) -> bool:
+        """Store a rollout's next move (and mark the rollout ended when the move ends it); False when
+        another worker stored that `seq` first."""
+
+    async def list_rollout_steps(self, rollout_id: str) -> list[RolloutStepRecord]:
+        """A rollout's moves, oldest first."""
+
+    async def published_rollout_step(self, rollout_id: str, seq: int) -> None:
+        """Stamp a move's event as published."""

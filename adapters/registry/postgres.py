@@ -121,6 +121,18 @@ MIGRATIONS: list[str] = [
         PRIMARY KEY (model_id, alias));
     CREATE INDEX idx_evaluations_against ON evaluations(against_id);
     """,
+    # 11: progressive rollouts, at most one going on per name and alias, and each of their moves
+    """
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, alias TEXT NOT NULL, model_id TEXT NOT NULL,
+        baseline_id TEXT NOT NULL, spec JSONB NOT NULL, candidates JSONB NOT NULL, ended BOOLEAN NOT NULL DEFAULT FALSE,
+        created_at TIMESTAMPTZ NOT NULL);
+    CREATE UNIQUE INDEX idx_rollouts_going_on ON rollouts(name, alias) WHERE NOT ended;
+    CREATE TABLE rollout_steps (
+        rollout_id TEXT NOT NULL, seq INTEGER NOT NULL, step INTEGER NOT NULL, share INTEGER NOT NULL,
+        state TEXT NOT NULL, reason TEXT NOT NULL, evidence JSONB, created_at TIMESTAMPTZ NOT NULL,
+        published_at TIMESTAMPTZ, PRIMARY KEY (rollout_id, seq));
+    """,
 ]
 """Schema migrations in order, numbered as SQLite's; migration N is applied once and recorded in `schema_migrations`."""
 

@@ -29,6 +29,8 @@ from .base import (
     PrivacyRecord,
     Record,
     RLAgent,
+    RolloutRecord,
+    RolloutStepRecord,
     ScheduleRecord,
     TrainingRun,
     utcnow,
@@ -36,7 +38,9 @@ from .base import (
 
 R = TypeVar("R", bound=Record)
 
-JSON_FIELDS = frozenset({"task", "result", "metrics", "config", "device_tags", "summary", "snapshot", "spec"})
+JSON_FIELDS = frozenset(
+    {"task", "result", "metrics", "config", "device_tags", "summary", "snapshot", "spec", "candidates", "evidence"}
+)
 """Columns that hold JSON documents."""
 TIME_FIELDS = frozenset(
     {"created_at", "updated_at", "started_at", "completed_at", "lease_expires_at", "set_at", "published_at"}
@@ -45,6 +49,8 @@ TIME_FIELDS = frozenset(
 TERMINAL = tuple(state.value for state in JobState if state.terminal)
 USER_TABLES = ("aliases", "artifacts", "training_runs", "rl_agents", "checkpoints", "models", "jobs")
 """The tables that hold a user's rows, in the order deletes must go (what refers to a model first)."""
+ROLLOUT_ENDS = ("completed", "rolled_back", "aborted")
+"""Step states that end a rollout (`schemas.rollouts.ENDED`)."""
 LIVE = (JobState.RUNNING.value, JobState.PAUSED.value)
 """States of a job that a worker holds: found so with the lease run out, its worker went away."""
 
@@ -607,6 +613,58 @@ class SqlStore(ABC):
         return await self._select(
             FireRecord,
             f"SELECT * FROM schedule_fires WHERE schedule_id = {p(schedule_id)} ORDER BY slot DESC LIMIT {p(limit)}",
+            p.values,
+        )
+
+    # -- rollouts -------------------------------------------------------------------------------
+
+    async def put_rollout(self, rollout: RolloutRecord, first: RolloutStepRecord) -> bool:
+        """Store a new rollout and its first step; False (nothing stored) while another rollout of the
+        same name and alias has not ended."""
+        values = self._values(rollout)
+        p = Params(self.dialect)
+        marks = ", ".join(p(v) for v in values.values())
+        # the partial unique index on (name, alias) of rollouts not ended refuses a second one
+        stored = await self._change(
+            f"INSERT INTO rollouts ({', '.join(values)}) VALUES ({marks}) ON CONFLICT DO NOTHING RETURNING 1", p.values
+        )
+        return bool(stored) and await self.claim_rollout_step(first)
+
+    async def get_rollout(self, rollout_id: str) -> RolloutRecord | None:
+        """One rollout, or None."""
+        p = Params(self.dialect)
+        rows = await self._select(RolloutRecord, f"SELECT * FROM rollouts WHERE id = {p(rollout_id)}", p.values)
+        return rows[0] if rows else None
+
+    async def list_rollouts(self, *, name: str | None = None, active: bool = False) -> list[RolloutRecord]:
+        """Rollouts, newest first; `active`: only those not ended."""
+        p = Params(self.dialect)
+        where = self._where(p, {"name": name, "ended": False if active else None})
+        return await self._select(RolloutRecord, f"SELECT * FROM rollouts{where} ORDER BY created_at DESC", p.values)
+
+    async def claim_rollout_step(self, step: RolloutStepRecord) -> bool:
+        """Store a rollout's next move (and mark the rollout ended when the move ends it); False when
+        another worker stored that `seq` first."""
+        if not await self._insert_once("rollout_steps", "rollout_id, seq", step):
+            return False
+        if step.state in ROLLOUT_ENDS:
+            p = Params(self.dialect)
+            await self._change(f"UPDATE rollouts SET ended = {p(True)} WHERE id = {p(step.rollout_id)}", p.values)
+        return True
+
+    async def list_rollout_steps(self, rollout_id: str) -> list[RolloutStepRecord]:
+        """A rollout's moves, oldest first."""
+        p = Params(self.dialect)
+        return await self._select(
+            RolloutStepRecord, f"SELECT * FROM rollout_steps WHERE rollout_id = {p(rollout_id)} ORDER BY seq", p.values
+        )
+
+    async def published_rollout_step(self, rollout_id: str, seq: int) -> None:
+        """Stamp a move's event as published."""
+        p = Params(self.dialect)
+        await self._change(
+            f"UPDATE rollout_steps SET published_at = {self.dialect.now} "
+            f"WHERE rollout_id = {p(rollout_id)} AND seq = {p(seq)}",
             p.values,
         )
 

@@ -114,6 +114,18 @@ MIGRATIONS: list[str] = [
         reason TEXT NOT NULL, rows INTEGER NOT NULL, created_at TEXT NOT NULL, PRIMARY KEY (model_id, alias));
     CREATE INDEX idx_evaluations_against ON evaluations(against_id);
     """,
+    # 11: progressive rollouts, at most one going on per name and alias, and each of their moves
+    """
+    CREATE TABLE rollouts (
+        id TEXT PRIMARY KEY, name TEXT NOT NULL, alias TEXT NOT NULL, model_id TEXT NOT NULL,
+        baseline_id TEXT NOT NULL, spec TEXT NOT NULL, candidates TEXT NOT NULL, ended INTEGER NOT NULL DEFAULT 0,
+        created_at TEXT NOT NULL);
+    CREATE UNIQUE INDEX idx_rollouts_going_on ON rollouts(name, alias) WHERE ended = 0;
+    CREATE TABLE rollout_steps (
+        rollout_id TEXT NOT NULL, seq INTEGER NOT NULL, step INTEGER NOT NULL, share INTEGER NOT NULL,
+        state TEXT NOT NULL, reason TEXT NOT NULL, evidence TEXT, created_at TEXT NOT NULL,
+        published_at TEXT, PRIMARY KEY (rollout_id, seq));
+    """,
 ]
 """Schema migrations in order; migration N is applied once and recorded in `schema_migrations`."""
 

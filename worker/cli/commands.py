@@ -1179,6 +1179,12 @@ def llm_serve(
     consumer: Annotated[str | None, typer.Option(help="Name in model.loaded reports [llm-HOST-PID].")] = None,
     context: Annotated[int, typer.Option(min=16, help="Context length in tokens.")] = 512,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for llama.cpp.")] = 2,
+    health_every: Annotated[
+        float,
+        typer.Option(
+            min=0.1, help="Seconds between health reports (forseti.models.health; rollouts are judged by them)."
+        ),
+    ] = 10.0,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
     object_store_url: ArtifactStoreOpt = None,
@@ -1209,6 +1215,7 @@ def llm_serve(
                 objects=objects,
                 trusted=trusted,
                 keyring=keyring,
+                health_every=health_every,
             )
         except ForsetiError as exc:
             raise _fail(exc.message) from exc

@@ -17,6 +17,8 @@ OUTCOMES = ("completed", "failed", "cancelled", "requeued", "replayed", "deferre
 """How a job can end on a worker (the `outcome` label of forseti_jobs_total)."""
 FIRE_ACTIONS = ("fired", "skipped", "buffered", "cancelled_other", "missed", "paused")
 """What a scheduler can do with a slot (the `action` label of forseti_schedule_fires_total)."""
+ROLLOUT_MOVES = ("progressing", "holding", "completed", "rolled_back")
+"""The rollout moves a worker's controller decides (the `state` label of forseti_rollout_moves_total)."""
 REFUSED = ("control", "status", "privacy", "ranks")
 """The requests a worker may refuse (the `request` label of forseti_refused_requests_total)."""
 
@@ -64,6 +66,20 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.rollout_moves = Counter(
+            "forseti_rollout_moves",
+            "Rollout moves this worker decided, by state (progressing: a step onward; holding; completed; "
+            "rolled_back; aborted is decided by whoever aborts).",
+            ["state"],
+            registry=r,
+        )
+        self.rollout_share = Gauge(
+            "forseti_rollout_share",
+            "The share of requests, in percent, a rollout going on gives its candidate, by model name and alias "
+            "(0 once it ended).",
+            ["name", "alias"],
+            registry=r,
+        )
         self.refused = Counter(
             "forseti_refused_requests",
             "Requests refused: control events and status replies withheld because the asker is not the job's "
@@ -102,6 +118,8 @@ class Metrics:
                 self.jobs.labels(kind, outcome)
         for action in FIRE_ACTIONS:
             self.schedule_fires.labels(action=action)
+        for state in ROLLOUT_MOVES:
+            self.rollout_moves.labels(state=state)
         for request in REFUSED:
             self.refused.labels(request)
 

@@ -114,12 +114,33 @@ async def promote(
     worker serves it at), signed by `signer` and stored encrypted under `keyring` when given."""
     model = await find_version(store, name, version)
     await store.set_alias(name, alias, model.id)
+    for event in await shared_announcements(
+        store, bus, model, alias=alias, objects=objects, http=http, keyring=keyring
+    ):
+        await bus.publish(MODELS, seal(encode(event, subject=model.id), signer))
+    return model
+
+
+async def shared_announcements(
+    store: RegistryStore,
+    bus: Bus,
+    model: ModelRecord,
+    *,
+    alias: str | None = None,
+    objects: ObjectStore | None = None,
+    http: tuple[Path, str] | None = None,
+    keyring: Keyring | None = None,
+) -> list[ModelAvailable]:
+    """A version's announcements (with `alias` set), its files shared where other hosts can fetch them
+    (`objects`: an S3 store; `http`: an artifacts folder and its URL; else the bus's object store)."""
     parent = await store.get_model(model.parent_id) if model.parent_id else None
     artifacts = await store.list_artifacts(model.id)
-    for event in announcements(model, artifacts, parent_version=version_label(parent) if parent else None, alias=alias):
-        shared = await share(bus, event, objects=objects, http=http, keyring=keyring)
-        await bus.publish(MODELS, seal(encode(shared, subject=model.id), signer))
-    return model
+    return [
+        await share(bus, event, objects=objects, http=http, keyring=keyring)
+        for event in announcements(
+            model, artifacts, parent_version=version_label(parent) if parent else None, alias=alias
+        )
+    ]
 
 
 async def rollback(

@@ -47,6 +47,7 @@ from forseti.schemas.errors import BusError, ErrorCode, ForsetiError, InvalidTas
 from forseti.schemas.jobs import JobEvent, JobFailed, JobProgress, JobState, JobStatus, JobStatusError, JobStatusQuery
 from forseti.schemas.models import ModelAvailable, ModelsList, ModelsQuery, ModelsQueryError, ModelSummary
 from forseti.schemas.tasks import TaskKind, task_channel
+from forseti.worker.rollouts.controller import RolloutController
 from forseti.worker.schedules.desk import ScheduleDesk
 from forseti.worker.schedules.firing import Scheduler
 
@@ -155,6 +156,7 @@ class Worker:
         self._probe: asyncio.Task[None] | None = None
         self._sweep: asyncio.Task[None] | None = None
         self._scheduler: asyncio.Task[None] | None = None
+        self._rollouts: asyncio.Task[None] | None = None
         self._bus_reachable = True
         self._job_services: JobServices | None = None
         self._ranks: RankDesk | None = None
@@ -233,6 +235,11 @@ class Worker:
             self._sweep = asyncio.create_task(self._sweep_strays(), name="sweep-strays")
             if self.settings.schedules:
                 await self._start_schedules()
+            if self.settings.rollouts:
+                controller = RolloutController(
+                    self.bus, self.store, metrics=self.metrics, signer=self.signer, poll=self.settings.rollout_poll
+                )
+                self._rollouts = asyncio.create_task(controller.run(self._stopping), name="rollouts")
             self.ready.set()
             log.info(
                 "worker %s pulling %s on %s (concurrency %d, registry %s, announcements %s)",
@@ -337,7 +344,14 @@ class Worker:
                 await self._sleep_unless_stopping(self.settings.stray_sweep_interval)
 
     async def _close(self) -> None:
-        for background in (self._pruning, self._probe, self._sweep, self._scheduler, *self._late_replies):
+        for background in (
+            self._pruning,
+            self._probe,
+            self._sweep,
+            self._scheduler,
+            self._rollouts,
+            *self._late_replies,
+        ):
             if background is not None:
                 background.cancel()
         for sub in self._subs:

@@ -75,6 +75,11 @@ class WorkerSettings(BaseSettings):
     fires once) and answer schedule requests on `forseti.schedules`."""
     schedule_poll: float = Field(default=1.0, gt=0)
     """Seconds between reads of the schedules; a slot known to be due sooner wakes the scheduler then."""
+    rollouts: bool = True
+    """Judge and move the registry's rollouts from this worker (with every other worker that does; each
+    move is made once), from the health reports of the replicas serving them."""
+    rollout_poll: float = Field(default=1.0, gt=0)
+    """Seconds between two looks at the rollouts going on."""
     max_duration: float | None = Field(default=None, gt=0)
     """Seconds a job may take from its first start, across attempts, before it is stopped at its next
     safe point and failed as `timeout` (a task's own `max_duration` may lower it); unset: no limit."""

@@ -10,13 +10,21 @@ leaves the serving version in place. The versions it served before stay loaded (
 a `forseti.model.rollback.v1` returns to one at once. A service started after versions were announced
 catches up: it reads the kept history of `forseti.models` first (each version of its name in turn,
 ending on the newest, or on the one an alias holds), then what comes.
+
+A service that follows an alias takes part in that alias's rollouts (`forseti.rollout.step.v1`): it
+loads the candidate beside the serving version, sends it the rollout's share of requests (an exact
+split, `traffic.Split`), drops it on a rollback and serves it alone once the rollout completes.
+Every `health_every` seconds it reports what it serves and each version's requests, failures and
+latency (`forseti.model.health.v1`), which the workers judge the rollout by.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +37,15 @@ from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.adapters.objects import ObjectStore
 from forseti.adapters.signing import TrustedKeys, refusal
 from forseti.schemas.base import ID_PATTERN
-from forseti.schemas.catalog import LOADED, MODELS, llm_channel
+from forseti.schemas.catalog import HEALTH, LOADED, MODELS, llm_channel
 from forseti.schemas.envelope import Event, decode, encode
-from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
+from forseti.schemas.errors import BusError, ErrorCode, ForsetiError, InvalidTask
 from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
 from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
+from forseti.schemas.rollouts import ENDED, RolloutStep, ServeHealth
 
 from ..engine.settings import default_data_dir
+from .traffic import Split, Traffic
 
 log = logging.getLogger(__name__)
 ARTIFACTS = (*GGUF_TYPES, "lora")
@@ -56,6 +66,20 @@ class Served:
         """Free the model once the request using it (if any) is done."""
         async with self.lock:
             await asyncio.to_thread(self.runtime.close)
+
+
+@dataclass
+class Canary:
+    """The rollout this service takes part in: its candidate, loaded beside the serving version."""
+
+    rollout_id: str
+    candidate_id: str
+    served: Served | None = None
+    """The candidate, once loaded."""
+    error: str | None = None
+    """Why the candidate could not be loaded, if it could not."""
+    share: int = 0
+    """The percentage of requests it answers now."""
 
 
 class LlmService:
@@ -79,6 +103,7 @@ class LlmService:
         objects: ObjectStore | None = None,
         trusted: TrustedKeys | None = None,
         keyring: Keyring | None = None,
+        health_every: float = 10.0,
     ) -> None:
         if not re.match(ID_PATTERN, name):
             raise ForsetiError(
@@ -111,8 +136,17 @@ class LlmService:
         """The version answering requests now."""
         self.previous: list[Served] = []
         """Versions served before, newest first, kept loaded for rollbacks."""
+        self.rollout: Canary | None = None
+        """The rollout of the followed alias going on, if any."""
+        self.health_every = health_every
+        """Seconds between two health reports."""
+        self.traffic = Traffic()
+        """Requests per version since the last health report."""
+        self._split = Split()
+        self._seen: dict[str, int] = {}
         self._subs: list[Subscription] = []
         self._swap = asyncio.Lock()
+        self._health: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         """Follow the models channel and answer on the completion channel."""
@@ -125,19 +159,29 @@ class LlmService:
             self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
         if self.answer:
             self._subs.append(await self.bus.subscribe(llm_channel(self.name), self._on_request, queue="llm-serve"))
+        self._health = asyncio.create_task(self._report_health(), name=f"llm-serve {self.name} health")
 
     async def stop(self) -> None:
-        """Stop listening and free every loaded model."""
+        """Stop listening and reporting, and free every loaded model."""
+        if self._health is not None:
+            self._health.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
-        for served in [s for s in (self.current, *self.previous) if s is not None]:
+        candidate = self.rollout.served if self.rollout else None
+        for served in [s for s in (self.current, *self.previous, candidate) if s is not None]:
             await served.close()
-        self.current, self.previous = None, []
+        self.current, self.previous, self.rollout = None, [], None
 
     def wants(self, event: ModelAvailable) -> bool:
         """Whether an announcement is of this service's name, artifact and (when set) alias."""
-        if event.name != self.name or event.kind != "llm" or (self.alias and event.alias != self.alias):
+        return not (self.alias and event.alias != self.alias) and self.serves(event)
+
+    def serves(self, event: ModelAvailable) -> bool:
+        """Whether an announcement is of this service's name and artifact, whatever its alias."""
+        if event.name != self.name or event.kind != "llm":
             return False
         if self.artifact == "lora":
             return event.format == "gguf-lora" and event.base_uri is not None
@@ -158,6 +202,12 @@ class LlmService:
             and not await self._refused(msg.data, event.data.model_id, event.data.to_version)
         ):
             await self.roll_back(event.data)
+        elif (
+            isinstance(event.data, RolloutStep)
+            and (event.data.name, event.data.alias) == (self.name, self.alias)
+            and not await self._refused(msg.data, event.data.candidate_id, event.data.candidate_version)
+        ):
+            await self.follow_rollout(event.data)
 
     async def _refused(self, raw: bytes, model_id: str, version: str) -> bool:
         """Whether an announcement fails its signature check (reported as not loaded, nothing fetched)."""
@@ -169,6 +219,18 @@ class LlmService:
 
     async def load(self, event: ModelAvailable) -> bool:
         """Check and load an announced version beside the serving one, then switch to it; report either way."""
+        async with self._swap:
+            canary = self.rollout
+            if self.current is not None and self.current.model_id == event.model_id:
+                ready = True  # a rollout that completed here already switched to it
+            elif canary is not None and canary.served is not None and canary.candidate_id == event.model_id:
+                await self._switch(canary.served)  # its rollout's end is still to come: it takes over now
+                self.rollout, ready = None, True
+            else:
+                ready = False
+        if ready:
+            await self._report(event.model_id, event.version, ok=True)
+            return True
         async with self._swap:
             log.info("llm-serve %s: loading %s (%s) from %s", self.name, event.version, event.model_id, event.uri)
             try:
@@ -228,6 +290,80 @@ class LlmService:
         await self._report(event.model_id, event.to_version, ok=True)
         return True
 
+    async def follow_rollout(self, step: RolloutStep) -> None:
+        """Act on a rollout's move: load the candidate beside the serving version (reported like any
+        load), give it the step's share of requests, serve it alone when the rollout completes, drop
+        it when it is rolled back or aborted. A move older than one already acted on is ignored."""
+        if step.seq <= self._seen.get(step.rollout_id, -1):
+            return
+        self._seen[step.rollout_id] = step.seq
+        report: tuple[bool, str] | None = None
+        async with self._swap:
+            canary = self.rollout
+            if canary is not None and canary.rollout_id != step.rollout_id:
+                await self._drop_candidate()  # the end of the one before was missed: a new rollout replaces it
+                canary = None
+            if step.state in ENDED:
+                if canary is not None and canary.served is not None and step.state == "completed":
+                    await self._switch(canary.served)
+                    self.rollout = None
+                elif canary is not None:
+                    await self._drop_candidate()
+                log.info("llm-serve %s: rollout %s %s: %s", self.name, step.rollout_id, step.state, step.reason)
+                return
+            if canary is None:
+                canary = self.rollout = Canary(step.rollout_id, step.candidate_id)
+                report = await self._load_candidate(canary, step)
+            canary.share = step.share if canary.served is not None else 0
+        if report is not None:
+            await self._report(step.candidate_id, step.candidate_version, ok=report[0], message=report[1])
+
+    async def _load_candidate(self, canary: Canary, step: RolloutStep) -> tuple[bool, str]:
+        announcement = next((a for a in step.candidates if self.serves(a)), None)
+        if announcement is None:
+            canary.error = f"{step.candidate_version} has no {self.artifact} artifact to serve"
+            return False, canary.error
+        try:
+            runtime = await self._open(announcement)
+        except ForsetiError as exc:
+            log.warning("llm-serve %s: candidate %s not loaded: %s", self.name, step.candidate_version, exc.message)
+            canary.error = exc.message
+            return False, exc.message
+        canary.served = Served(step.candidate_id, step.candidate_version, runtime)
+        log.info("llm-serve %s: %s loaded beside %s for rollout %s", self.name, step.candidate_version,
+                 self.current.version if self.current else "nothing", step.rollout_id)  # fmt: skip
+        return True, f"loaded for rollout {step.rollout_id}"
+
+    async def _drop_candidate(self) -> None:
+        canary, self.rollout = self.rollout, None
+        if canary is not None and canary.served is not None:
+            await canary.served.close()
+
+    async def _report_health(self) -> None:
+        while True:
+            await asyncio.sleep(self.health_every)
+            try:
+                await self.publish_health()
+            except BusError as exc:  # the bus is away: this period's counts go in the next report
+                log.warning("llm-serve %s: health report not sent: %s", self.name, exc)
+
+    async def publish_health(self) -> None:
+        """Report what this service serves and each version's requests since the last report."""
+        canary = self.rollout
+        health = ServeHealth(
+            consumer=self.consumer,
+            name=self.name,
+            alias=self.alias,
+            serving=self.current.model_id if self.current else None,
+            every_seconds=self.health_every,
+            rollout_id=canary.rollout_id if canary else None,
+            candidate=canary.served.model_id if canary and canary.served else None,
+            candidate_error=canary.error[:4096] if canary and canary.error else None,
+            share=canary.share if canary else 0,
+            versions=self.traffic.drain(),
+        )
+        await self.bus.publish(HEALTH, encode(health, subject=self.name))
+
     async def _report(self, model_id: str, version: str, *, ok: bool, message: str = "") -> None:
         loaded = ModelLoaded(
             model_id=model_id, name=self.name, version=version, consumer=self.consumer, ok=ok, message=message[:4096]
@@ -243,10 +379,21 @@ class LlmService:
         await msg.respond(encode(await self.complete(request)))
 
     async def complete(self, request: CompleteRequest) -> CompleteReply | LlmError:
-        """Continue a prompt with the serving version; an LlmError when none is loaded or llama.cpp refuses."""
+        """Continue a prompt with the serving version (or, during a rollout, its share of requests with the
+        candidate); an LlmError when none is loaded or llama.cpp refuses."""
         served = self.current
+        canary = self.rollout
+        if canary is not None and canary.served is not None and self._split.candidate(canary.share):
+            served = canary.served
         if served is None:
             return LlmError(code=ErrorCode.INVALID_MODEL, message=f"no version of {self.name} loaded yet")
+        began = time.perf_counter()
+        reply = await self._complete_on(served, request)
+        latency_ms = (time.perf_counter() - began) * 1000
+        self.traffic.record(served.model_id, served.version, latency_ms, ok=isinstance(reply, CompleteReply))
+        return reply
+
+    async def _complete_on(self, served: Served, request: CompleteRequest) -> CompleteReply | LlmError:
         try:
             async with served.lock:
                 done = await asyncio.to_thread(

@@ -1,0 +1,165 @@
+"""Progressive rollouts: a candidate version takes a growing share of an alias's traffic.
+
+A rollout moves in steps (`forseti.rollout.step.v1` on `forseti.models`, beside the announcements
+the services already follow): step 0 loads the candidate beside the version the alias holds on
+every replica that follows the alias, each later step gives it a share of the requests, and the
+last, once healthy, moves the alias. Replicas report what they serve and how it goes
+(`forseti.model.health.v1` on `forseti.models.health`); the workers judge each step from those
+reports and move on, hold, or roll back on their own.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from .base import Id, LongText, Name, ShortText, Strict
+from .models import ModelAvailable
+
+Strategy = Literal["canary", "blue_green"]
+RolloutState = Literal["progressing", "holding", "completed", "rolled_back", "aborted"]
+ENDED: tuple[RolloutState, ...] = ("completed", "rolled_back", "aborted")
+"""The states a rollout ends in."""
+
+
+class RolloutBounds(Strict):
+    """What a candidate must keep to within one step, else the rollout rolls back."""
+
+    max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)
+    """Failed requests over requests answered by the candidate, at most."""
+    max_latency_ratio: float = Field(default=1.5, gt=1.0)
+    """The candidate's mean latency over the version the alias holds (same step; else the last step
+    the baseline had traffic in), at most."""
+    min_requests: int = Field(default=20, ge=1)
+    """Requests the candidate must have answered in a step before it is judged: fewer, and a step
+    whose interval is over holds rather than moves on."""
+
+
+class RolloutSpec(Strict):
+    """How a rollout goes."""
+
+    strategy: Strategy = "canary"
+    """canary: traffic shares grow along `steps`; blue_green: the candidate is loaded beside the
+    serving version everywhere, then takes all traffic in one step, the old version kept warm."""
+    steps: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1, max_length=20)
+    """The candidate's share of requests at each step, in percent, growing, ending at 100."""
+    interval_seconds: float = Field(default=300.0, ge=0.1)
+    """How long each step runs before it is judged for moving on (a breach rolls back at once)."""
+    bounds: RolloutBounds = Field(default_factory=RolloutBounds)
+    """What the candidate must keep to."""
+
+    @field_validator("steps")
+    @classmethod
+    def _growing(cls, steps: list[int]) -> list[int]:
+        if any(not 0 < share <= 100 for share in steps):
+            raise ValueError("every step is a share in percent, 1 to 100")
+        if any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] != 100:
+            raise ValueError("steps grow and end at 100 (e.g. 10,50,100)")
+        return steps
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blue_green_is_one_step(cls, data: object) -> object:
+        if isinstance(data, dict) and data.get("strategy") == "blue_green":
+            if data.get("steps", [100]) != [100]:
+                raise ValueError("blue_green switches all traffic in one step: leave steps out (or give 100)")
+            return {**data, "steps": [100]}
+        return data
+
+
+class StepEvidence(Strict):
+    """What the replicas reported during a step, summed over them."""
+
+    candidate_requests: int = Field(default=0, ge=0)
+    """Requests the candidate answered (or failed)."""
+    candidate_errors: int = Field(default=0, ge=0)
+    """Of those, the failed ones."""
+    candidate_latency_ms: float | None = Field(default=None, ge=0)
+    """The candidate's mean latency (None: no requests)."""
+    baseline_requests: int = Field(default=0, ge=0)
+    """Requests the version the alias holds answered."""
+    baseline_errors: int = Field(default=0, ge=0)
+    """Of those, the failed ones."""
+    baseline_latency_ms: float | None = Field(default=None, ge=0)
+    """The baseline's mean latency (None: no requests)."""
+    replicas: int = Field(default=0, ge=0)
+    """Replicas following the alias that reported."""
+
+
+class RolloutStep(Strict):
+    """`forseti.rollout.step.v1`: a rollout moved (or held, or ended); what replicas act on."""
+
+    rollout_id: Id
+    """The rollout."""
+    seq: int = Field(ge=0)
+    """This event's place in the rollout (0, 1, ...): a replica acts on the highest it has seen."""
+    name: Name
+    """The model name."""
+    alias: ShortText
+    """The alias rolled out: replicas following it take part."""
+    strategy: Strategy
+    """canary or blue_green."""
+    step: int = Field(ge=0)
+    """0: load the candidate, no traffic; n: the n-th share of `RolloutSpec.steps`."""
+    share: int = Field(ge=0, le=100)
+    """The candidate's share of requests now, in percent."""
+    state: RolloutState
+    """progressing, holding (interval over, not enough evidence yet), or how it ended."""
+    reason: LongText = ""
+    """Why it moved, held or ended, for people."""
+    candidate_id: Id
+    """Registry id of the version rolled out."""
+    candidate_version: ShortText
+    """Its version label."""
+    baseline_id: Id
+    """Registry id of the version the alias held when the rollout started."""
+    baseline_version: ShortText
+    """Its version label."""
+    candidates: list[ModelAvailable] = Field(default_factory=list, max_length=16)
+    """The candidate's announcements (one per artifact), so a replica can load the one it serves."""
+    evidence: StepEvidence | None = None
+    """What the step before this event was judged on (None for the first event and an abort)."""
+
+
+class VersionHealth(Strict):
+    """One served version's requests since the replica's previous report."""
+
+    model_id: Id
+    """Registry id of the version."""
+    version: ShortText
+    """Its version label."""
+    requests: int = Field(ge=0)
+    """Requests it answered or failed."""
+    errors: int = Field(ge=0)
+    """Of those, the failed ones."""
+    latency_ms_sum: float = Field(ge=0)
+    """Sum of their latencies (queueing for the model included)."""
+    latency_ms_max: float = Field(ge=0)
+    """The slowest of them."""
+
+
+class ServeHealth(Strict):
+    """`forseti.model.health.v1`: a replica's periodic report of what it serves and how it goes."""
+
+    consumer: ShortText
+    """The replica (its model.loaded consumer name)."""
+    name: Name
+    """The model name it serves."""
+    alias: ShortText | None = None
+    """The alias it follows (None: every new version)."""
+    serving: Id | None = None
+    """Registry id of the version answering by default (None: nothing loaded)."""
+    every_seconds: float = Field(gt=0)
+    """How often it reports: a replica silent for three periods is taken to be gone."""
+    rollout_id: Id | None = None
+    """The rollout it takes part in, if any."""
+    candidate: Id | None = None
+    """That rollout's candidate, when loaded here."""
+    candidate_error: LongText | None = None
+    """Why the rollout's candidate could not be loaded here, if it could not."""
+    share: int = Field(default=0, ge=0, le=100)
+    """The share of requests it gives the candidate now, in percent."""
+    versions: list[VersionHealth] = Field(default_factory=list, max_length=16)
+    """Requests per version since the previous report."""

@@ -1,0 +1,342 @@
+"""Progressive rollouts: two llm-serve replicas following `production`, a worker judging the steps
+from their health reports, and llama.cpp serving two tiny GGUF versions on the memory bus."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from safetensors.numpy import load_file
+
+from forseti.adapters.bus import MemoryBroker, MemoryBus
+from forseti.adapters.llm.gguf import write_model
+from forseti.adapters.llm.llama import LlamaRuntime
+from forseti.adapters.registry import ModelRecord, RegistryStore, RolloutRecord, RolloutStepRecord
+from forseti.schemas.catalog import LOADED, MODELS, llm_channel
+from forseti.schemas.envelope import decode, encode
+from forseti.schemas.llm import CompleteReply, CompleteRequest
+from forseti.schemas.models import ModelAvailable
+from forseti.schemas.rollouts import RolloutBounds, RolloutSpec, RolloutStep, ServeHealth, VersionHealth
+from forseti.worker.engine.models import describe, promote
+from forseti.worker.rollouts.judge import Report, judge
+from forseti.worker.rollouts.steps import abort_rollout, start_rollout
+from forseti.worker.services.llm_serve import LlmService
+from forseti.worker.services.traffic import Split
+
+from ..helpers import Watcher, running_worker
+
+NAME = "assistant"
+FAST = RolloutBounds(min_requests=6, max_error_rate=0.1, max_latency_ratio=50)
+
+
+@pytest.fixture(scope="module")
+def versions(tiny_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two GGUF files of the tiny Llama (v1 and v2: same weights, different names, so different files)."""
+    out = tmp_path_factory.mktemp("rollout-gguf")
+    tensors = load_file(tiny_llama / "model.safetensors")
+    return {v: write_model(out / f"{v}.gguf", tiny_llama, tensors, "f32", name=f"assistant {v}") for v in ("v1", "v2")}
+
+
+async def register(store: RegistryStore, label: str, path: Path) -> ModelRecord:
+    model = await store.add_model(
+        ModelRecord(
+            id=f"{NAME}-{label}",
+            name=NAME,
+            model_type="llm",
+            export_path=str(path),
+            export_format="gguf",
+            label=label,
+        )
+    )
+    for artifact in describe([("gguf", "f32", path)], model.id):
+        await store.add_artifact(artifact)
+    return model
+
+
+class Replica(LlmService):
+    """llm-serve following `production`; requests to the version `failing` (if any) raise in llama.cpp."""
+
+    def __init__(self, bus: MemoryBus, consumer: str, failing: str | None = None) -> None:
+        super().__init__(
+            bus, name=NAME, consumer=consumer, artifact="f32", alias="production", context=128, health_every=0.1
+        )
+        self.failing = failing
+
+    async def _open(self, event: ModelAvailable) -> LlamaRuntime:
+        runtime = await super()._open(event)
+        if event.model_id == self.failing:
+
+            def broken(*_: Any, **__: Any) -> Any:
+                raise RuntimeError("injected fault: this version cannot answer")
+
+            runtime.complete = broken  # type: ignore[method-assign]
+        return runtime
+
+
+class Traffic:
+    """Clients asking the replicas all along (one worker of the queue group answers each request)."""
+
+    def __init__(self, bus: MemoryBus) -> None:
+        self.bus = bus
+        self.answers: list[Any] = []
+
+    async def run(self) -> None:
+        request = encode(CompleteRequest(prompt="Sensor 3 reads", max_tokens=2))
+        while True:
+            self.answers.append(decode(await self.bus.request(llm_channel(NAME), request, timeout=30)).data)
+            await asyncio.sleep(0.005)
+
+
+@contextlib.asynccontextmanager
+async def stage(
+    broker: MemoryBroker, tmp_path: Path, versions: dict[str, Path], failing: str | None = None
+) -> AsyncIterator[tuple[Any, MemoryBus, list[Replica], Watcher, Traffic]]:
+    """A worker with v1 promoted to production and v2 registered, two replicas serving v1, traffic."""
+    client = MemoryBus(broker)
+    await client.connect()
+    events = Watcher()
+    await client.subscribe(MODELS, events.on_message)
+    await client.subscribe(LOADED, events.on_message)
+    async with running_worker(MemoryBus(broker), [], tmp_path, rollout_poll=0.05) as worker:
+        for label, path in versions.items():
+            await register(worker.store, label, path)
+        await promote(worker.store, client, NAME, "v1", alias="production")
+        replicas = [Replica(MemoryBus(broker), c, failing) for c in ("replica-a", "replica-b")]
+        for replica in replicas:
+            await replica.bus.connect()
+            await replica.start()
+        await events.wait_until(lambda es: [e for e in es if e.type.endswith("loaded.v1") and e.data.ok], 2)
+        traffic = Traffic(client)
+        load = asyncio.create_task(traffic.run())
+        try:
+            yield worker, client, replicas, events, traffic
+        finally:
+            load.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await load
+            for replica in replicas:
+                await replica.stop()
+                await replica.bus.close()
+            await client.close()
+
+
+def moves(events: Watcher) -> list[RolloutStep]:
+    return [e.data for e in events.events if isinstance(e.data, RolloutStep)]
+
+
+async def ended(events: Watcher, timeout: float = 60) -> RolloutStep:
+    found = await events.wait_until(
+        lambda es: [e for e in es if isinstance(e.data, RolloutStep) and e.data.state in ("completed", "rolled_back")],
+        timeout=timeout,
+    )
+    end: RolloutStep = found[0].data
+    return end
+
+
+async def test_a_canary_that_fails_is_rolled_back_on_its_own(
+    broker: MemoryBroker, tmp_path: Path, versions: dict[str, Path]
+) -> None:
+    async with stage(broker, tmp_path, versions, failing=f"{NAME}-v2") as (worker, client, replicas, events, traffic):
+        spec = RolloutSpec(steps=[50, 100], interval_seconds=1.0, bounds=FAST)
+        rollout, _ = await start_rollout(worker.store, client, NAME, "v2", spec)
+        end = await ended(events)
+        assert end.state == "rolled_back", end.reason
+        assert "error rate 100.0%" in end.reason
+        assert end.evidence is not None and end.evidence.candidate_errors >= FAST.min_requests
+        assert [(m.seq, m.step, m.share, m.state) for m in moves(events)] == [
+            (0, 0, 0, "progressing"), (1, 1, 50, "progressing"), (2, 1, 0, "rolled_back")
+        ]  # fmt: skip
+        # both replicas loaded the candidate beside v1 and reported it
+        loaded = {(e.data.consumer, e.data.ok) for e in events.events if e.type.endswith("loaded.v1")}
+        assert loaded >= {("replica-a", True), ("replica-b", True)}
+        await asyncio.sleep(0.3)  # requests in flight at the rollback finish on the version they started on
+        after = len(traffic.answers)
+        await asyncio.sleep(0.5)
+        tail = traffic.answers[after:]
+        assert tail and all(isinstance(a, CompleteReply) and a.version == "v1" for a in tail)
+        assert all(r.current is not None and r.current.version == "v1" and r.rollout is None for r in replicas)
+        holder = await worker.store.get_alias(NAME, "production")
+        assert holder is not None and holder.label == "v1"
+        rows = await worker.store.list_rollout_steps(rollout.id)
+        assert [r.state for r in rows] == ["progressing", "progressing", "rolled_back"]
+        assert all(r.published_at is not None for r in rows)
+        assert (await worker.store.get_rollout(rollout.id)) == rollout.model_copy(update={"ended": True})
+        # v1 answered during the canary too: the failures are the candidate's alone
+        assert any(isinstance(a, CompleteReply) and a.version == "v1" for a in traffic.answers)
+
+
+async def test_a_healthy_canary_moves_on_step_by_step_and_takes_the_alias(
+    broker: MemoryBroker, tmp_path: Path, versions: dict[str, Path]
+) -> None:
+    async with stage(broker, tmp_path, versions) as (worker, client, replicas, events, traffic):
+        spec = RolloutSpec(steps=[25, 100], interval_seconds=0.6, bounds=FAST)
+        await start_rollout(worker.store, client, NAME, "v2", spec)
+        second = await start_rollout_again(worker.store, client, spec)
+        assert "is going on" in second
+        end = await ended(events)
+        assert end.state == "completed", end.reason
+        assert [(m.step, m.share, m.state) for m in moves(events)] == [
+            (0, 0, "progressing"), (1, 25, "progressing"), (2, 100, "progressing"), (2, 100, "completed")
+        ]  # fmt: skip
+        step_one = moves(events)[2].evidence
+        assert step_one is not None and step_one.candidate_errors == 0 and step_one.baseline_requests > 0
+        # about a quarter of the requests at 25%: the split is exact per replica
+        share = step_one.candidate_requests / (step_one.candidate_requests + step_one.baseline_requests)
+        assert 0.15 < share < 0.35, step_one
+        # the completion moved the alias and announced v2 with it; the replicas serve v2 without reloading
+        announced = await events.wait_until(
+            lambda es: [e for e in es if e.type.endswith("available.v1") and e.data.alias and e.data.version == "v2"]
+        )
+        assert announced[0].data.model_id == f"{NAME}-v2"
+        holder = await worker.store.get_alias(NAME, "production")
+        assert holder is not None and holder.label == "v2"
+        await asyncio.sleep(0.3)
+        after = len(traffic.answers)
+        await asyncio.sleep(0.4)
+        assert all(isinstance(a, CompleteReply) and a.version == "v2" for a in traffic.answers[after:])
+        assert all(r.current is not None and r.current.version == "v2" for r in replicas)
+        assert all([s.version for s in r.previous] == ["v1"] for r in replicas)  # kept warm for a rollback
+        assert worker.metrics.rollout_share.labels(NAME, "production")._value.get() == 0
+
+
+async def start_rollout_again(store: RegistryStore, client: MemoryBus, spec: RolloutSpec) -> str:
+    try:
+        await start_rollout(store, client, NAME, "v2", spec)
+    except Exception as exc:
+        return str(exc)
+    raise AssertionError("a second rollout of the same alias was started")
+
+
+async def test_a_candidate_a_replica_cannot_load_is_rolled_back_and_an_abort_ends_one(
+    broker: MemoryBroker, tmp_path: Path, versions: dict[str, Path]
+) -> None:
+    async with stage(broker, tmp_path, versions) as (worker, client, replicas, events, _):
+        # v3's file does not match its registered digest
+        broken = tmp_path / "v3.gguf"
+        broken.write_bytes(versions["v2"].read_bytes())
+        model = await register(worker.store, "v3", broken)
+        with broken.open("r+b") as f:
+            f.seek(-8, 2)
+            f.write(b"\x00" * 8)
+        spec = RolloutSpec(strategy="blue_green", interval_seconds=30, bounds=FAST)
+        assert spec.steps == [100]
+        await start_rollout(worker.store, client, NAME, "v3", spec)
+        end = await ended(events)
+        assert (end.state, end.step) == ("rolled_back", 0)
+        assert "could not load it" in end.reason and "sha256" in end.reason
+        assert all(r.current is not None and r.current.version == "v1" and r.rollout is None for r in replicas)
+        refused = [e.data for e in events.events if e.type.endswith("loaded.v1") and e.data.model_id == model.id]
+        assert refused and not any(r.ok for r in refused)
+
+        # an abort while v2 loads or runs: the replicas drop it, the alias stays
+        rollout, _ = await start_rollout(worker.store, client, NAME, "v2", RolloutSpec(interval_seconds=30))
+        await events.wait_until(lambda es: [e for e in es if isinstance(e.data, RolloutStep) and e.data.step == 1])
+        _, abort = await abort_rollout(worker.store, client, NAME, reason="changed my mind")
+        assert abort.state == "aborted"
+        await events.wait_until(lambda es: [e for e in es if getattr(e.data, "state", None) == "aborted"])
+        await asyncio.sleep(0.2)
+        assert all(r.rollout is None and r.current is not None and r.current.version == "v1" for r in replicas)
+        assert [r.state for r in await worker.store.list_rollout_steps(rollout.id)][-1] == "aborted"
+
+
+# -- the rules, on made-up reports ----------------------------------------------------------------
+
+
+def rollout_record(**spec: Any) -> RolloutRecord:
+    return RolloutRecord(
+        id="r1",
+        name=NAME,
+        alias="production",
+        model_id="new",
+        baseline_id="old",
+        spec=RolloutSpec.model_validate({"interval_seconds": 10, "bounds": FAST, **spec}).model_dump(mode="json"),
+    )
+
+
+def row(seq: int, step: int, share: int, state: str = "progressing", **fields: Any) -> RolloutStepRecord:
+    return RolloutStepRecord(rollout_id="r1", seq=seq, step=step, share=share, state=state, **fields)
+
+
+def report(at: float, consumer: str, **traffic: tuple[int, int, float]) -> Report:
+    """A report of `consumer` at `at`: per version id, (requests, errors, mean latency ms)."""
+    versions = [
+        VersionHealth(model_id=m, version=m, requests=n, errors=e, latency_ms_sum=n * ms, latency_ms_max=ms)
+        for m, (n, e, ms) in traffic.items()
+    ]
+    health = ServeHealth(
+        consumer=consumer, name=NAME, alias="production", serving="old", every_seconds=1.0,
+        rollout_id="r1", candidate="new", versions=versions,
+    )  # fmt: skip
+    return Report(at, health)
+
+
+def test_judge_waits_for_the_interval_then_moves_on_holds_or_rolls_back() -> None:
+    r = rollout_record(steps=[10, 100])
+    rows = [row(0, 0, 0), row(1, 1, 10)]
+    healthy = [report(101, "a", new=(6, 0, 10.0), old=(50, 0, 10.0)), report(108, "b", new=(3, 0, 12.0))]
+    assert judge(r, rows, healthy, started=100, now=109) is None  # interval not over
+    move = judge(r, rows, healthy, started=100, now=110.5)
+    assert move is not None and (move.state, move.step, move.share) == ("progressing", 2, 100)
+    assert (move.evidence.candidate_requests, move.evidence.baseline_requests, move.evidence.replicas) == (9, 50, 1)
+    # too little traffic reached the candidate: hold once, then wait
+    thin = [report(109, "a", new=(2, 0, 10.0))]
+    held = judge(r, rows, thin, started=100, now=110.5)
+    assert held is not None and (held.state, held.share) == ("holding", 10)
+    assert judge(r, [*rows, row(2, 1, 10, "holding")], thin, started=100, now=111) is None
+    # errors past the bound roll back at once, interval or not
+    failing = [report(101, "a", new=(10, 2, 10.0), old=(50, 0, 10.0))]
+    move = judge(r, rows, failing, started=100, now=102)
+    assert move is not None and move.state == "rolled_back" and "error rate 20.0%" in move.reason
+    # reports from before the step do not count
+    assert judge(r, rows, [report(99, "a", new=(10, 10, 10.0))], started=100, now=102) is None
+    # the last step, healthy: completed
+    move = judge(r, [*rows, row(2, 2, 100)], [report(112, "a", new=(8, 0, 10.0))], started=111, now=121.5)
+    assert move is not None and (move.state, move.share) == ("completed", 100)
+
+
+def test_judge_compares_latency_with_the_baseline_or_its_last_known_figure() -> None:
+    r = rollout_record(steps=[50, 100], bounds=FAST.model_copy(update={"max_latency_ratio": 1.5}))
+    rows = [row(0, 0, 0), row(1, 1, 50)]
+    slow = [report(101, "a", new=(8, 0, 40.0), old=(8, 0, 20.0))]
+    move = judge(r, rows, slow, started=100, now=102)
+    assert move is not None and move.state == "rolled_back" and "40.0 ms" in move.reason and "20.0 ms" in move.reason
+    assert judge(r, rows, [report(101, "a", new=(8, 0, 29.0), old=(8, 0, 20.0))], started=100, now=102) is None
+    # at 100% the baseline has no traffic: the figure from the step before is the reference
+    earlier = {"baseline_requests": 40, "baseline_latency_ms": 20.0, "candidate_requests": 8}
+    rows = [row(0, 0, 0), row(1, 1, 50), row(2, 2, 100, evidence=earlier)]
+    move = judge(r, rows, [report(112, "a", new=(8, 0, 35.0))], started=111, now=112)
+    assert move is not None and move.state == "rolled_back"
+
+
+def test_judge_loads_everywhere_before_any_traffic() -> None:
+    r = rollout_record()
+    rows = [row(0, 0, 0)]
+    loading = report(101, "b", old=(5, 0, 10.0))
+    loading = Report(loading.at, loading.health.model_copy(update={"candidate": None}))
+    assert judge(r, rows, [report(101, "a"), loading], started=100, now=102) is None
+    held = judge(r, rows, [report(109, "a"), Report(109, loading.health)], started=100, now=111)
+    assert held is not None and held.state == "holding" and "waiting for b" in held.reason
+    move = judge(r, rows, [report(101, "a"), report(101.5, "b")], started=100, now=102)
+    assert move is not None and (move.state, move.step, move.share) == ("progressing", 1, 10)
+    # a replica silent for three periods is gone and not waited for
+    assert judge(r, rows, [report(101, "a"), Report(90, loading.health)], started=100, now=102) is not None
+    failed = report(101, "a")
+    failed = Report(failed.at, failed.health.model_copy(update={"candidate": None, "candidate_error": "no space"}))
+    move = judge(r, rows, [failed], started=100, now=101)
+    assert move is not None and move.state == "rolled_back" and "a could not load it: no space" in move.reason
+
+
+def test_spec_checks_steps_and_the_split_is_exact() -> None:
+    for steps in ([50, 20, 100], [10, 50], [0, 100], [10, 10, 100]):
+        with pytest.raises(ValueError, match=r"steps|share"):
+            RolloutSpec(steps=steps)
+    with pytest.raises(ValueError, match="one step"):
+        RolloutSpec.model_validate({"strategy": "blue_green", "steps": [10, 100]})
+    split = Split()
+    assert sum(split.candidate(10) for _ in range(1000)) == 100
+    split = Split()
+    assert sum(split.candidate(33) for _ in range(300)) == 99

@@ -1,0 +1,143 @@
+"""The rollout controller every worker runs: it hears the replicas' health and moves rollouts on.
+
+No single process owns a rollout. Every worker keeps the health reports of the last hour, reads the
+rollouts going on from the shared registry each `poll`, judges each one's step (`judge.py`), and
+tries to store the move; the registry lets one worker store each `seq`, and that worker announces it.
+A move stored but not announced (its worker died in between) is announced again by the next tick
+of any worker once `REPUBLISH_AFTER` has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from datetime import datetime
+
+from forseti.adapters.bus import Bus, Message, Subscription
+from forseti.adapters.registry import RegistryStore, RolloutRecord, RolloutStepRecord
+from forseti.adapters.signing import Signer
+from forseti.schemas.catalog import HEALTH
+from forseti.schemas.envelope import decode
+from forseti.schemas.errors import InvalidTask
+from forseti.schemas.rollouts import ENDED, ServeHealth
+
+from ..engine.metrics import Metrics
+from .judge import Report, judge
+from .steps import publish_step
+
+log = logging.getLogger(__name__)
+
+KEEP_REPORTS = 3600.0
+"""Seconds of health reports kept in memory (a step longer than this is judged on its last hour)."""
+REPUBLISH_AFTER = 5.0
+"""Seconds after which a stored move not yet stamped published is published again."""
+
+
+def epoch(stamp: str) -> float:
+    """A registry time (ISO 8601) in seconds since the epoch."""
+    return datetime.fromisoformat(stamp).timestamp()
+
+
+class RolloutController:
+    """Moves every rollout going on, as one of many workers doing the same."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        store: RegistryStore,
+        *,
+        metrics: Metrics | None = None,
+        signer: Signer | None = None,
+        poll: float = 1.0,
+    ) -> None:
+        self.bus, self.store = bus, store
+        self.metrics = metrics
+        self.signer = signer
+        """Signs the moves this worker announces."""
+        self.poll = poll
+        """Seconds between two looks at the rollouts going on."""
+        self.reports: deque[Report] = deque()
+        """Health reports received, oldest first."""
+        self._sub: Subscription | None = None
+        self._shown: set[tuple[str, str]] = set()
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Hear health reports and tick every `poll` until `stopping` is set."""
+        self._sub = await self.bus.subscribe(HEALTH, self.on_health)
+        try:
+            while not stopping.is_set():
+                try:
+                    await self.tick()
+                except Exception:  # a registry hiccup must not end the controller: the next tick retries
+                    log.exception("rollout tick failed")
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), timeout=self.poll)
+        finally:
+            await self._sub.unsubscribe()
+
+    async def on_health(self, msg: Message) -> None:
+        """Keep one replica's report."""
+        try:
+            health = decode(msg.data, expect=ServeHealth).data
+        except InvalidTask as exc:
+            log.warning("ignoring an unreadable health report: %s", exc.message)
+            return
+        now = time.time()
+        self.reports.append(Report(now, health))
+        while self.reports and self.reports[0].at < now - KEEP_REPORTS:
+            self.reports.popleft()
+
+    async def tick(self) -> None:
+        """Look at every rollout going on once."""
+        going = await self.store.list_rollouts(active=True)
+        for rollout in going:
+            await self.advance(rollout)
+        if self.metrics is not None:
+            for name, alias in self._shown - {(r.name, r.alias) for r in going}:
+                self.metrics.rollout_share.labels(name, alias).set(0)
+
+    async def advance(self, rollout: RolloutRecord) -> None:
+        """Publish what is stored but unpublished, then judge the rollout's step and store its move."""
+        rows = await self.store.list_rollout_steps(rollout.id)
+        now = time.time()
+        for row in rows:
+            if row.published_at is None and now - epoch(row.created_at) >= REPUBLISH_AFTER:
+                log.warning("rollout %s move %d was not announced; announcing it", rollout.id, row.seq)
+                await publish_step(self.store, self.bus, rollout, row, signer=self.signer)
+        if not rows:  # its starter died between storing it and its first move
+            rows = [RolloutStepRecord(rollout_id=rollout.id, seq=0, step=0, share=0, state="progressing")]
+            if await self.store.claim_rollout_step(rows[0]):
+                await publish_step(self.store, self.bus, rollout, rows[0], signer=self.signer)
+            return
+        last = rows[-1]
+        self._show(rollout, last)
+        if last.state in ENDED:
+            return
+        started = epoch(next(r.created_at for r in rows if r.step == last.step))
+        move = judge(rollout, rows, list(self.reports), started=started, now=now)
+        if move is None:
+            return
+        row = RolloutStepRecord(
+            rollout_id=rollout.id,
+            seq=last.seq + 1,
+            step=move.step,
+            share=move.share,
+            state=move.state,
+            reason=move.reason,
+            evidence=move.evidence.model_dump(mode="json"),
+        )
+        if not await self.store.claim_rollout_step(row):
+            return  # another worker made this move
+        log.info("rollout %s: %s at step %d (%d%%): %s", rollout.id, move.state, move.step, move.share, move.reason)
+        if self.metrics is not None:
+            self.metrics.rollout_moves.labels(state=move.state).inc()
+        self._show(rollout, row)
+        await publish_step(self.store, self.bus, rollout, row, signer=self.signer)
+
+    def _show(self, rollout: RolloutRecord, row: RolloutStepRecord) -> None:
+        if self.metrics is not None:
+            self.metrics.rollout_share.labels(rollout.name, rollout.alias).set(0 if row.state in ENDED else row.share)
+            self._shown.add((rollout.name, rollout.alias))

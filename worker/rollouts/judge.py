@@ -1,0 +1,160 @@
+"""Judging a rollout's step from the replicas' health reports: move on, hold, roll back, or wait.
+
+Pure: the controller gives it the reports it received and the clock, so the rules read (and are
+tested) apart from the bus and the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from forseti.adapters.registry import RolloutRecord, RolloutStepRecord
+from forseti.schemas.rollouts import RolloutSpec, RolloutState, ServeHealth, StepEvidence
+
+SILENT_PERIODS = 3
+"""A replica that has not reported for this many of its periods is taken to be gone."""
+
+
+@dataclass(frozen=True)
+class Report:
+    """A health report and when it was received (seconds since the epoch)."""
+
+    at: float
+    health: ServeHealth
+
+
+@dataclass(frozen=True)
+class Move:
+    """What a step comes to: the rollout's next row."""
+
+    state: RolloutState
+    step: int
+    share: int
+    reason: str
+    evidence: StepEvidence
+
+
+def replicas(rollout: RolloutRecord, reports: Iterable[Report], now: float) -> dict[str, ServeHealth]:
+    """The latest report of each replica of the rollout's name and alias that is still reporting."""
+    latest: dict[str, Report] = {}
+    for report in reports:
+        h = report.health
+        if (h.name, h.alias) == (rollout.name, rollout.alias) and (
+            h.consumer not in latest or latest[h.consumer].at <= report.at
+        ):
+            latest[h.consumer] = report
+    return {
+        consumer: r.health for consumer, r in latest.items() if now - r.at <= SILENT_PERIODS * r.health.every_seconds
+    }
+
+
+def evidence(rollout: RolloutRecord, reports: Iterable[Report], since: float, now: float) -> StepEvidence:
+    """The candidate's and the baseline's requests reported since `since`, summed over replicas."""
+    sums = {rollout.model_id: [0, 0, 0.0], rollout.baseline_id: [0, 0, 0.0]}
+    for report in reports:
+        h = report.health
+        if report.at < since or h.name != rollout.name or h.alias != rollout.alias:
+            continue
+        for v in h.versions:
+            if v.model_id in sums:
+                total = sums[v.model_id]
+                total[0] += v.requests
+                total[1] += v.errors
+                total[2] += v.latency_ms_sum
+    cand, base = sums[rollout.model_id], sums[rollout.baseline_id]
+    return StepEvidence(
+        candidate_requests=int(cand[0]),
+        candidate_errors=int(cand[1]),
+        candidate_latency_ms=cand[2] / cand[0] if cand[0] else None,
+        baseline_requests=int(base[0]),
+        baseline_errors=int(base[1]),
+        baseline_latency_ms=base[2] / base[0] if base[0] else None,
+        replicas=len(replicas(rollout, reports, now)),
+    )
+
+
+def reference_latency(rows: list[RolloutStepRecord], min_requests: int) -> float | None:
+    """The baseline's mean latency in the latest step it had enough traffic in (None: none had)."""
+    for row in reversed(rows):
+        if row.evidence is None:
+            continue
+        ev = StepEvidence.model_validate(row.evidence)
+        if ev.baseline_requests >= min_requests and ev.baseline_latency_ms is not None:
+            return ev.baseline_latency_ms
+    return None
+
+
+def judge(
+    rollout: RolloutRecord,
+    rows: list[RolloutStepRecord],
+    reports: list[Report],
+    *,
+    started: float,
+    now: float,
+) -> Move | None:
+    """The rollout's next move given its rows (the last is where it stands; its step began at
+    `started`) and the reports received; None: keep waiting."""
+    spec = RolloutSpec.model_validate(rollout.spec)
+    bounds = spec.bounds
+    last = rows[-1]
+    live = replicas(rollout, reports, now)
+    ev = evidence(rollout, reports, started, now)
+    breach = _breach(rollout, rows, live, ev)
+    if breach is not None:
+        return Move("rolled_back", last.step, 0, breach, ev)
+
+    elapsed = now - started
+    if last.step == 0:
+        # loading: every replica following the alias must hold the candidate before any traffic goes to it
+        waiting = sorted(c for c, h in live.items() if h.rollout_id != rollout.id or h.candidate != rollout.model_id)
+        if live and not waiting:
+            share = spec.steps[0]
+            return Move("progressing", 1, share, f"loaded on {len(live)} replica(s); {share}% of requests", ev)
+        if elapsed < spec.interval_seconds or last.state == "holding":
+            return None
+        held = f"waiting for {', '.join(waiting)} to load it" if waiting else "no replica following the alias reports"
+        return Move("holding", 0, 0, held, ev)
+
+    if elapsed < spec.interval_seconds:
+        return None
+    if ev.candidate_requests < bounds.min_requests:
+        if last.state == "holding":
+            return None
+        why = f"{ev.candidate_requests} request(s) reached it in this step; {bounds.min_requests} needed to judge"
+        return Move("holding", last.step, last.share, why, ev)
+    healthy = f"{ev.candidate_requests} requests, {ev.candidate_errors} failed"
+    if ev.candidate_latency_ms is not None:
+        healthy += f", {ev.candidate_latency_ms:.1f} ms mean"
+    if last.step == len(spec.steps):
+        return Move("completed", last.step, 100, f"healthy at 100% ({healthy}); {rollout.alias} moved", ev)
+    share = spec.steps[last.step]
+    return Move("progressing", last.step + 1, share, f"healthy at {last.share}% ({healthy}); {share}% next", ev)
+
+
+def _breach(
+    rollout: RolloutRecord, rows: list[RolloutStepRecord], live: dict[str, ServeHealth], ev: StepEvidence
+) -> str | None:
+    """Why the candidate must go now (a replica could not load it, or a bound is past); None: it may stay."""
+    bounds = RolloutSpec.model_validate(rollout.spec).bounds
+    for consumer, health in sorted(live.items()):
+        if health.rollout_id == rollout.id and health.candidate_error:
+            return f"{consumer} could not load it: {health.candidate_error}"
+    if ev.candidate_requests < bounds.min_requests:
+        return None
+    rate = ev.candidate_errors / ev.candidate_requests
+    if rate > bounds.max_error_rate:
+        return (
+            f"error rate {rate:.1%} ({ev.candidate_errors} of {ev.candidate_requests} requests) "
+            f"past the bound {bounds.max_error_rate:.1%}"
+        )
+    reference = (
+        ev.baseline_latency_ms
+        if ev.baseline_requests >= bounds.min_requests
+        else reference_latency(rows, bounds.min_requests)
+    )
+    latency = ev.candidate_latency_ms
+    if reference and latency is not None and latency > reference * bounds.max_latency_ratio:
+        ratio = bounds.max_latency_ratio
+        return f"mean latency {latency:.1f} ms against the baseline's {reference:.1f} ms: past {ratio:g}x"
+    return None

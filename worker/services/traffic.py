@@ -1,0 +1,61 @@
+"""What a serving replica counts for its health reports, and how it splits requests during a rollout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from forseti.schemas.rollouts import VersionHealth
+
+
+@dataclass
+class Tally:
+    """One version's requests since the last report."""
+
+    version: str
+    requests: int = 0
+    errors: int = 0
+    latency_ms_sum: float = 0.0
+    latency_ms_max: float = 0.0
+
+
+class Traffic:
+    """Requests per served version, drained into each health report."""
+
+    def __init__(self) -> None:
+        self._tallies: dict[str, Tally] = {}
+
+    def record(self, model_id: str, version: str, latency_ms: float, *, ok: bool) -> None:
+        """Count one request a version answered (`ok`) or failed, and how long it took."""
+        tally = self._tallies.setdefault(model_id, Tally(version))
+        tally.requests += 1
+        tally.errors += 0 if ok else 1
+        tally.latency_ms_sum += latency_ms
+        tally.latency_ms_max = max(tally.latency_ms_max, latency_ms)
+
+    def drain(self) -> list[VersionHealth]:
+        """The counts since the last drain, per version; counting starts again from zero."""
+        tallies, self._tallies = self._tallies, {}
+        return [
+            VersionHealth(
+                model_id=model_id,
+                version=t.version,
+                requests=t.requests,
+                errors=t.errors,
+                latency_ms_sum=t.latency_ms_sum,
+                latency_ms_max=t.latency_ms_max,
+            )
+            for model_id, t in tallies.items()
+        ]
+
+
+class Split:
+    """Sends an exact share of requests one way: after n requests, floor(n * share / 100) went to the
+    candidate (no randomness, so two replicas at 10% each send 10% of theirs)."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def candidate(self, share: int) -> bool:
+        """Whether the next request goes to the candidate at `share` percent."""
+        self.seen += 1
+        return (self.seen * share) // 100 > ((self.seen - 1) * share) // 100
