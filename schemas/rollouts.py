@@ -10,15 +10,16 @@ reports and move on, hold, or roll back on their own.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, StringConstraints, field_validator, model_validator
 
-from .base import Id, LongText, Name, ShortText, Strict
+from .base import ID_PATTERN, Id, LongText, Name, ShortText, Strict
 from .models import ModelAvailable
 
-Strategy = Literal["canary", "blue_green"]
+Strategy = Literal["canary", "blue_green", "rolling"]
 RolloutState = Literal["progressing", "holding", "completed", "rolled_back", "aborted"]
 ENDED: tuple[RolloutState, ...] = ("completed", "rolled_back", "aborted")
 """The states a rollout ends in."""
@@ -42,9 +43,13 @@ class RolloutSpec(Strict):
 
     strategy: Strategy = "canary"
     """canary: traffic shares grow along `steps`; blue_green: the candidate is loaded beside the
-    serving version everywhere, then takes all traffic in one step, the old version kept warm."""
+    serving version everywhere, then takes all traffic in one step, the old version kept warm;
+    rolling: edge devices with `device_tag` switch to it, a growing share of them at each step."""
     steps: list[int] = Field(default_factory=lambda: [10, 50, 100], min_length=1, max_length=20)
-    """The candidate's share of requests at each step, in percent, growing, ending at 100."""
+    """The candidate's share at each step, in percent (of requests; rolling: of the tagged devices),
+    growing, ending at 100."""
+    device_tag: Annotated[str, StringConstraints(pattern=ID_PATTERN)] | None = None
+    """rolling: the devices taking part (those started with this `--tag`)."""
     interval_seconds: float = Field(default=300.0, ge=0.1)
     """How long each step runs before it is judged for moving on (a breach rolls back at once)."""
     bounds: RolloutBounds = Field(default_factory=RolloutBounds)
@@ -58,6 +63,12 @@ class RolloutSpec(Strict):
         if any(b <= a for a, b in itertools.pairwise(steps)) or steps[-1] != 100:
             raise ValueError("steps grow and end at 100 (e.g. 10,50,100)")
         return steps
+
+    @model_validator(mode="after")
+    def _tag_for_rolling(self) -> RolloutSpec:
+        if (self.strategy == "rolling") != (self.device_tag is not None):
+            raise ValueError("a rolling rollout names the device_tag it rolls across; the others name none")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -100,11 +111,14 @@ class RolloutStep(Strict):
     alias: ShortText
     """The alias rolled out: replicas following it take part."""
     strategy: Strategy
-    """canary or blue_green."""
+    """canary, blue_green or rolling."""
+    device_tag: ShortText | None = None
+    """rolling: the devices with this tag take part, each once its share includes it."""
     step: int = Field(ge=0)
     """0: load the candidate, no traffic; n: the n-th share of `RolloutSpec.steps`."""
     share: int = Field(ge=0, le=100)
-    """The candidate's share of requests now, in percent."""
+    """The candidate's share now, in percent: of requests (rolling: of the tagged devices, each device
+    in it when `device_share(rollout_id, device_id)` is below it)."""
     state: RolloutState
     """progressing, holding (interval over, not enough evidence yet), or how it ended."""
     reason: LongText = ""
@@ -148,7 +162,8 @@ class ServeHealth(Strict):
     name: Name
     """The model name it serves."""
     alias: ShortText | None = None
-    """The alias it follows (None: every new version)."""
+    """The alias it follows (None: every new version; an edge device taking part in a rolling rollout:
+    that rollout's alias)."""
     serving: Id | None = None
     """Registry id of the version answering by default (None: nothing loaded)."""
     every_seconds: float = Field(gt=0)
@@ -163,3 +178,11 @@ class ServeHealth(Strict):
     """The share of requests it gives the candidate now, in percent."""
     versions: list[VersionHealth] = Field(default_factory=list, max_length=16)
     """Requests per version since the previous report."""
+
+
+def device_share(rollout_id: str, device_id: str) -> int:
+    """Where a device stands in a rolling rollout, 0 to 99: it takes the candidate once the step's share
+    is above it. Derived from both ids, so every party computes it alike and a growing share only adds
+    devices."""
+    digest = hashlib.sha256(f"{rollout_id}/{device_id}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") % 100

@@ -286,7 +286,7 @@ async def running_worker(
         await asyncio.wait_for(task, 30)
 
 
-def tiny_classifier(path: Path) -> Path:
+def tiny_classifier(path: Path, columns: tuple[str, str] = ("a", "b")) -> Path:
     """A two-column, two-class 'classifier' (softmax of the raw columns) with its card inside."""
     graph = helper.make_graph(
         [helper.make_node("Softmax", ["numeric"], ["prediction"], axis=1)],
@@ -296,7 +296,7 @@ def tiny_classifier(path: Path) -> Path:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
-    card = ModelCard("classifier", numeric=["a", "b"], classes=["left", "right"])
+    card = ModelCard("classifier", numeric=list(columns), classes=["left", "right"])
     helper.set_model_props(model, {CARD_KEY: card.to_json()})
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(path))

@@ -16,18 +16,27 @@ from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.llm.gguf import write_model
 from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.adapters.registry import ModelRecord, RegistryStore, RolloutRecord, RolloutStepRecord
-from forseti.schemas.catalog import LOADED, MODELS, llm_channel
+from forseti.schemas.catalog import LOADED, MODELS, edge_channel, llm_channel
 from forseti.schemas.envelope import decode, encode
+from forseti.schemas.inference import InferRequest
 from forseti.schemas.llm import CompleteReply, CompleteRequest
 from forseti.schemas.models import ModelAvailable
-from forseti.schemas.rollouts import RolloutBounds, RolloutSpec, RolloutStep, ServeHealth, VersionHealth
+from forseti.schemas.rollouts import (
+    RolloutBounds,
+    RolloutSpec,
+    RolloutStep,
+    ServeHealth,
+    VersionHealth,
+    device_share,
+)
 from forseti.worker.engine.models import describe, promote
 from forseti.worker.rollouts.judge import Report, judge
 from forseti.worker.rollouts.steps import abort_rollout, start_rollout
+from forseti.worker.services.edge import EdgeAgent
 from forseti.worker.services.llm_serve import LlmService
 from forseti.worker.services.traffic import Split
 
-from ..helpers import Watcher, running_worker
+from ..helpers import Watcher, running_worker, tiny_classifier
 
 NAME = "assistant"
 FAST = RolloutBounds(min_requests=6, max_error_rate=0.1, max_latency_ratio=50)
@@ -83,10 +92,13 @@ class Traffic:
     def __init__(self, bus: MemoryBus) -> None:
         self.bus = bus
         self.answers: list[Any] = []
+        self.stop = asyncio.Event()
 
     async def run(self) -> None:
+        # stopped by the event, not by cancelling: on 3.11 a cancel that lands as a reply arrives is
+        # lost inside asyncio.wait_for, and the loop would go on
         request = encode(CompleteRequest(prompt="Sensor 3 reads", max_tokens=2))
-        while True:
+        while not self.stop.is_set():
             self.answers.append(decode(await self.bus.request(llm_channel(NAME), request, timeout=30)).data)
             await asyncio.sleep(0.005)
 
@@ -115,9 +127,8 @@ async def stage(
         try:
             yield worker, client, replicas, events, traffic
         finally:
-            load.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await load
+            traffic.stop.set()
+            await asyncio.wait_for(load, 60)
             for replica in replicas:
                 await replica.stop()
                 await replica.bus.close()
@@ -241,6 +252,99 @@ async def test_a_candidate_a_replica_cannot_load_is_rolled_back_and_an_abort_end
         await asyncio.sleep(0.2)
         assert all(r.rollout is None and r.current is not None and r.current.version == "v1" for r in replicas)
         assert [r.state for r in await worker.store.list_rollout_steps(rollout.id)][-1] == "aborted"
+
+
+async def test_a_rolling_rollout_across_tagged_devices_rolls_back_a_broken_version_and_completes_a_good_one(
+    broker: MemoryBroker, tmp_path: Path
+) -> None:
+    client = MemoryBus(broker)
+    await client.connect()
+    events = Watcher()
+    await client.subscribe(MODELS, events.on_message)
+    await client.subscribe(LOADED, events.on_message)
+    async with running_worker(MemoryBus(broker), [], tmp_path / "worker", rollout_poll=0.05) as worker:
+        # v3 was trained on other columns: every request the devices get fails on it
+        for label, columns in (("v1", ("a", "b")), ("v2", ("a", "b")), ("v3", ("x", "y"))):
+            path = tiny_classifier(tmp_path / label / "model.onnx", columns)
+            model = await worker.store.add_model(
+                ModelRecord(id=f"cls-{label}", name="cls", model_type="classifier", export_path=str(path),
+                            export_format="onnx", label=label, device_tags=["pumps"])
+            )  # fmt: skip
+            for artifact in describe([("onnx", None, path)], model.id):
+                await worker.store.add_artifact(artifact)
+        await promote(worker.store, client, "cls", "v1", alias="production")
+        devices = [
+            EdgeAgent(MemoryBus(broker), device_id=f"pump-{i}", data_dir=tmp_path / f"pump-{i}", tags={"pumps"},
+                      alias="production", health_every=0.1)
+            for i in range(4)
+        ]  # fmt: skip
+        for device in devices:
+            await device.bus.connect()
+            await device.start()
+
+        def serving(version: str) -> bool:
+            return all(d.current.get("cls") is not None and d.current["cls"].version == version for d in devices)
+
+        stop = asyncio.Event()
+
+        async def ask_all() -> None:
+            rows = encode(InferRequest.model_validate({"rows": [{"a": 1.0, "b": 2.0}], "name": "cls"}))
+            while not stop.is_set():  # not cancelled: see Traffic.run
+                for device in devices:
+                    await client.request(edge_channel(device.device_id), rows, timeout=10)
+                await asyncio.sleep(0.005)
+
+        await until(lambda: serving("v1"))
+        asking = asyncio.create_task(ask_all())
+        try:
+            spec = RolloutSpec(strategy="rolling", device_tag="pumps", steps=[50, 100], interval_seconds=0.5,
+                               bounds=FAST.model_copy(update={"min_requests": 4}))  # fmt: skip
+            broken, _ = await start_rollout(worker.store, client, "cls", "v3", spec)
+            end = await ended(events)
+            assert end.state == "rolled_back" and "error rate" in end.reason, end.reason
+            await until(lambda: serving("v1") and all(not d.rollouts for d in devices))
+            # the devices that switched were the ones the 50% step took, by their place in the rollout
+            # (had it taken none, the step would have moved on to 100% and all of them)
+            firsts = {d.device_id for d in devices if device_share(broken.id, d.device_id) < 50}
+            assert switched(events, "cls-v3") == (firsts or {d.device_id for d in devices})
+            assert all(m.device_tag == "pumps" for m in moves(events))
+
+            events.events.clear()
+            good, _ = await start_rollout(worker.store, client, "cls", "v2", spec)
+            end = await ended(events)
+            assert end.state == "completed", end.reason
+            await until(lambda: serving("v2"))
+            firsts = {d.device_id for d in devices if device_share(good.id, d.device_id) < 50}
+            assert switched(events, "cls-v2", "at 50%") == firsts
+            assert switched(events, "cls-v2") == {d.device_id for d in devices}
+            holder = await worker.store.get_alias("cls", "production")
+            assert holder is not None and holder.label == "v2"
+        finally:
+            stop.set()
+            await asyncio.wait_for(asking, 30)
+            for device in devices:
+                await device.stop()
+                await device.bus.close()
+            await client.close()
+    assert broken.id != good.id
+
+
+def switched(events: Watcher, model_id: str, at: str = "") -> set[str]:
+    """The devices that reported switching to `model_id` (at a given share, when `at` names one)."""
+    return {
+        e.data.consumer
+        for e in events.events
+        if e.type.endswith("loaded.v1") and e.data.model_id == model_id and e.data.ok and at in e.data.message
+    }
+
+
+async def until(condition: Any, timeout: float = 20) -> None:
+    """Return once `condition()` holds; fail after `timeout` seconds."""
+    for _ in range(int(timeout / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not so within {timeout:g}s")
 
 
 # -- the rules, on made-up reports ----------------------------------------------------------------

@@ -124,6 +124,12 @@ RegistryOpt = Annotated[
 ]
 
 
+HealthEveryOpt = Annotated[
+    float,
+    typer.Option(min=0.1, help="Seconds between health reports (forseti.models.health; rollouts are judged by them)."),
+]
+
+
 def _store(data_dir: Path, registry_url: str | None) -> RegistryStore:
     """The registry a command reads: `--registry-url`, else the data dir's SQLite file."""
     try:
@@ -1179,12 +1185,7 @@ def llm_serve(
     consumer: Annotated[str | None, typer.Option(help="Name in model.loaded reports [llm-HOST-PID].")] = None,
     context: Annotated[int, typer.Option(min=16, help="Context length in tokens.")] = 512,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for llama.cpp.")] = 2,
-    health_every: Annotated[
-        float,
-        typer.Option(
-            min=0.1, help="Seconds between health reports (forseti.models.health; rollouts are judged by them)."
-        ),
-    ] = 10.0,
+    health_every: HealthEveryOpt = 10.0,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
     object_store_url: ArtifactStoreOpt = None,
@@ -1311,6 +1312,14 @@ def edge(
     llm_artifact: Annotated[
         str, typer.Option(help="Which GGUF of an LLM to load: f32, f16, q8_0, q4_0, q4_k_m or lora.")
     ] = "q8_0",
+    alias: Annotated[
+        str | None,
+        typer.Option(
+            help="Only take versions promoted to this alias, and take part in its rolling rollouts across this "
+            "device's tags (default: every version meant for the device)."
+        ),
+    ] = None,
+    health_every: HealthEveryOpt = 10.0,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
     bus: BusOpt = DEFAULT_BUS_URL,
@@ -1344,6 +1353,8 @@ def edge(
             objects=objects,
             trusted=trusted,
             keyring=keyring,
+            alias=alias,
+            health_every=health_every,
         )
 
     # a device may boot before its network or its broker: it waits for the bus instead of exiting

@@ -106,18 +106,14 @@ def judge(
 
     elapsed = now - started
     if last.step == 0:
-        # loading: every replica following the alias must hold the candidate before any traffic goes to it
-        waiting = sorted(c for c, h in live.items() if h.rollout_id != rollout.id or h.candidate != rollout.model_id)
-        if live and not waiting:
-            share = spec.steps[0]
-            return Move("progressing", 1, share, f"loaded on {len(live)} replica(s); {share}% of requests", ev)
-        if elapsed < spec.interval_seconds or last.state == "holding":
-            return None
-        held = f"waiting for {', '.join(waiting)} to load it" if waiting else "no replica following the alias reports"
-        return Move("holding", 0, 0, held, ev)
-
+        return _loaded(rollout, spec, last, live, ev, elapsed)
     if elapsed < spec.interval_seconds:
         return None
+    nobody = not any(h.candidate == rollout.model_id for h in live.values())
+    if spec.strategy == "rolling" and last.step < len(spec.steps) and nobody:
+        share = spec.steps[last.step]
+        why = f"no device tagged {spec.device_tag} falls in {last.share}% yet; {share}% next"
+        return Move("progressing", last.step + 1, share, why, ev)
     if ev.candidate_requests < bounds.min_requests:
         if last.state == "holding":
             return None
@@ -130,6 +126,28 @@ def judge(
         return Move("completed", last.step, 100, f"healthy at 100% ({healthy}); {rollout.alias} moved", ev)
     share = spec.steps[last.step]
     return Move("progressing", last.step + 1, share, f"healthy at {last.share}% ({healthy}); {share}% next", ev)
+
+
+def _loaded(
+    rollout: RolloutRecord,
+    spec: RolloutSpec,
+    last: RolloutStepRecord,
+    live: dict[str, ServeHealth],
+    ev: StepEvidence,
+    elapsed: float,
+) -> Move | None:
+    """Step 0: traffic goes to the candidate once every replica following the alias holds it (a rolling
+    rollout's devices load it when their share comes: nothing to wait for)."""
+    share = spec.steps[0]
+    if spec.strategy == "rolling":
+        return Move("progressing", 1, share, f"{share}% of the devices tagged {spec.device_tag}", ev)
+    waiting = sorted(c for c, h in live.items() if h.rollout_id != rollout.id or h.candidate != rollout.model_id)
+    if live and not waiting:
+        return Move("progressing", 1, share, f"loaded on {len(live)} replica(s); {share}% of requests", ev)
+    if elapsed < spec.interval_seconds or last.state == "holding":
+        return None
+    held = f"waiting for {', '.join(waiting)} to load it" if waiting else "no replica following the alias reports"
+    return Move("holding", 0, 0, held, ev)
 
 
 def _breach(

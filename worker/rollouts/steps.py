@@ -115,6 +115,7 @@ def step_event(rollout: RolloutRecord, move: RolloutStepRecord, versions: dict[s
         name=rollout.name,
         alias=rollout.alias,
         strategy=spec.strategy,
+        device_tag=spec.device_tag,
         step=move.step,
         share=move.share,
         state=move.state,

@@ -21,7 +21,6 @@ latency (`forseti.model.health.v1`), which the workers judge the rollout by.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -39,13 +38,13 @@ from forseti.adapters.signing import TrustedKeys, refusal
 from forseti.schemas.base import ID_PATTERN
 from forseti.schemas.catalog import HEALTH, LOADED, MODELS, llm_channel
 from forseti.schemas.envelope import Event, decode, encode
-from forseti.schemas.errors import BusError, ErrorCode, ForsetiError, InvalidTask
+from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
 from forseti.schemas.llm import CompleteReply, CompleteRequest, LlmError
 from forseti.schemas.models import ModelAvailable, ModelLoaded, ModelRollback
 from forseti.schemas.rollouts import ENDED, RolloutStep, ServeHealth
 
 from ..engine.settings import default_data_dir
-from .traffic import Split, Traffic
+from .traffic import Split, Traffic, report_every
 
 log = logging.getLogger(__name__)
 ARTIFACTS = (*GGUF_TYPES, "lora")
@@ -147,6 +146,7 @@ class LlmService:
         self._subs: list[Subscription] = []
         self._swap = asyncio.Lock()
         self._health: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
 
     async def start(self) -> None:
         """Follow the models channel and answer on the completion channel."""
@@ -159,14 +159,17 @@ class LlmService:
             self._subs.append(await self.bus.subscribe(MODELS, self._on_model))
         if self.answer:
             self._subs.append(await self.bus.subscribe(llm_channel(self.name), self._on_request, queue="llm-serve"))
-        self._health = asyncio.create_task(self._report_health(), name=f"llm-serve {self.name} health")
+        self._stopped.clear()
+        self._health = asyncio.create_task(
+            report_every(self.health_every, self._stopped, self.publish_health, f"llm-serve {self.name}"),
+            name=f"llm-serve {self.name} health",
+        )
 
     async def stop(self) -> None:
         """Stop listening and reporting, and free every loaded model."""
+        self._stopped.set()
         if self._health is not None:
-            self._health.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._health
+            await self._health
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
@@ -338,14 +341,6 @@ class LlmService:
         canary, self.rollout = self.rollout, None
         if canary is not None and canary.served is not None:
             await canary.served.close()
-
-    async def _report_health(self) -> None:
-        while True:
-            await asyncio.sleep(self.health_every)
-            try:
-                await self.publish_health()
-            except BusError as exc:  # the bus is away: this period's counts go in the next report
-                log.warning("llm-serve %s: health report not sent: %s", self.name, exc)
 
     async def publish_health(self) -> None:
         """Report what this service serves and each version's requests since the last report."""

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from forseti.schemas.errors import BusError
 from forseti.schemas.rollouts import VersionHealth
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,3 +65,19 @@ class Split:
         """Whether the next request goes to the candidate at `share` percent."""
         self.seen += 1
         return (self.seen * share) // 100 > ((self.seen - 1) * share) // 100
+
+
+async def report_every(seconds: float, stopped: asyncio.Event, send: Callable[[], Awaitable[None]], who: str) -> None:
+    """Call `send` every `seconds` until `stopped` is set (ended by the event, not by cancelling: a
+    cancel that lands as a bus call completes can be lost in asyncio.wait_for on Python 3.11). While
+    the bus is away, a period's report is skipped and its counts go in the next one."""
+    while True:
+        try:
+            await asyncio.wait_for(stopped.wait(), seconds)
+            return
+        except TimeoutError:
+            pass
+        try:
+            await send()
+        except BusError as exc:
+            log.warning("%s: health report not sent: %s", who, exc)
