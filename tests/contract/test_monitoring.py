@@ -21,15 +21,18 @@ import yaml
 
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.processes import free_port
+from forseti.adapters.registry import ModelRecord, RegistryStore
 from forseti.schemas.capabilities import Capability
-from forseti.schemas.catalog import CONTROL
+from forseti.schemas.catalog import CONTROL, HEALTH
 from forseti.schemas.control import CancelJob
 from forseti.schemas.envelope import encode
 from forseti.schemas.jobs import GenericResult
+from forseti.schemas.rollouts import RolloutBounds, RolloutSpec, ServeHealth, VersionHealth
 from forseti.schemas.schedules import ScheduleCreate, ScheduleSpec
 from forseti.schemas.tasks import RLTask, TaskKind, task_channel
 from forseti.worker.cli.schedules import ask_schedules
 from forseti.worker.engine.context import Handler, JobContext
+from forseti.worker.rollouts.steps import start_rollout
 
 from ..helpers import EchoHandler, StepHandler, inference, running_worker, submit, training
 
@@ -143,6 +146,27 @@ def query(url: str, expr: str) -> list[dict[str, Any]]:
     return result
 
 
+async def rolling_out(store: RegistryStore, client: MemoryBus) -> ServeHealth:
+    """A rollout of a version that fails its requests, and the health report of the replica serving it
+    (published every second, the rollout is rolled back)."""
+    for label in ("v1", "v2"):
+        await store.add_model(
+            ModelRecord(id=f"llm-{label}", name="llm", model_type="llm", export_path="-", export_format="gguf",
+                        label=label)
+        )  # fmt: skip
+    await store.set_alias("llm", "production", "llm-v1")
+    spec = RolloutSpec(steps=[50, 100], interval_seconds=0.5, bounds=RolloutBounds(min_requests=2))
+    rollout, _ = await start_rollout(store, client, "llm", "v2", spec)
+    return ServeHealth(
+        consumer="replica-x", name="llm", alias="production", serving="llm-v1", every_seconds=1.0,
+        rollout_id=rollout.id, candidate="llm-v2", share=50,
+        versions=[
+            VersionHealth(model_id="llm-v1", version="v1", requests=10, errors=0, latency_ms_sum=50, latency_ms_max=9),
+            VersionHealth(model_id="llm-v2", version="v2", requests=3, errors=3, latency_ms_sum=20, latency_ms_max=9),
+        ],
+    )  # fmt: skip
+
+
 @needs_prometheus
 async def test_every_dashboard_and_alert_query_returns_data_from_a_live_worker(
     prometheus: tuple[str, int], tmp_path: Path
@@ -154,7 +178,11 @@ async def test_every_dashboard_and_alert_query_returns_data_from_a_live_worker(
     named = dashboard_queries() + [(rule["alert"], THRESHOLD.sub("", rule["expr"].strip())) for rule in alert_rules()]
     queries = {expr for _, expr in named}
     handlers: list[Handler] = [EchoHandler(), StepHandler(delay=0.01), StepsRL()]
-    async with running_worker(MemoryBus(broker), handlers, tmp_path, metrics_port=port, schedule_poll=0.2):
+    running = running_worker(
+        MemoryBus(broker), handlers, tmp_path, metrics_port=port, schedule_poll=0.2, rollout_poll=0.2
+    )
+    async with running as worker:
+        health = await rolling_out(worker.store, client)
         template = inference(rows=1).model_dump(mode="json", exclude_none=True)
         template.pop("request_id")
         schedule = ScheduleSpec(kind=TaskKind.INFERENCE, task=template, every_seconds=0.5)
@@ -170,6 +198,7 @@ async def test_every_dashboard_and_alert_query_returns_data_from_a_live_worker(
                 await submit(client, owned)
             if second >= 3:
                 await client.publish(CONTROL, encode(stranger.model_copy(update={"job_id": "ana-job"})))
+            await client.publish(HEALTH, encode(health))
             await asyncio.sleep(1.0)
         answers = await asyncio.to_thread(lambda: {expr: query(url, expr) for expr in queries})
     await client.close()

@@ -80,6 +80,28 @@ class Metrics:
             ["name", "alias"],
             registry=r,
         )
+        self.served_requests = Counter(
+            "forseti_served_requests",
+            "Requests llm-serve replicas and edge devices answered (outcome ok) or failed (error), by model name "
+            "and version, from their health reports. Every worker hears every report: aggregate with max over "
+            "workers, not sum.",
+            ["name", "version", "outcome"],
+            registry=r,
+        )
+        self.served_latency = Counter(
+            "forseti_served_latency_seconds",
+            "Total latency of those requests, by model name and version (divide its rate by the requests' rate "
+            "for the mean); every worker counts the same reports.",
+            ["name", "version"],
+            registry=r,
+        )
+        self.replicas_reporting = Gauge(
+            "forseti_replicas_reporting",
+            "Replicas and devices whose health reports keep coming, by model name and the alias they follow "
+            "(empty: none).",
+            ["name", "alias"],
+            registry=r,
+        )
         self.refused = Counter(
             "forseti_refused_requests",
             "Requests refused: control events and status replies withheld because the asker is not the job's "

@@ -25,7 +25,7 @@ from forseti.schemas.errors import InvalidTask
 from forseti.schemas.rollouts import ENDED, ServeHealth
 
 from ..engine.metrics import Metrics
-from .judge import Report, judge
+from .judge import Report, judge, live
 from .steps import publish_step
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ class RolloutController:
         """Health reports received, oldest first."""
         self._sub: Subscription | None = None
         self._shown: set[tuple[str, str]] = set()
+        self._reporting: set[tuple[str, str | None]] = set()
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Hear health reports and tick every `poll` until `stopping` is set."""
@@ -89,6 +90,11 @@ class RolloutController:
         self.reports.append(Report(now, health))
         while self.reports and self.reports[0].at < now - KEEP_REPORTS:
             self.reports.popleft()
+        if self.metrics is not None:
+            for v in health.versions:
+                self.metrics.served_requests.labels(health.name, v.version, "ok").inc(v.requests - v.errors)
+                self.metrics.served_requests.labels(health.name, v.version, "error").inc(v.errors)
+                self.metrics.served_latency.labels(health.name, v.version).inc(v.latency_ms_sum / 1000)
 
     async def tick(self) -> None:
         """Look at every rollout going on once."""
@@ -98,6 +104,12 @@ class RolloutController:
         if self.metrics is not None:
             for name, alias in self._shown - {(r.name, r.alias) for r in going}:
                 self.metrics.rollout_share.labels(name, alias).set(0)
+            reporting = live(self.reports, time.time())
+            for key in self._reporting - set(reporting):
+                self.metrics.replicas_reporting.labels(key[0], key[1] or "").set(0)
+            for (model, followed), found in reporting.items():
+                self.metrics.replicas_reporting.labels(model, followed or "").set(len(found))
+            self._reporting |= set(reporting)
 
     async def advance(self, rollout: RolloutRecord) -> None:
         """Publish what is stored but unpublished, then judge the rollout's step and store its move."""

@@ -35,18 +35,24 @@ class Move:
     evidence: StepEvidence
 
 
-def replicas(rollout: RolloutRecord, reports: Iterable[Report], now: float) -> dict[str, ServeHealth]:
-    """The latest report of each replica of the rollout's name and alias that is still reporting."""
-    latest: dict[str, Report] = {}
+def live(reports: Iterable[Report], now: float) -> dict[tuple[str, str | None], dict[str, ServeHealth]]:
+    """The latest report of every replica still reporting, by (model name, alias) and replica."""
+    latest: dict[tuple[str, str | None, str], Report] = {}
     for report in reports:
         h = report.health
-        if (h.name, h.alias) == (rollout.name, rollout.alias) and (
-            h.consumer not in latest or latest[h.consumer].at <= report.at
-        ):
-            latest[h.consumer] = report
-    return {
-        consumer: r.health for consumer, r in latest.items() if now - r.at <= SILENT_PERIODS * r.health.every_seconds
-    }
+        key = (h.name, h.alias, h.consumer)
+        if key not in latest or latest[key].at <= report.at:
+            latest[key] = report
+    found: dict[tuple[str, str | None], dict[str, ServeHealth]] = {}
+    for (name, alias, consumer), r in latest.items():
+        if now - r.at <= SILENT_PERIODS * r.health.every_seconds:
+            found.setdefault((name, alias), {})[consumer] = r.health
+    return found
+
+
+def replicas(rollout: RolloutRecord, reports: Iterable[Report], now: float) -> dict[str, ServeHealth]:
+    """The latest report of each replica of the rollout's name and alias that is still reporting."""
+    return live(reports, now).get((rollout.name, rollout.alias), {})
 
 
 def evidence(rollout: RolloutRecord, reports: Iterable[Report], since: float, now: float) -> StepEvidence:
