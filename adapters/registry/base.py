@@ -361,7 +361,7 @@ class RolloutRecord(Record):
     candidates: list[dict[str, Any]] = Field(default_factory=list)
     """The candidate's announcements as shared when the rollout started (`ModelAvailable` documents)."""
     ended: bool = False
-    """True once a step row ended it (completed, rolled_back, aborted)."""
+    """True once the move that ended it (completed, rolled_back, aborted) was announced."""
     created_at: str = Field(default_factory=utcnow)
     """When it started."""
 
@@ -563,8 +563,11 @@ class RegistryStore(Protocol):
         """Rollouts, newest first; `active`: only those not ended."""
 
     async def claim_rollout_step(self, step: RolloutStepRecord) -> bool:
-        """Store a rollout's next move (and mark the rollout ended when the move ends it); False when
-        another worker stored that `seq` first."""
+        """Store a rollout's next move; False when another worker stored that `seq` first."""
+
+    async def end_rollout(self, rollout_id: str) -> None:
+        """Mark a rollout ended (its last move ended it and was announced): another of its name and
+        alias may start."""
 
     async def list_rollout_steps(self, rollout_id: str) -> list[RolloutStepRecord]:
         """A rollout's moves, oldest first."""

@@ -49,8 +49,6 @@ TIME_FIELDS = frozenset(
 TERMINAL = tuple(state.value for state in JobState if state.terminal)
 USER_TABLES = ("aliases", "artifacts", "training_runs", "rl_agents", "checkpoints", "models", "jobs")
 """The tables that hold a user's rows, in the order deletes must go (what refers to a model first)."""
-ROLLOUT_ENDS = ("completed", "rolled_back", "aborted")
-"""Step states that end a rollout (`schemas.rollouts.ENDED`)."""
 LIVE = (JobState.RUNNING.value, JobState.PAUSED.value)
 """States of a job that a worker holds: found so with the lease run out, its worker went away."""
 
@@ -643,14 +641,14 @@ class SqlStore(ABC):
         return await self._select(RolloutRecord, f"SELECT * FROM rollouts{where} ORDER BY created_at DESC", p.values)
 
     async def claim_rollout_step(self, step: RolloutStepRecord) -> bool:
-        """Store a rollout's next move (and mark the rollout ended when the move ends it); False when
-        another worker stored that `seq` first."""
-        if not await self._insert_once("rollout_steps", "rollout_id, seq", step):
-            return False
-        if step.state in ROLLOUT_ENDS:
-            p = Params(self.dialect)
-            await self._change(f"UPDATE rollouts SET ended = {p(True)} WHERE id = {p(step.rollout_id)}", p.values)
-        return True
+        """Store a rollout's next move; False when another worker stored that `seq` first."""
+        return await self._insert_once("rollout_steps", "rollout_id, seq", step)
+
+    async def end_rollout(self, rollout_id: str) -> None:
+        """Mark a rollout ended (its last move ended it and was announced): another of its name and
+        alias may start."""
+        p = Params(self.dialect)
+        await self._change(f"UPDATE rollouts SET ended = {p(True)} WHERE id = {p(rollout_id)}", p.values)
 
     async def list_rollout_steps(self, rollout_id: str) -> list[RolloutStepRecord]:
         """A rollout's moves, oldest first."""

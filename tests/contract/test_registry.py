@@ -15,6 +15,8 @@ from forseti.adapters.registry import (
     ModelRecord,
     RegistryStore,
     RLAgent,
+    RolloutRecord,
+    RolloutStepRecord,
     TrainingRun,
     create_store,
 )
@@ -252,3 +254,35 @@ async def test_coordinators_claiming_a_federation_at_once_have_one_winner(store:
     fresh = FederationRecord(name="race", config={})
     claims = await asyncio.gather(*(store.claim_federation(fresh, owner=f"c{i}", ttl=30) for i in range(6)))
     assert sum(c.won for c in claims) == 1
+
+
+async def test_one_rollout_per_name_and_alias_goes_on_and_each_move_is_stored_once(store: RegistryStore) -> None:
+    def rollout(rollout_id: str, alias: str = "production") -> RolloutRecord:
+        return RolloutRecord(
+            id=rollout_id, name="llm", alias=alias, model_id="b", baseline_id="a",
+            spec={"steps": [50, 100]}, candidates=[{"model_id": "b"}],
+        )  # fmt: skip
+
+    def move(rollout_id: str, seq: int, state: str = "progressing") -> RolloutStepRecord:
+        return RolloutStepRecord(rollout_id=rollout_id, seq=seq, step=seq, share=50, state=state)
+
+    assert await store.put_rollout(rollout("r1"), move("r1", 0))
+    assert not await store.put_rollout(rollout("r2"), move("r2", 0))  # r1 goes on
+    assert await store.put_rollout(rollout("s1", alias="staging"), move("s1", 0))
+    assert [r.id for r in await store.list_rollouts(name="llm", active=True)] == ["s1", "r1"]
+    raced = await asyncio.gather(*(store.claim_rollout_step(move("r1", 1)) for _ in range(5)))
+    assert sum(raced) == 1
+    ending = move("r1", 2, "rolled_back").model_copy(update={"evidence": {"candidate_errors": 3}})
+    assert await store.claim_rollout_step(ending)
+    assert not await store.put_rollout(rollout("r2"), move("r2", 0))  # ended, but not announced yet
+    await store.published_rollout_step("r1", 2)
+    await store.end_rollout("r1")
+    assert await store.put_rollout(rollout("r2"), move("r2", 0))
+    steps = await store.list_rollout_steps("r1")
+    assert [(s.seq, s.state, s.published_at is not None) for s in steps] == [
+        (0, "progressing", False), (1, "progressing", False), (2, "rolled_back", True)
+    ]  # fmt: skip
+    assert steps[2].evidence == {"candidate_errors": 3}
+    stored = await store.get_rollout("r1")
+    assert stored is not None and stored.ended and stored.candidates == [{"model_id": "b"}]
+    assert {r.id for r in await store.list_rollouts(active=True)} == {"r2", "s1"}

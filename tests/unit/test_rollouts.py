@@ -15,8 +15,9 @@ from safetensors.numpy import load_file
 from forseti.adapters.bus import MemoryBroker, MemoryBus
 from forseti.adapters.llm.gguf import write_model
 from forseti.adapters.llm.llama import LlamaRuntime
-from forseti.adapters.registry import ModelRecord, RegistryStore, RolloutRecord, RolloutStepRecord
-from forseti.schemas.catalog import LOADED, MODELS, edge_channel, llm_channel
+from forseti.adapters.registry import ModelRecord, RegistryStore, RolloutRecord, RolloutStepRecord, create_store
+from forseti.adapters.signing import Signer, TrustedKeys, generate, seal
+from forseti.schemas.catalog import HEALTH, LOADED, MODELS, edge_channel, llm_channel
 from forseti.schemas.envelope import decode, encode
 from forseti.schemas.inference import InferRequest
 from forseti.schemas.llm import CompleteReply, CompleteRequest
@@ -29,7 +30,9 @@ from forseti.schemas.rollouts import (
     VersionHealth,
     device_share,
 )
+from forseti.worker.engine.metrics import Metrics
 from forseti.worker.engine.models import describe, promote
+from forseti.worker.rollouts.controller import RolloutController
 from forseti.worker.rollouts.judge import Report, judge
 from forseti.worker.rollouts.steps import abort_rollout, start_rollout
 from forseti.worker.services.edge import EdgeAgent
@@ -345,6 +348,86 @@ async def until(condition: Any, timeout: float = 20) -> None:
             return
         await asyncio.sleep(0.02)
     raise AssertionError(f"not so within {timeout:g}s")
+
+
+async def test_two_workers_make_and_announce_each_move_once_and_take_only_signed_health_reports(
+    tmp_path: Path,
+) -> None:
+    broker = MemoryBroker()
+    store = create_store(str(tmp_path / "registry.db"))
+    await store.open()
+    for label in ("v1", "v2"):
+        await store.add_model(
+            ModelRecord(id=f"{NAME}-{label}", name=NAME, model_type="llm", export_path="-", export_format="gguf",
+                        label=label)
+        )  # fmt: skip
+    await store.set_alias(NAME, "production", f"{NAME}-v1")
+    private, public = generate(tmp_path / "keys", "replica")
+    buses = [MemoryBus(broker) for _ in range(3)]
+    for bus in buses:
+        await bus.connect()
+    client = buses[0]
+    events = Watcher()
+    await client.subscribe(MODELS, events.on_message)
+    metrics = [Metrics(), Metrics()]
+    controllers = [
+        RolloutController(bus, store, metrics=m, trusted=TrustedKeys.from_paths([public]), poll=0.01)
+        for bus, m in zip(buses[1:], metrics, strict=True)
+    ]
+    stopping = asyncio.Event()
+    running = [asyncio.create_task(c.run(stopping)) for c in controllers]
+    try:
+        spec = RolloutSpec(steps=[50, 100], interval_seconds=0.2, bounds=FAST)
+        rollout, _ = await start_rollout(store, client, NAME, "v2", spec)
+
+        def health(candidate_requests: int) -> ServeHealth:
+            versions = [VersionHealth(model_id=f"{NAME}-v2", version="v2", requests=candidate_requests, errors=0,
+                                      latency_ms_sum=candidate_requests * 5.0, latency_ms_max=5.0)]  # fmt: skip
+            return ServeHealth(consumer="replica-a", name=NAME, alias="production", every_seconds=0.05,
+                               rollout_id=rollout.id, candidate=f"{NAME}-v2", versions=versions)  # fmt: skip
+
+        # anyone on the bus can publish a report; unsigned, it sways nothing
+        for _ in range(10):
+            await client.publish(HEALTH, encode(health(10)))
+            await asyncio.sleep(0.05)
+        # with no replica's report to go by, step 0 holds
+        held = await store.list_rollout_steps(rollout.id)
+        assert [(r.step, r.state) for r in held] == [(0, "progressing"), (0, "holding")]
+        assert sum(m.refused.labels("health")._value.get() for m in metrics) == 20  # both workers refused each
+        signer = Signer.from_file(private)
+        for _ in range(200):
+            await client.publish(HEALTH, seal(encode(health(10)), signer))
+            await asyncio.sleep(0.05)
+            if events.types.count("step") and moves(events)[-1].state == "completed":
+                break
+        rows = await store.list_rollout_steps(rollout.id)
+        assert [(r.step, r.state) for r in rows] == [
+            (0, "progressing"), (0, "holding"), (1, "progressing"), (2, "progressing"), (2, "completed")
+        ]  # fmt: skip
+        assert [m.seq for m in moves(events)] == [0, 1, 2, 3, 4]  # each move announced once, by one worker
+        states = ("holding", "progressing", "completed")
+        assert sum(m.rollout_moves.labels(state=s)._value.get() for m in metrics for s in states) == 4
+        holder = await store.get_alias(NAME, "production")
+        assert holder is not None and holder.label == "v2"
+
+        # a move stored by a worker that died before announcing it is announced by another
+        await store.set_alias(NAME, "production", f"{NAME}-v1")
+        again, _ = await start_rollout(store, client, NAME, "v2", spec.model_copy(update={"interval_seconds": 60}))
+        stale = RolloutStepRecord(rollout_id=again.id, seq=1, step=0, share=0, state="aborted", reason="died",
+                                  created_at="2026-01-01T00:00:00.000Z")  # fmt: skip
+        assert await store.claim_rollout_step(stale)
+        await events.wait_until(lambda es: [e for e in es if getattr(e.data, "reason", "") == "died"])
+        await asyncio.sleep(0.2)
+        # (each worker that sees it unannounced announces it: replicas act on a seq once)
+        assert {m.seq for m in moves(events) if m.rollout_id == again.id} == {0, 1}
+        assert (await store.get_rollout(again.id)) == again.model_copy(update={"ended": True})
+        assert all(r.published_at is not None for r in await store.list_rollout_steps(again.id))
+    finally:
+        stopping.set()
+        await asyncio.gather(*running)
+        for bus in buses:
+            await bus.close()
+        await store.close()
 
 
 # -- the rules, on made-up reports ----------------------------------------------------------------

@@ -128,6 +128,15 @@ HealthEveryOpt = Annotated[
     float,
     typer.Option(min=0.1, help="Seconds between health reports (forseti.models.health; rollouts are judged by them)."),
 ]
+ReportKeyOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--signing-key",
+        envvar="FORSETI_SIGNING_KEY",
+        help="Sign the health reports with this ed25519 private key (PEM), for workers that take only signed ones "
+        "(--replica-keys) [<data-dir>/keys/signing.key if present].",
+    ),
+]
 
 
 def _store(data_dir: Path, registry_url: str | None) -> RegistryStore:
@@ -349,6 +358,15 @@ def worker_cmd(
             "besides its own signing key's (repeatable; FORSETI_PEER_KEYS, comma-separated).",
         ),
     ] = None,
+    replica_keys: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--replica-keys",
+            help="Public keys (PEM files or folders) of the llm-serve replicas and edge devices whose signed health "
+            "reports judge rollouts; others are refused (repeatable; FORSETI_REPLICA_KEYS, comma-separated) "
+            "[every report counts].",
+        ),
+    ] = None,
     rendezvous_host: Annotated[
         str,
         typer.Option(
@@ -382,6 +400,7 @@ def worker_cmd(
         **overrides,
         **({"operator_keys": operator_keys} if operator_keys else {}),
         **({"peer_keys": peer_keys} if peer_keys else {}),
+        **({"replica_keys": replica_keys} if replica_keys else {}),
     )
     _port_free(settings.metrics_port, settings.metrics_host, "--metrics-port")
     _port_free(settings.artifact_port, settings.artifact_host, "--artifact-port")
@@ -1186,6 +1205,7 @@ def llm_serve(
     context: Annotated[int, typer.Option(min=16, help="Context length in tokens.")] = 512,
     threads: Annotated[int, typer.Option(min=1, help="CPU threads for llama.cpp.")] = 2,
     health_every: HealthEveryOpt = 10.0,
+    signing_key: ReportKeyOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     bus: BusOpt = DEFAULT_BUS_URL,
     object_store_url: ArtifactStoreOpt = None,
@@ -1201,6 +1221,7 @@ def llm_serve(
     objects = _s3_store(object_store_url)
     trusted = _trusted(trusted_keys, data_dir)
     keyring = _keyring(encryption_key_file)
+    signer = _signer(signing_key, data_dir)
 
     def make(client: Bus) -> LlmService:
         try:
@@ -1217,6 +1238,7 @@ def llm_serve(
                 trusted=trusted,
                 keyring=keyring,
                 health_every=health_every,
+                signer=signer,
             )
         except ForsetiError as exc:
             raise _fail(exc.message) from exc
@@ -1320,6 +1342,7 @@ def edge(
         ),
     ] = None,
     health_every: HealthEveryOpt = 10.0,
+    signing_key: ReportKeyOpt = None,
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     threads: Annotated[int, typer.Option(min=1, help="onnxruntime threads per model.")] = 1,
     bus: BusOpt = DEFAULT_BUS_URL,
@@ -1337,6 +1360,7 @@ def edge(
     objects = _s3_store(object_store_url)
     trusted = _trusted(trusted_keys, data_dir)
     keyring = _keyring(encryption_key_file)
+    signer = _signer(signing_key, data_dir)
 
     def make(client: Bus) -> EdgeAgent:
         return EdgeAgent(
@@ -1355,6 +1379,7 @@ def edge(
             keyring=keyring,
             alias=alias,
             health_every=health_every,
+            signer=signer,
         )
 
     # a device may boot before its network or its broker: it waits for the bus instead of exiting

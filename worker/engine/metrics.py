@@ -19,7 +19,7 @@ FIRE_ACTIONS = ("fired", "skipped", "buffered", "cancelled_other", "missed", "pa
 """What a scheduler can do with a slot (the `action` label of forseti_schedule_fires_total)."""
 ROLLOUT_MOVES = ("progressing", "holding", "completed", "rolled_back")
 """The rollout moves a worker's controller decides (the `state` label of forseti_rollout_moves_total)."""
-REFUSED = ("control", "status", "privacy", "ranks")
+REFUSED = ("control", "status", "privacy", "ranks", "health")
 """The requests a worker may refuse (the `request` label of forseti_refused_requests_total)."""
 
 

@@ -237,7 +237,12 @@ class Worker:
                 await self._start_schedules()
             if self.settings.rollouts:
                 controller = RolloutController(
-                    self.bus, self.store, metrics=self.metrics, signer=self.signer, poll=self.settings.rollout_poll
+                    self.bus,
+                    self.store,
+                    metrics=self.metrics,
+                    signer=self.signer,
+                    trusted=self.settings.replicas(),
+                    poll=self.settings.rollout_poll,
                 )
                 self._rollouts = asyncio.create_task(controller.run(self._stopping), name="rollouts")
             self.ready.set()

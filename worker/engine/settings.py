@@ -124,6 +124,10 @@ class WorkerSettings(BaseSettings):
     """ed25519 public keys (PEM files, or folders of `*.pub`) of the other workers whose distributed
     jobs this worker joins, besides its own signing key's (workers sharing one key need none). In the
     environment: paths separated by commas."""
+    replica_keys: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    """ed25519 public keys (PEM files, or folders of `*.pub`) of the llm-serve replicas and edge devices
+    whose health reports judge rollouts: reports not signed by one of them are refused; unset: every
+    report counts (anyone on the bus can sway a rollout). In the environment: paths separated by commas."""
     rendezvous_host: str = "127.0.0.1"
     """Address this worker's distributed jobs spread over several workers meet at: their rendezvous
     store listens there, and the other workers (and their ranks) must reach it. Give the host's
@@ -136,7 +140,7 @@ class WorkerSettings(BaseSettings):
     burst: bool = False
     """Exit once no task arrives within one poll and nothing is running (for tests and batch runs)."""
 
-    @field_validator("operator_keys", "peer_keys", mode="before")
+    @field_validator("operator_keys", "peer_keys", "replica_keys", mode="before")
     @classmethod
     def _paths_separated_by_commas(cls, value: object) -> object:
         return [part for part in value.split(",") if part.strip()] if isinstance(value, str) else value
@@ -189,6 +193,10 @@ class WorkerSettings(BaseSettings):
             public = Signer.from_file(own).private.public_key()
             keys.keys[key_id(public)] = public
         return keys if keys.keys else None
+
+    def replicas(self) -> TrustedKeys | None:
+        """The keys health reports must be signed by (None: `replica_keys` unset, every report counts)."""
+        return TrustedKeys.from_paths(self.replica_keys) if self.replica_keys else None
 
     def keyring(self) -> Keyring | None:
         """The encryption keys in force (None: nothing is encrypted)."""

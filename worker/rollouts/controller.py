@@ -4,7 +4,8 @@ No single process owns a rollout. Every worker keeps the health reports of the l
 rollouts going on from the shared registry each `poll`, judges each one's step (`judge.py`), and
 tries to store the move; the registry lets one worker store each `seq`, and that worker announces it.
 A move stored but not announced (its worker died in between) is announced again by the next tick
-of any worker once `REPUBLISH_AFTER` has passed.
+of the workers once `REPUBLISH_AFTER` has passed (by each that sees it so: replicas act on a move's
+`seq` once).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import datetime
 
 from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.adapters.registry import RegistryStore, RolloutRecord, RolloutStepRecord
-from forseti.adapters.signing import Signer
+from forseti.adapters.signing import Signer, TrustedKeys, refusal
 from forseti.schemas.catalog import HEALTH
 from forseti.schemas.envelope import decode
 from forseti.schemas.errors import InvalidTask
@@ -51,12 +52,15 @@ class RolloutController:
         *,
         metrics: Metrics | None = None,
         signer: Signer | None = None,
+        trusted: TrustedKeys | None = None,
         poll: float = 1.0,
     ) -> None:
         self.bus, self.store = bus, store
         self.metrics = metrics
         self.signer = signer
         """Signs the moves this worker announces."""
+        self.trusted = trusted
+        """The keys health reports must be signed by (None: every report counts)."""
         self.poll = poll
         """Seconds between two looks at the rollouts going on."""
         self.reports: deque[Report] = deque()
@@ -80,7 +84,13 @@ class RolloutController:
             await self._sub.unsubscribe()
 
     async def on_health(self, msg: Message) -> None:
-        """Keep one replica's report."""
+        """Keep one replica's report (refused unless signed by a trusted key, when keys are set)."""
+        reason = refusal(self.trusted, msg.data)
+        if reason is not None:
+            log.warning("health report refused: %s", reason)
+            if self.metrics is not None:
+                self.metrics.refused.labels("health").inc()
+            return
         try:
             health = decode(msg.data, expect=ServeHealth).data
         except InvalidTask as exc:
@@ -127,6 +137,8 @@ class RolloutController:
         last = rows[-1]
         self._show(rollout, last)
         if last.state in ENDED:
+            if last.published_at is not None:  # announced, but its worker died before marking it ended
+                await self.store.end_rollout(rollout.id)
             return
         started = epoch(next(r.created_at for r in rows if r.step == last.step))
         move = judge(rollout, rows, list(self.reports), started=started, now=now)

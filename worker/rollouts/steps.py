@@ -149,3 +149,5 @@ async def publish_step(
             event = ModelAvailable.model_validate({**document, "alias": rollout.alias})
             await bus.publish(MODELS, seal(encode(event, subject=event.model_id), signer))
     await store.published_rollout_step(rollout.id, move.seq)
+    if move.state in ENDED:
+        await store.end_rollout(rollout.id)

@@ -40,7 +40,7 @@ from forseti.adapters.bus import Bus, Message, Subscription
 from forseti.adapters.encryption import Keyring
 from forseti.adapters.inference import OnnxModel, OnnxPolicy
 from forseti.adapters.objects import ObjectStore
-from forseti.adapters.signing import TrustedKeys, refusal
+from forseti.adapters.signing import Signer, TrustedKeys, refusal, seal
 from forseti.schemas.catalog import HEALTH, LOADED, MODELS, edge_channel
 from forseti.schemas.envelope import Event, decode, encode
 from forseti.schemas.errors import ErrorCode, ForsetiError, InvalidTask
@@ -101,6 +101,7 @@ class EdgeAgent:
         keyring: Keyring | None = None,
         alias: str | None = None,
         health_every: float = 10.0,
+        signer: Signer | None = None,
     ) -> None:
         self.bus, self.device_id = bus, device_id
         self.alias = alias
@@ -108,6 +109,8 @@ class EdgeAgent:
         for the device)."""
         self.health_every = health_every
         """Seconds between two health reports."""
+        self.signer = signer
+        """Signs the health reports (workers given `replica_keys` count only signed ones)."""
         self.rollouts: dict[str, Rolling] = {}
         """The rolling rollout of each name this device takes part in."""
         self.traffic: dict[str, Traffic] = {}
@@ -155,6 +158,7 @@ class EdgeAgent:
                     keyring=keyring,
                     alias=alias,
                     health_every=health_every,
+                    signer=signer,
                 )
                 for name in sorted(llms)
             }
@@ -338,7 +342,7 @@ class EdgeAgent:
                 share=rolling.share if rolling else 0,
                 versions=self.traffic.pop(name, Traffic()).drain(),
             )
-            await self.bus.publish(HEALTH, encode(health, subject=name))
+            await self.bus.publish(HEALTH, seal(encode(health, subject=name), self.signer))
 
     def _switch(self, name: str, served: Served) -> None:
         old, self.current[name] = self.current.get(name), served  # one assignment: new requests use it

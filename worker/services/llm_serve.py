@@ -34,7 +34,7 @@ from forseti.adapters.encryption import Keyring
 from forseti.adapters.llm.gguf import GGUF_TYPES
 from forseti.adapters.llm.llama import LlamaRuntime
 from forseti.adapters.objects import ObjectStore
-from forseti.adapters.signing import TrustedKeys, refusal
+from forseti.adapters.signing import Signer, TrustedKeys, refusal, seal
 from forseti.schemas.base import ID_PATTERN
 from forseti.schemas.catalog import HEALTH, LOADED, MODELS, llm_channel
 from forseti.schemas.envelope import Event, decode, encode
@@ -103,6 +103,7 @@ class LlmService:
         trusted: TrustedKeys | None = None,
         keyring: Keyring | None = None,
         health_every: float = 10.0,
+        signer: Signer | None = None,
     ) -> None:
         if not re.match(ID_PATTERN, name):
             raise ForsetiError(
@@ -139,6 +140,8 @@ class LlmService:
         """The rollout of the followed alias going on, if any."""
         self.health_every = health_every
         """Seconds between two health reports."""
+        self.signer = signer
+        """Signs the health reports (workers given `replica_keys` count only signed ones)."""
         self.traffic = Traffic()
         """Requests per version since the last health report."""
         self._split = Split()
@@ -357,7 +360,7 @@ class LlmService:
             share=canary.share if canary else 0,
             versions=self.traffic.drain(),
         )
-        await self.bus.publish(HEALTH, encode(health, subject=self.name))
+        await self.bus.publish(HEALTH, seal(encode(health, subject=self.name), self.signer))
 
     async def _report(self, model_id: str, version: str, *, ok: bool, message: str = "") -> None:
         loaded = ModelLoaded(
