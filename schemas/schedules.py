@@ -9,13 +9,13 @@ pause after failures).
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 from pydantic import Field, field_validator, model_validator
 
-from .base import Id, LongText, ShortText, Strict
+from .base import Id, LongText, Name, ShortText, Strict
 from .tasks import TaskKind
 
 
@@ -41,8 +41,26 @@ class DatasetGrowth(Strict):
     """How many new lines make a fire."""
 
 
+class MetricDrift(Strict):
+    """Fire when a served model's error rate or mean latency, as the replicas serving it report it
+    (`forseti.model.health.v1`), has passed a bound over a window."""
+
+    name: Name
+    """The model name whose replicas (llm-serve, edge devices) are watched."""
+    alias: ShortText | None = None
+    """Only the replicas following this alias (None: every replica of the name)."""
+    metric: Literal["error_rate", "latency_ms"] = "error_rate"
+    """error_rate: failed over answered requests; latency_ms: their mean latency."""
+    above: float = Field(ge=0.0)
+    """The bound: a fire when the metric is past it."""
+    window_seconds: float = Field(default=300.0, ge=1.0)
+    """The window the metric is measured over; after a fire, the next is judged on a fresh window."""
+    min_requests: int = Field(default=20, ge=1)
+    """Requests the window must hold before the metric is judged."""
+
+
 class ScheduleSpec(Strict):
-    """What a schedule fires and when: exactly one of `cron`, `every_seconds`, `when_grown`."""
+    """What a schedule fires and when: exactly one of `cron`, `every_seconds`, `when_grown`, `when_drifts`."""
 
     kind: TaskKind
     """The task kind each fire publishes."""
@@ -67,6 +85,13 @@ class ScheduleSpec(Strict):
     """Pause the schedule once this many fired jobs in a row failed (0: never)."""
     when_grown: DatasetGrowth | None = None
     """A trigger instead of a clock: fire when a dataset grew by so many lines."""
+    when_drifts: MetricDrift | None = None
+    """A trigger instead of a clock: fire when a served model's error rate or latency drifts past a bound."""
+
+    @property
+    def triggered(self) -> bool:
+        """Whether it fires on a trigger (dataset growth, metric drift) rather than a clock."""
+        return self.when_grown is not None or self.when_drifts is not None
 
     @field_validator("timezone")
     @classmethod
@@ -86,9 +111,10 @@ class ScheduleSpec(Strict):
 
     @model_validator(mode="after")
     def _one_trigger(self) -> ScheduleSpec:
-        given = [name for name in ("cron", "every_seconds", "when_grown") if getattr(self, name) is not None]
+        triggers = ("cron", "every_seconds", "when_grown", "when_drifts")
+        given = [name for name in triggers if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"a schedule needs exactly one of cron, every_seconds, when_grown (got {given or 'none'})")
+            raise ValueError(f"a schedule needs exactly one of {', '.join(triggers)} (got {given or 'none'})")
         return self
 
 
@@ -138,7 +164,8 @@ class ScheduleFire(Strict):
     """One slot of a schedule and what was done with it."""
 
     slot: ShortText
-    """The slot: `20261206T130000Z` for a clock, `grown-<n>` for a dataset trigger."""
+    """The slot: `20261206T130000Z` for a clock, `grown-<n>` for a dataset trigger, `drifted-<n>` for a
+    metric drift."""
     job_id: Id
     """The job id a fire publishes under (`<schedule>-<slot>`)."""
     action: ShortText

@@ -638,7 +638,9 @@ class SqlStore(ABC):
         """Rollouts, newest first; `active`: only those not ended."""
         p = Params(self.dialect)
         where = self._where(p, {"name": name, "ended": False if active else None})
-        return await self._select(RolloutRecord, f"SELECT * FROM rollouts{where} ORDER BY created_at DESC", p.values)
+        return await self._select(
+            RolloutRecord, f"SELECT * FROM rollouts{where} ORDER BY created_at DESC, id", p.values
+        )
 
     async def claim_rollout_step(self, step: RolloutStepRecord) -> bool:
         """Store a rollout's next move; False when another worker stored that `seq` first."""

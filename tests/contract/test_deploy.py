@@ -72,6 +72,17 @@ def test_the_image_copies_every_package_folder() -> None:
     assert set(package_dir.values()) <= copied
 
 
+def test_every_python_package_folder_is_installed() -> None:
+    """worker/rollouts was once left out of `packages`: an installed forseti failed at its first import."""
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(setuptools["packages"])
+    for prefix, folder in setuptools["package-dir"].items():
+        for init in (REPO / folder).rglob("__init__.py"):
+            relative = init.parent.relative_to(REPO / folder)
+            if "node_modules" not in relative.parts:
+                assert ".".join((prefix, *relative.parts)) in listed, f"{init.parent} is not in pyproject's packages"
+
+
 def test_kubernetes_manifests_validate_against_the_schemas() -> None:
     docs = rendered()
     kinds = sorted(doc["kind"] for doc in docs)

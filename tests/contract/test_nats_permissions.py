@@ -19,7 +19,7 @@ from forseti.adapters.bus.servers import NatsServer, free_port
 from forseti.adapters.registry import create_store
 from forseti.adapters.signing import TrustedKeys
 from forseti.envs.executor import EnvServer, gym_factory
-from forseti.schemas.catalog import CONTROL, LOADED, MODELS, federation_channel
+from forseti.schemas.catalog import CONTROL, HEALTH, LOADED, MODELS, federation_channel
 from forseti.schemas.federation import FederationConfig
 from forseti.schemas.models import ModelLoaded
 from forseti.schemas.tasks import RLTask
@@ -85,12 +85,17 @@ async def test_each_role_does_its_part_of_the_path(server: NatsServer, tmp_path:
     client, device_bus = create_bus(url(server, "client")), create_bus(url(server, "device"))
     executor_bus = create_bus(url(server, "executor"))
     handlers: list[Handler] = [TrainingHandler(), RLHandler()]
-    async with running_worker(create_bus(url(server, "worker")), handlers, tmp_path / "worker", signing_key=private):
+    worker_bus = create_bus(url(server, "worker"))
+    async with running_worker(worker_bus, handlers, tmp_path / "worker", signing_key=private) as worker:
         # the worker made the streams; clients and devices only read their state
         await client.connect()
         await device_bus.connect()
         device = EdgeAgent(
-            device_bus, device_id="d1", data_dir=tmp_path / "device", trusted=TrustedKeys.from_paths([public])
+            device_bus,
+            device_id="d1",
+            data_dir=tmp_path / "device",
+            trusted=TrustedKeys.from_paths([public]),
+            health_every=0.1,
         )
         await device.start()
         reports = Watcher()
@@ -103,6 +108,13 @@ async def test_each_role_does_its_part_of_the_path(server: NatsServer, tmp_path:
             loaded = await reports.wait_until(lambda es: [e for e in es if isinstance(e.data, ModelLoaded)], timeout=60)
             assert loaded[0].data.ok, loaded[0].data.message
             assert device.current, "the device fetched the model from the object store and serves it"
+            # its health reports reach the workers
+            name = loaded[0].data.name
+            for _ in range(100):
+                if worker.metrics.registry.get_sample_value("forseti_replicas_reporting", {"name": name, "alias": ""}):
+                    break
+                await asyncio.sleep(0.05)
+            assert worker.metrics.registry.get_sample_value("forseti_replicas_reporting", {"name": name, "alias": ""})
 
             await executor_bus.connect()
             executor = EnvServer(executor_bus, "perm-env", gym_factory("CartPole-v1"), environment="CartPole-v1")
@@ -147,6 +159,8 @@ async def test_a_role_is_refused_what_is_not_its_part(
     await client_says.expect("Subscription", "forseti.env.>")
     await client.publish("forseti.privacy", b"{}")
     await client_says.expect("Publish", "forseti.privacy")
+    await client.publish(HEALTH, b"{}")  # only devices and LLM hosts report health
+    await client_says.expect("Publish", HEALTH)
 
     executor, executor_says = as_role["executor"]
     await executor.publish("forseti.jobs.someone", b"{}")

@@ -95,6 +95,13 @@ def test_schedules_commands_against_a_worker(nats_server: object, tmp_path: Path
         assert run(url, "schedules", "delete", "nightly", "--user", "ana").returncode == 0
         gone = run(url, "schedules", "show", "nightly", "--user", "ana")
         assert gone.returncode == 1 and "no schedule nightly" in gone.stderr.decode()
+        watch = ("--when-drifts", "assistant", "--metric", "latency_ms", "--above", "250", "--window", "600")
+        drift = run(url, "schedules", "create", "drift", "--task", str(task), "--kind", "inference", *watch)
+        assert drift.returncode == 0, drift.stderr.decode()
+        assert "latency_ms of assistant > 250 over 600s" in drift.stdout.decode()
+        bad = run(url, "schedules", "create", "bad", "--task", str(task), "--kind", "inference",
+                  "--when-drifts", "assistant", "--metric", "accuracy")  # fmt: skip
+        assert bad.returncode == 1 and "metric" in bad.stderr.decode()
     finally:
         assert worker.stop() == 0
 

@@ -33,6 +33,7 @@ from forseti.schemas.rollouts import (
 from forseti.worker.engine.metrics import Metrics
 from forseti.worker.engine.models import describe, promote
 from forseti.worker.rollouts.controller import RolloutController
+from forseti.worker.rollouts.fleet import Fleet
 from forseti.worker.rollouts.judge import Report, judge
 from forseti.worker.rollouts.steps import abort_rollout, start_rollout
 from forseti.worker.services.edge import EdgeAgent
@@ -370,9 +371,12 @@ async def test_two_workers_make_and_announce_each_move_once_and_take_only_signed
     events = Watcher()
     await client.subscribe(MODELS, events.on_message)
     metrics = [Metrics(), Metrics()]
+    fleets = [Fleet(metrics=m, trusted=TrustedKeys.from_paths([public])) for m in metrics]
+    for bus, fleet in zip(buses[1:], fleets, strict=True):
+        await fleet.follow(bus)
     controllers = [
-        RolloutController(bus, store, metrics=m, trusted=TrustedKeys.from_paths([public]), poll=0.01)
-        for bus, m in zip(buses[1:], metrics, strict=True)
+        RolloutController(bus, store, fleet, metrics=m, poll=0.01)
+        for bus, fleet, m in zip(buses[1:], fleets, metrics, strict=True)
     ]
     stopping = asyncio.Event()
     running = [asyncio.create_task(c.run(stopping)) for c in controllers]

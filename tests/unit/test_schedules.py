@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from forseti.schemas.catalog import SCHEDULES_FIRED
 from forseti.schemas.envelope import decode
 from forseti.schemas.errors import InvalidTask
 from forseti.schemas.jobs import JobState
+from forseti.schemas.rollouts import ServeHealth, VersionHealth
 from forseti.schemas.schedules import (
     DatasetGrowth,
+    MetricDrift,
     Overlap,
     ScheduleCreate,
     ScheduleFired,
@@ -32,6 +35,8 @@ from forseti.schemas.tasks import TaskKind, task_channel
 from forseti.worker.cli.schedules import ask_schedules
 from forseti.worker.engine.context import Handler
 from forseti.worker.engine.metrics import Metrics
+from forseti.worker.rollouts.fleet import Fleet
+from forseti.worker.rollouts.judge import Report
 from forseti.worker.schedules.clock import due_slots, jitter_offset, next_slot, slot_name
 from forseti.worker.schedules.firing import Scheduler
 
@@ -275,6 +280,51 @@ async def test_dataset_growth_fires_after_k_new_lines(store: RegistryStore, clie
     await scheduler.tick()  # the baseline moved: no second fire for the same lines
     fires = await store.list_fires("g")
     assert [(f.slot, f.job_id) for f in fires] == [("grown-000000000001", "g-grown-000000000001")]
+
+
+async def test_a_drifting_error_rate_fires_once_per_window(store: RegistryStore, client: MemoryBus) -> None:
+    """The served model's replicas report failing requests: the schedule fires, once per window."""
+    watched = MetricDrift(name="assistant", above=0.1, window_seconds=1.0, min_requests=5)
+    drift = spec(when_drifts=watched, overlap=Overlap.ALLOW_ALL)  # nobody runs the fired jobs here
+    created = (datetime.now(UTC) - timedelta(seconds=5)).isoformat().replace("+00:00", "Z")
+    await store.put_schedule(
+        ScheduleRecord(id="d", spec=drift.model_dump(mode="json", exclude_none=True), created_at=created)
+    )
+    queued: list[bytes] = []
+
+    async def on_task(msg: Message) -> None:
+        queued.append(msg.data)
+
+    await client.subscribe(task_channel(TaskKind.TRAINING), on_task)
+    fleet = Fleet()
+    scheduler = Scheduler(bus=client, store=store, metrics=Metrics(), source="test", poll=1.0, fleet=fleet)
+
+    def served(requests: int, errors: int, name: str = "assistant") -> Report:
+        version = VersionHealth(model_id="m1", version="v1", requests=requests, errors=errors,
+                                latency_ms_sum=requests * 4.0, latency_ms_max=4.0)  # fmt: skip
+        return Report(time.time(), ServeHealth(consumer="r1", name=name, every_seconds=1.0, versions=[version]))
+
+    fleet.add(served(10, 0))
+    fleet.add(served(10, 10, name="another-model"))
+    await scheduler.tick()
+    assert await store.list_fires("d") == []  # healthy, and the failing model is not the watched one
+    fleet.add(served(3, 1))  # 1 in 13 failed: under the bound... (7.7%)
+    await scheduler.tick()
+    assert await store.list_fires("d") == []
+    fleet.add(served(10, 5))  # ...6 in 23: past it
+    await scheduler.tick()
+    await scheduler.tick()  # within the window after a fire: nothing more
+    assert [f.slot for f in await store.list_fires("d")] == ["drifted-000000000001"]
+    await asyncio.sleep(1.05)
+    await scheduler.tick()
+    assert len(await store.list_fires("d")) == 1  # the window after the fire holds no reports yet
+    fleet.add(served(10, 4))
+    await scheduler.tick()
+    fires = await store.list_fires("d")
+    assert [(f.slot, f.action) for f in fires] == [("drifted-000000000002", "fired"), ("drifted-000000000001", "fired")]
+    assert len(queued) == 2
+    with pytest.raises(ValidationError, match="exactly one of"):
+        spec(every_seconds=5, when_drifts=MetricDrift(name="assistant", above=0.1))
 
 
 async def test_an_operator_sees_and_changes_every_schedule(

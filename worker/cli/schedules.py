@@ -17,6 +17,7 @@ from forseti.schemas.envelope import decode, encode
 from forseti.schemas.errors import InvalidTask, RequestTimeout
 from forseti.schemas.schedules import (
     DatasetGrowth,
+    MetricDrift,
     Overlap,
     ScheduleCreate,
     ScheduleDelete,
@@ -108,6 +109,9 @@ def _table(schedules: list[ScheduleInfo]) -> Table:
             when = f"{spec.cron} ({spec.timezone})"
         elif spec.when_grown is not None:
             when = f"+{spec.when_grown.lines} lines of {spec.when_grown.path}"
+        elif spec.when_drifts is not None:
+            d = spec.when_drifts
+            when = f"{d.metric} of {d.name} > {d.above:g} over {d.window_seconds:g}s"
         else:
             when = f"every {spec.every_seconds:g}s"
         state = f"paused: {s.pause_reason}" if s.paused else "active"
@@ -124,6 +128,15 @@ def create(
     every: Annotated[float | None, typer.Option(help="Fire every so many seconds instead.")] = None,
     when_grown: Annotated[Path | None, typer.Option(help="Fire when this dataset grows by --lines lines.")] = None,
     lines: Annotated[int, typer.Option(help="New lines that make a --when-grown fire.")] = 1000,
+    when_drifts: Annotated[
+        str | None,
+        typer.Option(help="Fire when the served model of this name drifts: its --metric past --above over --window."),
+    ] = None,
+    metric: Annotated[
+        str, typer.Option(help="What --when-drifts watches: error_rate, or latency_ms (mean).")
+    ] = "error_rate",
+    above: Annotated[float, typer.Option(help="The --when-drifts bound (0.05: 5% of requests failing).")] = 0.05,
+    window: Annotated[float, typer.Option(help="Seconds the --when-drifts metric is measured over.")] = 300.0,
     timezone: Annotated[str, typer.Option(help="IANA time zone of the cron fields.")] = "UTC",
     jitter: Annotated[float, typer.Option(help="Fire up to this many seconds after each slot.")] = 0.0,
     overlap: Annotated[Overlap, typer.Option(help="While the previous job runs.")] = Overlap.SKIP,
@@ -138,7 +151,7 @@ def create(
     bus: BusOpt = DEFAULT_BUS_URL,
     as_json: JsonOpt = False,
 ) -> None:
-    """Store a schedule: the task in --task, fired on --cron, --every or --when-grown."""
+    """Store a schedule: the task in --task, fired on --cron, --every, --when-grown or --when-drifts."""
     task = read_task_file(str(task_file), kind)
     payload = task.model_dump(mode="json", by_alias=True, exclude_none=True)
     payload.pop("request_id", None)  # each fire sets its own
@@ -149,6 +162,13 @@ def create(
             cron=cron,
             every_seconds=every,
             when_grown=DatasetGrowth(path=str(when_grown), lines=lines) if when_grown is not None else None,
+            when_drifts=(
+                MetricDrift.model_validate(
+                    {"name": when_drifts, "metric": metric, "above": above, "window_seconds": window}
+                )
+                if when_drifts is not None
+                else None
+            ),
             timezone=timezone,
             jitter_seconds=jitter,
             overlap=overlap,

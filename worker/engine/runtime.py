@@ -48,6 +48,7 @@ from forseti.schemas.jobs import JobEvent, JobFailed, JobProgress, JobState, Job
 from forseti.schemas.models import ModelAvailable, ModelsList, ModelsQuery, ModelsQueryError, ModelSummary
 from forseti.schemas.tasks import TaskKind, task_channel
 from forseti.worker.rollouts.controller import RolloutController
+from forseti.worker.rollouts.fleet import Fleet
 from forseti.worker.schedules.desk import ScheduleDesk
 from forseti.worker.schedules.firing import Scheduler
 
@@ -233,15 +234,18 @@ class Worker:
             self._bus_ok = True
             self._probe = asyncio.create_task(self._probe_bus(), name="probe-bus")
             self._sweep = asyncio.create_task(self._sweep_strays(), name="sweep-strays")
+            fleet = Fleet(metrics=self.metrics, trusted=self.settings.replicas())
+            if self.settings.schedules or self.settings.rollouts:
+                self._subs.append(await fleet.follow(self.bus))
             if self.settings.schedules:
-                await self._start_schedules()
+                await self._start_schedules(fleet)
             if self.settings.rollouts:
                 controller = RolloutController(
                     self.bus,
                     self.store,
+                    fleet,
                     metrics=self.metrics,
                     signer=self.signer,
-                    trusted=self.settings.replicas(),
                     poll=self.settings.rollout_poll,
                 )
                 self._rollouts = asyncio.create_task(controller.run(self._stopping), name="rollouts")
@@ -375,10 +379,15 @@ class Worker:
             tracing.disable()
         log.info("worker %s stopped", self.settings.worker_id)
 
-    async def _start_schedules(self) -> None:
+    async def _start_schedules(self, fleet: Fleet) -> None:
         """Answer schedule requests (one worker of the group each) and fire schedules (every worker)."""
         scheduler = Scheduler(
-            bus=self.bus, store=self.store, metrics=self.metrics, source=self._source, poll=self.settings.schedule_poll
+            bus=self.bus,
+            store=self.store,
+            metrics=self.metrics,
+            source=self._source,
+            poll=self.settings.schedule_poll,
+            fleet=fleet,
         )
         desk = ScheduleDesk(self.store, source=self._source, by_operator=self._by_operator, changed=scheduler.wake)
         queue = f"{self.settings.group}-schedules"

@@ -1,7 +1,7 @@
 """The rollout controller every worker runs: it hears the replicas' health and moves rollouts on.
 
-No single process owns a rollout. Every worker keeps the health reports of the last hour, reads the
-rollouts going on from the shared registry each `poll`, judges each one's step (`judge.py`), and
+No single process owns a rollout. Every worker keeps the health reports of the last hour (`fleet.py`),
+reads the rollouts going on from the shared registry each `poll`, judges each one's step (`judge.py`), and
 tries to store the move; the registry lets one worker store each `seq`, and that worker announces it.
 A move stored but not announced (its worker died in between) is announced again by the next tick
 of the workers once `REPUBLISH_AFTER` has passed (by each that sees it so: replicas act on a move's
@@ -14,32 +14,21 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import deque
-from datetime import datetime
 
-from forseti.adapters.bus import Bus, Message, Subscription
+from forseti.adapters.bus import Bus
 from forseti.adapters.registry import RegistryStore, RolloutRecord, RolloutStepRecord
-from forseti.adapters.signing import Signer, TrustedKeys, refusal
-from forseti.schemas.catalog import HEALTH
-from forseti.schemas.envelope import decode
-from forseti.schemas.errors import InvalidTask
-from forseti.schemas.rollouts import ENDED, ServeHealth
+from forseti.adapters.signing import Signer
+from forseti.schemas.rollouts import ENDED
 
 from ..engine.metrics import Metrics
-from .judge import Report, judge, live
+from .fleet import Fleet, epoch
+from .judge import judge, live
 from .steps import publish_step
 
 log = logging.getLogger(__name__)
 
-KEEP_REPORTS = 3600.0
-"""Seconds of health reports kept in memory (a step longer than this is judged on its last hour)."""
 REPUBLISH_AFTER = 5.0
 """Seconds after which a stored move not yet stamped published is published again."""
-
-
-def epoch(stamp: str) -> float:
-    """A registry time (ISO 8601) in seconds since the epoch."""
-    return datetime.fromisoformat(stamp).timestamp()
 
 
 class RolloutController:
@@ -49,62 +38,32 @@ class RolloutController:
         self,
         bus: Bus,
         store: RegistryStore,
+        fleet: Fleet,
         *,
         metrics: Metrics | None = None,
         signer: Signer | None = None,
-        trusted: TrustedKeys | None = None,
         poll: float = 1.0,
     ) -> None:
         self.bus, self.store = bus, store
         self.metrics = metrics
         self.signer = signer
         """Signs the moves this worker announces."""
-        self.trusted = trusted
-        """The keys health reports must be signed by (None: every report counts)."""
+        self.fleet = fleet
+        """The health reports this worker heard (someone else subscribes it to the bus)."""
         self.poll = poll
         """Seconds between two looks at the rollouts going on."""
-        self.reports: deque[Report] = deque()
-        """Health reports received, oldest first."""
-        self._sub: Subscription | None = None
         self._shown: set[tuple[str, str]] = set()
         self._reporting: set[tuple[str, str | None]] = set()
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Hear health reports and tick every `poll` until `stopping` is set."""
-        self._sub = await self.bus.subscribe(HEALTH, self.on_health)
-        try:
-            while not stopping.is_set():
-                try:
-                    await self.tick()
-                except Exception:  # a registry hiccup must not end the controller: the next tick retries
-                    log.exception("rollout tick failed")
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stopping.wait(), timeout=self.poll)
-        finally:
-            await self._sub.unsubscribe()
-
-    async def on_health(self, msg: Message) -> None:
-        """Keep one replica's report (refused unless signed by a trusted key, when keys are set)."""
-        reason = refusal(self.trusted, msg.data)
-        if reason is not None:
-            log.warning("health report refused: %s", reason)
-            if self.metrics is not None:
-                self.metrics.refused.labels("health").inc()
-            return
-        try:
-            health = decode(msg.data, expect=ServeHealth).data
-        except InvalidTask as exc:
-            log.warning("ignoring an unreadable health report: %s", exc.message)
-            return
-        now = time.time()
-        self.reports.append(Report(now, health))
-        while self.reports and self.reports[0].at < now - KEEP_REPORTS:
-            self.reports.popleft()
-        if self.metrics is not None:
-            for v in health.versions:
-                self.metrics.served_requests.labels(health.name, v.version, "ok").inc(v.requests - v.errors)
-                self.metrics.served_requests.labels(health.name, v.version, "error").inc(v.errors)
-                self.metrics.served_latency.labels(health.name, v.version).inc(v.latency_ms_sum / 1000)
+        """Tick every `poll` until `stopping` is set."""
+        while not stopping.is_set():
+            try:
+                await self.tick()
+            except Exception:  # a registry hiccup must not end the controller: the next tick retries
+                log.exception("rollout tick failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=self.poll)
 
     async def tick(self) -> None:
         """Look at every rollout going on once."""
@@ -114,7 +73,7 @@ class RolloutController:
         if self.metrics is not None:
             for name, alias in self._shown - {(r.name, r.alias) for r in going}:
                 self.metrics.rollout_share.labels(name, alias).set(0)
-            reporting = live(self.reports, time.time())
+            reporting = live(self.fleet.reports, time.time())
             for key in self._reporting - set(reporting):
                 self.metrics.replicas_reporting.labels(key[0], key[1] or "").set(0)
             for (model, followed), found in reporting.items():
@@ -141,7 +100,7 @@ class RolloutController:
                 await self.store.end_rollout(rollout.id)
             return
         started = epoch(next(r.created_at for r in rows if r.step == last.step))
-        move = judge(rollout, rows, list(self.reports), started=started, now=now)
+        move = judge(rollout, rows, list(self.fleet.reports), started=started, now=now)
         if move is None:
             return
         row = RolloutStepRecord(

@@ -13,6 +13,9 @@ from forseti.schemas.schedules import ScheduleSpec
 
 SLOT_FORMAT = "%Y%m%dT%H%M%S"
 GROWN = "grown-"
+"""The slot prefix of a dataset trigger's fires."""
+DRIFTED = "drifted-"
+"""The slot prefix of a metric drift trigger's fires."""
 MAX_SLOTS_PER_TICK = 1000
 """Slots one tick decides at most; a longer backlog (a tiny interval after downtime) goes on next tick."""
 
@@ -28,14 +31,14 @@ def slot_time(name: str) -> datetime:
     return datetime.strptime(name, SLOT_FORMAT + ".%fZ").replace(tzinfo=UTC)
 
 
-def grown_slot(n: int) -> str:
-    """The name of a dataset trigger's n-th fire."""
-    return f"{GROWN}{n:012d}"
+def trigger_slot(prefix: str, n: int) -> str:
+    """The name of a trigger's n-th fire (`grown-000000000003`): zero-padded, so it sorts as text."""
+    return f"{prefix}{n:012d}"
 
 
-def grown_count(name: str) -> int:
-    """How many fires a dataset trigger's slot name counts (0 before the first)."""
-    return int(name.removeprefix(GROWN)) if name.startswith(GROWN) else 0
+def trigger_count(prefix: str, name: str) -> int:
+    """How many fires a trigger's slot name counts (0 before the first)."""
+    return int(name.removeprefix(prefix)) if name.startswith(prefix) else 0
 
 
 def jitter_offset(schedule_id: str, slot: str, jitter: float) -> float:

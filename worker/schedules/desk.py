@@ -117,7 +117,7 @@ class ScheduleDesk:
             spec=spec.model_dump(mode="json", exclude_none=True),
             owner=request.user_id,
             # a new schedule starts now: it does not catch up slots from before it existed
-            last_slot="" if spec.when_grown is not None else slot_name(now),
+            last_slot="" if spec.triggered else slot_name(now),
             baseline=count_lines(Path(spec.when_grown.path)) if spec.when_grown is not None else 0,
         )
         await self.store.put_schedule(record)
@@ -139,7 +139,7 @@ class ScheduleDesk:
     async def _info(self, record: ScheduleRecord, *, fires: bool) -> ScheduleInfo:
         spec = ScheduleSpec.model_validate(record.spec)
         next_fire = None
-        if spec.when_grown is None and not record.paused:
+        if not spec.triggered and not record.paused:
             anchor = datetime.fromisoformat(record.created_at)
             after = slot_time(record.last_slot) if record.last_slot else anchor
             next_fire = next_due(spec, record.id, after, anchor).isoformat().replace("+00:00", "Z")

@@ -30,7 +30,19 @@ from forseti.schemas.schedules import Overlap, ScheduleFire, ScheduleFired, Sche
 from forseti.schemas.tasks import TASK_MODELS, task_channel
 from forseti.worker.engine.metrics import Metrics
 
-from .clock import count_lines, due_slots, grown_count, grown_slot, jitter_offset, next_due, slot_name, slot_time
+from ..rollouts.fleet import Fleet, epoch
+from .clock import (
+    DRIFTED,
+    GROWN,
+    count_lines,
+    due_slots,
+    jitter_offset,
+    next_due,
+    slot_name,
+    slot_time,
+    trigger_count,
+    trigger_slot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +62,12 @@ def fire_job_id(schedule_id: str, slot: str) -> str:
 class Scheduler:
     """Fires the registry's schedules from this worker, alongside the other workers."""
 
-    def __init__(self, *, bus: Bus, store: RegistryStore, metrics: Metrics, source: str, poll: float) -> None:
+    def __init__(
+        self, *, bus: Bus, store: RegistryStore, metrics: Metrics, source: str, poll: float, fleet: Fleet | None = None
+    ) -> None:
         self.bus = bus
+        self.fleet = fleet
+        """The serving fleet's health reports, which drift triggers watch (None: they never fire)."""
         self.store = store
         self.metrics = metrics
         self.source = source
@@ -101,6 +117,8 @@ class Scheduler:
             await self._follow_up(record, spec, fires)
             if spec.when_grown is not None:
                 await self._grown(record, spec, fires)
+            elif spec.when_drifts is not None:
+                await self._drifted(record, spec, fires)
             else:
                 wait = min(wait, await self._clock(record, spec, fires))
         return wait
@@ -134,9 +152,32 @@ class Scheduler:
         lines = await self._count(Path(spec.when_grown.path))
         if lines < record.baseline + spec.when_grown.lines:
             return
-        slot = grown_slot(grown_count(record.last_slot) + 1)
+        slot = trigger_slot(GROWN, trigger_count(GROWN, record.last_slot) + 1)
         await self._decide(record, spec, slot, fires, late=0.0)
         await self.store.change_schedule(record.id, baseline=lines)
+
+    async def _drifted(self, record: ScheduleRecord, spec: ScheduleSpec, fires: list[FireRecord]) -> None:
+        drift = spec.when_drifts
+        assert drift is not None
+        if self.fleet is None:
+            return
+        now = time.time()
+        # one decision per window: the window after a fire holds only what came after it
+        last = epoch(fires[0].created_at) if fires else epoch(record.created_at)
+        if now - last < drift.window_seconds:
+            return
+        requests, errors, latency_ms = self.fleet.measure(drift.name, drift.alias, now - drift.window_seconds)
+        if requests < drift.min_requests:
+            return
+        value = errors / requests if drift.metric == "error_rate" else latency_ms / requests
+        if value <= drift.above:
+            return
+        log.info(
+            "schedule %s: %s of %s is %.4g over %d requests (bound %g)",
+            record.id, drift.metric, drift.name, value, requests, drift.above,
+        )  # fmt: skip
+        slot = trigger_slot(DRIFTED, trigger_count(DRIFTED, record.last_slot) + 1)
+        await self._decide(record, spec, slot, fires, late=0.0)
 
     async def _count(self, path: Path) -> int:
         try:
