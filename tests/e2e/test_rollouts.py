@@ -29,12 +29,13 @@ NAME = "assistant"
 
 
 async def register(data_dir: Path, tiny_llama: Path) -> None:
-    """v1 and v2 of NAME in the data dir's registry: GGUF files of the tiny Llama."""
+    """v1, v2 and v3 of NAME in the data dir's registry: GGUF files of the tiny Llama; v3's file is
+    damaged after it was registered, so no replica can load it."""
     tensors = load_file(tiny_llama / "model.safetensors")
     store = create_store(str(data_dir / "registry.db"))
     await store.open()
     try:
-        for label in ("v1", "v2"):
+        for label in ("v1", "v2", "v3"):
             path = write_model(data_dir / f"{label}.gguf", tiny_llama, tensors, "f32", name=f"{NAME} {label}")
             model = await store.add_model(
                 ModelRecord(id=f"{NAME}-{label}", name=NAME, model_type="llm", export_path=str(path),
@@ -42,6 +43,9 @@ async def register(data_dir: Path, tiny_llama: Path) -> None:
             )  # fmt: skip
             for artifact in describe([("gguf", "f32", path)], model.id):
                 await store.add_artifact(artifact)
+        with (data_dir / "v3.gguf").open("r+b") as damaged:
+            damaged.seek(-8, 2)
+            damaged.write(b"\x00" * 8)
     finally:
         await store.close()
 
@@ -123,9 +127,17 @@ def test_a_canary_rollout_from_the_command_line(
 
         listed = run(bus, "models", "rollouts", NAME, "--data-dir", str(data)).stdout.decode()
         assert "completed" in listed and "100%" in listed
-        (rollout,) = json.loads(run(bus, "models", "rollouts", "--json", "--data-dir", str(data)).stdout)
+        (rollout,) = json.loads(run(bus, "models", "rollouts", "--json", "--data-dir", str(data)).stdout)  # one so far
         assert [m["state"] for m in rollout["moves"]] == ["progressing"] * 3 + ["completed"]
         assert rollout["moves"][2]["evidence"]["candidate_requests"] >= 5
+
+        # v3 cannot be loaded: the rollout rolls back on its own, and --follow exits 1
+        failed = run(bus, "models", "rollout", NAME, "v3", "--interval", "1s", "--follow", "--data-dir", str(data),
+                     timeout=120)  # fmt: skip
+        said = failed.stdout.decode()
+        assert failed.returncode == 1, said + failed.stderr.decode()
+        assert "rolled_back" in said.splitlines()[-1] and "could not load it" in said and "sha256" in said, said
+        assert "v2" in run(bus, "complete", NAME, "Sensor 3 reads", "--max-tokens", "2").stderr.decode()
 
         # a rollout back to v1, aborted before it is judged
         started = run(bus, "models", "rollout", NAME, "v1", "--interval", "10m", "--data-dir", str(data))
