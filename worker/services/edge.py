@@ -310,7 +310,10 @@ class EdgeAgent:
         wanted = next((a for a in step.candidates if a.format == "onnx" and a.quantization == self.quantization), None)
         try:
             if wanted is None:
-                raise ForsetiError(f"{step.candidate_version} has no ONNX export of this device's quantization")
+                raise ForsetiError(
+                    f"{step.candidate_version} has no ONNX export of this device's quantization",
+                    code=ErrorCode.INVALID_MODEL,
+                )
             model = await self._open(wanted)
         except ForsetiError as exc:
             log.warning("edge %s: candidate %s not loaded: %s", self.device_id, step.candidate_version, exc.message)
