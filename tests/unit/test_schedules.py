@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from forseti.adapters.bus import Bus, MemoryBroker, MemoryBus, Message
 from forseti.adapters.registry import RegistryStore, ScheduleRecord, create_store
 from forseti.adapters.signing import Signer, generate
-from forseti.schemas.catalog import SCHEDULES_FIRED
+from forseti.schemas.catalog import SCHEDULES, SCHEDULES_FIRED
 from forseti.schemas.envelope import decode
 from forseti.schemas.errors import InvalidTask
 from forseti.schemas.jobs import JobState
@@ -38,6 +38,7 @@ from forseti.worker.engine.metrics import Metrics
 from forseti.worker.rollouts.fleet import Fleet
 from forseti.worker.rollouts.judge import Report
 from forseti.worker.schedules.clock import due_slots, jitter_offset, next_slot, slot_name
+from forseti.worker.schedules.desk import ScheduleDesk
 from forseti.worker.schedules.firing import Scheduler
 
 from ..helpers import FailingHandler, StepHandler, running_worker, training
@@ -325,6 +326,27 @@ async def test_a_drifting_error_rate_fires_once_per_window(store: RegistryStore,
     assert len(queued) == 2
     with pytest.raises(ValidationError, match="exactly one of"):
         spec(every_seconds=5, when_drifts=MetricDrift(name="assistant", above=0.1))
+
+
+async def test_a_new_interval_schedule_does_not_fire_at_its_creation(
+    store: RegistryStore, client: MemoryBus, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The desk read the clock twice (the last slot, then the creation time): when a millisecond
+    passed in between, the creation instant itself became a due slot and fired at once (a Kafka
+    schedule test ran two jobs for one fire, 1 run in 5)."""
+
+    class Earlier(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:
+            return datetime.now(tz) - timedelta(milliseconds=5)  # as if the second read came 5 ms later
+
+    monkeypatch.setattr("forseti.worker.schedules.desk.datetime", Earlier)
+    desk = ScheduleDesk(store, source="test", by_operator=lambda raw: False)
+    await client.subscribe(SCHEDULES, desk.on_request)
+    hourly = spec(every_seconds=3600)
+    await ask_schedules(client, ScheduleCreate(id="hourly", spec=hourly), None, timeout=5)
+    await Scheduler(bus=client, store=store, metrics=Metrics(), source="test", poll=1.0).tick()
+    assert await store.list_fires("hourly") == []
 
 
 async def test_an_operator_sees_and_changes_every_schedule(

@@ -19,7 +19,7 @@ from forseti.adapters.bus import Message
 from forseti.adapters.registry import RegistryStore, ScheduleRecord
 from forseti.schemas.base import Strict
 from forseti.schemas.envelope import decode, encode
-from forseti.schemas.errors import InvalidTask
+from forseti.schemas.errors import InvalidTask, validation_summary
 from forseti.schemas.schedules import (
     ScheduleCreate,
     ScheduleDelete,
@@ -73,7 +73,7 @@ class ScheduleDesk:
         try:
             answer = await self._serve(request, operator=operator)
         except ValidationError as exc:
-            answer = ScheduleError(code="invalid", message=_first_error(exc))
+            answer = ScheduleError(code="invalid", message=validation_summary(exc, limit=1))
         await self._answer(msg, answer)
 
     async def _serve(self, request: ScheduleRequest, *, operator: bool) -> Strict:
@@ -119,6 +119,9 @@ class ScheduleDesk:
             # a new schedule starts now: it does not catch up slots from before it existed
             last_slot="" if spec.triggered else slot_name(now),
             baseline=count_lines(Path(spec.when_grown.path)) if spec.when_grown is not None else 0,
+            # the same instant as last_slot: interval slots count from created_at, and a creation time
+            # read from the clock again could fall a millisecond later and make "now" a slot to fire
+            created_at=now.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         )
         await self.store.put_schedule(record)
         self.changed()
@@ -158,9 +161,3 @@ class ScheduleDesk:
         if isinstance(answer, ScheduleError):
             log.warning("schedule request refused (%s): %s", answer.code, answer.message)
         await msg.respond(encode(answer, source=self.source))
-
-
-def _first_error(exc: ValidationError) -> str:
-    error = exc.errors()[0]
-    where = ".".join(str(part) for part in error["loc"])
-    return f"{where}: {error['msg']}" if where else str(error["msg"])
