@@ -15,7 +15,7 @@ from pydantic import Field, StringConstraints, ValidationError
 
 from .base import ID_PATTERN, Strict
 from .catalog import BY_TYPE, TYPE_OF
-from .errors import ErrorCode, InvalidTask
+from .errors import ErrorCode, InvalidTask, validation_summary
 
 M = TypeVar("M", bound=Strict)
 
@@ -122,7 +122,7 @@ def decode(raw: bytes, expect: type[M] | None = None) -> Event[M]:
     try:
         envelope = Envelope.model_validate(doc)
     except ValidationError as exc:
-        raise InvalidTask(f"not a valid CloudEvent: {_summary(exc)}") from exc
+        raise InvalidTask(f"not a valid CloudEvent: {validation_summary(exc)}") from exc
     spec = BY_TYPE.get(envelope.type)
     if spec is None:
         raise InvalidTask(f"unknown event type {envelope.type!r}", code=ErrorCode.UNKNOWN_KIND)
@@ -134,7 +134,7 @@ def decode(raw: bytes, expect: type[M] | None = None) -> Event[M]:
     try:
         data = spec.model.model_validate(envelope.data)
     except ValidationError as exc:
-        raise InvalidTask(f"invalid {envelope.type} data: {_summary(exc)}") from exc
+        raise InvalidTask(f"invalid {envelope.type} data: {validation_summary(exc)}") from exc
     return Event(
         type=envelope.type,
         id=envelope.id,
@@ -145,12 +145,3 @@ def decode(raw: bytes, expect: type[M] | None = None) -> Event[M]:
         traceparent=envelope.traceparent,
         tracestate=envelope.tracestate,
     )
-
-
-def _summary(exc: ValidationError, limit: int = 5) -> str:
-    parts = []
-    for err in exc.errors()[:limit]:
-        where = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{where}: {err['msg']}")
-    more = exc.error_count() - limit
-    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -7,6 +7,10 @@ worker reads ``retriable`` to decide between handing a task back and failing its
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 
 class ErrorCode(StrEnum):
@@ -75,3 +79,13 @@ class StoreError(ForsetiError):
 
     code = ErrorCode.STORE_ERROR
     retriable = True
+
+
+def validation_summary(exc: ValidationError, limit: int = 5) -> str:
+    """What a pydantic validation error says, for people: `field: message` for its first `limit` errors."""
+    parts = []
+    for err in exc.errors()[:limit]:
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{where}: {err['msg']}")
+    more = exc.error_count() - limit
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")

@@ -106,6 +106,10 @@ def test_a_canary_rollout_from_the_command_line(
     try:
         refused = run(bus, "models", "rollout", NAME, "v2", "--data-dir", str(data))
         assert refused.returncode == 1 and "promote a first one" in refused.stderr.decode()
+        untagged = run(bus, "models", "rollout", NAME, "v2", "--strategy", "rolling", "--data-dir", str(data))
+        assert untagged.returncode == 1 and "device_tag" in untagged.stderr.decode()
+        mistagged = run(bus, "models", "rollout", NAME, "v2", "--tag", "pumps", "--data-dir", str(data))
+        assert mistagged.returncode == 1 and "device_tag" in mistagged.stderr.decode()
         assert run(bus, "models", "promote", NAME, "v1", "--data-dir", str(data)).returncode == 0
         with Clients(bus) as clients:
             while "v1" not in clients.versions[-4:]:  # the replicas load v1 from the object store

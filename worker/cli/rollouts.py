@@ -19,7 +19,7 @@ from forseti.adapters.bus import Bus, Message
 from forseti.adapters.registry import RegistryStore
 from forseti.schemas.catalog import MODELS
 from forseti.schemas.envelope import decode
-from forseti.schemas.errors import InvalidTask
+from forseti.schemas.errors import InvalidTask, validation_summary
 from forseti.schemas.rollouts import ENDED, RolloutBounds, RolloutSpec, RolloutStep, StepEvidence
 
 from ..engine.loop import run as run_loop
@@ -74,8 +74,15 @@ def models_rollout(
     name: Annotated[str, typer.Argument(metavar="NAME", help="Model name.")],
     version: Annotated[str, typer.Argument(metavar="VERSION", help="The version to roll out (label or number).")],
     strategy: Annotated[
-        str, typer.Option(help="canary: shares grow along --steps; blue_green: all traffic in one switch.")
+        str,
+        typer.Option(
+            help="canary: shares of requests grow along --steps; blue_green: all traffic in one switch; rolling: "
+            "shares of the edge devices with --tag."
+        ),
     ] = "canary",
+    tag: Annotated[
+        str | None, typer.Option(help="rolling: the device tag rolled across (devices started with --tag).")
+    ] = None,
     steps: Annotated[str, typer.Option(help="The candidate's share of requests at each step, in percent.")] = (
         "10,50,100"
     ),
@@ -110,12 +117,17 @@ def models_rollout(
         bounds = RolloutBounds(
             max_error_rate=max_error_rate, max_latency_ratio=max_latency_ratio, min_requests=min_requests
         )
-        given: dict[str, Any] = {"strategy": strategy, "interval_seconds": parse_duration(interval), "bounds": bounds}
+        given: dict[str, Any] = {
+            "strategy": strategy,
+            "interval_seconds": parse_duration(interval),
+            "bounds": bounds,
+            "device_tag": tag,
+        }
         if strategy != "blue_green" or steps != "10,50,100":
             given["steps"] = _steps(steps)
         spec = RolloutSpec.model_validate(given)
     except (ValueError, ValidationError) as exc:
-        raise _fail(str(exc).splitlines()[-1] if isinstance(exc, ValidationError) else str(exc)) from exc
+        raise _fail(validation_summary(exc) if isinstance(exc, ValidationError) else str(exc)) from exc
     objects = _s3_store(object_store_url)
     signer = _signer(signing_key, data_dir)
     keyring = _keyring(encryption_key_file)
