@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from forseti.adapters.registry import RolloutRecord, RolloutStepRecord
-from forseti.schemas.rollouts import RolloutSpec, RolloutState, ServeHealth, StepEvidence
+from forseti.schemas.rollouts import RolloutBounds, RolloutSpec, RolloutState, ServeHealth, StepEvidence
 
 SILENT_PERIODS = 3
 """A replica that has not reported for this many of its periods is taken to be gone."""
@@ -106,7 +106,7 @@ def judge(
     last = rows[-1]
     live = replicas(rollout, reports, now)
     ev = evidence(rollout, reports, started, now)
-    breach = _breach(rollout, rows, live, ev)
+    breach = _breach(rollout, rows, live, ev, bounds)
     if breach is not None:
         return Move("rolled_back", last.step, 0, breach, ev)
 
@@ -157,10 +157,13 @@ def _loaded(
 
 
 def _breach(
-    rollout: RolloutRecord, rows: list[RolloutStepRecord], live: dict[str, ServeHealth], ev: StepEvidence
+    rollout: RolloutRecord,
+    rows: list[RolloutStepRecord],
+    live: dict[str, ServeHealth],
+    ev: StepEvidence,
+    bounds: RolloutBounds,
 ) -> str | None:
     """Why the candidate must go now (a replica could not load it, or a bound is past); None: it may stay."""
-    bounds = RolloutSpec.model_validate(rollout.spec).bounds
     for consumer, health in sorted(live.items()):
         if health.rollout_id == rollout.id and health.candidate_error:
             return f"{consumer} could not load it: {health.candidate_error}"
