@@ -3,10 +3,16 @@
 A handler writes its checkpoints into `ctx.checkpoint_dir` as before (atomically, on local disk),
 then calls `ctx.checkpointed(step)`. That call packs the folder into one tar in the handler's own
 thread (a consistent snapshot: the handler writes nothing while it packs) and hands it to the
-event loop, which uploads one snapshot at a time to the object store (`adapters/objects.py`); one
-offered while another uploads replaces any that waits, so a slow store never queues stale state.
-Once uploaded, the snapshot is recorded in the registry with its sha256, and the job's snapshots
-older than the newest `KEEP` are removed.
+event loop, which uploads one snapshot at a time to the object store (`adapters/objects.py`) while
+the handler goes on. Once uploaded, the snapshot is recorded in the registry with its sha256, and
+the job's snapshots older than the newest `KEEP` are removed.
+
+A handler that checkpoints again while the previous snapshot still uploads waits for that upload
+(at most `wait` seconds) before it hands the new one over: what is shared is then never more than
+one checkpoint behind the job, so a worker that takes it over loses at most one checkpoint interval
+of work however fast the job checkpoints (async checkpointing as `torch.distributed.checkpoint`'s
+`async_save` does it: one save in flight). A store slower than `wait`, or away, does not hold the
+job longer: the newest snapshot then replaces any that waits, and the next upload tries again.
 
 A worker that takes a job over (attempt > 1) reads the job's newest snapshot from the registry; when
 it is newer than what its own disk holds (the marker file in the folder names the snapshot it came
@@ -22,6 +28,7 @@ after a job's end left behind (`prune_ended`).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import logging
 import shutil
@@ -84,11 +91,14 @@ class SharedCheckpoints:
         spool: Path,
         loop: asyncio.AbstractEventLoop,
         keyring: Keyring | None = None,
+        wait: float = 30.0,
     ) -> None:
         self.objects, self.store, self.job_id, self.attempt = objects, store, job_id, attempt
         self.folder, self.spool, self._loop = folder, spool, loop
         self.keyring = keyring
         """Encrypts snapshots before they go up (None: they go up as tars)."""
+        self.wait = wait
+        """Seconds a handler waits for the previous snapshot's upload before it hands over the next."""
         self._count = 0
         self._waiting: Snapshot | None = None
         self._uploader: asyncio.Task[None] | None = None
@@ -98,9 +108,9 @@ class SharedCheckpoints:
     # -- sharing ---------------------------------------------------------------------------------
 
     def snapshot(self, step: int) -> None:
-        """Pack the checkpoint folder and queue its upload; call right after a whole checkpoint was
-        written, from the handler's thread. A snapshot that cannot be packed is logged and skipped:
-        the local checkpoint still stands."""
+        """Pack the checkpoint folder and queue its upload once the previous one is up (see the
+        module's doc); call right after a whole checkpoint was written, from the handler's thread. A
+        snapshot that cannot be packed is logged and skipped: the local checkpoint still stands."""
         self._count += 1
         seq = self.attempt * SEQ_PER_ATTEMPT + self._count
         try:
@@ -120,7 +130,19 @@ class SharedCheckpoints:
         except OSError as exc:
             log.warning("checkpoint at step %d not packed for sharing: %s", step, exc)
             return
+        self._wait_for_upload()
         self._loop.call_soon_threadsafe(self._offer, snapshot)
+
+    def _wait_for_upload(self) -> None:
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:  # a caller on the uploading loop itself cannot be held: it would hold the upload
+            return
+        # a loop that is closing or stuck holds no one: the job's own outcome decides what comes next
+        with suppress(RuntimeError, concurrent.futures.TimeoutError, concurrent.futures.CancelledError):
+            asyncio.run_coroutine_threadsafe(self.flush(self.wait), self._loop).result(self.wait + 5)
 
     def _offer(self, snapshot: Snapshot) -> None:
         if self._waiting is not None:  # superseded before it could go up

@@ -262,6 +262,7 @@ class JobRunner:
                 spool=work_dir / "shared",
                 loop=loop,
                 keyring=services.keyring,
+                wait=services.settings.lease_ttl,
             )
         self.ctx = JobContext(
             job_id=self.job_id,
