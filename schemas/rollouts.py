@@ -36,6 +36,9 @@ class RolloutBounds(Strict):
     min_requests: int = Field(default=20, ge=1)
     """Requests the candidate must have answered in a step before it is judged: fewer, and a step
     whose interval is over holds rather than moves on."""
+    max_hold_seconds: float | None = Field(default=None, gt=0)
+    """How long a step may hold past its interval (too few requests, or replicas that do not load the
+    candidate) before the rollout rolls back; None: it holds until it can be judged or is aborted."""
 
 
 class RolloutSpec(Strict):

@@ -110,6 +110,8 @@ def test_a_canary_rollout_from_the_command_line(
         assert untagged.returncode == 1 and "device_tag" in untagged.stderr.decode()
         mistagged = run(bus, "models", "rollout", NAME, "v2", "--tag", "pumps", "--data-dir", str(data))
         assert mistagged.returncode == 1 and "device_tag" in mistagged.stderr.decode()
+        unheld = run(bus, "models", "rollout", NAME, "v2", "--max-hold", "0", "--data-dir", str(data))
+        assert unheld.returncode == 1 and "max_hold_seconds: " in unheld.stderr.decode()
         assert run(bus, "models", "promote", NAME, "v1", "--data-dir", str(data)).returncode == 0
         with Clients(bus) as clients:
             while "v1" not in clients.versions[-4:]:  # the replicas load v1 from the object store

@@ -489,6 +489,31 @@ def test_judge_waits_for_the_interval_then_moves_on_holds_or_rolls_back() -> Non
     assert move is not None and (move.state, move.share) == ("completed", 100)
 
 
+def test_judge_rolls_back_a_step_that_holds_past_max_hold() -> None:
+    """A hold had no time limit: a candidate that too little traffic reached, or that a replica never
+    loaded, held its share until someone aborted it."""
+    r = rollout_record(steps=[10, 100], bounds=FAST.model_copy(update={"max_hold_seconds": 30}))
+    rows = [row(0, 0, 0), row(1, 1, 10), row(2, 1, 10, "holding")]
+    thin = [report(109, "a", new=(2, 0, 10.0))]
+    assert judge(r, rows, thin, started=100, now=139) is None, "within its interval and max hold: it waits"
+    move = judge(r, rows, thin, started=100, now=140.5)
+    assert move is not None and (move.state, move.step, move.share) == ("rolled_back", 1, 0)
+    assert "max hold of 30s" in move.reason and "2 request(s)" in move.reason
+    enough = [report(139, "a", new=(8, 0, 10.0))]
+    move = judge(r, rows, enough, started=100, now=140.5)
+    assert move is not None and move.state == "progressing", "traffic that came in time moves it on"
+    # step 0: a replica that never loads the candidate
+    waiting = report(139, "b", old=(5, 0, 10.0))
+    waiting = Report(waiting.at, waiting.health.model_copy(update={"candidate": None}))
+    loading = [row(0, 0, 0), row(1, 0, 0, "holding")]
+    assert judge(r, loading, [report(139, "a"), waiting], started=100, now=139) is None
+    move = judge(r, loading, [report(140, "a"), Report(140, waiting.health)], started=100, now=141)
+    assert move is not None and move.state == "rolled_back" and "waiting for b" in move.reason
+    # without a max hold it holds on
+    unbounded = rollout_record(steps=[10, 100])
+    assert judge(unbounded, rows, thin, started=100, now=10_000) is None
+
+
 def test_judge_compares_latency_with_the_baseline_or_its_last_known_figure() -> None:
     r = rollout_record(steps=[50, 100], bounds=FAST.model_copy(update={"max_latency_ratio": 1.5}))
     rows = [row(0, 0, 0), row(1, 1, 50)]

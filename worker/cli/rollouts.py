@@ -98,6 +98,13 @@ def models_rollout(
     min_requests: Annotated[
         int, typer.Option(min=1, help="Candidate requests a step needs before it is judged (fewer: it holds).")
     ] = 20,
+    max_hold: Annotated[
+        str | None,
+        typer.Option(
+            help="Roll back when a step holds this long past its interval (too few requests, or replicas that do "
+            "not load the version), e.g. 30m; unset: it holds until judged or aborted."
+        ),
+    ] = None,
     alias: AliasOpt = "production",
     follow: Annotated[
         bool, typer.Option("--follow", help="Print each move until the rollout ends; exit 1 unless it completes.")
@@ -115,7 +122,10 @@ def models_rollout(
     alias moves to the version when the last step is healthy."""
     try:
         bounds = RolloutBounds(
-            max_error_rate=max_error_rate, max_latency_ratio=max_latency_ratio, min_requests=min_requests
+            max_error_rate=max_error_rate,
+            max_latency_ratio=max_latency_ratio,
+            min_requests=min_requests,
+            max_hold_seconds=parse_duration(max_hold) if max_hold is not None else None,
         )
         given: dict[str, Any] = {
             "strategy": strategy,

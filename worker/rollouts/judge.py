@@ -121,9 +121,9 @@ def judge(
         why = f"no device tagged {spec.device_tag} falls in {last.share}% yet; {share}% next"
         return Move("progressing", last.step + 1, share, why, ev)
     if ev.candidate_requests < bounds.min_requests:
-        if last.state == "holding":
-            return None
         why = f"{ev.candidate_requests} request(s) reached it in this step; {bounds.min_requests} needed to judge"
+        if last.state == "holding":
+            return _held_too_long(spec, last, ev, elapsed, why)
         return Move("holding", last.step, last.share, why, ev)
     healthy = f"{ev.candidate_requests} requests, {ev.candidate_errors} failed"
     if ev.candidate_latency_ms is not None:
@@ -150,10 +150,23 @@ def _loaded(
     waiting = sorted(c for c, h in live.items() if h.rollout_id != rollout.id or h.candidate != rollout.model_id)
     if live and not waiting:
         return Move("progressing", 1, share, f"loaded on {len(live)} replica(s); {share}% of requests", ev)
-    if elapsed < spec.interval_seconds or last.state == "holding":
+    if elapsed < spec.interval_seconds:
         return None
     held = f"waiting for {', '.join(waiting)} to load it" if waiting else "no replica following the alias reports"
+    if last.state == "holding":
+        return _held_too_long(spec, last, ev, elapsed, held)
     return Move("holding", 0, 0, held, ev)
+
+
+def _held_too_long(
+    spec: RolloutSpec, last: RolloutStepRecord, ev: StepEvidence, elapsed: float, why: str
+) -> Move | None:
+    """A step that still holds: a rollback once it has held `max_hold_seconds` past its interval; None:
+    it waits on."""
+    limit = spec.bounds.max_hold_seconds
+    if limit is None or elapsed < spec.interval_seconds + limit:
+        return None
+    return Move("rolled_back", last.step, 0, f"held past the max hold of {limit:g}s: {why}", ev)
 
 
 def _breach(
