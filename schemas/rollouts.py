@@ -23,6 +23,9 @@ Strategy = Literal["canary", "blue_green", "rolling"]
 RolloutState = Literal["progressing", "holding", "completed", "rolled_back", "aborted"]
 ENDED: tuple[RolloutState, ...] = ("completed", "rolled_back", "aborted")
 """The states a rollout ends in."""
+LatencyFigure = Literal["mean", "p50", "p90", "p95", "p99"]
+LATENCY_BUCKETS_MS: tuple[float, ...] = (1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+"""Upper bounds of the latency buckets replicas count requests in (a last bucket takes the slower ones)."""
 
 
 class RolloutBounds(Strict):
@@ -31,11 +34,14 @@ class RolloutBounds(Strict):
     max_error_rate: float = Field(default=0.05, ge=0.0, le=1.0)
     """Failed requests over requests answered by the candidate, at most."""
     max_latency_ratio: float = Field(default=1.5, gt=1.0)
-    """The candidate's mean latency over the version the alias holds (same step; else the last step
-    the baseline had traffic in), at most."""
+    """The candidate's latency (the `latency` figure) over the version the alias holds (same step;
+    else the last step the baseline had traffic in), at most."""
     min_requests: int = Field(default=20, ge=1)
     """Requests the candidate must have answered in a step before it is judged: fewer, and a step
     whose interval is over holds rather than moves on."""
+    latency: LatencyFigure = "mean"
+    """The latency figure `max_latency_ratio` bounds: the mean, or a percentile estimated from the
+    replicas' latency buckets (linear within a bucket, as Prometheus's histogram_quantile does)."""
     max_hold_seconds: float | None = Field(default=None, gt=0)
     """How long a step may hold past its interval (too few requests, or replicas that do not load the
     candidate) before the rollout rolls back; None: it holds until it can be judged or is aborted."""
@@ -98,6 +104,10 @@ class StepEvidence(Strict):
     """Of those, the failed ones."""
     baseline_latency_ms: float | None = Field(default=None, ge=0)
     """The baseline's mean latency (None: no requests)."""
+    candidate_latency_buckets: list[int] = Field(default_factory=list, max_length=len(LATENCY_BUCKETS_MS) + 1)
+    """The candidate's requests per latency bucket (`VersionHealth.latency_ms_buckets`), summed."""
+    baseline_latency_buckets: list[int] = Field(default_factory=list, max_length=len(LATENCY_BUCKETS_MS) + 1)
+    """The baseline's requests per latency bucket, summed."""
     replicas: int = Field(default=0, ge=0)
     """Replicas following the alias that reported."""
 
@@ -155,6 +165,16 @@ class VersionHealth(Strict):
     """Sum of their latencies (queueing for the model included)."""
     latency_ms_max: float = Field(ge=0)
     """The slowest of them."""
+    latency_ms_buckets: list[int] = Field(default_factory=list)
+    """Of those, how many took at most each of `LATENCY_BUCKETS_MS` (and more than the bound before),
+    the last entry the slower ones; empty from a replica that does not count them."""
+
+    @field_validator("latency_ms_buckets")
+    @classmethod
+    def _one_per_bucket(cls, counts: list[int]) -> list[int]:
+        if counts and (len(counts) != len(LATENCY_BUCKETS_MS) + 1 or min(counts) < 0):
+            raise ValueError(f"{len(LATENCY_BUCKETS_MS) + 1} counts, one per latency bucket, none negative")
+        return counts
 
 
 class ServeHealth(Strict):

@@ -34,11 +34,12 @@ from forseti.worker.engine.metrics import Metrics
 from forseti.worker.engine.models import describe, promote
 from forseti.worker.rollouts.controller import RolloutController
 from forseti.worker.rollouts.fleet import Fleet
-from forseti.worker.rollouts.judge import Report, judge
+from forseti.worker.rollouts.judge import Report, judge, quantile
 from forseti.worker.rollouts.steps import abort_rollout, start_rollout
 from forseti.worker.services.edge import EdgeAgent
 from forseti.worker.services.llm_serve import LlmService
 from forseti.worker.services.traffic import Split
+from forseti.worker.services.traffic import Traffic as Tallies
 
 from ..helpers import Watcher, running_worker, tiny_classifier
 
@@ -202,6 +203,9 @@ async def test_a_healthy_canary_moves_on_step_by_step_and_takes_the_alias(
         # about a quarter of the requests at 25%: the split is exact per replica
         share = step_one.candidate_requests / (step_one.candidate_requests + step_one.baseline_requests)
         assert 0.15 < share < 0.35, step_one
+        # every request the replicas timed is in one latency bucket
+        assert sum(step_one.candidate_latency_buckets) == step_one.candidate_requests
+        assert sum(step_one.baseline_latency_buckets) == step_one.baseline_requests
         # the completion moved the alias and announced v2 with it; the replicas serve v2 without reloading
         announced = await events.wait_until(
             lambda es: [e for e in es if e.type.endswith("available.v1") and e.data.alias and e.data.version == "v2"]
@@ -526,6 +530,47 @@ def test_judge_compares_latency_with_the_baseline_or_its_last_known_figure() -> 
     rows = [row(0, 0, 0), row(1, 1, 50), row(2, 2, 100, evidence=earlier)]
     move = judge(r, rows, [report(112, "a", new=(8, 0, 35.0))], started=111, now=112)
     assert move is not None and move.state == "rolled_back"
+
+
+def timed(at: float, **latencies: list[float]) -> Report:
+    """A report of replica "a" at `at` whose versions answered requests that took `latencies` ms,
+    counted as a replica counts them."""
+    tallies = Tallies()
+    for model_id, taken in latencies.items():
+        for ms in taken:
+            tallies.record(model_id, model_id, ms, ok=True)
+    plain = report(at, "a")
+    return Report(at, plain.health.model_copy(update={"versions": tallies.drain()}))
+
+
+def test_a_latency_percentile_bound_catches_a_slow_tail_the_mean_hides() -> None:
+    """The latency bound was on the mean only: a candidate whose slowest 2% took 400 ms passed, its
+    mean barely moved."""
+    counted = timed(0, new=[8.0] * 90 + [400.0] * 10 + [90_000.0]).health.versions[0]
+    assert sum(counted.latency_ms_buckets) == counted.requests == 101
+    assert counted.latency_ms_buckets[3] == 90 and counted.latency_ms_buckets[8] == 10  # (5, 10] and (250, 500]
+    assert counted.latency_ms_buckets[-1] == 1, "past the last bound: the overflow bucket"
+    buckets = [*counted.latency_ms_buckets[:-1], 0]
+    assert quantile(buckets, 0.5) == pytest.approx(5 + 5 * 50 / 90)
+    assert quantile(buckets, 0.95) == pytest.approx(375.0)
+    assert quantile(counted.latency_ms_buckets, 1.0) == 60_000, "the overflow reads as the highest bound"
+    assert quantile([], 0.5) is None
+
+    tail = [timed(101, new=[10.0] * 98 + [400.0] * 2, old=[15.0] * 100)]
+    rows = [row(0, 0, 0), row(1, 1, 50)]
+    by_mean = rollout_record(steps=[50, 100], bounds=FAST.model_copy(update={"max_latency_ratio": 1.5}))
+    assert judge(by_mean, rows, tail, started=100, now=102) is None, "mean 17.8 ms against 15 ms: within 1.5x"
+    p99 = FAST.model_copy(update={"max_latency_ratio": 1.5, "latency": "p99"})
+    by_p99 = rollout_record(steps=[50, 100], bounds=p99)
+    move = judge(by_p99, rows, tail, started=100, now=102)
+    assert move is not None and move.state == "rolled_back"
+    baseline = f"{10 + (25 - 10) * 99.0 / 100:.1f} ms"  # 99% of the way through the (10, 25] bucket
+    assert move.reason.startswith(f"p99 latency 375.0 ms against the baseline's {baseline}"), move.reason
+    assert sum(move.evidence.candidate_latency_buckets) == 100
+    # at 100% the baseline's percentile comes from the last step it had traffic in
+    rows = [row(0, 0, 0), row(1, 1, 50, evidence=move.evidence.model_dump()), row(2, 2, 100)]
+    move = judge(by_p99, rows, [timed(112, new=[10.0] * 98 + [400.0] * 2)], started=111, now=112)
+    assert move is not None and move.state == "rolled_back" and baseline in move.reason
 
 
 def test_judge_loads_everywhere_before_any_traffic() -> None:

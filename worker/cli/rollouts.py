@@ -93,11 +93,18 @@ def models_rollout(
         float, typer.Option(min=0, max=1, help="Roll back past this share of failed candidate requests.")
     ] = 0.05,
     max_latency_ratio: Annotated[
-        float, typer.Option(min=1, help="Roll back past this candidate / baseline mean latency.")
+        float, typer.Option(min=1, help="Roll back past this candidate / baseline latency (see --latency).")
     ] = 1.5,
     min_requests: Annotated[
         int, typer.Option(min=1, help="Candidate requests a step needs before it is judged (fewer: it holds).")
     ] = 20,
+    latency: Annotated[
+        str,
+        typer.Option(
+            help="The latency figure --max-latency-ratio bounds: mean, p50, p90, p95 or p99 (percentiles from the "
+            "replicas' latency buckets)."
+        ),
+    ] = "mean",
     max_hold: Annotated[
         str | None,
         typer.Option(
@@ -121,11 +128,14 @@ def models_rollout(
     hold it, or roll it back on their own when the version's error rate or latency passes a bound. The
     alias moves to the version when the last step is healthy."""
     try:
-        bounds = RolloutBounds(
-            max_error_rate=max_error_rate,
-            max_latency_ratio=max_latency_ratio,
-            min_requests=min_requests,
-            max_hold_seconds=parse_duration(max_hold) if max_hold is not None else None,
+        bounds = RolloutBounds.model_validate(
+            {
+                "max_error_rate": max_error_rate,
+                "max_latency_ratio": max_latency_ratio,
+                "min_requests": min_requests,
+                "latency": latency,
+                "max_hold_seconds": parse_duration(max_hold) if max_hold is not None else None,
+            }
         )
         given: dict[str, Any] = {
             "strategy": strategy,

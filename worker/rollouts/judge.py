@@ -6,11 +6,20 @@ tested) apart from the bus and the registry.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from forseti.adapters.registry import RolloutRecord, RolloutStepRecord
-from forseti.schemas.rollouts import RolloutBounds, RolloutSpec, RolloutState, ServeHealth, StepEvidence
+from forseti.schemas.rollouts import (
+    LATENCY_BUCKETS_MS,
+    LatencyFigure,
+    RolloutBounds,
+    RolloutSpec,
+    RolloutState,
+    ServeHealth,
+    StepEvidence,
+)
 
 SILENT_PERIODS = 3
 """A replica that has not reported for this many of its periods is taken to be gone."""
@@ -58,6 +67,7 @@ def replicas(rollout: RolloutRecord, reports: Iterable[Report], now: float) -> d
 def evidence(rollout: RolloutRecord, reports: Iterable[Report], since: float, now: float) -> StepEvidence:
     """The candidate's and the baseline's requests reported since `since`, summed over replicas."""
     sums = {rollout.model_id: [0, 0, 0.0], rollout.baseline_id: [0, 0, 0.0]}
+    buckets = {model_id: [0] * (len(LATENCY_BUCKETS_MS) + 1) for model_id in sums}
     for report in reports:
         h = report.health
         if report.at < since or h.name != rollout.name or h.alias != rollout.alias:
@@ -68,6 +78,8 @@ def evidence(rollout: RolloutRecord, reports: Iterable[Report], since: float, no
                 total[0] += v.requests
                 total[1] += v.errors
                 total[2] += v.latency_ms_sum
+                for i, count in enumerate(v.latency_ms_buckets):
+                    buckets[v.model_id][i] += count
     cand, base = sums[rollout.model_id], sums[rollout.baseline_id]
     return StepEvidence(
         candidate_requests=int(cand[0]),
@@ -76,18 +88,46 @@ def evidence(rollout: RolloutRecord, reports: Iterable[Report], since: float, no
         baseline_requests=int(base[0]),
         baseline_errors=int(base[1]),
         baseline_latency_ms=base[2] / base[0] if base[0] else None,
+        candidate_latency_buckets=buckets[rollout.model_id] if any(buckets[rollout.model_id]) else [],
+        baseline_latency_buckets=buckets[rollout.baseline_id] if any(buckets[rollout.baseline_id]) else [],
         replicas=len(replicas(rollout, reports, now)),
     )
 
 
-def reference_latency(rows: list[RolloutStepRecord], min_requests: int) -> float | None:
-    """The baseline's mean latency in the latest step it had enough traffic in (None: none had)."""
+def quantile(buckets: Sequence[int], q: float) -> float | None:
+    """The `q`-quantile (0-1] of latencies counted per `LATENCY_BUCKETS_MS` bucket, linear within its
+    bucket; the highest bound when it falls among the slower ones; None: nothing counted."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank, seen = q * total, 0
+    for i, count in enumerate(buckets):
+        if count and seen + count >= rank:
+            if i == len(LATENCY_BUCKETS_MS):
+                break
+            low = LATENCY_BUCKETS_MS[i - 1] if i else 0.0
+            return low + (LATENCY_BUCKETS_MS[i] - low) * (rank - seen) / count
+        seen += count
+    return LATENCY_BUCKETS_MS[-1]
+
+
+def latency(ev: StepEvidence, side: Literal["candidate", "baseline"], figure: LatencyFigure) -> float | None:
+    """One side's latency in a step's evidence: its mean, or a percentile of its buckets (None: no data)."""
+    if figure == "mean":
+        return ev.candidate_latency_ms if side == "candidate" else ev.baseline_latency_ms
+    buckets = ev.candidate_latency_buckets if side == "candidate" else ev.baseline_latency_buckets
+    return quantile(buckets, int(figure[1:]) / 100)
+
+
+def reference_latency(rows: list[RolloutStepRecord], min_requests: int, figure: LatencyFigure) -> float | None:
+    """The baseline's latency `figure` in the latest step it had enough traffic in (None: none had)."""
     for row in reversed(rows):
         if row.evidence is None:
             continue
         ev = StepEvidence.model_validate(row.evidence)
-        if ev.baseline_requests >= min_requests and ev.baseline_latency_ms is not None:
-            return ev.baseline_latency_ms
+        found = latency(ev, "baseline", figure)
+        if ev.baseline_requests >= min_requests and found is not None:
+            return found
     return None
 
 
@@ -188,13 +228,14 @@ def _breach(
             f"error rate {rate:.1%} ({ev.candidate_errors} of {ev.candidate_requests} requests) "
             f"past the bound {bounds.max_error_rate:.1%}"
         )
+    figure = bounds.latency
     reference = (
-        ev.baseline_latency_ms
+        latency(ev, "baseline", figure)
         if ev.baseline_requests >= bounds.min_requests
-        else reference_latency(rows, bounds.min_requests)
+        else reference_latency(rows, bounds.min_requests, figure)
     )
-    latency = ev.candidate_latency_ms
-    if reference and latency is not None and latency > reference * bounds.max_latency_ratio:
+    measured = latency(ev, "candidate", figure)
+    if reference and measured is not None and measured > reference * bounds.max_latency_ratio:
         ratio = bounds.max_latency_ratio
-        return f"mean latency {latency:.1f} ms against the baseline's {reference:.1f} ms: past {ratio:g}x"
+        return f"{figure} latency {measured:.1f} ms against the baseline's {reference:.1f} ms: past {ratio:g}x"
     return None

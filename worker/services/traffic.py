@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from forseti.schemas.errors import BusError
-from forseti.schemas.rollouts import VersionHealth
+from forseti.schemas.rollouts import LATENCY_BUCKETS_MS, VersionHealth
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ class Tally:
     errors: int = 0
     latency_ms_sum: float = 0.0
     latency_ms_max: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
 
 
 class Traffic:
@@ -37,6 +39,7 @@ class Traffic:
         tally.errors += 0 if ok else 1
         tally.latency_ms_sum += latency_ms
         tally.latency_ms_max = max(tally.latency_ms_max, latency_ms)
+        tally.buckets[bisect.bisect_left(LATENCY_BUCKETS_MS, latency_ms)] += 1
 
     def drain(self) -> list[VersionHealth]:
         """The counts since the last drain, per version; counting starts again from zero."""
@@ -49,6 +52,7 @@ class Traffic:
                 errors=t.errors,
                 latency_ms_sum=t.latency_ms_sum,
                 latency_ms_max=t.latency_ms_max,
+                latency_ms_buckets=t.buckets,
             )
             for model_id, t in tallies.items()
         ]
