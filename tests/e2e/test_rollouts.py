@@ -146,7 +146,8 @@ def test_a_canary_rollout_from_the_command_line(
         assert "v2" in run(bus, "complete", NAME, "Sensor 3 reads", "--max-tokens", "2").stderr.decode()
 
         # a rollout back to v1, aborted before it is judged
-        started = run(bus, "models", "rollout", NAME, "v1", "--interval", "10m", "--data-dir", str(data))
+        started = run(bus, "models", "rollout", NAME, "v1", "--interval", "10m", "--latency", "p99", "--max-hold", "1h",
+                      "--data-dir", str(data))  # fmt: skip
         assert started.returncode == 0, started.stderr.decode()
         abort = run(bus, "models", "rollout-abort", NAME, "--reason", "not today", "--data-dir", str(data))
         assert abort.returncode == 0 and "aborted" in abort.stderr.decode()
@@ -154,5 +155,9 @@ def test_a_canary_rollout_from_the_command_line(
         assert again.returncode == 1 and "no rollout" in again.stderr.decode()
         shown = run(bus, "models", "rollouts", "--id", started.stdout.decode().strip(), "--data-dir", str(data))
         assert "aborted" in shown.stdout.decode() and "not today" in shown.stdout.decode()
+        assert "candidate req/err/p99 ms" in shown.stdout.decode(), "the figure its latency bound is on"
+        (aborted,) = json.loads(run(bus, "models", "rollouts", "--id", started.stdout.decode().strip(), "--json",
+                                    "--data-dir", str(data)).stdout)  # fmt: skip
+        assert aborted["spec"]["bounds"]["latency"] == "p99" and aborted["spec"]["bounds"]["max_hold_seconds"] == 3600
     finally:
         assert worker.stop() == 0, "".join(worker.lines)

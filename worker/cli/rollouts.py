@@ -25,6 +25,7 @@ from forseti.schemas.rollouts import ENDED, RolloutBounds, RolloutSpec, RolloutS
 from ..engine.loop import run as run_loop
 from ..engine.models import version_label
 from ..engine.settings import DEFAULT_BUS_URL
+from ..rollouts.judge import latency
 from ..rollouts.steps import abort_rollout, start_rollout
 from .commands import (
     DEFAULT_DATA_DIR,
@@ -226,13 +227,17 @@ def models_rollouts(
                 )  # fmt: skip
             out.print(table if chosen else "no rollouts")
             return
-        table = Table("seq", "step", "share", "state", "candidate req/err/ms", "baseline req/err/ms", "at", "reason")
+        figure = RolloutSpec.model_validate(chosen[0].spec).bounds.latency  # the one its bound is on
+        table = Table(
+            "seq", "step", "share", "state", f"candidate req/err/{figure} ms", f"baseline req/err/{figure} ms", "at",
+            "reason",
+        )  # fmt: skip
         for m in rows[chosen[0].id]:
             ev = StepEvidence.model_validate(m.evidence) if m.evidence else None
             table.add_row(
                 str(m.seq), str(m.step), f"{m.share}%", m.state,
-                _counts(ev.candidate_requests, ev.candidate_errors, ev.candidate_latency_ms) if ev else "-",
-                _counts(ev.baseline_requests, ev.baseline_errors, ev.baseline_latency_ms) if ev else "-",
+                _counts(ev.candidate_requests, ev.candidate_errors, latency(ev, "candidate", figure)) if ev else "-",
+                _counts(ev.baseline_requests, ev.baseline_errors, latency(ev, "baseline", figure)) if ev else "-",
                 m.created_at, m.reason,
             )  # fmt: skip
         out.print(table)
