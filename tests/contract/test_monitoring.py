@@ -33,6 +33,7 @@ from forseti.schemas.tasks import RLTask, TaskKind, task_channel
 from forseti.worker.cli.schedules import ask_schedules
 from forseti.worker.engine.context import Handler, JobContext
 from forseti.worker.rollouts.steps import start_rollout
+from forseti.worker.services.traffic import Traffic
 
 from ..helpers import EchoHandler, StepHandler, inference, running_worker, submit, training
 
@@ -161,10 +162,20 @@ async def rolling_out(store: RegistryStore, client: MemoryBus) -> ServeHealth:
         consumer="replica-x", name="llm", alias="production", serving="llm-v1", every_seconds=1.0,
         rollout_id=rollout.id, candidate="llm-v2", share=50,
         versions=[
-            VersionHealth(model_id="llm-v1", version="v1", requests=10, errors=0, latency_ms_sum=50, latency_ms_max=9),
-            VersionHealth(model_id="llm-v2", version="v2", requests=3, errors=3, latency_ms_sum=20, latency_ms_max=9),
+            VersionHealth(model_id="llm-v1", version="v1", requests=10, errors=0, latency_ms_sum=50, latency_ms_max=9,
+                          latency_ms_buckets=counted([5.0] * 10)),
+            VersionHealth(model_id="llm-v2", version="v2", requests=3, errors=3, latency_ms_sum=20, latency_ms_max=9,
+                          latency_ms_buckets=counted([6.0, 6.0, 8.0])),
         ],
     )  # fmt: skip
+
+
+def counted(latencies_ms: list[float]) -> list[int]:
+    """Latencies in a replica's buckets, as its health report carries them."""
+    tallies = Traffic()
+    for ms in latencies_ms:
+        tallies.record("m", "v", ms, ok=True)
+    return tallies.drain()[0].latency_ms_buckets
 
 
 @needs_prometheus

@@ -95,6 +95,13 @@ class Metrics:
             ["name", "version"],
             registry=r,
         )
+        self.served_latency_buckets = Counter(
+            "forseti_served_requests_by_latency",
+            "Those requests that took at most `le` seconds, by model name and version (cumulative, `+Inf` "
+            "included, as a histogram's buckets: histogram_quantile over max by (name, version, le) of its rate).",
+            ["name", "version", "le"],
+            registry=r,
+        )
         self.replicas_reporting = Gauge(
             "forseti_replicas_reporting",
             "Replicas and devices whose health reports keep coming, by model name and the alias they follow "

@@ -9,6 +9,7 @@ which can only make it wait longer (a step needs a minimum of requests to be jud
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from datetime import datetime
@@ -18,7 +19,7 @@ from forseti.adapters.signing import TrustedKeys, refusal
 from forseti.schemas.catalog import HEALTH
 from forseti.schemas.envelope import decode
 from forseti.schemas.errors import InvalidTask
-from forseti.schemas.rollouts import ServeHealth
+from forseti.schemas.rollouts import LATENCY_BUCKETS_MS, ServeHealth
 
 from ..engine.metrics import Metrics
 from .judge import Report
@@ -74,6 +75,11 @@ class Fleet:
                 self.metrics.served_requests.labels(h.name, v.version, "ok").inc(v.requests - v.errors)
                 self.metrics.served_requests.labels(h.name, v.version, "error").inc(v.errors)
                 self.metrics.served_latency.labels(h.name, v.version).inc(v.latency_ms_sum / 1000)
+                below = 0
+                for bound, count in zip((*LATENCY_BUCKETS_MS, math.inf), v.latency_ms_buckets, strict=False):
+                    below += count  # cumulative, as Prometheus's buckets are
+                    le = "+Inf" if bound == math.inf else f"{bound / 1000:g}"
+                    self.metrics.served_latency_buckets.labels(h.name, v.version, le).inc(below)
 
     def measure(self, name: str, alias: str | None, since: float) -> tuple[int, int, float]:
         """Requests, failures and summed latency (ms) of model `name` reported since `since` (by the
