@@ -16,6 +16,7 @@ from croniter import croniter
 from pydantic import Field, field_validator, model_validator
 
 from .base import Id, LongText, Name, ShortText, Strict
+from .rollouts import LatencyFigure
 from .tasks import TaskKind
 
 
@@ -42,7 +43,7 @@ class DatasetGrowth(Strict):
 
 
 class MetricDrift(Strict):
-    """Fire when a served model's error rate or mean latency, as the replicas serving it report it
+    """Fire when a served model's error rate or latency, as the replicas serving it report it
     (`forseti.model.health.v1`), has passed a bound over a window."""
 
     name: Name
@@ -50,13 +51,21 @@ class MetricDrift(Strict):
     alias: ShortText | None = None
     """Only the replicas following this alias (None: every replica of the name)."""
     metric: Literal["error_rate", "latency_ms"] = "error_rate"
-    """error_rate: failed over answered requests; latency_ms: their mean latency."""
+    """error_rate: failed over answered requests; latency_ms: their latency, in the `latency` figure."""
+    latency: LatencyFigure = "mean"
+    """latency_ms: the mean, or a percentile estimated from the replicas' latency buckets."""
     above: float = Field(ge=0.0)
     """The bound: a fire when the metric is past it."""
     window_seconds: float = Field(default=300.0, ge=1.0)
     """The window the metric is measured over; after a fire, the next is judged on a fresh window."""
     min_requests: int = Field(default=20, ge=1)
     """Requests the window must hold before the metric is judged."""
+
+    @model_validator(mode="after")
+    def _latency_of_latency(self) -> MetricDrift:
+        if self.metric != "latency_ms" and self.latency != "mean":
+            raise ValueError("latency names a latency figure: it goes with metric latency_ms")
+        return self
 
 
 class ScheduleSpec(Strict):

@@ -40,6 +40,7 @@ from forseti.worker.rollouts.judge import Report
 from forseti.worker.schedules.clock import due_slots, jitter_offset, next_slot, slot_name
 from forseti.worker.schedules.desk import ScheduleDesk
 from forseti.worker.schedules.firing import Scheduler
+from forseti.worker.services.traffic import Traffic
 
 from ..helpers import FailingHandler, StepHandler, running_worker, training
 
@@ -326,6 +327,32 @@ async def test_a_drifting_error_rate_fires_once_per_window(store: RegistryStore,
     assert len(queued) == 2
     with pytest.raises(ValidationError, match="exactly one of"):
         spec(every_seconds=5, when_drifts=MetricDrift(name="assistant", above=0.1))
+
+
+async def test_a_drifting_latency_percentile_fires_where_the_mean_does_not(
+    store: RegistryStore, client: MemoryBus
+) -> None:
+    """The drift trigger watched the mean latency only: a tail of slow requests did not move it."""
+    created = (datetime.now(UTC) - timedelta(seconds=5)).isoformat().replace("+00:00", "Z")
+    for schedule_id, figure in (("p95", "p95"), ("mean", "mean")):
+        watched = MetricDrift(name="assistant", metric="latency_ms", latency=figure, above=200, window_seconds=1.0,
+                              min_requests=5)  # fmt: skip
+        drift = spec(when_drifts=watched, overlap=Overlap.ALLOW_ALL)
+        await store.put_schedule(
+            ScheduleRecord(id=schedule_id, spec=drift.model_dump(mode="json", exclude_none=True), created_at=created)
+        )
+    fleet = Fleet()
+    scheduler = Scheduler(bus=client, store=store, metrics=Metrics(), source="test", poll=1.0, fleet=fleet)
+    tallies = Traffic()
+    for ms in [10.0] * 90 + [1000.0] * 10:  # mean 109 ms; p95 in the (500, 1000] ms bucket
+        tallies.record("m1", "v1", ms, ok=True)
+    fleet.add(Report(time.time(), ServeHealth(consumer="r1", name="assistant", every_seconds=1.0,
+                                              versions=tallies.drain())))  # fmt: skip
+    await scheduler.tick()
+    assert [f.slot for f in await store.list_fires("p95")] == ["drifted-000000000001"]
+    assert await store.list_fires("mean") == []
+    with pytest.raises(ValidationError, match="goes with metric latency_ms"):
+        MetricDrift(name="assistant", metric="error_rate", latency="p95", above=0.1)
 
 
 async def test_a_new_interval_schedule_does_not_fire_at_its_creation(

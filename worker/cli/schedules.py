@@ -111,7 +111,8 @@ def _table(schedules: list[ScheduleInfo]) -> Table:
             when = f"+{spec.when_grown.lines} lines of {spec.when_grown.path}"
         elif spec.when_drifts is not None:
             d = spec.when_drifts
-            when = f"{d.metric} of {d.name} > {d.above:g} over {d.window_seconds:g}s"
+            figure = "" if d.metric == "error_rate" or d.latency == "mean" else f" {d.latency}"
+            when = f"{d.metric}{figure} of {d.name} > {d.above:g} over {d.window_seconds:g}s"
         else:
             when = f"every {spec.every_seconds:g}s"
         state = f"paused: {s.pause_reason}" if s.paused else "active"
@@ -133,8 +134,12 @@ def create(
         typer.Option(help="Fire when the served model of this name drifts: its --metric past --above over --window."),
     ] = None,
     metric: Annotated[
-        str, typer.Option(help="What --when-drifts watches: error_rate, or latency_ms (mean).")
+        str, typer.Option(help="What --when-drifts watches: error_rate, or latency_ms (in the --latency figure).")
     ] = "error_rate",
+    latency: Annotated[
+        str,
+        typer.Option(help="The latency_ms figure: mean, p50, p90, p95 or p99 (from the replicas' latency buckets)."),
+    ] = "mean",
     above: Annotated[float, typer.Option(help="The --when-drifts bound (0.05: 5% of requests failing).")] = 0.05,
     window: Annotated[float, typer.Option(help="Seconds the --when-drifts metric is measured over.")] = 300.0,
     timezone: Annotated[str, typer.Option(help="IANA time zone of the cron fields.")] = "UTC",
@@ -164,7 +169,13 @@ def create(
             when_grown=DatasetGrowth(path=str(when_grown), lines=lines) if when_grown is not None else None,
             when_drifts=(
                 MetricDrift.model_validate(
-                    {"name": when_drifts, "metric": metric, "above": above, "window_seconds": window}
+                    {
+                        "name": when_drifts,
+                        "metric": metric,
+                        "latency": latency,
+                        "above": above,
+                        "window_seconds": window,
+                    }
                 )
                 if when_drifts is not None
                 else None

@@ -22,7 +22,7 @@ from forseti.schemas.errors import InvalidTask
 from forseti.schemas.rollouts import LATENCY_BUCKETS_MS, ServeHealth
 
 from ..engine.metrics import Metrics
-from .judge import Report
+from .judge import Report, Totals
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +81,14 @@ class Fleet:
                     le = "+Inf" if bound == math.inf else f"{bound / 1000:g}"
                     self.metrics.served_latency_buckets.labels(h.name, v.version, le).inc(below)
 
-    def measure(self, name: str, alias: str | None, since: float) -> tuple[int, int, float]:
-        """Requests, failures and summed latency (ms) of model `name` reported since `since` (by the
-        replicas following `alias`, when given), over every version."""
-        requests = errors = 0
-        latency = 0.0
+    def measure(self, name: str, alias: str | None, since: float) -> Totals:
+        """What the replicas of model `name` (those following `alias`, when given) reported since
+        `since`, over every version."""
+        totals = Totals()
         for report in self.reports:
             h = report.health
             if report.at < since or h.name != name or (alias is not None and h.alias != alias):
                 continue
             for v in h.versions:
-                requests += v.requests
-                errors += v.errors
-                latency += v.latency_ms_sum
-        return requests, errors, latency
+                totals.add(v)
+        return totals

@@ -7,7 +7,7 @@ tested) apart from the bus and the registry.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from forseti.adapters.registry import RolloutRecord, RolloutStepRecord
@@ -19,6 +19,7 @@ from forseti.schemas.rollouts import (
     RolloutState,
     ServeHealth,
     StepEvidence,
+    VersionHealth,
 )
 
 SILENT_PERIODS = 3
@@ -64,32 +65,54 @@ def replicas(rollout: RolloutRecord, reports: Iterable[Report], now: float) -> d
     return live(reports, now).get((rollout.name, rollout.alias), {})
 
 
+@dataclass
+class Totals:
+    """Versions' health reports added up: requests, failures, summed latency and latency buckets."""
+
+    requests: int = 0
+    errors: int = 0
+    latency_ms_sum: float = 0.0
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_MS) + 1))
+
+    def add(self, version: VersionHealth) -> None:
+        """Count one version's report in."""
+        self.requests += version.requests
+        self.errors += version.errors
+        self.latency_ms_sum += version.latency_ms_sum
+        for i, count in enumerate(version.latency_ms_buckets):
+            self.buckets[i] += count
+
+    def latency(self, figure: LatencyFigure) -> float | None:
+        """The mean latency, or a percentile of the buckets (None: no requests, or none bucketed)."""
+        if figure == "mean":
+            return self.latency_ms_sum / self.requests if self.requests else None
+        return quantile(self.buckets, int(figure[1:]) / 100)
+
+    def bucketed(self) -> list[int]:
+        """The buckets, empty when no replica counted any."""
+        return self.buckets if any(self.buckets) else []
+
+
 def evidence(rollout: RolloutRecord, reports: Iterable[Report], since: float, now: float) -> StepEvidence:
     """The candidate's and the baseline's requests reported since `since`, summed over replicas."""
-    sums = {rollout.model_id: [0, 0, 0.0], rollout.baseline_id: [0, 0, 0.0]}
-    buckets = {model_id: [0] * (len(LATENCY_BUCKETS_MS) + 1) for model_id in sums}
+    totals = {rollout.model_id: Totals(), rollout.baseline_id: Totals()}
     for report in reports:
         h = report.health
         if report.at < since or h.name != rollout.name or h.alias != rollout.alias:
             continue
         for v in h.versions:
-            if v.model_id in sums:
-                total = sums[v.model_id]
-                total[0] += v.requests
-                total[1] += v.errors
-                total[2] += v.latency_ms_sum
-                for i, count in enumerate(v.latency_ms_buckets):
-                    buckets[v.model_id][i] += count
-    cand, base = sums[rollout.model_id], sums[rollout.baseline_id]
+            if v.model_id in totals:
+                totals[v.model_id].add(v)
+    cand, base = totals[rollout.model_id], totals[rollout.baseline_id]
     return StepEvidence(
-        candidate_requests=int(cand[0]),
-        candidate_errors=int(cand[1]),
-        candidate_latency_ms=cand[2] / cand[0] if cand[0] else None,
-        baseline_requests=int(base[0]),
-        baseline_errors=int(base[1]),
-        baseline_latency_ms=base[2] / base[0] if base[0] else None,
-        candidate_latency_buckets=buckets[rollout.model_id] if any(buckets[rollout.model_id]) else [],
-        baseline_latency_buckets=buckets[rollout.baseline_id] if any(buckets[rollout.baseline_id]) else [],
+        candidate_requests=cand.requests,
+        candidate_errors=cand.errors,
+        candidate_latency_ms=cand.latency("mean"),
+        baseline_requests=base.requests,
+        baseline_errors=base.errors,
+        baseline_latency_ms=base.latency("mean"),
+        candidate_latency_buckets=cand.bucketed(),
+        baseline_latency_buckets=base.bucketed(),
         replicas=len(replicas(rollout, reports, now)),
     )
 

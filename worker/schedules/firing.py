@@ -166,15 +166,18 @@ class Scheduler:
         last = epoch(fires[0].created_at) if fires else epoch(record.created_at)
         if now - last < drift.window_seconds:
             return
-        requests, errors, latency_ms = self.fleet.measure(drift.name, drift.alias, now - drift.window_seconds)
-        if requests < drift.min_requests:
+        totals = self.fleet.measure(drift.name, drift.alias, now - drift.window_seconds)
+        if totals.requests < drift.min_requests:
             return
-        value = errors / requests if drift.metric == "error_rate" else latency_ms / requests
-        if value <= drift.above:
+        value = totals.errors / totals.requests if drift.metric == "error_rate" else totals.latency(drift.latency)
+        if value is None or value <= drift.above:  # None: no replica counts latency buckets
             return
+        watched = (
+            drift.metric if drift.metric == "error_rate" or drift.latency == "mean" else f"{drift.latency} latency"
+        )
         log.info(
             "schedule %s: %s of %s is %.4g over %d requests (bound %g)",
-            record.id, drift.metric, drift.name, value, requests, drift.above,
+            record.id, watched, drift.name, value, totals.requests, drift.above,
         )  # fmt: skip
         slot = trigger_slot(DRIFTED, trigger_count(DRIFTED, record.last_slot) + 1)
         await self._decide(record, spec, slot, fires, late=0.0)
