@@ -99,6 +99,10 @@ def test_schedules_commands_against_a_worker(nats_server: object, tmp_path: Path
         drift = run(url, "schedules", "create", "drift", "--task", str(task), "--kind", "inference", *watch)
         assert drift.returncode == 0, drift.stderr.decode()
         assert "latency_ms of assistant > 250 over 600s" in drift.stdout.decode()
+        tail = run(url, "schedules", "create", "tail", "--task", str(task), "--kind", "inference", *watch,
+                   "--latency", "p95")  # fmt: skip
+        assert tail.returncode == 0, tail.stderr.decode()
+        assert "latency_ms p95 of assistant > 250 over 600s" in tail.stdout.decode()
         bad = run(url, "schedules", "create", "bad", "--task", str(task), "--kind", "inference",
                   "--when-drifts", "assistant", "--metric", "accuracy")  # fmt: skip
         assert bad.returncode == 1 and "metric" in bad.stderr.decode()
