@@ -84,9 +84,7 @@ class Totals:
 
     def latency(self, figure: LatencyFigure) -> float | None:
         """The mean latency, or a percentile of the buckets (None: no requests, or none bucketed)."""
-        if figure == "mean":
-            return self.latency_ms_sum / self.requests if self.requests else None
-        return quantile(self.buckets, int(figure[1:]) / 100)
+        return latency_figure(figure, self.latency_ms_sum / self.requests if self.requests else None, self.buckets)
 
     def bucketed(self) -> list[int]:
         """The buckets, empty when no replica counted any."""
@@ -134,12 +132,16 @@ def quantile(buckets: Sequence[int], q: float) -> float | None:
     return LATENCY_BUCKETS_MS[-1]
 
 
+def latency_figure(figure: LatencyFigure, mean: float | None, buckets: Sequence[int]) -> float | None:
+    """The `figure` of latencies known by their mean and buckets: the mean, or the buckets' percentile."""
+    return mean if figure == "mean" else quantile(buckets, int(figure[1:]) / 100)
+
+
 def latency(ev: StepEvidence, side: Literal["candidate", "baseline"], figure: LatencyFigure) -> float | None:
     """One side's latency in a step's evidence: its mean, or a percentile of its buckets (None: no data)."""
-    if figure == "mean":
-        return ev.candidate_latency_ms if side == "candidate" else ev.baseline_latency_ms
-    buckets = ev.candidate_latency_buckets if side == "candidate" else ev.baseline_latency_buckets
-    return quantile(buckets, int(figure[1:]) / 100)
+    if side == "candidate":
+        return latency_figure(figure, ev.candidate_latency_ms, ev.candidate_latency_buckets)
+    return latency_figure(figure, ev.baseline_latency_ms, ev.baseline_latency_buckets)
 
 
 def reference_latency(rows: list[RolloutStepRecord], min_requests: int, figure: LatencyFigure) -> float | None:
